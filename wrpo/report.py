@@ -99,7 +99,9 @@ def write_report(run_uri: str, out: Path | None = None, s3=None) -> list[Path]:
     from wrpo.selection import plot_contributions
     from wrpo.storage import RunDir, S3Options
 
-    run = RunDir(run_uri, s3 or S3Options())
+    from wrpo.spec import StorageSpec
+
+    run = RunDir(run_uri, s3 or S3Options.from_spec(StorageSpec()))
     out = Path(out or default_out(run_uri))
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -8,6 +8,7 @@ behaves the same wherever it runs. Stage bodies live in `wrpo.data_stages` (data
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,16 @@ def committed_for(run, name: str, expected_hash: str) -> bool:
     return sd.is_committed() and sd.manifest().get("spec_hash") == expected_hash
 
 
+FAULT_ENV = "WRPO_FAULT_BEFORE_COMMIT"
+
+
+def _fault_point(name: str) -> None:
+    """Test hook: with WRPO_FAULT_BEFORE_COMMIT=<stage>, the process is SIGKILLed after the stage wrote
+    all its outputs and just before it commits - the worst moment for a crash to land."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_stage(spec: FusionSpec, run, name: str, options: StageOptions | None = None) -> StageResult:
     """Run stage `name` of `spec` in `run` unless it is committed for this spec (see module docstring)."""
     options = options or StageOptions()
@@ -96,6 +107,7 @@ def run_stage(spec: FusionSpec, run, name: str, options: StageOptions | None = N
         sd.reset()  # made from another spec: drop the manifest first, then its objects
     writer = sd.writer()
     summary = _implementation(name)(spec, run, writer, options) or {}
+    _fault_point(name)
     if is_rank_zero():
         writer.commit(spec_hash=hashes[name], inputs=inputs, summary=summary)
     return StageResult(name, "done", time.monotonic() - t0, summary, sd.uri())

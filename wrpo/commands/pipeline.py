@@ -58,6 +58,9 @@ def run(
 
     report = run_pipeline(_load(spec), run_uri, start, until,
                           StageOptions(endpoints=_parse_endpoints(endpoint), force=force))
+    print(json.dumps({"run_uri": report.run_uri, "seconds": round(report.seconds, 1),
+                      "stages": {r.name: r.status for r in report.results},
+                      "interrupted_at": report.interrupted_at}))
     if report.interrupted_at:
         raise typer.Exit(130)
 
@@ -125,11 +128,14 @@ def report(
     run_uri: str = typer.Argument(..., help="Run directory (folder or s3://)."),
     out: Path | None = typer.Option(None, "--out", help="Folder for the PNGs and summary.md "
                                     "(default: <run>/report, or ./report-<name> for s3 runs)."),
+    s3_endpoint: str | None = typer.Option(None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL)."),
 ) -> None:
     """Plots (reward dynamics, contributions, log-prob shift) and a Markdown summary of a run."""
     from wrpo.report import write_report
+    from wrpo.spec import StorageSpec
+    from wrpo.storage import S3Options
 
-    written = write_report(run_uri, out)
+    written = write_report(run_uri, out, S3Options.from_spec(StorageSpec(s3_endpoint=s3_endpoint)))
     for p in written:
         print(p)
 

@@ -1,0 +1,165 @@
+"""`wrpo run` end to end on tiny models: resume after a kill in every stage, spec changes re-run only
+what depends on them, and the same pipeline with its run directory on a real S3 server (SeaweedFS).
+
+Sampling uses the transformers backend here (vLLM is covered by the data tests and the demo test),
+so each run takes well under a minute on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wrpo.plan import STAGE_NAMES
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_spec(tiny_models: Path, path: Path, **patch) -> Path:
+    spec = yaml.safe_load((ROOT / "examples/tiny/fusion.yaml").read_text())
+    spec["target"]["model"] = str(tiny_models / "target")
+    spec["sources"][0]["model"] = str(tiny_models / "source-llama")
+    spec["sources"][1]["model"] = str(tiny_models / "source-qwen")
+    spec["reward"]["model"] = str(tiny_models / "reward")
+    spec["dataset"]["uri"] = str(ROOT / "examples/tiny/prompts.jsonl")
+    spec["sampling"].update(n=2, maxTokens=12)
+    spec["sft"].update(maxSteps=2)
+    spec["wrpo"].update(maxSteps=2)
+    spec["storage"].pop("runUri")
+    for section, values in patch.items():
+        spec[section].update(values)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def wrpo(*args: str, env_extra: dict[str, str] | None = None, workdir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "WRPO_VLLM_PYTHON"}
+    env.update(PYTHONPATH=str(ROOT), WRPO_WORKDIR=str(workdir), HF_HUB_OFFLINE="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "wrpo.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def manifests(run: Path) -> dict[str, bytes]:
+    return {n: (run / n / "_MANIFEST.json").read_bytes() for n in STAGE_NAMES
+            if (run / n / "_MANIFEST.json").exists()}
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tiny_models, tmp_path_factory):
+    """Crash once in every stage (SIGKILL after its outputs are written, before its manifest), resuming
+    after each crash; returns (spec path, run dir, workdir, what each crash left)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    spec, run, wd = make_spec(tiny_models, tmp / "fusion.yaml"), tmp / "run", tmp / "work"
+    observed = []
+    committed: dict[str, bytes] = {}
+    for name in STAGE_NAMES:
+        proc = wrpo("run", str(spec), "--run-uri", str(run), workdir=wd,
+                    env_extra={"WRPO_FAULT_BEFORE_COMMIT": name})
+        now = manifests(run)
+        observed.append((name, proc.returncode, set(now), committed == {k: now[k] for k in committed},
+                         any(p.name != "_MANIFEST.json" for p in (run / name).glob("*"))))
+        committed = now
+    final = last_json(wrpo("run", str(spec), "--run-uri", str(run), workdir=wd))
+    return spec, run, wd, observed, final
+
+
+def test_a_kill_in_any_stage_loses_only_that_stage(killed_and_resumed):
+    _, run, _, observed, final = killed_and_resumed
+    for i, (name, rc, committed, earlier_untouched, left_outputs) in enumerate(observed):
+        assert rc == -9, f"{name}: the process should have been killed"
+        assert committed == set(STAGE_NAMES[:i]), f"after a kill in {name}"
+        assert earlier_untouched, f"a kill in {name} changed an earlier committed stage"
+        assert left_outputs, f"{name} wrote nothing before the kill: the test would prove nothing"
+    # the run after the last crash redoes only the stage that was in flight
+    assert final["stages"] == {**{n: "skipped" for n in STAGE_NAMES[:-1]}, "wrpo": "done"}
+    assert (run / "wrpo" / "model" / "model.safetensors").exists()
+    rows = [json.loads(x) for x in (run / "wrpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["alpha"] == pytest.approx(0.1)
+
+
+def test_committed_outputs_match_their_manifests(killed_and_resumed):
+    import hashlib
+
+    _, run, *_ = killed_and_resumed
+    for name in STAGE_NAMES:
+        manifest = json.loads((run / name / "_MANIFEST.json").read_text())
+        assert manifest["objects"], name
+        for obj, entry in manifest["objects"].items():
+            data = (run / name / obj).read_bytes()
+            assert len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"], obj
+
+
+def test_a_spec_change_reruns_only_the_dependent_stages(killed_and_resumed, tmp_path):
+    spec, run, wd, *_ = killed_and_resumed
+    before = manifests(run)
+    data = yaml.safe_load(spec.read_text())
+    data["wrpo"]["beta"] = 0.2
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    result = last_json(wrpo("run", str(changed), "--run-uri", str(run), workdir=wd))
+    rerun = [n for n, status in result["stages"].items() if status == "done"]
+    assert rerun == ["ref-logps", "wrpo"]
+    after = manifests(run)
+    assert all(after[n] == before[n] for n in STAGE_NAMES if n not in rerun)
+    assert all(after[n] != before[n] for n in rerun)
+
+
+def test_report_renders_the_plots(killed_and_resumed, tmp_path):
+    import matplotlib.image as mpimg
+
+    _, run, wd, *_ = killed_and_resumed
+    proc = wrpo("report", str(run), "--out", str(tmp_path), workdir=wd)
+    assert proc.returncode == 0, proc.stderr
+    for png in ("reward_dynamics.png", "contributions.png", "logp_shift.png"):
+        img = mpimg.imread(tmp_path / png)
+        assert img.shape[0] > 100 and img.shape[1] > 100
+        assert img[..., :3].std() > 0.05, f"{png} is blank"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| llama |" in summary and "| qwen |" in summary
+    assert "![reward_dynamics](reward_dynamics.png)" in summary
+
+
+def test_the_series_drawn_are_the_expected_ones(tmp_path):
+    from wrpo.report import plot_logp_shift, plot_reward_dynamics
+
+    rows = [{"step": s, "alpha": 0.05 * s, "margins/hybrid": 0.1 * s, "margins/on_policy": 0.02 * s,
+             "accuracy/hybrid": 0.5, "accuracy/on_policy": 0.6, "rewards/chosen_source": 0.1,
+             "rewards/chosen_target": 0.1, "rewards/rejected": -0.1} for s in (1, 2, 3)]
+    drawn = plot_reward_dynamics(rows, tmp_path / "r.png")
+    assert drawn == ["alpha", "margins/hybrid", "margins/on_policy", "accuracy/hybrid", "accuracy/on_policy",
+                     "rewards/chosen_source", "rewards/chosen_target", "rewards/rejected"]
+    shift = [{"before": {"chosen_source": -5.0, "chosen_target": -2.0, "rejected": -2.5},
+              "after": {"chosen_source": -4.0, "chosen_target": -1.8, "rejected": -3.0}}]
+    assert len(plot_logp_shift(shift, tmp_path / "l.png")) == 6
+
+
+def test_the_run_directory_can_live_on_s3(seaweedfs, tiny_models, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=seaweedfs.endpoint_url)
+    s3.create_bucket(Bucket="wrpo-pipeline")
+    spec = make_spec(tiny_models, tmp_path / "fusion.yaml", storage={"s3Endpoint": seaweedfs.endpoint_url})
+    uri = "s3://wrpo-pipeline/runs/tiny"
+    result = last_json(wrpo("run", str(spec), "--run-uri", uri, workdir=tmp_path / "work"))
+    assert set(result["stages"].values()) == {"done"}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="wrpo-pipeline", Prefix="runs/tiny/")["Contents"]}
+    assert {f"runs/tiny/{n}/_MANIFEST.json" for n in STAGE_NAMES} <= keys
+    assert "runs/tiny/wrpo/model/model.safetensors" in keys
+    again = last_json(wrpo("run", str(spec), "--run-uri", uri, workdir=tmp_path / "work2"))
+    assert set(again["stages"].values()) == {"skipped"}
+    proc = wrpo("report", uri, "--out", str(tmp_path / "report"), "--s3-endpoint", seaweedfs.endpoint_url,
+                workdir=tmp_path / "work")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "report" / "reward_dynamics.png").stat().st_size > 1000
