@@ -163,3 +163,18 @@ def test_the_run_directory_can_live_on_s3(seaweedfs, tiny_models, tmp_path):
                 workdir=tmp_path / "work")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "report" / "reward_dynamics.png").stat().st_size > 1000
+
+
+def test_margins_experiment_trains_three_variants_on_the_same_pairs(killed_and_resumed, tmp_path):
+    spec, run, wd, *_ = killed_and_resumed
+    proc = wrpo("experiment", "margins", str(spec), "--run-uri", str(run), "--out", str(tmp_path),
+                "--steps", "3", "--learning-rate", "1e-3", workdir=wd)
+    result = last_json(proc)
+    assert set(result["margins"]) == {"on-policy", "hybrid", "wrpo"}
+    for name in result["margins"]:
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        alphas = {"on-policy": [0.0] * 3, "hybrid": [1.0] * 3, "wrpo": [0.0, 0.05, 0.1]}[name]
+        assert [r["alpha"] for r in rows] == pytest.approx(alphas)
+    assert sorted(result["ordering"]) == ["hybrid", "on-policy", "wrpo"]
+    assert (tmp_path / "margins.png").stat().st_size > 1000

@@ -145,11 +145,13 @@ def experiment_margins(
     spec: str = typer.Argument(..., help=SPEC_HELP),
     run_uri: str | None = typer.Option(None, "--run-uri", help="Run with committed build-pairs/ref-logps."),
     out: Path = typer.Option(Path("margins-experiment"), "--out", help="Output folder."),
+    steps: int = typer.Option(40, help="Optimizer steps of each of the three trainings."),
+    learning_rate: float | None = typer.Option(None, help="Override the spec's WRPO learning rate."),
 ) -> None:
     """Train on the same pairs with α=0, α=1 and the WRPO schedule; compare final reward margins (Fig. 3)."""
     from wrpo.experiment import margins_experiment
 
-    result = margins_experiment(_load(spec), run_uri, out)
+    result = margins_experiment(_load(spec), run_uri, out, steps=steps, learning_rate=learning_rate)
     print(json.dumps(result))
 
 

@@ -1,0 +1,16 @@
+"""The margins experiment's arithmetic, by hand."""
+
+import pytest
+
+from wrpo.experiment import final_margins, objective_margin
+
+
+def test_objective_margin_is_eq7():
+    # α=0.25: 0.25·2.0 + 0.75·0.4 = 0.5 + 0.3 = 0.8
+    assert objective_margin({"alpha": 0.25, "margins/hybrid": 2.0, "margins/on_policy": 0.4}) == pytest.approx(0.8)
+
+
+def test_final_margins_average_the_last_window():
+    rows = [{"alpha": 0.0, "margins/hybrid": h, "margins/on_policy": o} for h, o in [(9, 9), (1, 2), (3, 4)]]
+    # last two rows: margin = on-policy (α=0) → (2+4)/2 = 3; hybrid (1+3)/2 = 2
+    assert final_margins(rows, window=2) == {"margin": 3.0, "hybrid": 2.0, "on_policy": 3.0}
