@@ -11,7 +11,15 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from wrpo.errors import DataError
 
@@ -103,15 +111,18 @@ class PreferenceRecord(BaseModel):
     def _prompt(cls, v: list[Message]) -> list[Message]:
         return _check_messages(v)
 
-    @model_validator(mode="after")
-    def _responses_nonempty(self) -> PreferenceRecord:
-        for name in ("chosen_source", "chosen_target", "rejected"):
-            _nonempty(name, getattr(self, name))
-        if self.rejected_source is not None:
-            _nonempty("rejected_source", self.rejected_source)
-        for i, text in enumerate(self.extra_chosen_source):
+    # field validators (not one record validator) so that an empty response's error names its field
+    @field_validator("chosen_source", "chosen_target", "rejected", "rejected_source")
+    @classmethod
+    def _response_nonempty(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None else _nonempty(info.field_name or "response", v)
+
+    @field_validator("extra_chosen_source")
+    @classmethod
+    def _extras_nonempty(cls, v: list[str]) -> list[str]:
+        for i, text in enumerate(v):
             _nonempty(f"extra_chosen_source[{i}]", text)
-        return self
+        return v
 
 
 R = TypeVar("R", bound=BaseModel)
@@ -165,3 +176,31 @@ def dump_jsonl(records: Iterable[BaseModel | dict[str, Any]]) -> str:
         obj = rec.model_dump(exclude_none=True) if isinstance(rec, BaseModel) else rec
         out.append(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
     return "".join(line + "\n" for line in out)
+
+
+class SFTRecord(BaseModel):
+    """One SFT example (sft.jsonl of select-sources): the prompt and the answer to imitate (y_ws).
+
+    A preference quadruple is accepted too: its `chosen_source` becomes the response."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt_id: str = Field(min_length=1)
+    prompt: list[Message]
+    response: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preference(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "response" not in data and "chosen_source" in data:
+            return {**data, "response": data["chosen_source"]}
+        return data
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: list[Message]) -> list[Message]:
+        return _check_messages(v)
+
+    @field_validator("response")
+    @classmethod
+    def _response(cls, v: str) -> str:
+        return _nonempty("response", v)

@@ -1,0 +1,173 @@
+"""`wrpo ref-logps`, `wrpo train` and `wrpo sft` on the tiny models and the shipped example data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wrpo.errors import DataError
+from wrpo.train.config import ConfigError, SFTConfig, WRPOConfig
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "tiny"
+LIMITS = {"max_length": 160, "max_prompt_length": 80}
+
+
+def _small_data(folder: Path, n: int = 8) -> Path:
+    lines = (EXAMPLES / "quadruples.jsonl").read_text().splitlines()[:n]
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from wrpo.train.ref_logps import compute_reference_logps
+
+    folder = tmp_path_factory.mktemp("wrpo-train")
+    data = _small_data(folder)
+    ref = compute_reference_logps(tiny_models / "target", data, **LIMITS, batch_size=8)
+    return {"data": data, "ref": ref, "model": tiny_models / "target", "folder": folder}
+
+
+def _cfg(prepared: dict[str, Path], out: Path, **kw) -> WRPOConfig:
+    base = dict(model=prepared["model"], data=prepared["data"], output_dir=out, batch_size=4,
+                per_device_batch_size=2, learning_rate=1e-4, beta=0.1, alpha=0.3, max_steps=4, save_steps=2,
+                warmup_ratio=0.0, gradient_checkpointing=False, **LIMITS)
+    return WRPOConfig(**{**base, **kw})
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ref_logps_are_stored_beside_the_data(prepared):
+    rows = [json.loads(x) for x in prepared["ref"].read_text().splitlines()]
+    assert prepared["ref"].parent == prepared["data"].parent and len(rows) == 8
+    assert set(rows[0]["logps"]) >= {"chosen_source", "chosen_target", "rejected", "rejected_source"}
+    meta = json.loads(prepared["ref"].with_name("train.ref_logps.meta.json").read_text())
+    assert meta["max_length"] == 160
+
+
+def test_train_writes_model_metrics_and_resumes_with_alpha(prepared, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wrpo.train.wrpo_trainer import run_wrpo
+
+    out = tmp_path / "out"
+    summary = run_wrpo(_cfg(prepared, out, gradient_checkpointing=True))
+    first = _metrics(out)
+    assert [m["step"] for m in first] == [1, 2, 3, 4]
+    assert [m["alpha"] for m in first] == pytest.approx([0.0, 0.1, 0.2, 0.3])  # exactly α at the last step
+    fields = {"step", "alpha", "loss", "learning_rate", "rewards/chosen_source", "rewards/chosen_target",
+              "rewards/rejected", "margins/hybrid", "margins/on_policy", "accuracy/hybrid",
+              "accuracy/on_policy"}
+    assert fields <= set(first[0])
+    assert all(0.0 <= m["accuracy/hybrid"] <= 1.0 for m in first)
+    model_dir = Path(summary["model"])
+    assert (model_dir / "model.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+
+    # resume: drop the last checkpoint; the run continues from step 2 with α where it was
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    summary = run_wrpo(_cfg(prepared, out, gradient_checkpointing=True))
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    again = _metrics(out)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for a, b in zip(first[2:], again[2:], strict=True):
+        assert b["alpha"] == a["alpha"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def test_on_the_fly_reference_equals_stored(prepared, tmp_path):
+    from wrpo.train.wrpo_trainer import run_wrpo
+
+    run_wrpo(_cfg(prepared, tmp_path / "a", max_steps=1, learning_rate=1e-3))
+    run_wrpo(_cfg(prepared, tmp_path / "b", max_steps=1, learning_rate=1e-3, reference="on-the-fly"))
+    a, b = _metrics(tmp_path / "a")[0], _metrics(tmp_path / "b")[0]
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(baseline="target"), dict(objective="simpo", beta=2.0, gamma=0.5),
+                                     dict(objective="ipo", tau=0.5, rejected_source=True),
+                                     dict(top_k_sources=2, layout="packed")])
+def test_objectives_and_baselines_run(prepared, tmp_path, options):
+    from wrpo.train.wrpo_trainer import run_wrpo
+
+    run_wrpo(_cfg(prepared, tmp_path / "out", max_steps=1, **options))
+    m = _metrics(tmp_path / "out")[0]
+    assert m["loss"] > 0 and ("accuracy/hybrid" in m) == (options.get("baseline") != "target")
+
+
+def test_eval_split_reports_hybrid_accuracy(prepared, tmp_path):
+    from wrpo.train.wrpo_trainer import run_wrpo
+
+    summary = run_wrpo(_cfg(prepared, tmp_path / "out", max_steps=1, eval_data=prepared["data"]))
+    assert 0.0 <= summary["eval"]["eval_accuracy/hybrid"] <= 1.0
+    assert (tmp_path / "out" / "eval_metrics.json").exists()
+
+
+def test_sft_completion_only_with_packing(tiny_models, tmp_path):
+    from wrpo.train.sft import run_sft
+
+    cfg = SFTConfig(model=tiny_models / "target", data=EXAMPLES / "sft.jsonl", output_dir=tmp_path / "sft",
+                    batch_size=4, per_device_batch_size=2, max_steps=2, learning_rate=1e-4, packing=True,
+                    gradient_checkpointing=False, **LIMITS)
+    summary = run_sft(cfg)
+    assert (Path(summary["model"]) / "model.safetensors").exists()
+    assert [m["step"] for m in _metrics(tmp_path / "sft")] == [1, 2]
+
+
+BAD = [
+    ({"chosen_target": None}, "chosen_target"),
+    ({"rejected": 3}, "rejected"),
+    ({"chosen_source": "  "}, "chosen_source"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), BAD)
+def test_bad_records_stop_before_training(prepared, tmp_path, change, field):
+    from wrpo.train.wrpo_trainer import run_wrpo
+
+    lines = prepared["data"].read_text().splitlines()
+    rec = json.loads(lines[2])
+    rec.update(change)
+    if change.get("chosen_target", "") is None:
+        del rec["chosen_target"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*lines[:2], json.dumps(rec), *lines[3:]]) + "\n")
+    with pytest.raises(DataError) as err:
+        run_wrpo(_cfg(prepared, tmp_path / "out", data=bad, ref_logps=prepared["ref"]))
+    assert f"{bad}:3" in str(err.value) and f"field '{field}" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_json_and_missing_y_ls_are_named(prepared, tmp_path):
+    from wrpo.train.wrpo_trainer import run_wrpo
+
+    bad = tmp_path / "bad.jsonl"
+    lines = prepared["data"].read_text().splitlines()
+    bad.write_text("\n".join([lines[0], lines[1][:-3]]) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+        run_wrpo(_cfg(prepared, tmp_path / "out", data=bad))
+    rec = json.loads(lines[0])
+    del rec["rejected_source"]
+    bad.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'rejected_source'"):
+        run_wrpo(_cfg(prepared, tmp_path / "out", data=bad, rejected_source=True))
+
+
+def test_config_errors_name_the_option(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="alpha"):
+        _cfg(prepared, tmp_path, alpha=1.5)
+    with pytest.raises(ConfigError, match="objective"):
+        _cfg(prepared, tmp_path, objective="kto")
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        _cfg(prepared, tmp_path, max_length=50, max_prompt_length=80)
