@@ -18,7 +18,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 python="${PYTHON:-python3.11}"
 if [[ "$use_venv" == "--venv" ]]; then
-    key="$(cat "$root/pyproject.toml" "$root/requirements/constraints.txt" | sha256sum | cut -c1-12)"
+    # Keyed by what is installed (dependencies + pins), not by unrelated pyproject edits.
+    deps="$("$python" -c 'import json, sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print(json.dumps([p["dependencies"], p["optional-dependencies"]], sort_keys=True))' "$root/pyproject.toml")"
+    key="$(printf '%s\n' "$deps" | cat - "$root/requirements/constraints.txt" | sha256sum | cut -c1-12)"
     venv="$cache/venvs/$extras-$key"
     if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
         echo "install.sh: creating $venv" >&2

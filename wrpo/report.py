@@ -97,9 +97,8 @@ def default_out(run_uri: str) -> Path:
 def write_report(run_uri: str, out: Path | None = None, s3=None) -> list[Path]:
     """Write the plots and summary.md for the run at `run_uri`; returns the files written."""
     from wrpo.selection import plot_contributions
-    from wrpo.storage import RunDir, S3Options
-
     from wrpo.spec import StorageSpec
+    from wrpo.storage import RunDir, S3Options
 
     run = RunDir(run_uri, s3 or S3Options.from_spec(StorageSpec()))
     out = Path(out or default_out(run_uri))

