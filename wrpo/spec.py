@@ -46,9 +46,6 @@ class TargetSpec(_Model):
     """The target LLM that absorbs the sources' abilities (the paper: Llama-3-8B-Instruct)."""
 
     model: str = Field(min_length=1, description="Model folder, s3:// URI or hub id of the target LLM.")
-    chat_template: str | None = Field(
-        default=None, description="Jinja chat template overriding the tokenizer's own, if any."
-    )
     served_name: str = Field(default="target", pattern=DNS_LABEL, description="Name the vLLM server serves it as.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor-parallel size for sample-target.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")

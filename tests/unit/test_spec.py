@@ -108,3 +108,12 @@ def test_schema_is_camel_case_and_closed():
     assert "sftFraction" in schema["$defs"]["DatasetSpec"]["properties"]
     json.dumps(schema)  # serialisable
     assert FusionSpec.model_fields.keys() >= {"target", "sources", "wrpo", "cluster"}
+
+
+def test_docs_spec_md_is_generated_from_the_model():
+    from pathlib import Path
+
+    from wrpo.spec_docs import spec_markdown
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
+    assert path.read_text() == spec_markdown(), "docs/spec.md drifted: run `wrpo spec docs > docs/spec.md`"

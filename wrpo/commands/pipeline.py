@@ -102,6 +102,14 @@ def spec_schema(out: Path | None = typer.Option(None, "--out", help="Write to th
         sys.stdout.write(text + "\n")
 
 
+@spec_app.command("docs")
+def spec_docs() -> None:
+    """Print the Markdown field reference (docs/spec.md)."""
+    from wrpo.spec_docs import spec_markdown
+
+    sys.stdout.write(spec_markdown())
+
+
 @spec_app.command("validate")
 def spec_validate(spec: str = typer.Argument(..., help=SPEC_HELP)) -> None:
     """Validate SPEC and print its stage hashes."""
