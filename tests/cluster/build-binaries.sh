@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Build the binaries of a real Kubernetes control plane (no kubelet) from the Go module proxy:
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm and the Kubeflow
+# training-operator (plus its CRD YAMLs). Everything is cached outside the repo under
+#   ${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}/<version-key>/
+# and a re-run with the same versions does nothing. The last line printed is
+#   WRPO_K8S_BIN=<dir>
+# and the same line is written to <dir>/env (and <cache>/current points at <dir>).
+#
+# Usage: tests/cluster/build-binaries.sh            # build what is missing
+#        WRPO_K8S_VERSION=v1.34.4 tests/cluster/build-binaries.sh
+set -euo pipefail
+
+K8S_VERSION="${WRPO_K8S_VERSION:-v1.35.4}"
+ETCD_VERSION="${WRPO_ETCD_VERSION:-v3.6.16}"
+KWOK_VERSION="${WRPO_KWOK_VERSION:-v0.8.0}"
+HELM_VERSION="${WRPO_HELM_VERSION:-v3.22.0}"
+TRAINING_OPERATOR_VERSION="${WRPO_TRAINING_OPERATOR_VERSION:-v1.9.4}"
+
+export PATH="/usr/local/go/bin:${PATH}"
+command -v go >/dev/null || { echo "build-binaries: 'go' not found (need Go >= 1.26)" >&2; exit 1; }
+
+# Go state lives under ~/.cache so that re-runs (and CI caches) reuse downloads and compiles.
+GO_STATE="${WRPO_GO_CACHE:-$HOME/.cache/wrpo/go}"
+export GOPATH="${GO_STATE}/path"
+export GOMODCACHE="${GO_STATE}/path/pkg/mod"
+export GOCACHE="${WRPO_GOCACHE:-${GO_STATE}/build}"
+export GOFLAGS="-mod=mod -buildvcs=false"
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+export CGO_ENABLED=0
+JOBS="${WRPO_BUILD_JOBS:-$(nproc)}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# training-operator-local is built from a file in this repo: rebuild it when that file changes.
+LOCAL_STAMP=".training-operator-local-$(sha256sum "${HERE}/training-operator-local/main.go" | cut -c1-12)"
+
+GO_VERSION="$(go env GOVERSION)"
+KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_to-${TRAINING_OPERATOR_VERSION}_${GO_VERSION}"
+CACHE_ROOT="${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}"
+OUT="${CACHE_ROOT}/${KEY}"
+WORK="${CACHE_ROOT}/.work/${KEY}"
+mkdir -p "${OUT}" "${WORK}"
+
+LDFLAGS_BASE="-s -w"
+BUILD_FLAGS=(-trimpath -p "${JOBS}")
+
+log() { printf '[build-binaries %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# run CMD...: run a command, and on failure say exactly which command failed.
+run() {
+  if ! "$@"; then
+    log "FAILED (in $(pwd)): $*"
+    exit 1
+  fi
+}
+
+# step NAME OUTPUT... -- FUNCTION: run FUNCTION unless every OUTPUT already exists; time it.
+step() {
+  local name="$1"; shift
+  local outputs=()
+  while [[ "$1" != "--" ]]; do outputs+=("$1"); shift; done
+  shift
+  local missing=0 f
+  for f in "${outputs[@]}"; do [[ -e "${OUT}/${f}" ]] || missing=1; done
+  if [[ "${missing}" == 0 ]]; then
+    log "${name}: cached"
+    return
+  fi
+  local start=${SECONDS}
+  log "${name}: building"
+  "$@"
+  log "${name}: built in $((SECONDS - start))s"
+}
+
+# A wrapper module in WORK/<name> with the given go.mod body.
+wrapper_module() {
+  local dir="${WORK}/$1"
+  mkdir -p "${dir}"
+  printf '%s\n' "$2" >"${dir}/go.mod"
+  echo "${dir}"
+}
+
+build_etcd() {
+  local dir
+  dir="$(wrapper_module etcd "module wrpo.local/etcd
+
+go 1.26
+
+require go.etcd.io/etcd/server/v3 ${ETCD_VERSION}")"
+  cat >"${dir}/main.go" <<'EOF'
+// Command etcd is etcd's own entry point, built from the module proxy.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+EOF
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" \
+    -ldflags "${LDFLAGS_BASE}" -o "${OUT}/etcd" .)
+}
+
+build_kubernetes() {
+  local minor="${K8S_VERSION#v1.}"
+  minor="${minor%%.*}"
+  local staging_version="v0.${K8S_VERSION#v1.}"
+  local staging=(api apiextensions-apiserver apimachinery apiserver cli-runtime client-go
+    cloud-provider cluster-bootstrap code-generator component-base component-helpers
+    controller-manager cri-api cri-client csi-translation-lib dynamic-resource-allocation
+    endpointslice externaljwt kms kube-aggregator kube-controller-manager kube-proxy
+    kube-scheduler kubectl kubelet metrics mount-utils pod-security-admission sample-apiserver
+    sample-cli-plugin sample-controller)
+  local body="module wrpo.local/kubernetes
+
+go 1.26
+
+require k8s.io/kubernetes ${K8S_VERSION}
+"
+  local m
+  for m in "${staging[@]}"; do
+    body+="
+replace k8s.io/${m} => k8s.io/${m} ${staging_version}"
+  done
+  local dir
+  dir="$(wrapper_module kubernetes "${body}")"
+  # A placeholder package so the module is a valid main module.
+  printf 'package kubernetes\n' >"${dir}/doc.go"
+  local v="k8s.io/component-base/version"
+  local ldflags="${LDFLAGS_BASE} -X ${v}.gitVersion=${K8S_VERSION} -X ${v}.gitMajor=1"
+  ldflags+=" -X ${v}.gitMinor=${minor} -X ${v}.gitTreeState=clean"
+  ldflags+=" -X ${v}.buildDate=1970-01-01T00:00:00Z"
+  # One invocation for all three binaries: they share most packages and the link step is the
+  # memory peak, so building them together is both the fastest and the most predictable.
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -ldflags "${ldflags}" -o "${OUT}/" \
+    k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler)
+}
+
+# go install PKG@VERSION into OUT (for modules without replace directives).
+go_install() {
+  local pkg="$1" version="$2" ldflags="$3"
+  GOBIN="${OUT}" run go install "${BUILD_FLAGS[@]}" -ldflags "${LDFLAGS_BASE} ${ldflags}" \
+    "${pkg}@${version}"
+}
+
+build_kwok() {
+  go_install sigs.k8s.io/kwok/cmd/kwok "${KWOK_VERSION}" \
+    "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION}"
+}
+
+build_helm() {
+  go_install helm.sh/helm/v3/cmd/helm "${HELM_VERSION}" \
+    "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}"
+}
+
+build_training_operator() {
+  local mod="github.com/kubeflow/training-operator"
+  # The stock binary, for reference and for users who run it in a cluster.
+  go_install "${mod}/cmd/training-operator.v1" "${TRAINING_OPERATOR_VERSION}" ""
+  mv "${OUT}/training-operator.v1" "${OUT}/training-operator"
+  # The test entry point (training-operator-local/main.go): same reconciler and webhook
+  # packages, every listener on 127.0.0.1, certificates from a directory we choose.
+  local dir
+  dir="$(wrapper_module training-operator-local "module wrpo.local/training-operator-local
+
+go 1.26
+
+require ${mod} ${TRAINING_OPERATOR_VERSION}")"
+  cp "${HERE}/training-operator-local/main.go" "${dir}/main.go"
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -ldflags "${LDFLAGS_BASE}" \
+    -o "${OUT}/training-operator-local" .)
+  rm -f "${OUT}"/.training-operator-local-*
+  touch "${OUT}/${LOCAL_STAMP}"
+  # Its CRDs ship in the module zip (manifests/base/crds); copy them next to the binary.
+  local src
+  src="$(go list -m -f '{{.Dir}}' "${mod}@${TRAINING_OPERATOR_VERSION}" 2>/dev/null || true)"
+  if [[ -z "${src}" ]]; then
+    src="${GOMODCACHE}/${mod}@${TRAINING_OPERATOR_VERSION}"
+  fi
+  [[ -d "${src}/manifests/base/crds" ]] || { log "no CRDs in ${src}/manifests/base/crds"; exit 1; }
+  mkdir -p "${OUT}/training-operator-crds.tmp"
+  cp "${src}"/manifests/base/crds/*.yaml "${OUT}/training-operator-crds.tmp/"
+  chmod -R u+w "${OUT}/training-operator-crds.tmp"
+  rm -f "${OUT}/training-operator-crds.tmp/kustomization.yaml"
+  rm -rf "${OUT}/training-operator-crds"
+  mv "${OUT}/training-operator-crds.tmp" "${OUT}/training-operator-crds"
+}
+
+total_start=${SECONDS}
+log "go ${GO_VERSION}, ${JOBS} parallel jobs, output ${OUT}"
+step etcd etcd -- build_etcd
+step kwok kwok -- build_kwok
+step helm helm -- build_helm
+step training-operator training-operator training-operator-local "${LOCAL_STAMP}" \
+  training-operator-crds -- build_training_operator
+step kubernetes kube-apiserver kube-controller-manager kube-scheduler -- build_kubernetes
+log "all binaries ready in $((SECONDS - total_start))s"
+
+cat >"${OUT}/versions.env" <<EOF
+K8S_VERSION=${K8S_VERSION}
+ETCD_VERSION=${ETCD_VERSION}
+KWOK_VERSION=${KWOK_VERSION}
+HELM_VERSION=${HELM_VERSION}
+TRAINING_OPERATOR_VERSION=${TRAINING_OPERATOR_VERSION}
+GO_VERSION=${GO_VERSION}
+EOF
+echo "WRPO_K8S_BIN=${OUT}" >"${OUT}/env"
+ln -sfn "${KEY}" "${CACHE_ROOT}/current"
+ls -l "${OUT}" >&2
+echo "WRPO_K8S_BIN=${OUT}"

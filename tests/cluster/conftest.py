@@ -1,0 +1,173 @@
+"""Fixtures for tests against a real control plane (see docs/cluster-harness.md).
+
+Session scope: `k8s_cluster` (a running `k8s_harness.Cluster`), `k8s_kubeconfig` (admin kubeconfig
+path), `k8s_api_client` (admin `kubernetes.client.ApiClient`), `helm`.
+Function scope: `k8s_namespace` (a fresh namespace, deleted afterwards), `local_namespace` (the
+same, named "local-*" so that kwok leaves its pods to a PodRunner), `helm_install`,
+`service_account` (identity of a ServiceAccount, RBAC enforced), `pod_runner`.
+
+Without the binaries these tests skip, or fail when WRPO_REQUIRE_CLUSTER=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import k8s_harness
+import pytest
+from k8s_podrunner import PodRunner
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cluster: needs the real Kubernetes control plane (tests/cluster/build-binaries.sh)"
+    )
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and call.when == "call":
+        cluster = item.session.stash.get(_CLUSTER_KEY, None)
+        if cluster is not None:
+            report.sections.append(("control-plane logs (tails)", cluster.log_tails()))
+        if "pod_runner" in item.funcargs:
+            for runner in _RUNNERS:
+                report.sections.append(("pod runner logs (tails)", runner.log_tails()))
+    return report
+
+
+_CLUSTER_KEY = pytest.StashKey[k8s_harness.Cluster]()
+_RUNNERS: list[PodRunner] = []
+
+
+@pytest.fixture(scope="session")
+def k8s_bin_dir() -> Path:
+    try:
+        return k8s_harness.find_binaries()
+    except k8s_harness.BinariesMissing as e:
+        if os.environ.get("WRPO_REQUIRE_CLUSTER") == "1":
+            pytest.fail(f"WRPO_REQUIRE_CLUSTER=1 but {e}", pytrace=False)
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request, k8s_bin_dir) -> k8s_harness.Cluster:
+    """The running control plane. Work dir (certs, kubeconfigs, logs) is kept when a test fails
+    or WRPO_KEEP_CLUSTER_DIR=1; its path is printed at the end."""
+    work_dir = Path(tempfile.mkdtemp(prefix="wrpo-k8s-"))
+    failed_before = request.session.testsfailed
+    try:
+        cluster = k8s_harness.start_cluster(work_dir, k8s_bin_dir)
+    except Exception:
+        print(f"\ncontrol plane failed to start; logs in {work_dir / 'logs'}")
+        raise
+    request.session.stash[_CLUSTER_KEY] = cluster
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        keep = os.environ.get("WRPO_KEEP_CLUSTER_DIR") == "1"
+        if keep or request.session.testsfailed > failed_before:
+            print(f"\ncontrol-plane work dir kept: {work_dir}")
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def k8s_kubeconfig(k8s_cluster) -> Path:
+    return k8s_cluster.kubeconfig
+
+
+@pytest.fixture(scope="session")
+def k8s_api_client(k8s_cluster):
+    api = k8s_cluster.api_client()
+    yield api
+    api.close()
+
+
+def _namespace(api_client, prefix: str):
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    k8s_harness.wait_for(f"ServiceAccount {name}/default",
+                         lambda: core.read_namespaced_service_account("default", name), 30)
+    yield name
+    with contextlib.suppress(Exception):
+        core.delete_namespace(name)
+
+
+@pytest.fixture
+def k8s_namespace(k8s_api_client):
+    """A fresh namespace whose pods kwok drives (Stages in kwok/stages.yaml)."""
+    yield from _namespace(k8s_api_client, "t-")
+
+
+@pytest.fixture
+def local_namespace(k8s_api_client):
+    """A fresh namespace named local-*: kwok leaves its pods alone, for a PodRunner."""
+    yield from _namespace(k8s_api_client, k8s_harness.LOCAL_NAMESPACE_PREFIX)
+
+
+@pytest.fixture(scope="session")
+def helm(k8s_cluster) -> k8s_harness.Helm:
+    return k8s_harness.Helm(k8s_cluster)
+
+
+@pytest.fixture
+def helm_install(helm):
+    """helm_install(chart_path, release, namespace, values=None, wait=False) -> HelmRelease;
+    every release is uninstalled afterwards."""
+    releases: list[tuple[str, str]] = []
+
+    def install(chart, release: str, namespace: str, **kwargs) -> k8s_harness.HelmRelease:
+        result = helm.install(release, Path(chart), namespace, **kwargs)
+        releases.append((release, namespace))
+        return result
+
+    yield install
+    for release, namespace in reversed(releases):
+        with contextlib.suppress(Exception):
+            helm.uninstall(release, namespace)
+
+
+@pytest.fixture
+def service_account(k8s_cluster):
+    """service_account(namespace, name, create=True) -> ServiceAccountIdentity, whose
+    `api_client()`, `kubeconfig` and `env()` act as system:serviceaccount:<ns>:<name>."""
+    def identity(namespace: str, name: str, **kwargs) -> k8s_harness.ServiceAccountIdentity:
+        return k8s_harness.service_account_identity(k8s_cluster, namespace, name, **kwargs)
+
+    return identity
+
+
+@pytest.fixture
+def pod_runner(k8s_cluster, tmp_path):
+    """pod_runner(namespace, label_selector="", env_overrides=None, host_map=None, **kw) ->
+    a started PodRunner (see k8s_podrunner); stopped, with its processes killed, afterwards."""
+    started: list[PodRunner] = []
+    clients = []
+
+    def start(namespace: str, label_selector: str = "", **kwargs) -> PodRunner:
+        api = k8s_cluster.api_client()
+        clients.append(api)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        runner = PodRunner(api, namespace, tmp_path / f"pods-{len(started)}",
+                           label_selector=label_selector, **kwargs)
+        started.append(runner)
+        _RUNNERS.append(runner)
+        return runner.start()
+
+    yield start
+    for runner in started:
+        runner.stop()
+        _RUNNERS.remove(runner)
+    for api in clients:
+        api.close()

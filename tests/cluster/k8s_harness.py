@@ -1,0 +1,632 @@
+"""A real Kubernetes control plane on one machine, for tests.
+
+etcd, kube-apiserver (RBAC + Node authorization, client-certificate admin), kube-controller-manager,
+kube-scheduler, kwok (fake Nodes and pod lifecycles from ``kwok/stages.yaml``) and the Kubeflow
+training-operator (PyTorchJob controller and validating webhook) run as local processes, every
+listener on 127.0.0.1 with a free port. Binaries come from ``tests/cluster/build-binaries.sh``
+(``WRPO_K8S_BIN``). Each process logs to a file under the cluster's work directory and is stopped
+by PID. See docs/cluster-harness.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+STAGES_FILE = HERE / "kwok" / "stages.yaml"
+
+#: Pod annotation (or label) that makes the kwok pod-fail Stage end a running pod as Failed.
+FAIL_ANNOTATION = "wrpo.test/fail"
+#: Pod annotation with the exit code the fail hook reports (default "1").
+EXIT_CODE_ANNOTATION = "wrpo.test/exit-code"
+#: Pod annotation: how long a Job/PyTorchJob pod stays Running under kwok (Go duration, "5s").
+RUN_DURATION_ANNOTATION = "wrpo.test/run-duration"
+#: Pods with this label set to "true", or in a namespace named LOCAL_NAMESPACE_PREFIX*, are left
+#: to the PodRunner instead of kwok.
+LOCAL_LABEL = "wrpo.test/local"
+LOCAL_NAMESPACE_PREFIX = "local-"
+#: Annotation and label value that put a Node under kwok's management.
+KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+
+REQUIRED_BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "helm",
+    "training-operator-local",
+)
+SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
+POD_CIDR = "10.244.0.0/16"
+PYTORCHJOB_WEBHOOK_PATH = "/validate-kubeflow-org-v1-pytorchjob"
+
+
+class BinariesMissing(RuntimeError):
+    """The control-plane binaries are not built (run tests/cluster/build-binaries.sh)."""
+
+
+def find_binaries() -> Path:
+    """The directory holding the built binaries: $WRPO_K8S_BIN, else the cache's `current` link."""
+    configured = os.environ.get("WRPO_K8S_BIN")
+    cache = Path(os.environ.get("WRPO_BIN_CACHE", Path.home() / ".cache/wrpo/k8s-bin"))
+    bin_dir = Path(configured) if configured else cache / "current"
+    missing = [b for b in REQUIRED_BINARIES if not (bin_dir / b).is_file()]
+    if not (bin_dir / "training-operator-crds").is_dir():
+        missing.append("training-operator-crds/")
+    if missing:
+        source = "WRPO_K8S_BIN" if configured else f"{cache}/current (WRPO_K8S_BIN unset)"
+        raise BinariesMissing(
+            f"control-plane binaries missing in {bin_dir} [{source}]: {', '.join(missing)}; "
+            "build them with tests/cluster/build-binaries.sh and export WRPO_K8S_BIN=<dir>"
+        )
+    return bin_dir
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.2):
+    """Poll `check` until it returns a truthy value; raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+            last_error = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates (openssl CLI, so the harness needs no extra Python package)
+
+
+class CertAuthority:
+    """A throwaway CA that signs serving and client certificates with openssl."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cert = self.dir / "ca.crt"
+        self.key = self.dir / "ca.key"
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", self.key)
+        _openssl(
+            "req", "-x509", "-new", "-key", self.key, "-sha256", "-days", "3",
+            "-subj", "/CN=wrpo-test-ca", "-out", self.cert,
+        )
+
+    def issue(self, name: str, subject: str, *, server_names: tuple[str, ...] = (),
+              client: bool = False) -> tuple[Path, Path]:
+        """Sign a certificate; returns (cert, key). `server_names` are DNS names or IPs."""
+        key, csr, crt = (self.dir / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key)
+        _openssl("req", "-new", "-key", key, "-subj", subject, "-out", csr)
+        usage = "clientAuth" if client else "serverAuth"
+        ext = [f"extendedKeyUsage={usage}", "keyUsage=critical,digitalSignature,keyEncipherment"]
+        if server_names:
+            sans = ",".join(
+                f"IP:{n}" if n.replace(".", "").isdigit() else f"DNS:{n}" for n in server_names
+            )
+            ext.append(f"subjectAltName={sans}")
+        ext_file = self.dir / f"{name}.ext"
+        ext_file.write_text("\n".join(ext) + "\n")
+        _openssl(
+            "x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key, "-CAcreateserial",
+            "-days", "3", "-sha256", "-extfile", ext_file, "-out", crt,
+        )
+        return crt, key
+
+
+def _openssl(*args: object) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, *, cert: Path | None = None,
+                     key: Path | None = None, token: str | None = None, user: str = "user") -> Path:
+    credentials: dict = {}
+    if cert and key:
+        credentials = {"client-certificate": str(cert), "client-key": str(key)}
+    if token:
+        credentials = {"token": token}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "wrpo-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": user, "user": credentials}],
+        "contexts": [{"name": "wrpo-test", "context": {"cluster": "wrpo-test", "user": user}}],
+        "current-context": "wrpo-test",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Component:
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class Cluster:
+    """A running control plane. Use `api_client()` or `kubeconfig` to talk to it."""
+
+    bin_dir: Path
+    work_dir: Path
+    server: str = ""
+    kubeconfig: Path = Path()
+    ca_cert: Path = Path()
+    components: list[Component] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    ca: CertAuthority | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.work_dir / "logs"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start_process(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Component:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, cwd=self.work_dir, start_new_session=True,
+            )
+        component = Component(name, process, log)
+        self.components.append(component)
+        # For a manual clean-up after a hard kill of the test process: kill $(cat pids).
+        with (self.work_dir / "pids").open("a") as pids:
+            pids.write(f"{process.pid}\n")
+        return component
+
+    def check_alive(self, component: Component) -> None:
+        code = component.process.poll()
+        if code is not None:
+            raise RuntimeError(
+                f"{component.name} exited with {code}; last log lines:\n{tail(component.log)}"
+            )
+
+    def wait_ready(self, component: Component, what: str, check: Callable[[], object],
+                   timeout: float) -> None:
+        def alive_and_ready():
+            self.check_alive(component)
+            return check()
+
+        try:
+            wait_for(what, alive_and_ready, timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n--- {component.log} ---\n{tail(component.log)}") from None
+
+    def stop(self) -> None:
+        """Stop every component by PID, newest first: SIGTERM, then SIGKILL after 10s."""
+        for component in reversed(self.components):
+            stop_process(component.process)
+        self.components.clear()
+
+    def log_tails(self, lines: int = 15) -> str:
+        return "\n".join(
+            f"--- {c.name} ({c.log}) ---\n{tail(c.log, lines)}" for c in self.components
+        )
+
+    # -- clients -------------------------------------------------------------------------
+
+    def api_client(self, kubeconfig: Path | None = None):
+        """A fresh `kubernetes.client.ApiClient` for this cluster (admin unless `kubeconfig`)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+
+    def kubectl_env(self) -> dict[str, str]:
+        """Environment for subprocesses (helm, the operator) that should use this cluster."""
+        return {"KUBECONFIG": str(self.kubeconfig)}
+
+    def apply_yaml(self, documents: str | Path, namespace: str | None = None) -> list:
+        """Create every object in a YAML string or file (server-side apply would need kubectl)."""
+        from kubernetes import utils
+
+        text = documents.read_text() if isinstance(documents, Path) else documents
+        objects = [d for d in yaml.safe_load_all(text) if d]
+        with contextlib.closing(self.api_client()) as api:
+            return [utils.create_from_dict(api, obj, namespace=namespace) for obj in objects]
+
+
+def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait(5)
+
+
+def _https_get(url: str, ca: Path | None = None, cert: tuple[Path, Path] | None = None) -> str:
+    context = ssl.create_default_context(cafile=str(ca)) if ca else ssl._create_unverified_context()
+    if cert:
+        context.load_cert_chain(str(cert[0]), str(cert[1]))
+    with urllib.request.urlopen(url, context=context, timeout=5) as response:
+        return response.read().decode()
+
+
+def _http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+# --------------------------------------------------------------------------------------------
+# Starting the control plane
+
+
+def start_cluster(work_dir: Path, bin_dir: Path | None = None, *,
+                  nodes: int = 3, gpus_per_node: int = 8, timeout: float = 120.0) -> Cluster:
+    """Start the whole control plane; on any failure stop what was started and re-raise."""
+    cluster = Cluster(bin_dir=bin_dir or find_binaries(), work_dir=work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atexit.register(cluster.stop)  # a safety net; fixtures stop the cluster themselves
+    try:
+        admin_cert = _start_etcd_and_apiserver(cluster, timeout)
+        _start_controllers(cluster, admin_cert, timeout)
+        _start_kwok(cluster, nodes, gpus_per_node, timeout)
+        _start_training_operator(cluster, timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _start_etcd_and_apiserver(cluster: Cluster, timeout: float) -> tuple[Path, Path]:
+    b, w = cluster.bin_dir, cluster.work_dir
+    pki = w / "pki"
+    ca = cluster.ca = CertAuthority(pki)
+    cluster.ca_cert = ca.cert
+    serving = ca.issue(
+        "apiserver", "/CN=kube-apiserver",
+        server_names=("127.0.0.1", "localhost", "10.96.0.1", "kubernetes", "kubernetes.default",
+                      "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"),
+    )
+    admin = ca.issue("admin", "/O=system:masters/CN=wrpo-admin", client=True)
+    sa_key, sa_pub = pki / "sa.key", pki / "sa.pub"
+    _openssl("genrsa", "-out", sa_key, "2048")
+    _openssl("rsa", "-in", sa_key, "-pubout", "-out", sa_pub)
+
+    client_port, peer_port = free_port(), free_port()
+    etcd_url = f"http://127.0.0.1:{client_port}"
+    etcd = cluster.start_process("etcd", [
+        str(b / "etcd"), "--name=wrpo-test", f"--data-dir={w / 'etcd'}",
+        f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+        f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+        f"--initial-cluster=wrpo-test=http://127.0.0.1:{peer_port}",
+        "--unsafe-no-fsync=true", "--log-level=warn", "--quota-backend-bytes=2147483648",
+    ])
+    cluster.wait_ready(etcd, "etcd /health",
+                       lambda: '"health":"true"' in _http_get(f"{etcd_url}/health"), timeout)
+
+    port = free_port()
+    cluster.server = f"https://127.0.0.1:{port}"
+    apiserver = cluster.start_process("kube-apiserver", [
+        str(b / "kube-apiserver"),
+        f"--etcd-servers={etcd_url}",
+        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
+        f"--cert-dir={w / 'apiserver-certs'}",
+        f"--tls-cert-file={serving[0]}", f"--tls-private-key-file={serving[1]}",
+        f"--client-ca-file={ca.cert}",
+        # No front proxy; set so that components reading the requestheader CA stay quiet.
+        f"--requestheader-client-ca-file={ca.cert}", "--requestheader-allowed-names=front-proxy-client",
+        "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        "--authorization-mode=Node,RBAC",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={sa_pub}", f"--service-account-signing-key-file={sa_key}",
+        f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+        "--endpoint-reconciler-type=none",  # 127.0.0.1 is not a valid Endpoints address
+        "--allow-privileged=true", "--profiling=false", "--v=1",
+    ])
+    cluster.wait_ready(
+        apiserver, "kube-apiserver /readyz",
+        lambda: _https_get(f"{cluster.server}/readyz", ca.cert, admin) == "ok", timeout,
+    )
+    cluster.kubeconfig = write_kubeconfig(w / "admin.kubeconfig", cluster.server, ca.cert,
+                                          cert=admin[0], key=admin[1], user="wrpo-admin")
+    return admin
+
+
+def _start_controllers(cluster: Cluster, admin: tuple[Path, Path], timeout: float) -> None:
+    b, w, ca = cluster.bin_dir, cluster.work_dir, cluster.ca
+    assert ca is not None
+    kcm_cert = ca.issue("kcm", "/CN=system:kube-controller-manager", client=True)
+    kcm_config = write_kubeconfig(w / "kcm.kubeconfig", cluster.server, ca.cert,
+                                  cert=kcm_cert[0], key=kcm_cert[1])
+    kcm_port = free_port()
+    controllers = ",".join([
+        "serviceaccount-token-controller", "serviceaccount-controller", "namespace-controller",
+        "garbage-collector-controller", "deployment-controller", "replicaset-controller",
+        "job-controller", "ttl-after-finished-controller", "endpointslice-controller",
+        "endpointslice-mirroring-controller", "root-ca-certificate-publisher-controller",
+        "pod-garbage-collector-controller", "statefulset-controller", "cronjob-controller",
+        "resourcequota-controller", "disruption-controller", "clusterrole-aggregation-controller",
+        # Lifts the node.kubernetes.io/not-ready taint once kwok reports a Node Ready, and
+        # watches the Leases kwok renews.
+        "node-lifecycle-controller",
+    ])
+    kcm = cluster.start_process("kube-controller-manager", [
+        str(b / "kube-controller-manager"),
+        f"--kubeconfig={kcm_config}", f"--authentication-kubeconfig={kcm_config}",
+        f"--authorization-kubeconfig={kcm_config}",
+        "--bind-address=127.0.0.1", f"--secure-port={kcm_port}", f"--cert-dir={w / 'kcm-certs'}",
+        f"--controllers={controllers}",
+        f"--root-ca-file={ca.cert}", f"--service-account-private-key-file={w / 'pki/sa.key'}",
+        "--use-service-account-credentials=true", "--leader-elect=false",
+        f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+        "--concurrent-gc-syncs=5", "--v=1",
+    ])
+    sched_cert = ca.issue("scheduler", "/CN=system:kube-scheduler", client=True)
+    sched_config = write_kubeconfig(w / "scheduler.kubeconfig", cluster.server, ca.cert,
+                                    cert=sched_cert[0], key=sched_cert[1])
+    sched_port = free_port()
+    scheduler = cluster.start_process("kube-scheduler", [
+        str(b / "kube-scheduler"),
+        f"--kubeconfig={sched_config}", f"--authentication-kubeconfig={sched_config}",
+        f"--authorization-kubeconfig={sched_config}",
+        "--bind-address=127.0.0.1", f"--secure-port={sched_port}",
+        f"--cert-dir={w / 'scheduler-certs'}", "--leader-elect=false", "--v=1",
+    ])
+    cluster.wait_ready(kcm, "kube-controller-manager /healthz",
+                       lambda: _https_get(f"https://127.0.0.1:{kcm_port}/healthz") == "ok", timeout)
+    cluster.wait_ready(scheduler, "kube-scheduler /readyz",
+                       lambda: _https_get(f"https://127.0.0.1:{sched_port}/readyz") == "ok", timeout)
+
+    # The default ServiceAccount shows up once the token and SA controllers run.
+    from kubernetes import client
+
+    with contextlib.closing(cluster.api_client()) as api:
+        core = client.CoreV1Api(api)
+        cluster.wait_ready(kcm, "ServiceAccount default/default",
+                           lambda: core.read_namespaced_service_account("default", "default"), timeout)
+
+
+def fake_node(name: str, *, cpu: str = "32", memory: str = "256Gi", gpus: int = 8,
+              labels: dict[str, str] | None = None) -> dict:
+    """A Node object kwok will manage (the annotation) with the given capacity."""
+    capacity = {"cpu": cpu, "memory": memory, "pods": "110", "nvidia.com/gpu": str(gpus)}
+    key, value = KWOK_NODE_ANNOTATION
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {key: value, "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                       "kubernetes.io/arch": "amd64", "type": "kwok", **(labels or {})},
+        },
+        "spec": {},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
+def _start_kwok(cluster: Cluster, nodes: int, gpus_per_node: int, timeout: float) -> None:
+    key, value = KWOK_NODE_ANNOTATION
+    kwok = cluster.start_process("kwok", [
+        str(cluster.bin_dir / "kwok"), f"--kubeconfig={cluster.kubeconfig}",
+        f"--config={STAGES_FILE}", "--manage-all-nodes=false",
+        f"--manage-nodes-with-annotation-selector={key}={value}",
+        f"--cidr={POD_CIDR}", "--node-ip=10.240.0.1", "--node-lease-duration-seconds=40",
+    ])
+    from kubernetes import client
+
+    with contextlib.closing(cluster.api_client()) as api:
+        core = client.CoreV1Api(api)
+        for i in range(nodes):
+            node = fake_node(f"kwok-node-{i}", gpus=gpus_per_node)
+            core.create_node(node)
+            cluster.nodes.append(node["metadata"]["name"])
+
+        def all_ready():
+            ready = 0
+            for node in core.list_node(label_selector="type=kwok").items:
+                conditions = {c.type: c.status for c in node.status.conditions or []}
+                tainted = any(t.key == "node.kubernetes.io/not-ready" for t in node.spec.taints or [])
+                ready += conditions.get("Ready") == "True" and not tainted
+            return ready == nodes
+
+        cluster.wait_ready(kwok, f"{nodes} kwok Nodes Ready and untainted", all_ready, timeout)
+
+
+def _start_training_operator(cluster: Cluster, timeout: float) -> None:
+    """Install the training-operator CRDs and run its PyTorchJob controller and webhook.
+
+    The webhook serves on 127.0.0.1 with a certificate from the test CA; a
+    ValidatingWebhookConfiguration with a URL client config points the apiserver at it.
+    """
+    from kubernetes import client
+
+    ca = cluster.ca
+    assert ca is not None
+    crd_dir = cluster.bin_dir / "training-operator-crds"
+    with contextlib.closing(cluster.api_client()) as api:
+        ext = client.ApiextensionsV1Api(api)
+        for path in sorted(crd_dir.glob("*.yaml")):
+            ext.create_custom_resource_definition(yaml.safe_load(path.read_text()))
+
+        def established():
+            crd = ext.read_custom_resource_definition("pytorchjobs.kubeflow.org")
+            return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+        wait_for("PyTorchJob CRD Established", established, timeout)
+
+    cert_dir = cluster.work_dir / "training-operator-certs"
+    cert_dir.mkdir(exist_ok=True)
+    crt, key = ca.issue("training-operator", "/CN=training-operator", server_names=("127.0.0.1",))
+    (cert_dir / "tls.crt").write_bytes(crt.read_bytes())
+    (cert_dir / "tls.key").write_bytes(key.read_bytes())
+    webhook_port, probe_port = free_port(), free_port()
+    operator = cluster.start_process("training-operator", [
+        str(cluster.bin_dir / "training-operator-local"), "--enable-scheme=pytorchjob",
+        "--bind-host=127.0.0.1", f"--webhook-server-port={webhook_port}", f"--cert-dir={cert_dir}",
+        f"--health-probe-bind-address=127.0.0.1:{probe_port}", "--zap-log-level=info",
+    ], env=cluster.kubectl_env())
+    cluster.wait_ready(operator, "training-operator /readyz",
+                       lambda: _http_get(f"http://127.0.0.1:{probe_port}/readyz") == "ok", timeout)
+    webhook = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": "validator.training-operator.kubeflow.org"},
+        "webhooks": [{
+            "name": "validator.pytorchjob.training-operator.kubeflow.org",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {
+                "url": f"https://127.0.0.1:{webhook_port}{PYTORCHJOB_WEBHOOK_PATH}",
+                "caBundle": base64.b64encode(ca.cert.read_bytes()).decode(),
+            },
+            "rules": [{"apiGroups": ["kubeflow.org"], "apiVersions": ["v1"],
+                       "operations": ["CREATE", "UPDATE"], "resources": ["pytorchjobs"]}],
+        }],
+    }
+    with contextlib.closing(cluster.api_client()) as api:
+        client.AdmissionregistrationV1Api(api).create_validating_webhook_configuration(webhook)
+
+
+# --------------------------------------------------------------------------------------------
+# Identities, Helm
+
+
+@dataclass
+class ServiceAccountIdentity:
+    """Credentials of a ServiceAccount (a TokenRequest token): RBAC applies to them."""
+
+    namespace: str
+    name: str
+    token: str
+    kubeconfig: Path
+    cluster: Cluster
+
+    @property
+    def username(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.name}"
+
+    def api_client(self):
+        return self.cluster.api_client(self.kubeconfig)
+
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess that should act as this ServiceAccount."""
+        return {"KUBECONFIG": str(self.kubeconfig)}
+
+
+def service_account_identity(cluster: Cluster, namespace: str, name: str, *,
+                             create: bool = True, expiration_seconds: int = 3600) -> ServiceAccountIdentity:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    with contextlib.closing(cluster.api_client()) as api:
+        core = client.CoreV1Api(api)
+        if create:
+            try:
+                core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+        request = core.create_namespaced_service_account_token(
+            name, namespace, {"spec": {"expirationSeconds": expiration_seconds}}
+        )
+    token = request.status.token
+    path = cluster.work_dir / f"sa-{namespace}-{name}.kubeconfig"
+    write_kubeconfig(path, cluster.server, cluster.ca_cert, token=token, user=f"{namespace}-{name}")
+    return ServiceAccountIdentity(namespace, name, token, path, cluster)
+
+
+@dataclass
+class HelmRelease:
+    name: str
+    namespace: str
+    chart: Path
+    status: dict
+
+
+class Helm:
+    """The built helm binary pointed at the cluster, with its caches in the work dir."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        home = cluster.work_dir / "helm"
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+
+    def run(self, *args: str, timeout: float = 300) -> str:
+        argv = [str(self.cluster.bin_dir / "helm"), *args]
+        result = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr}")
+        return result.stdout
+
+    def install(self, release: str, chart: Path, namespace: str, *, values: dict | None = None,
+                wait: bool = False, timeout: str = "120s", extra_args: tuple[str, ...] = ()) -> HelmRelease:
+        args = ["install", release, str(chart), "--namespace", namespace, "--create-namespace"]
+        if values:
+            values_file = self.cluster.work_dir / f"values-{namespace}-{release}.yaml"
+            values_file.write_text(yaml.safe_dump(values))
+            args += ["--values", str(values_file)]
+        if wait:
+            args += ["--wait", "--timeout", timeout]
+        self.run(*args, *extra_args)
+        status = json.loads(self.run("status", release, "--namespace", namespace, "-o", "json"))
+        return HelmRelease(release, namespace, chart, status)
+
+    def uninstall(self, release: str, namespace: str) -> None:
+        self.run("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")
+
+
+@contextlib.contextmanager
+def running_cluster(work_dir: Path, **kwargs) -> Iterator[Cluster]:
+    """Start a cluster for a `with` block; stopped on exit, also on Ctrl-C and errors."""
+    cluster = start_cluster(work_dir, **kwargs)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

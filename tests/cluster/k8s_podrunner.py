@@ -1,0 +1,417 @@
+"""Run pods' real commands as local processes, standing in for a kubelet.
+
+For every pod that matches a namespace and label selector (and that the scheduler has bound to
+a Node), the runner starts the first container's command + args as a subprocess with the pod's
+environment (plain values, Secret/ConfigMap references, the downward API), plus overrides (for
+instance S3 endpoints of a local SeaweedFS). Each pod gets its own loopback address 127.0.0.N:
+"0.0.0.0" in its arguments becomes that address, so two model servers can both listen on port
+8000, and URLs naming a Service of the namespace (http://svc, http://svc.ns.svc.cluster.local:80)
+are rewritten to the address and target port of a local pod the Service selects (or to the
+`host_map` entry given for it). The runner writes pod status through the status subresource:
+Running (Ready after the readiness probe passes), then Succeeded or Failed with the exit code in
+containerStatuses. Pods with restartPolicy Always (Deployments) are restarted when their process
+exits and killed when the pod is deleted. Output goes to `<log_dir>/<namespace>_<pod>.log`.
+
+Keep kwok off these pods: put them in a namespace named "local-*" or label them
+wrpo.test/local=true (see kwok/stages.yaml).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from k8s_harness import stop_process, tail
+
+DEFAULT_COMMAND_MAP = {"python": [sys.executable], "python3": [sys.executable]}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class LocalPod:
+    namespace: str
+    name: str
+    uid: str
+    ip: str
+    log: Path
+    restart_always: bool
+    argv: list[str]
+    env: dict[str, str]
+    workdir: Path
+    readiness: dict | None
+    image: str = ""
+    container: str = ""
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    ready: bool = False
+    finished: bool = False
+    started_at: str = ""
+
+
+@dataclass
+class PodRunner:
+    """Run matching pods locally; use as a context manager or call start()/stop()."""
+
+    api_client: object
+    namespace: str
+    log_dir: Path
+    label_selector: str = ""
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    host_map: dict[str, str] = field(default_factory=dict)
+    command_map: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_COMMAND_MAP))
+    image_entrypoints: dict[str, list[str]] = field(default_factory=dict)
+    extra_path: list[str] = field(default_factory=lambda: [str(Path(sys.executable).parent)])
+    poll_interval: float = 0.3
+    grace_seconds: float = 10.0
+    first_ip: int = 10
+
+    def __post_init__(self):
+        from kubernetes import client
+
+        self.core = client.CoreV1Api(self.api_client)
+        self.pods: dict[str, LocalPod] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_ip = self.first_ip
+        self._labels: dict[str, dict[str, str]] = {}
+        self._targets: dict[str, str] = {}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- public API ------------------------------------------------------------------------
+
+    def start(self) -> PodRunner:
+        self._thread = threading.Thread(target=self._loop, name="pod-runner", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(30)
+        for pod in self.pods.values():
+            if pod.process:
+                stop_process(pod.process, self.grace_seconds)
+
+    def __enter__(self) -> PodRunner:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def logs(self, pod_name: str) -> str:
+        pod = self.pods.get(pod_name)
+        return pod.log.read_text(errors="replace") if pod and pod.log.exists() else ""
+
+    def log_tails(self, lines: int = 30) -> str:
+        parts = [f"--- pod {p.name} ({p.log}) ---\n{tail(p.log, lines)}" for p in self.pods.values()]
+        parts += [f"runner error: {e}" for e in self.errors]
+        return "\n".join(parts)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception as e:  # noqa: BLE001 - keep running; the test sees the error list
+                self.errors.append(f"{type(e).__name__}: {e}")
+            self._stop.wait(self.poll_interval)
+
+    def _tick(self) -> None:
+        listed = self.core.list_namespaced_pod(self.namespace, label_selector=self.label_selector)
+        self._labels = {p.metadata.name: p.metadata.labels or {} for p in listed.items}
+        seen = set()
+        for pod in listed.items:
+            seen.add(pod.metadata.name)
+            local = self.pods.get(pod.metadata.name)
+            if local and local.uid != pod.metadata.uid:  # same name, new pod
+                self._kill(local)
+                local = None
+            if pod.metadata.deletion_timestamp:
+                if local:
+                    self._kill(local)
+                self._force_delete(pod)
+                continue
+            if local is None:
+                if pod.spec.node_name and pod.status.phase == "Pending":
+                    self._launch(pod)
+                continue
+            self._supervise(local)
+        for name, local in list(self.pods.items()):
+            if name not in seen and local.process and local.process.poll() is None:
+                self._kill(local)
+
+    def _launch(self, pod) -> None:
+        ip = f"127.0.0.{self._next_ip}"
+        self._next_ip += 1
+        container = pod.spec.containers[0]
+        workdir = self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}.work"
+        workdir.mkdir(parents=True, exist_ok=True)
+        local = LocalPod(
+            namespace=pod.metadata.namespace, name=pod.metadata.name, uid=pod.metadata.uid, ip=ip,
+            log=self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}.log",
+            restart_always=pod.spec.restart_policy == "Always", argv=[], env={}, workdir=workdir,
+            readiness=None, image=container.image, container=container.name,
+        )
+        self.pods[local.name] = local
+        try:
+            self._targets = self._service_targets()
+            local.env = self._environment(pod, container, ip)
+            local.argv = self._argv(container, local.env, ip)
+        except Exception as e:  # noqa: BLE001 - a pod we cannot start fails, like a bad image
+            self._set_terminated(local, 128, "CreateContainerError", str(e), container.image)
+            return
+        local.readiness = self._probe(container.readiness_probe, ip)
+        self._spawn(local)
+        self._patch_status(local, container.image, running=True, ready=local.readiness is None)
+        local.ready = local.readiness is None
+
+    def _spawn(self, local: LocalPod) -> None:
+        local.started_at = _now()
+        with local.log.open("ab") as out:
+            out.write(f"### {_now()} {local.argv}\n".encode())
+            out.flush()
+            local.process = subprocess.Popen(
+                local.argv, env=local.env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=local.workdir, start_new_session=True,
+            )
+
+    def _supervise(self, local: LocalPod) -> None:
+        if local.finished or local.process is None:
+            return
+        image = local.image
+        code = local.process.poll()
+        if code is None:
+            if not local.ready and local.readiness and self._probe_passes(local.readiness):
+                local.ready = True
+                self._patch_status(local, image, running=True, ready=True)
+            return
+        if local.restart_always:
+            local.restarts += 1
+            local.ready = False
+            self._patch_status(local, image, running=True, ready=False)
+            time.sleep(min(2.0, 0.2 * local.restarts))
+            self._spawn(local)
+            local.ready = local.readiness is None
+            if local.ready:
+                self._patch_status(local, image, running=True, ready=True)
+            return
+        reason = "Completed" if code == 0 else "Error"
+        self._set_terminated(local, code, reason, tail(local.log, 20)[-1000:], image)
+
+    def _kill(self, local: LocalPod) -> None:
+        if local.process:
+            stop_process(local.process, self.grace_seconds)
+        local.finished = True
+
+    def _force_delete(self, pod) -> None:
+        from kubernetes.client.rest import ApiException
+
+        with contextlib.suppress(ApiException):
+            self.core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
+                                            grace_period_seconds=0)
+
+    # -- pod spec → process ----------------------------------------------------------------
+
+    def _environment(self, pod, container, ip: str) -> dict[str, str]:
+        base = dict(os.environ)
+        base["PATH"] = os.pathsep.join([*self.extra_path, base.get("PATH", "")])
+        base["HOSTNAME"] = pod.metadata.name
+        env: dict[str, str] = {}
+        for source in container.env_from or []:
+            prefix = source.prefix or ""
+            if source.secret_ref:
+                data = self._secret(pod.metadata.namespace, source.secret_ref.name)
+            else:
+                data = self._config_map(pod.metadata.namespace, source.config_map_ref.name)
+            env.update({prefix + k: v for k, v in data.items()})
+        for var in container.env or []:
+            env[var.name] = self._env_value(pod, var, ip, {**base, **env})
+        # Only what the pod spec says is rewritten; the test's own environment stays as it is.
+        return {**base, **{k: self._rewrite(v, ip) for k, v in env.items()}, **self.env_overrides}
+
+    def _env_value(self, pod, var, ip: str, env: dict[str, str]) -> str:
+        if var.value_from is None:
+            # $(VAR) references to earlier variables, as the kubelet expands them.
+            return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                          lambda m: env.get(m.group(1), m.group(0)), var.value or "")
+        source = var.value_from
+        if source.secret_key_ref:
+            ref = source.secret_key_ref
+            return self._secret(pod.metadata.namespace, ref.name)[ref.key]
+        if source.config_map_key_ref:
+            ref = source.config_map_key_ref
+            return self._config_map(pod.metadata.namespace, ref.name)[ref.key]
+        if source.field_ref:
+            path = source.field_ref.field_path
+            fields = {
+                "metadata.name": pod.metadata.name, "metadata.namespace": pod.metadata.namespace,
+                "metadata.uid": pod.metadata.uid, "spec.nodeName": pod.spec.node_name or "",
+                "spec.serviceAccountName": pod.spec.service_account_name or "",
+                "status.podIP": ip, "status.hostIP": "127.0.0.1",
+            }
+            match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+            if match:
+                return (getattr(pod.metadata, match.group(1)) or {}).get(match.group(2), "")
+            return fields[path]
+        if source.resource_field_ref:
+            return "1"
+        raise ValueError(f"unsupported valueFrom for {var.name}")
+
+    def _argv(self, container, env: dict[str, str], ip: str) -> list[str]:
+        argv = list(container.command or [])
+        if not argv:
+            entrypoint = next((v for k, v in self.image_entrypoints.items()
+                               if container.image.startswith(k)), None)
+            if entrypoint is None:
+                raise ValueError(f"container {container.name} has no command and image "
+                                 f"{container.image} has no entry in image_entrypoints")
+            argv = list(entrypoint)
+        argv += list(container.args or [])
+        argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                       lambda m: env.get(m.group(1), m.group(0)), a) for a in argv]
+        argv = [self._rewrite(a, ip) for a in argv]
+        head = self.command_map.get(argv[0])
+        if head is None and "/" not in argv[0]:
+            found = shutil.which(argv[0], path=env.get("PATH"))
+            head = [found] if found else None
+        return [*(head or argv[:1]), *argv[1:]]
+
+    def _rewrite(self, value: str, ip: str) -> str:
+        """0.0.0.0 → the pod's loopback address; Service URLs and bare Service host names (a
+        whole value) → local addresses."""
+        value = value.replace("0.0.0.0", ip)
+        for host, target in self._targets.items():
+            svc, _, rest = host.partition(".")
+            ns = rest or self.namespace
+            # The short name only resolves inside the runner's own namespace.
+            optional = "?" if ns == self.namespace else ""
+            pattern = (rf"(?P<scheme>\w+://){re.escape(svc)}(\.{re.escape(ns)}"
+                       rf"(\.svc(\.cluster\.local)?)?){optional}(?P<port>:\d+)?(?=[/\s\"',;]|$)")
+
+            def replace(m, target=target):
+                t = target if ":" in target else target + (m.group("port") or "")
+                return m.group("scheme") + t
+
+            value = re.sub(pattern, replace, value)
+            # A bare host name as the whole value (MASTER_ADDR=job-master-0): its address.
+            bare = rf"{re.escape(svc)}(\.{re.escape(ns)}(\.svc(\.cluster\.local)?)?){optional}"
+            if re.fullmatch(bare, value):
+                value = target.split(":")[0]
+        return value
+
+    def _service_targets(self) -> dict[str, str]:
+        """Service host → local host:port, from `host_map` and Services selecting local pods."""
+        targets: dict[str, str] = {}
+        try:
+            services = self.core.list_namespaced_service(self.namespace).items
+        except Exception:  # noqa: BLE001
+            services = []
+        pods = {p.name: p for p in self.pods.values() if not p.finished}
+        for svc in services:
+            selector = svc.spec.selector or {}
+            if not selector or not svc.spec.ports:
+                continue
+            for pod in pods.values():
+                if self._labels_match(pod.name, selector):
+                    port = svc.spec.ports[0].target_port or svc.spec.ports[0].port
+                    targets[svc.metadata.name] = f"{pod.ip}:{port}"
+                    break
+        targets.update(self.host_map)
+        return targets
+
+    def _labels_match(self, pod_name: str, selector: dict[str, str]) -> bool:
+        labels = self._labels.get(pod_name, {})
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    def _probe(self, probe, ip: str) -> dict | None:
+        if probe is None:
+            return None
+        if probe.http_get:
+            return {"url": f"http://{ip}:{probe.http_get.port}{probe.http_get.path or '/'}"}
+        if probe.tcp_socket:
+            return {"tcp": (ip, int(probe.tcp_socket.port))}
+        return None
+
+    @staticmethod
+    def _probe_passes(probe: dict) -> bool:
+        try:
+            if "url" in probe:
+                with urllib.request.urlopen(probe["url"], timeout=1) as response:
+                    return 200 <= response.status < 400
+            with socket.create_connection(probe["tcp"], timeout=1):
+                return True
+        except OSError:
+            return False
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _patch_status(self, local: LocalPod, image: str, *, running: bool, ready: bool) -> None:
+        now = _now()
+        state = ({"running": {"startedAt": local.started_at or now}} if running
+                 else {"waiting": {"reason": "ContainerCreating"}})
+        flag = "True" if ready else "False"
+        body = {"status": {
+            "phase": "Running", "podIP": self._fake_pod_ip(local), "hostIP": "10.240.0.1",
+            "startTime": local.started_at or now,
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": flag, "lastTransitionTime": now},
+                {"type": "Ready", "status": flag, "lastTransitionTime": now},
+            ],
+            "containerStatuses": [{
+                "name": local.container, "image": image, "imageID": "",
+                "ready": ready, "started": running, "restartCount": local.restarts, "state": state,
+            }],
+        }}
+        self.core.patch_namespaced_pod_status(local.name, local.namespace, body)
+
+    def _set_terminated(self, local: LocalPod, code: int, reason: str, message: str, image: str) -> None:
+        now = _now()
+        local.finished = True
+        body = {"status": {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "podIP": self._fake_pod_ip(local), "hostIP": "10.240.0.1",
+            "startTime": local.started_at or now,
+            "conditions": [
+                {"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
+                for t in ("ContainersReady", "Ready")
+            ],
+            "containerStatuses": [{
+                "name": local.container, "image": image, "imageID": "", "ready": False,
+                "started": False, "restartCount": local.restarts,
+                "state": {"terminated": {"exitCode": code, "reason": reason, "message": message,
+                                         "startedAt": local.started_at or now, "finishedAt": now}},
+            }],
+        }}
+        self.core.patch_namespaced_pod_status(local.name, local.namespace, body)
+
+    @staticmethod
+    def _fake_pod_ip(local: LocalPod) -> str:
+        # Endpoints and EndpointSlices reject loopback addresses, so the API sees 10.245.0.N.
+        return "10.245.0." + local.ip.rsplit(".", 1)[1]
+
+    # -- data sources ----------------------------------------------------------------------
+
+    def _secret(self, namespace: str, name: str) -> dict[str, str]:
+        secret = self.core.read_namespaced_secret(name, namespace)
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def _config_map(self, namespace: str, name: str) -> dict[str, str]:
+        return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
