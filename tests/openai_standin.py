@@ -1,0 +1,98 @@
+"""A STAND-IN OpenAI-compatible server (aiohttp, 127.0.0.1) for fault tests of the sampling client.
+
+It is not vLLM: it answers `/v1/chat/completions` with deterministic texts, and can be told to fail
+(500/429), to be slow, or to return fewer choices than asked. Every request is logged (prompt text, n,
+seed, Authorization header) so tests can check that nothing was asked twice. The happy path of the data
+pipeline is tested against a real vLLM server (tests/integration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Request:
+    prompt: str
+    n: int
+    seed: int | None
+    auth: str | None
+    status: int
+
+
+@dataclass
+class StandIn:
+    fail_statuses: list[int] = field(default_factory=list)  # returned, in order, before answering
+    delay_s: float = 0.0
+    max_choices: int | None = None
+    retry_after: str | None = None
+    requests: list[Request] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def answered(self) -> list[Request]:
+        return [r for r in self.requests if r.status == 200]
+
+    async def _chat(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        status = self.fail_statuses.pop(0) if self.fail_statuses else 200
+        self.requests.append(Request(prompt, body.get("n", 1), body.get("seed"),
+                                     request.headers.get("Authorization"), status))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if status != 200:
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.json_response({"error": {"message": "stand-in failure"}}, status=status,
+                                     headers=headers)
+        n = body.get("n", 1) if self.max_choices is None else min(self.max_choices, body.get("n", 1))
+        choices = [{"index": i,
+                    "message": {"role": "assistant", "content": f"answer {body.get('seed')}-{i} to {prompt}"},
+                    "finish_reason": "stop" if i % 2 == 0 else "length"} for i in range(n)]
+        return web.json_response({"id": "x", "object": "chat.completion", "model": "standin-model",
+                                  "choices": choices})
+
+    def start(self) -> StandIn:
+        from aiohttp import web
+
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._chat)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(serve())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("stand-in server did not start")
+        return self
+
+    def stop(self) -> None:
+        async def down() -> None:
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(down(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        time.sleep(0.05)

@@ -1,0 +1,113 @@
+"""Run directory on a local folder: manifest last, readers refuse uncommitted stages, shards survive."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wrpo.errors import StageNotCommitted
+from wrpo.storage import MANIFEST, RunDir, StorageError, sha256_bytes
+
+
+def test_commit_writes_manifest_last_with_sizes_and_hashes(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    out = run.stage("prepare").writer()
+    out.put_text("a.jsonl", "{}\n")
+    src = tmp_path / "b.bin"
+    src.write_bytes(b"x" * 10)
+    out.put_file("sub/b.bin", src)
+    assert not run.stage("prepare").is_committed()
+    manifest = out.commit("hash1", inputs={"x": "y"}, summary={"n": 1})
+    sd = run.stage("prepare")
+    assert sd.is_committed()
+    assert manifest["objects"]["a.jsonl"] == {"size": 3, "sha256": sha256_bytes(b"{}\n")}
+    assert manifest["objects"]["sub/b.bin"]["size"] == 10
+    on_disk = json.loads((tmp_path / "run" / "prepare" / MANIFEST).read_text())
+    assert on_disk["spec_hash"] == "hash1" and on_disk["summary"] == {"n": 1}
+    assert "python" in on_disk["versions"] and on_disk["created"]
+    assert sd.read_text("a.jsonl") == "{}\n"
+    sd.download("sub/b.bin", tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == b"x" * 10
+
+
+def test_readers_refuse_uncommitted_stage(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.stage("s").writer().put_text("a.jsonl", "x")
+    with pytest.raises(StageNotCommitted, match="stage 's' is not committed"):
+        run.stage("s").read_text("a.jsonl")
+    with pytest.raises(StageNotCommitted):
+        run.stage("s").manifest()
+
+
+def test_reader_checks_content_against_manifest(tmp_path):
+    run = RunDir(str(tmp_path))
+    out = run.stage("s").writer()
+    out.put_text("a.jsonl", "hello")
+    out.commit("h")
+    (tmp_path / "s" / "a.jsonl").write_text("hellO")
+    with pytest.raises(StorageError, match="does not match the manifest"):
+        run.stage("s").read_text("a.jsonl")
+    with pytest.raises(StorageError, match="not listed"):
+        run.stage("s").read_text("other.jsonl")
+
+
+def test_commit_refuses_a_missing_object(tmp_path):
+    run = RunDir(str(tmp_path))
+    out = run.stage("s").writer()
+    out.put_text("a.jsonl", "hello")
+    (tmp_path / "s" / "a.jsonl").unlink()
+    with pytest.raises(StorageError, match="missing or truncated"):
+        out.commit("h")
+    assert not run.stage("s").is_committed()
+
+
+def test_shards_need_their_marker_and_survive_reset(tmp_path):
+    run = RunDir(str(tmp_path))
+    out = run.stage("sample").writer()
+    out.commit_shard("src", 0, b"line0\n", key="k0")
+    out.commit_shard("src", 1, b"line1\n", key="k1")
+    # a shard whose marker never got written (killed between the two PUTs) is not committed
+    (tmp_path / "sample" / "_shards" / "src" / "000001.jsonl.done").unlink()
+    shards = run.stage("sample").committed_shards("src")
+    assert set(shards) == {0} and shards[0].key == "k0"
+    assert run.stage("sample").read_shard(shards[0]) == b"line0\n"
+    out.put_text("src.jsonl", "partial")
+    run.stage("sample").reset()
+    assert not (tmp_path / "sample" / "src.jsonl").exists()
+    assert set(run.stage("sample").committed_shards("src")) == {0}
+    run.stage("sample").reset(shards=True)
+    assert run.stage("sample").committed_shards("src") == {}
+
+
+def test_reset_drops_the_manifest_first(tmp_path):
+    run = RunDir(str(tmp_path))
+    out = run.stage("s").writer()
+    out.put_text("a", "1")
+    out.commit("h")
+    run.stage("s").reset()
+    assert not run.stage("s").is_committed()
+    assert list((tmp_path / "s").rglob("*.*")) == []
+
+
+def test_reserved_names_are_refused(tmp_path):
+    out = RunDir(str(tmp_path)).stage("s").writer()
+    for bad in (MANIFEST, "_shards/x", "../x", "/abs"):
+        with pytest.raises(ValueError):
+            out.put_text(bad, "x")
+
+
+def test_no_partial_file_is_visible_after_a_failed_write(tmp_path):
+    run = RunDir(str(tmp_path))
+    out = run.stage("s").writer()
+
+    class Boom(Exception):
+        pass
+
+    backend = run.backend
+    with pytest.raises(Boom), backend._atomic("s/x.jsonl") as f:
+        f.write(b"half")
+        raise Boom
+    assert not (tmp_path / "s" / "x.jsonl").exists()
+    assert list((tmp_path / "s").glob("*.partial")) == []
+    assert out.written == {}

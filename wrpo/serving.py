@@ -1,0 +1,172 @@
+"""Serving a model locally with vLLM's OpenAI-compatible server, as a subprocess on 127.0.0.1.
+
+vLLM usually lives in its own virtual environment (its CPU wheel pins its own torch build): the python
+that runs it is `$WRPO_VLLM_PYTHON`, or this interpreter if it can import vllm. `VLLMServer` starts the
+server on a free port, waits for `/health`, and stops it by PID (TERM, then KILL) on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from wrpo.errors import WrpoError
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"
+
+
+class ServingError(WrpoError):
+    """The vLLM server could not be started; the message ends with the tail of its log."""
+
+
+def vllm_python() -> str | None:
+    """The interpreter that can run vLLM: $WRPO_VLLM_PYTHON, else this one if vllm imports, else None."""
+    env = os.environ.get("WRPO_VLLM_PYTHON")
+    if env:
+        return env if Path(env).exists() else None
+    return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def on_gpu() -> bool:
+    """Whether a CUDA device is visible (without importing torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+class VLLMServer:
+    """`with VLLMServer(model, name) as srv:` -> an OpenAI-compatible server at `srv.base_url` (…/v1).
+
+    `runner="pooling"` serves a reward model whose `/pooling` endpoint returns raw logits."""
+
+    def __init__(self, model: str, served_name: str, runner: str = "generate", python: str | None = None,
+                 extra_args: Sequence[str] = (), max_model_len: int | None = None,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+                 startup_timeout_s: float = 600.0, log_path: str | Path | None = None,
+                 aliases: Sequence[str] = ()):
+        self.model, self.served_name, self.runner = model, served_name, runner
+        self.aliases = list(aliases)
+        self.python = python or vllm_python()
+        if self.python is None:
+            raise ServingError("vLLM is not available: set WRPO_VLLM_PYTHON (scripts/setup-vllm-env.sh) "
+                               "or install vllm in this environment")
+        self.extra_args, self.max_model_len = list(extra_args), max_model_len
+        self.tensor_parallel_size, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
+        self.startup_timeout_s = startup_timeout_s
+        if log_path is None:
+            log_path = Path(tempfile.mkdtemp(prefix="wrpo-vllm-")) / "vllm.log"
+        self.log_path = Path(log_path)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def command(self) -> list[str]:
+        """The server's command line (CPU: float32, eager mode, no chunked prefill)."""
+        cmd = [self.python or "python", "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+               "--served-model-name", self.served_name, *self.aliases, "--host", HOST,
+               "--port", str(self.port), "--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.runner != "generate":
+            cmd += ["--runner", self.runner]
+        if not on_gpu():
+            # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is chunked under load, so CPU servers prefill whole prompts.
+            cmd += ["--dtype", "float32", "--enforce-eager"]
+            if self.runner == "generate":
+                cmd += ["--no-enable-chunked-prefill"]
+        elif self.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.max_model_len:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_HOST_IP", HOST)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+
+    def start(self) -> VLLMServer:
+        """Launch and wait until healthy."""
+        self.launch()
+        self.wait_healthy()
+        return self
+
+    def launch(self) -> VLLMServer:
+        """Start the process without waiting (to start several servers side by side)."""
+        self.port = free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting vLLM for %s on port %d (log %s)", self.served_name, self.port, self.log_path)
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
+                                         env=self.environment(), start_new_session=True)
+        return self
+
+    def wait_healthy(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise ServingError(f"vLLM for '{self.served_name}' exited with code {self.proc.returncode}\n"
+                                   f"{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.root_url}/health", timeout=2.0).status_code == 200:
+                    return
+            time.sleep(1.0)
+        self.stop()
+        raise ServingError(f"vLLM for '{self.served_name}' not healthy after {self.startup_timeout_s:.0f}s\n"
+                           f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """TERM the server's process group (it spawns engine workers), then KILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
