@@ -7,9 +7,8 @@ cd "$root"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 py="$(bash scripts/install.sh all --venv | tail -n1)"
 wrpo="$(dirname "$py")/wrpo"
-if [[ -z "${WRPO_VLLM_PYTHON:-}" && -x "${WRPO_CACHE:-$HOME/.cache/wrpo}/vllm-env/bin/python" ]]; then
-    export WRPO_VLLM_PYTHON="${WRPO_CACHE:-$HOME/.cache/wrpo}/vllm-env/bin/python"
-fi
+# Sampling uses vLLM when WRPO_VLLM_PYTHON points at a vLLM environment (scripts/setup-vllm-env.sh builds
+# one), else transformers generate.
 "$wrpo" tiny-models examples/tiny/models
 "$wrpo" run examples/tiny/fusion.yaml "$@"
 run_uri="examples/tiny/runs/tiny"
