@@ -14,7 +14,8 @@ echo "test.sh: main environment $py ($((SECONDS - t0)) s)"
 export WRPO_VLLM_PYTHON="$(bash scripts/setup-vllm-env.sh | tail -n1)"
 echo "test.sh: vLLM environment $WRPO_VLLM_PYTHON ($((SECONDS - t0)) s)"
 
-export WRPO_K8S_BIN="$(bash tests/cluster/build-binaries.sh | tail -n1)"
+k8s_line="$(bash tests/cluster/build-binaries.sh | tail -n1)"
+export WRPO_K8S_BIN="${k8s_line#WRPO_K8S_BIN=}"
 echo "test.sh: Kubernetes binaries $WRPO_K8S_BIN ($((SECONDS - t0)) s)"
 
 # In CI every real component must be there: a missing one fails instead of skipping.
