@@ -46,7 +46,8 @@ class TargetSpec(_Model):
     """The target LLM that absorbs the sources' abilities (the paper: Llama-3-8B-Instruct)."""
 
     model: str = Field(min_length=1, description="Model folder, s3:// URI or hub id of the target LLM.")
-    served_name: str = Field(default="target", pattern=DNS_LABEL, description="Name the vLLM server serves it as.")
+    served_name: str = Field(default="target", pattern=DNS_LABEL, max_length=63,
+                             description="Name the vLLM server serves it as.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor-parallel size for sample-target.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
 
@@ -62,9 +63,15 @@ class EndpointSpec(_Model):
     )
     api_key_file: str | None = Field(default=None, description="File (e.g. a mounted Secret) holding the API key.")
     api_key_secret: str | None = Field(
-        default=None, pattern=DNS_LABEL,
-        description="Cluster only: Secret (key `api-key`) exposed to the sampling Job as the key's env var.",
+        default=None, pattern=DNS_LABEL, max_length=63,
+        description="Cluster only: Secret (key `api-key`) exposed to the sampling Job as `apiKeyEnv`.",
     )
+
+    @model_validator(mode="after")
+    def _secret_needs_env(self) -> EndpointSpec:
+        if self.api_key_secret and not self.api_key_env:
+            raise ValueError("'apiKeySecret' needs 'apiKeyEnv': the variable the Secret's key is exposed as")
+        return self
 
 
 class SourceSpec(_Model):
@@ -96,7 +103,8 @@ class RewardSpec(_Model):
     endpoint: str | None = Field(default=None, pattern=r"^https?://", description="Base URL for type=remote.")
     max_length: int = Field(default=4096, ge=16, description="Tokens per (prompt, response) pair; longer is cut.")
     batch_size: int = Field(default=8, ge=1, description="Pairs per forward pass.")
-    served_name: str = Field(default="reward", pattern=DNS_LABEL, description="vLLM served name for type=remote.")
+    served_name: str = Field(default="reward", pattern=DNS_LABEL, max_length=63,
+                             description="vLLM served name for type=remote.")
 
     @model_validator(mode="after")
     def _needs(self) -> RewardSpec:
@@ -210,7 +218,7 @@ class StorageSpec(_Model):
     s3_endpoint: str | None = Field(default=None, pattern=r"^https?://", description="S3 endpoint URL.")
     s3_region: str | None = Field(default=None, description="S3 region.")
     credentials_secret: str | None = Field(
-        default=None, pattern=DNS_LABEL,
+        default=None, pattern=DNS_LABEL, max_length=63,
         description="Cluster only: Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.",
     )
 
@@ -223,6 +231,15 @@ class StageResources(_Model):
     memory: str = Field(default="8Gi", description="Memory request.")
     nodes: int = Field(default=1, ge=1, description="Nodes (PyTorchJob: Master + nodes-1 Workers).")
     procs_per_node: int = Field(default=1, ge=1, description="torchrun --nproc-per-node.")
+
+
+class VLLMResources(_Model):
+    """Resources of each vLLM server pod."""
+
+    gpus: int | None = Field(default=None, ge=0, description="nvidia.com/gpu per server (default: tensorParallelSize).")
+    cpu: str = Field(default="4", description="CPU request.")
+    memory: str = Field(default="32Gi", description="Memory request.")
+    shm_size: str = Field(default="8Gi", description="Size of the /dev/shm emptyDir.")
 
 
 class ClusterSpec(_Model):
@@ -241,7 +258,11 @@ class ClusterSpec(_Model):
         default_factory=lambda: StageResources(gpus=8, procs_per_node=8, cpu="32", memory="512Gi"),
         description="SFT/WRPO PyTorchJobs.",
     )
+    vllm: VLLMResources = Field(default_factory=VLLMResources, description="vLLM server pods.")
     backoff_limit: int = Field(default=2, ge=0, description="Retries of a failed stage pod.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the FusionRun this long after it Succeeded or Failed.")
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of every stage pod.")
     active_deadline_seconds: int | None = Field(default=None, ge=60, description="Deadline of one stage.")
 
 
@@ -249,7 +270,7 @@ class FusionSpec(_Model):
     """A whole fusion: sources → reward → SFT → WRPO, with paper defaults."""
 
     target: TargetSpec
-    sources: list[SourceSpec] = Field(min_length=1, description="The source LLMs (paper: ten, 9B–236B).")
+    sources: list[SourceSpec] = Field(min_length=1, max_length=64, description="The source LLMs (paper: ten, 9B–236B).")
     reward: RewardSpec = Field(default_factory=RewardSpec)
     dataset: DatasetSpec
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)

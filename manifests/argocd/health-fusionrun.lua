@@ -1,0 +1,25 @@
+-- Argo CD health check for fusion.wrpo.io/FusionRun. Install it under
+-- resource.customizations.health.fusion.wrpo.io_FusionRun in argocd-cm (see argocd/argocd-cm-patch.yaml).
+hs = {}
+if obj.status == nil or obj.status.observedGeneration == nil
+   or (obj.metadata.generation ~= nil and obj.status.observedGeneration < obj.metadata.generation) then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the operator to observe the latest spec"
+  return hs
+end
+local phase = obj.status.phase
+local message = obj.status.message or ""
+if phase == "Succeeded" then
+  hs.status = "Healthy"
+elseif phase == "Failed" then
+  hs.status = "Degraded"
+elseif phase == "Suspended" then
+  hs.status = "Suspended"
+else
+  hs.status = "Progressing"
+  if obj.status.stage ~= nil then
+    message = "stage " .. obj.status.stage .. " (" .. (obj.status.progress or "?") .. "): " .. message
+  end
+end
+hs.message = message
+return hs

@@ -1,0 +1,146 @@
+"""`.status` of a FusionRun: its schema (a pydantic model, from which the CRD's status schema is
+generated) and pure functions that read children and derive phase, conditions and transitions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+StageState = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
+CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
+#: Leading characters of a stage hash kept in status and in children's labels.
+HASH_PREFIX = 16
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=AliasGenerator(alias=to_camel), populate_by_name=True, extra="ignore",
+    )
+
+
+Timestamp = str  # RFC 3339, UTC ("2025-01-31T12:00:00Z")
+
+
+class Condition(_Status):
+    """A standard Kubernetes condition (GitOps tools such as Argo CD read these)."""
+
+    type: Literal["Ready", "Progressing", "Succeeded", "Failed", "Suspended"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(description="CamelCase reason of the last transition.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: Timestamp = Field(description="When status last changed.")
+    observed_generation: int | None = Field(default=None, description="The .metadata.generation it reflects.")
+
+
+class StageStatus(_Status):
+    """One stage of the pipeline as the operator last saw it."""
+
+    name: str = Field(description="Stage name (wrpo.plan.STAGE_NAMES).")
+    state: StageState = Field(default="Pending", description="Pending, Waiting (for servers), Running, ...")
+    hash: str | None = Field(default=None, description="Prefix of the stage hash it ran (or runs) with.")
+    start_time: Timestamp | None = Field(default=None, description="When its first child was created.")
+    completion_time: Timestamp | None = Field(default=None, description="When it succeeded or failed.")
+    message: str | None = Field(default=None, description="Why it is in this state.")
+    output_uri: str | None = Field(default=None, description="<run>/<stage>/ once committed.")
+    retries: int = Field(default=0, description="Failed pods so far (retried up to cluster.backoffLimit).")
+
+
+class FusionRunStatus(_Status):
+    """Observed state of a FusionRun."""
+
+    phase: Phase = Field(default="Pending", description="Pending, Running, Suspended, Succeeded or Failed.")
+    stage: str | None = Field(default=None, description="The stage running now (or the one that failed).")
+    progress: str | None = Field(default=None, description="Committed stages / all stages, e.g. 3/10.")
+    message: str | None = Field(default=None, description="Human-readable summary.")
+    observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
+    run_uri: str | None = Field(default=None, description="The run directory.")
+    output_uri: str | None = Field(default=None, description="The fused model (<run>/wrpo/model/).")
+    start_time: Timestamp | None = Field(default=None, description="When the first stage started.")
+    completion_time: Timestamp | None = Field(default=None, description="When the run succeeded or failed.")
+    stages: list[StageStatus] = Field(default_factory=list, description="Every stage in pipeline order.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, ...")
+
+
+def timestamp(now: datetime) -> Timestamp:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def _condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype and c.get("status") == "True":
+            return c
+    return None
+
+
+def job_state(job: dict[str, Any]) -> tuple[StageState, str | None, int]:
+    """(state, message, failed pods) of a batch/v1 Job or a kubeflow.org/v1 PyTorchJob."""
+    st = job.get("status") or {}
+    if job.get("kind") == "PyTorchJob":
+        failed = sum((r or {}).get("failed", 0) for r in (st.get("replicaStatuses") or {}).values())
+        done, bad = _condition(job, "Succeeded"), _condition(job, "Failed")
+    else:
+        failed = st.get("failed", 0)
+        done, bad = _condition(job, "Complete"), _condition(job, "Failed")
+    if done:
+        return "Succeeded", None, failed
+    if bad:
+        return "Failed", f"{bad.get('reason', 'Failed')}: {bad.get('message', '')}".rstrip(": "), failed
+    return "Running", None, failed
+
+
+def deployment_ready(dep: dict[str, Any]) -> bool:
+    return ((dep.get("status") or {}).get("availableReplicas") or 0) >= 1
+
+
+def derive_conditions(phase: Phase, message: str, generation: int, old: list[dict[str, Any]],
+                      now: datetime) -> list[dict[str, Any]]:
+    """The five conditions for `phase`; lastTransitionTime moves only when a condition's status does."""
+    truth = {
+        "Ready": phase == "Succeeded",
+        "Progressing": phase in ("Pending", "Running"),
+        "Succeeded": phase == "Succeeded",
+        "Failed": phase == "Failed",
+        "Suspended": phase == "Suspended",
+    }
+    before = {c["type"]: c for c in old}
+    out = []
+    for ctype in CONDITION_TYPES:
+        status = "True" if truth[ctype] else "False"
+        prev = before.get(ctype)
+        since = prev["lastTransitionTime"] if prev and prev.get("status") == status else timestamp(now)
+        out.append({"type": ctype, "status": status, "reason": phase, "message": message,
+                    "lastTransitionTime": since, "observedGeneration": generation})
+    return out
+
+
+def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Kubernetes Events (type, reason, message) for what changed between two statuses."""
+    events: list[tuple[str, str, str]] = []
+    before = {s["name"]: s for s in old.get("stages") or []}
+    for s in new.get("stages") or []:
+        prev = (before.get(s["name"]) or {}).get("state", "Pending")
+        if s["state"] == prev:
+            continue
+        if s["state"] == "Running":
+            events.append(("Normal", "StageStarted", f"stage {s['name']} started"))
+        elif s["state"] == "Waiting":
+            events.append(("Normal", "StageWaiting", f"stage {s['name']}: {s.get('message') or 'waiting'}"))
+        elif s["state"] == "Succeeded":
+            events.append(("Normal", "StageSucceeded", f"stage {s['name']} committed: {s.get('outputUri')}"))
+        elif s["state"] == "Failed":
+            events.append(("Warning", "StageFailed", f"stage {s['name']} failed: {s.get('message')}"))
+    phase, prev_phase = new.get("phase"), old.get("phase")
+    if phase != prev_phase:
+        kind = "Warning" if phase == "Failed" else "Normal"
+        reason = {"Succeeded": "RunSucceeded", "Failed": "RunFailed", "Suspended": "Suspended"}.get(
+            phase, "Resumed" if prev_phase == "Suspended" else "Running")
+        events.append((kind, reason, new.get("message") or f"run is {phase}"))
+    return events

@@ -1,0 +1,217 @@
+"""Pure builders: spec → Kubernetes objects (no cluster; tests/cluster/test_operator_dryrun.py
+sends the same objects to a real apiserver with dryRun=All)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from wrpo.plan import STAGE_NAMES
+from wrpo.spec import parse_spec
+from wrpo_operator import LABEL_RUN, LABEL_STAGE
+from wrpo_operator import builders as b
+
+RUN, NS, URI = "demo", "team-a", "s3://bucket/runs/demo"
+
+
+def make_spec(**over):
+    data = {
+        "target": {"model": "s3://bucket/models/target", "tensorParallelSize": 2},
+        "sources": [
+            {"name": "llama", "model": "s3://bucket/models/llama", "tensorParallelSize": 4,
+             "maxModelLen": 4096},
+            {"name": "qwen", "model": "/models/qwen", "vllmArgs": ["--enforce-eager"]},
+            {"name": "api", "endpoint": {"url": "https://api.example.com/v1", "model": "gpt",
+                                         "apiKeyEnv": "API_KEY", "apiKeySecret": "api-key"}},
+        ],
+        "dataset": {"uri": "s3://bucket/data/prompts.jsonl"},
+        "storage": {"runUri": URI, "s3Endpoint": "http://s3.local:8333", "credentialsSecret": "s3-creds"},
+        "cluster": {"modelsPvc": "models", "tolerations": [{"key": "gpu", "operator": "Exists"}],
+                    "nodeSelector": {"pool": "gpu"}, "activeDeadlineSeconds": 3600,
+                    "training": {"gpus": 8, "nodes": 2, "procsPerNode": 8, "cpu": "32", "memory": "512Gi"}},
+    }
+    data.update(over)
+    return parse_spec(data)
+
+
+@pytest.fixture
+def spec():
+    return make_spec()
+
+
+def test_child_names_are_deterministic_dns_labels():
+    assert b.child_name("demo", "sft") == "demo-sft"
+    long = b.child_name("a" * 40, "src-" + "b" * 40)
+    assert len(long) <= 63 and long == b.child_name("a" * 40, "src-" + "b" * 40)
+    assert long != b.child_name("a" * 40, "src-" + "b" * 39 + "c")
+
+
+def test_spec_configmap_round_trips(spec):
+    cm = b.build_spec_configmap(RUN, NS, spec)
+    assert cm["metadata"]["name"] == "demo-spec" and cm["metadata"]["labels"][LABEL_RUN] == RUN
+    assert parse_spec(yaml.safe_load(cm["data"]["spec.yaml"])) == spec
+
+
+def test_own_sets_the_controlling_owner_reference():
+    obj = b.own({"metadata": {"name": "x"}}, RUN, "uid-1")
+    (ref,) = obj["metadata"]["ownerReferences"]
+    assert ref == {"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun", "name": RUN, "uid": "uid-1",
+                   "controller": True, "blockOwnerDeletion": True}
+    assert b.is_owned(obj, "uid-1") and obj["metadata"]["labels"][LABEL_RUN] == RUN
+    assert len(b.own(obj, RUN, "uid-1")["metadata"]["ownerReferences"]) == 1  # idempotent
+
+
+def _container(obj, name=None):
+    pod = obj["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if name in (None, c["name"]))
+
+
+def test_sampling_stage_gets_one_vllm_server_per_model_source(spec):
+    objs = b.build_stage_servers(RUN, NS, spec, "sample-sources", URI, "h")
+    assert [(o["kind"], o["metadata"]["name"]) for o in objs] == [
+        ("Deployment", "demo-src-llama"), ("Service", "demo-src-llama"),
+        ("Deployment", "demo-src-qwen"), ("Service", "demo-src-qwen"),
+    ]  # the external API source gets none
+
+
+@pytest.mark.parametrize("source,tp,model_arg,init", [
+    ("llama", 4, "/weights/model", True),  # s3:// → fetched by an init container
+    ("qwen", 1, "/models/qwen", False),  # a folder on the models PVC
+])
+def test_vllm_deployment(spec, source, tp, model_arg, init):
+    src = next(s for s in spec.sources if s.name == source)
+    dep = b.build_vllm_deployment(RUN, NS, spec, b.VllmServer.for_source(src), "sample-sources", "h")
+    c = _container(dep, "vllm")
+    pod = dep["spec"]["template"]["spec"]
+    assert c["image"] == spec.cluster.vllm_image and c["command"] == ["vllm", "serve"]
+    args = c["args"]
+    assert args[0] == model_arg
+    flags = dict(zip(args[1::2], args[2::2], strict=False))
+    assert flags["--served-model-name"] == source and flags["--tensor-parallel-size"] == str(tp)
+    assert flags["--gpu-memory-utilization"] == "0.9" and flags["--seed"] == "42"
+    assert ("--max-model-len" in args) == (source == "llama")
+    assert ("--enforce-eager" in args) == (source == "qwen")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == str(tp)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": 8000}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "models" for v in pod["volumes"])
+    assert bool(pod.get("initContainers")) == init
+    if init:
+        fetch = pod["initContainers"][0]
+        assert fetch["command"] == ["wrpo", "fetch", "s3://bucket/models/llama", "/weights/model"]
+    assert dep["spec"]["strategy"] == {"type": "Recreate"} and dep["spec"]["replicas"] == 1
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    sel = dep["spec"]["selector"]["matchLabels"]
+    assert all(dep["spec"]["template"]["metadata"]["labels"][k] == v for k, v in sel.items())
+
+
+def test_vllm_service_selects_its_deployment(spec):
+    server = b.VllmServer.for_source(spec.sources[0])
+    svc = b.build_vllm_service(RUN, NS, server, "sample-sources")
+    dep = b.build_vllm_deployment(RUN, NS, spec, server, "sample-sources")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"][0]["targetPort"] == 8000
+
+
+def test_sampling_job_gets_endpoints_and_api_keys_by_reference(spec):
+    job = b.build_stage_runner(RUN, NS, spec, "sample-sources", URI, "h")
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "demo-sample-sources"
+    c = _container(job)
+    assert c["command"][:7] == ["wrpo", "stage", "sample-sources", "--spec", "/etc/wrpo/spec.yaml",
+                                "--run-uri", URI]
+    assert "llama=http://demo-src-llama.team-a.svc:8000/v1" in c["command"]
+    assert not any(a.startswith("api=") for a in c["command"])  # external: the stage reads the spec
+    env = {e["name"]: e for e in c["env"]}
+    assert env["API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "api-key", "key": "api-key"}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.local:8333"
+    assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["spec"]["template"]["metadata"]["labels"][LABEL_STAGE] == "sample-sources"
+
+
+def test_no_secret_value_appears_in_any_object(spec):
+    """Credentials are only ever Secret references: no env var of any object carries a literal key."""
+    for stage in STAGE_NAMES:
+        objs = [b.build_stage_runner(RUN, NS, spec, stage, URI),
+                *b.build_stage_servers(RUN, NS, spec, stage, URI)]
+        for obj in objs:
+            text = json.dumps(obj)
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "API_KEY"):
+                if key in text:
+                    assert f'"name": "{key}", "valueFrom"' in text, (stage, key)
+
+
+@pytest.mark.parametrize("stage", ["score-sources", "score-target", "ref-logps"])
+def test_scoring_jobs_use_scoring_resources(spec, stage):
+    c = _container(b.build_stage_runner(RUN, NS, spec, stage, URI))
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["command"][2] == stage
+
+
+@pytest.mark.parametrize("stage", ["prepare", "select-sources", "build-pairs"])
+def test_small_stages_are_short_cpu_jobs(spec, stage):
+    job = b.build_stage_runner(RUN, NS, spec, stage, URI)
+    assert job["kind"] == "Job" and "nvidia.com/gpu" not in json.dumps(job)
+
+
+@pytest.mark.parametrize("stage", ["sft", "wrpo"])
+def test_training_stages_are_pytorchjobs(spec, stage):
+    pj = b.build_stage_runner(RUN, NS, spec, stage, URI, "h")
+    assert pj["apiVersion"] == "kubeflow.org/v1" and pj["kind"] == "PyTorchJob"
+    assert pj["spec"]["nprocPerNode"] == "8"
+    assert pj["spec"]["runPolicy"] == {"cleanPodPolicy": "Running", "backoffLimit": 2,
+                                       "activeDeadlineSeconds": 3600}
+    reps = pj["spec"]["pytorchReplicaSpecs"]
+    assert reps["Master"]["replicas"] == 1 and reps["Worker"]["replicas"] == 1
+    for rep in reps.values():
+        (c,) = rep["template"]["spec"]["containers"]
+        assert c["name"] == "pytorch" and c["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456}]
+        assert c["command"][0] == "torchrun" and "--nnodes=$(PET_NNODES)" in c["command"]
+        assert c["command"][c["command"].index("-m") + 1:][:3] == ["wrpo.cli", "stage", stage]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_single_node_training_has_no_workers():
+    spec = make_spec(cluster={"training": {"gpus": 1, "nodes": 1}})
+    pj = b.build_pytorchjob(RUN, NS, spec, "sft", URI)
+    assert list(pj["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    command = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["torchrun", "--standalone", "--nnodes=1"]
+
+
+def test_sample_target_serves_the_sft_model_from_the_run(spec):
+    (dep, svc) = b.build_stage_servers(RUN, NS, spec, "sample-target", URI)
+    assert dep["metadata"]["name"] == "demo-target"
+    fetch = dep["spec"]["template"]["spec"]["initContainers"][0]
+    assert fetch["command"][2] == f"{URI}/sft/model/"
+    assert "--tensor-parallel-size" in _container(dep)["args"]
+    job = b.build_stage_runner(RUN, NS, spec, "sample-target", URI)
+    cmd = _container(job)["command"]
+    assert cmd[cmd.index("--target-endpoint") + 1] == "http://demo-target.team-a.svc:8000/v1"
+
+
+def test_remote_reward_without_endpoint_is_served_for_scoring():
+    spec = make_spec(reward={"type": "remote", "model": "/models/rm"})
+    (dep, _svc) = b.build_stage_servers(RUN, NS, spec, "score-sources", URI)
+    assert "--runner" in _container(dep)["args"]
+    cmd = _container(b.build_stage_runner(RUN, NS, spec, "score-sources", URI))["command"]
+    assert cmd[cmd.index("--reward-endpoint") + 1] == "http://demo-reward.team-a.svc:8000"
+    assert b.build_stage_servers(RUN, NS, spec, "ref-logps", URI) == []
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_every_stage_pod_mounts_the_spec_and_runs_as_non_root(spec, stage):
+    obj = b.build_stage_runner(RUN, NS, spec, stage, URI)
+    pods = ([r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+            if obj["kind"] == "PyTorchJob" else [obj["spec"]["template"]["spec"]])
+    for pod in pods:
+        assert {"name": "spec", "configMap": {"name": "demo-spec"}} in pod["volumes"]
+        c = pod["containers"][0]
+        assert c["securityContext"]["runAsNonRoot"] is True
+        assert c["image"] == spec.cluster.runtime_image

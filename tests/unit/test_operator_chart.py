@@ -1,0 +1,161 @@
+"""The Helm chart, plain manifests, examples and Argo CD health check (helm checks skip without helm)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wrpo.spec import parse_spec
+from wrpo_operator.kube import RESOURCES
+from wrpo_operator.reconcile import check_cluster_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "wrpo-operator"
+MANIFESTS = ROOT / "manifests"
+EXAMPLES = sorted((MANIFESTS / "examples").glob("*.yaml"))
+
+
+def _helm() -> str | None:
+    candidates = [os.environ.get("WRPO_K8S_BIN", "") + "/helm",
+                  *glob.glob(str(Path.home() / ".cache/wrpo/k8s-bin/*/helm")), shutil.which("helm") or ""]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+HELM = _helm()
+needs_helm = pytest.mark.skipif(HELM is None, reason="helm not built (tests/cluster/build-binaries.sh)")
+
+
+def helm(*args: str) -> str:
+    return subprocess.run([HELM, *args], capture_output=True, text=True, check=True).stdout
+
+
+def render(*sets: str) -> list[dict]:
+    args = ["template", "wrpo-operator", str(CHART), "-n", "wrpo-system"]
+    for s in sets:
+        args += ["--set", s]
+    return [d for d in yaml.safe_load_all(helm(*args)) if d]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_valid_fusionruns(path):
+    doc = yaml.safe_load(path.read_text())
+    assert doc["apiVersion"] == "fusion.wrpo.io/v1alpha1" and doc["kind"] == "FusionRun"
+    spec = parse_spec(doc["spec"], str(path))
+    check_cluster_spec(spec, str(path))
+    name = doc["metadata"]["name"]
+    assert len(name) <= 40 and name[0].isalpha()
+
+
+def test_paper_example_has_table_11():
+    spec = parse_spec(yaml.safe_load((MANIFESTS / "examples" / "paper-llama3-8b.yaml").read_text())["spec"])
+    assert spec.target.model.endswith("Meta-Llama-3-8B-Instruct")
+    assert len(spec.sources) == 10 and spec.reward.model.endswith("ArmoRM-Llama3-8B-v0.1")
+    assert {s.group for s in spec.sources} == {"a", "b"}
+    paper = (spec.sampling.n, spec.wrpo.beta, spec.wrpo.alpha, spec.training.deepspeed_stage)
+    assert paper == (5, 0.01, 0.1, 3)
+
+
+def test_external_endpoint_example_keeps_its_key_in_a_secret():
+    text = (MANIFESTS / "examples" / "external-endpoint.yaml").read_text()
+    spec = parse_spec(yaml.safe_load(text)["spec"])
+    (api,) = [s for s in spec.sources if s.endpoint]
+    assert api.endpoint.api_key_secret and api.endpoint.api_key_env
+    body = text[text.index("apiVersion"):]
+    assert "sk-" not in body and "apiKey:" not in body
+
+
+def test_argocd_configmap_carries_the_lua_script():
+    lua = (MANIFESTS / "argocd" / "health-fusionrun.lua").read_text()
+    cm = yaml.safe_load((MANIFESTS / "argocd" / "argocd-cm-patch.yaml").read_text())
+    assert cm["data"]["resource.customizations.health.fusion.wrpo.io_FusionRun"] == lua
+    for status in ("Healthy", "Degraded", "Suspended", "Progressing"):
+        assert f'"{status}"' in lua
+
+
+def test_values_schema_is_json_and_covers_every_value():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) == set(schema["properties"])
+
+
+@needs_helm
+def test_helm_lint_is_clean():
+    out = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in out
+
+
+@needs_helm
+def test_values_schema_rejects_bad_values():
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        render("scope=everywhere")
+    assert "scope" in e.value.stderr
+
+
+@needs_helm
+def test_operator_deployment():
+    (dep,) = [d for d in render() if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["python", "-m", "wrpo_operator"]
+    assert c["args"][:2] == ["--standalone", "--all-namespaces"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["serviceAccountName"] == "wrpo-operator" and pod["securityContext"]["runAsNonRoot"]
+
+
+@needs_helm
+@pytest.mark.parametrize("scope,kinds", [
+    ("cluster", ["ClusterRole", "ClusterRoleBinding"]),
+    ("namespace", ["Role", "Role", "RoleBinding", "RoleBinding"]),  # helm sorts by kind
+])
+def test_rbac_modes(scope, kinds):
+    docs = render(f"scope={scope}", "watchNamespaces={team-a,team-b}")
+    assert [d["kind"] for d in docs if "Role" in d["kind"]] == kinds
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    if scope == "namespace":
+        assert "--namespace=team-a" in args and "--namespace=team-b" in args
+        assert {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"} == {"team-a", "team-b"}
+
+
+@needs_helm
+def test_rbac_is_least_privilege_and_covers_what_the_operator_calls():
+    (role,) = [d for d in render() if d["kind"] == "ClusterRole"]
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    needed = set()
+    for prefix, plural in RESOURCES.values():
+        group = "" if prefix == "/api/v1" else prefix.split("/")[2]
+        needed.add((group, plural))
+    extra = granted - needed - {("fusion.wrpo.io", "fusionruns/status"), ("events.k8s.io", "events"),
+                                ("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+    assert needed <= granted and not extra
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        assert not {"secrets", "pods"} & set(rule["resources"])  # Secrets reach pods by reference only
+
+
+@needs_helm
+def test_plain_rbac_matches_the_chart():
+    def strip(d):
+        labels = d["metadata"].get("labels", {})
+        for k in ("helm.sh/chart", "app.kubernetes.io/managed-by", "app.kubernetes.io/version"):
+            labels.pop(k, None)
+        return d
+
+    kinds = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+    chart = [strip(d) for d in render() if d["kind"] in kinds]
+    plain = [d for d in yaml.safe_load_all((MANIFESTS / "rbac" / "operator-rbac.yaml").read_text()) if d]
+    assert plain == chart
+
+
+@needs_helm
+def test_chart_crd_is_the_generated_one():
+    assert (CHART / "crds" / "fusionruns.fusion.wrpo.io.yaml").read_text() == (
+        MANIFESTS / "crd" / "fusionruns.fusion.wrpo.io.yaml").read_text()

@@ -1,0 +1,129 @@
+"""The FusionRun CRD is generated from the pydantic models; the checked-in copies must not drift."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from wrpo.spec import FusionSpec
+from wrpo_operator import crd
+
+ROOT = crd.ROOT
+
+
+def _schema() -> dict:
+    return crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("path", crd.CRD_PATHS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_checked_in_crd_matches_the_models(path):
+    assert path.exists(), "run: python -m wrpo_operator.crd --write"
+    assert path.read_text() == crd.render(), (
+        f"{path.relative_to(ROOT)} drifted from wrpo/spec.py; "
+        "regenerate with python -m wrpo_operator.crd --write"
+    )
+
+
+def test_check_command_reports_drift(tmp_path, monkeypatch):
+    stale = tmp_path / "crd.yaml"
+    stale.write_text("old\n")
+    monkeypatch.setattr(crd, "CRD_PATHS", (stale,))
+    assert crd.main(["--check"]) == 1
+    assert crd.main(["--write"]) == 0 and crd.main(["--check"]) == 0
+
+
+def test_identity_and_printer_columns():
+    doc = crd.build_crd()
+    assert doc["metadata"]["name"] == "fusionruns.fusion.wrpo.io"
+    s = doc["spec"]
+    assert s["scope"] == "Namespaced" and s["names"]["shortNames"] == ["fr"]
+    (v,) = s["versions"]
+    assert v["name"] == "v1alpha1" and v["subresources"] == {"status": {}}
+    cols = [c["name"] for c in v["additionalPrinterColumns"]]
+    assert cols[:4] == ["Phase", "Stage", "Progress", "Age"]
+
+
+def _walk(node, path="$"):
+    yield path, node
+    for key in ("properties",):
+        for name, sub in (node.get(key) or {}).items():
+            yield from _walk(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural():
+    """Every node has a type (or preserves unknown fields); no $ref, anyOf, titles or JSON-schema-only
+    keys; `additionalProperties` never beside `properties`."""
+    forbidden = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"}
+    for path, node in _walk(_schema()):
+        assert not forbidden & node.keys(), (path, forbidden & node.keys())
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert not ("properties" in node and "additionalProperties" in node), path
+        assert not {"exclusiveMinimum", "exclusiveMaximum"} & node.keys(), path  # CEL rules instead
+        assert node.get("default", 0) is not None, path
+
+
+def test_optional_fields_are_nullable_and_free_form_only_where_the_model_is():
+    spec = _schema()["properties"]["spec"]["properties"]
+    src = spec["sources"]["items"]["properties"]
+    assert src["model"]["nullable"] and src["endpoint"]["nullable"] and src["endpoint"]["type"] == "object"
+    assert spec["cluster"]["properties"]["tolerations"]["items"]["x-kubernetes-preserve-unknown-fields"]
+    preserved = [p for p, n in _walk(_schema()) if n.get("x-kubernetes-preserve-unknown-fields")]
+    assert preserved == ["$.spec.cluster.tolerations[]"]  # metadata is typed `object` by convention
+
+
+def test_paper_defaults_and_bounds_reach_the_schema():
+    spec = _schema()["properties"]["spec"]["properties"]
+    wrpo = spec["wrpo"]["properties"]
+    assert wrpo["alpha"]["minimum"] == 0 and wrpo["alpha"]["maximum"] == 1 and wrpo["alpha"]["default"] == 0.1
+    assert wrpo["beta"]["default"] == 0.01
+    beta_rules = wrpo["beta"]["x-kubernetes-validations"]
+    assert beta_rules == [{"rule": "self > 0.0", "message": "must be greater than 0"}]
+    assert wrpo["labelSmoothing"]["x-kubernetes-validations"][0]["rule"] == "self < 0.5"
+    assert spec["sampling"]["properties"]["n"]["default"] == 5
+    assert spec["training"]["properties"]["deepspeedStage"]["enum"] == [0, 2, 3]
+    assert spec["sources"]["maxItems"] == 64 and spec["sources"]["minItems"] == 1
+
+
+def test_every_pydantic_cross_field_rule_has_a_cel_twin():
+    """A new model_validator in wrpo/spec.py needs a CEL rule in wrpo_operator.crd.CEL_RULES."""
+    assert crd.pydantic_validators(FusionSpec) == set(crd.CEL_RULES)
+
+
+def test_cel_rules_sit_on_their_models():
+    s = _schema()
+    spec = s["properties"]["spec"]
+    assert "exists_one" in spec["properties"]["sources"]["x-kubernetes-validations"][0]["rule"]
+    assert spec["x-kubernetes-validations"][0]["fieldPath"] == ".target.servedName"
+    assert spec["properties"]["sources"]["items"]["x-kubernetes-validations"][0]["message"].startswith(
+        "a source needs exactly one")
+    assert spec["properties"]["wrpo"]["x-kubernetes-validations"][0]["fieldPath"] == ".maxPromptLength"
+    assert "metadata.name" in s["x-kubernetes-validations"][0]["rule"]
+
+
+def test_status_schema_comes_from_the_status_model():
+    status = _schema()["properties"]["status"]["properties"]
+    assert {"phase", "stage", "progress", "conditions", "stages", "observedGeneration"} <= status.keys()
+    assert status["phase"]["enum"] == ["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+    cond = status["conditions"]["items"]["properties"]
+    assert {"type", "status", "reason", "lastTransitionTime", "observedGeneration"} <= cond.keys()
+
+
+def test_generator_cli_prints_yaml():
+    out = subprocess.run([sys.executable, "-m", "wrpo_operator.crd"], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert yaml.safe_load(out.stdout)["kind"] == "CustomResourceDefinition"
+
+
+def test_yaml_11_boolean_words_are_quoted():
+    """helm/kubectl read YAML 1.1, where a bare `n:` key is the boolean false."""
+    text = crd.render()
+    assert "\n                  'n':\n" in text
+    assert not re.search(r"^\s+(n|y|no|yes|on|off):", text, re.M)
