@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from wrpo.errors import DataError
-from wrpo.records import Message, PromptRecord
+from wrpo.records import Message, PromptRecord, iter_objects
 from wrpo.storage import S3Options, download_uri_tree, read_uri_bytes
 
 
@@ -81,16 +81,7 @@ def load_rows(uri: str, fmt: str = "auto", s3: S3Options | None = None) -> Rows:
 
 
 def _jsonl_rows(uri: str, text: str) -> Iterable[tuple[int, dict[str, Any]]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(uri, f"malformed JSON ({e.msg} at column {e.colno})", number) from None
-        if not isinstance(obj, dict):
-            raise DataError(uri, f"expected a JSON object, got {type(obj).__name__}", number)
-        yield number, obj
+    return iter_objects(text, uri)
 
 
 def _hf_rows(uri: str, s3: S3Options | None) -> Iterable[tuple[int, dict[str, Any]]]:

@@ -132,14 +132,27 @@ def _field_path(err: dict[str, Any]) -> str:
     return ".".join(str(p) for p in err.get("loc", ())) or "<record>"
 
 
-def parse_line(text: str, model: type[R], source: str, line: int) -> R:
-    """Parse one JSONL line into `model`, raising DataError(source, line, field) on any problem."""
+def load_object(text: str, source: str, line: int) -> dict[str, Any]:
+    """One JSONL line as a JSON object; DataError(source, line) when it is not one."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(source, f"malformed JSON ({e.msg} at column {e.colno})", line) from None
     if not isinstance(obj, dict):
         raise DataError(source, f"expected a JSON object, got {type(obj).__name__}", line)
+    return obj
+
+
+def iter_objects(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL document."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield number, load_object(line, source, number)
+
+
+def parse_line(text: str, model: type[R], source: str, line: int) -> R:
+    """Parse one JSONL line into `model`, raising DataError(source, line, field) on any problem."""
+    obj = load_object(text, source, line)
     try:
         return model.model_validate(obj)
     except ValidationError as e:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from wrpo.errors import DataError
-from wrpo.records import PromptRecord, SampleRecord
+from wrpo.records import PromptRecord, SampleRecord, iter_objects
 from wrpo.sampling import SamplingParams, prompt_seed
 
 
@@ -37,13 +37,7 @@ def read_batch_results(text: str, params: SamplingParams, name: str, source: str
                        order: Sequence[str] | None = None) -> list[SampleRecord]:
     """Sample records from a batch output file; a failed request or a missing prompt is a DataError."""
     by_id: dict[str, SampleRecord] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(source, f"malformed JSON ({e.msg})", number) from None
+    for number, obj in iter_objects(text, source):
         pid = obj.get("custom_id")
         resp = obj.get("response") or {}
         if obj.get("error") or resp.get("status_code", 200) != 200:

@@ -169,7 +169,7 @@ class Servers:
         return {name: srv.base_url for name, srv in self.sources.items()}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped after the module: idle vLLM workers still take CPU
 def vllm_servers(vllm_python, tiny_models, tmp_path_factory):
     """Real vLLM servers for source-qwen (+ alias `target`), source-llama and the reward model (pooling)."""
     from wrpo.serving import VLLMServer
