@@ -38,5 +38,8 @@ else
 fi
 # The package itself is always (re)installed editable from this checkout: cheap, and a fresh clone
 # in another folder must not run the code of an older clone.
-"$python" -m pip install -q --no-deps -e "$root" >&2
+installed="$(cd / && "$python" -c 'import os, wrpo; print(os.path.dirname(os.path.dirname(os.path.abspath(wrpo.__file__))))' 2>/dev/null || true)"
+if [[ "$installed" != "$root" ]]; then
+    "$python" -m pip install -q --no-deps -e "$root" >&2
+fi
 echo "$python"
