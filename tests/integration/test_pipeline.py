@@ -178,3 +178,27 @@ def test_margins_experiment_trains_three_variants_on_the_same_pairs(killed_and_r
         assert [r["alpha"] for r in rows] == pytest.approx(alphas)
     assert sorted(result["ordering"]) == ["hybrid", "on-policy", "wrpo"]
     assert (tmp_path / "margins.png").stat().st_size > 1000
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_committed_stages(tiny_models, tmp_path):
+    import signal
+    import time
+
+    spec, run = make_spec(tiny_models, tmp_path / "fusion.yaml"), tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "WRPO_VLLM_PYTHON"}
+    env.update(PYTHONPATH=str(ROOT), WRPO_WORKDIR=str(tmp_path / "work"), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "wrpo.cli", "run", str(spec), "--run-uri", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (run / "prepare" / "_MANIFEST.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare never committed"
+        time.sleep(0.2)
+    committed = (run / "prepare" / "_MANIFEST.json").read_bytes()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["stages"]["prepare"] == "done" and result["interrupted_at"] == "sample-sources"
+    assert "committed stages are intact" in err
+    assert (run / "prepare" / "_MANIFEST.json").read_bytes() == committed
+    assert not (run / "sample-sources" / "_MANIFEST.json").exists()
