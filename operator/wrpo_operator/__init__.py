@@ -20,16 +20,11 @@ LABEL_STAGE = f"{GROUP}/stage"
 LABEL_COMPONENT = f"{GROUP}/component"
 #: Prefix of the stage hash a child was built from (a label value holds at most 63 characters).
 LABEL_STAGE_HASH = f"{GROUP}/stage-hash"
-#: FusionRun annotation: delete the run this many seconds after it finished (like a Job's TTL).
-ANNOTATION_TTL = f"{GROUP}/ttl-seconds-after-finished"
-#: FusionRun annotation: JSON object of annotations for every stage and server pod (e.g. to opt out of
-#: a service mesh, or the test harness's kwok knobs).
-ANNOTATION_POD_ANNOTATIONS = f"{GROUP}/pod-annotations"
 #: Server-side apply / create field manager of everything the operator writes.
 FIELD_MANAGER = "wrpo-operator"
 
 __all__ = [
-    "ANNOTATION_POD_ANNOTATIONS", "ANNOTATION_TTL", "API_VERSION", "FIELD_MANAGER", "GROUP", "KIND",
+    "API_VERSION", "FIELD_MANAGER", "GROUP", "KIND",
     "LABEL_COMPONENT", "LABEL_RUN",
     "LABEL_STAGE", "LABEL_STAGE_HASH", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
 ]

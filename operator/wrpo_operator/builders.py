@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from wrpo.plan import BY_NAME
-from wrpo.spec import FusionSpec, SourceSpec, StageResources
+from wrpo.spec import FusionSpec, SourceSpec, StageResources, VLLMResources
 from wrpo_operator import (
     API_VERSION,
     FIELD_MANAGER,
@@ -132,10 +132,15 @@ def _resources(res: StageResources, gpus: int | None = None) -> Obj:
     return out
 
 
-def _vllm_resources(gpus: int) -> Obj:
+def _vllm_resources(res: VLLMResources, tensor_parallel_size: int) -> Obj:
+    """`cluster.vllm` requests; GPUs default to the server's tensor-parallel size (0: a CPU server)."""
+    gpus = tensor_parallel_size if res.gpus is None else res.gpus
+    gpu = {"nvidia.com/gpu": str(gpus)} if gpus else {}
     # No memory limit: loading large checkpoints peaks above the steady state.
-    gpu = {"nvidia.com/gpu": str(gpus)}
-    return {"requests": {"cpu": "2", "memory": "16Gi", **gpu}, "limits": gpu}
+    out: Obj = {"requests": {"cpu": res.cpu, "memory": res.memory, **gpu}}
+    if gpu:
+        out["limits"] = gpu
+    return out
 
 
 def _pod_spec(spec: FusionSpec, containers: list[Obj], volumes: list[Obj], restart: str,
@@ -158,8 +163,9 @@ def _spec_volume(run_name: str) -> tuple[Obj, Obj]:
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True})
 
 
-def _shm_volume() -> tuple[Obj, Obj]:
-    return ({"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "dshm", "mountPath": "/dev/shm"})
+def _shm_volume(size: str | None = None) -> tuple[Obj, Obj]:
+    empty_dir = {"medium": "Memory", **({"sizeLimit": size} if size else {})}
+    return ({"name": "dshm", "emptyDir": empty_dir}, {"name": "dshm", "mountPath": "/dev/shm"})
 
 
 def _models_volume(spec: FusionSpec) -> list[tuple[Obj, Obj]]:
@@ -261,7 +267,7 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
     lab = labels(run_name, stage, "vllm", stage_hash)
     select = {LABEL_RUN: run_name, LABEL_COMPONENT: "vllm", "fusion.wrpo.io/server": server.key}
     spec_vol, spec_mount = _spec_volume(run_name)
-    shm_vol, shm_mount = _shm_volume()
+    shm_vol, shm_mount = _shm_volume(spec.cluster.vllm.shm_size)
     volumes, mounts, init = [shm_vol], [shm_mount], []
     model_path = server.model
     for vol, mount in _models_volume(spec):
@@ -279,7 +285,7 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
         "command": ["vllm", "serve"], "args": vllm_args(spec, server, model_path),
         "ports": [{"name": "http", "containerPort": VLLM_PORT}],
         "env": [{"name": "HF_HUB_OFFLINE", "value": "1" if server.model.startswith(("s3://", "/")) else "0"}],
-        "resources": _vllm_resources(server.tensor_parallel_size),
+        "resources": _vllm_resources(spec.cluster.vllm, server.tensor_parallel_size),
         "volumeMounts": mounts,
         # Big models load for many minutes: the startup probe allows 30; then /health must keep passing.
         "startupProbe": _probe("/health", 10, 180),
@@ -440,7 +446,9 @@ def pod_templates(obj: Obj) -> list[Obj]:
 
 
 def with_pod_annotations(obj: Obj, annotations: dict[str, str]) -> Obj:
-    """`obj` with extra annotations on its pods (the FusionRun's `fusion.wrpo.io/pod-annotations`)."""
+    """`obj` with extra annotations on its pods (`spec.cluster.podAnnotations`)."""
+    if not annotations:
+        return obj
     for template in pod_templates(obj):
         template.setdefault("metadata", {}).setdefault("annotations", {}).update(annotations)
     return obj

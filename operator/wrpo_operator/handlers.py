@@ -44,6 +44,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False  # reconcile posts one Event per transition itself
     settings.watching.server_timeout = 300
     settings.execution.max_workers = int(os.environ.get("WRPO_OPERATOR_WORKERS", "4"))
+    # Namespace scope has no RBAC to watch Namespaces and CRDs: without this kopf retries those
+    # LISTs for about a minute before it falls back to the namespaces it was given.
+    settings.scanning.disabled = os.environ.get("WRPO_OPERATOR_SCANNING", "true") == "false"
     STATE["settings"] = Settings.from_env()
     _kube()
     metrics.serve(int(os.environ.get("WRPO_OPERATOR_METRICS_PORT", "9090")))

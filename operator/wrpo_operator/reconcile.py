@@ -9,7 +9,6 @@ because `wrpo stage` exits 0 only after committing `<run>/<stage>/_MANIFEST.json
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ from typing import Any
 from wrpo.errors import SpecError
 from wrpo.plan import BY_NAME, STAGE_NAMES, stage_hashes
 from wrpo.spec import FusionSpec, parse_spec
-from wrpo_operator import ANNOTATION_POD_ANNOTATIONS, ANNOTATION_TTL, LABEL_RUN, LABEL_STAGE, LABEL_STAGE_HASH
+from wrpo_operator import LABEL_RUN, LABEL_STAGE, LABEL_STAGE_HASH
 from wrpo_operator.builders import (
     Obj,
     build_spec_configmap,
@@ -68,20 +67,6 @@ class Decision:
     requeue: float | None = None  # look again after this many seconds; None: nothing to wait for
     reason: str = ""  # why we wait (for the TemporaryError)
     delete_run: bool = False  # the TTL after finish has passed
-
-
-def pod_annotations(run: Obj) -> dict[str, str]:
-    """The run's `fusion.wrpo.io/pod-annotations` (a JSON object of strings); {} when absent."""
-    raw = (run["metadata"].get("annotations") or {}).get(ANNOTATION_POD_ANNOTATIONS)
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise SpecError(f"annotation {ANNOTATION_POD_ANNOTATIONS} must be a JSON object of strings")
-    return value
 
 
 def check_cluster_spec(spec: FusionSpec, source: str) -> None:
@@ -142,7 +127,7 @@ def decide(run: Obj, spec: FusionSpec, children: list[Obj], now: datetime, setti
             continue
         current = entry
         stage = entry["name"]
-        extra = pod_annotations(run)
+        extra = spec.cluster.pod_annotations
         runner = build_stage_runner(name, ns, spec, stage, run_uri, entry["hash"])
         runner = with_pod_annotations(runner, extra)
         servers = [with_pod_annotations(s, extra)
@@ -215,7 +200,7 @@ def decide(run: Obj, spec: FusionSpec, children: list[Obj], now: datetime, setti
 
     d.delete = sorted(k for k in observed if k not in keep or k in drop)
     d.status = _run_status(old, stages, current, spec, generation, run_uri, now)
-    _ttl(run, d, now)
+    _ttl(spec, d, now)
     return d
 
 
@@ -250,11 +235,12 @@ def _run_status(old: Obj, stages: list[Obj], current: Obj | None, spec: FusionSp
     }
 
 
-def _ttl(run: Obj, d: Decision, now: datetime) -> None:
-    ttl = ((run["metadata"].get("annotations") or {}).get(ANNOTATION_TTL))
+def _ttl(spec: FusionSpec, d: Decision, now: datetime) -> None:
+    """`cluster.ttlSecondsAfterFinished`: delete the finished run (its children go by garbage collection)."""
+    ttl = spec.cluster.ttl_seconds_after_finished
     if ttl is None or d.status["phase"] not in ("Succeeded", "Failed"):
         return
-    left = parse_time(d.status["completionTime"]).timestamp() + int(ttl) - now.timestamp()
+    left = parse_time(d.status["completionTime"]).timestamp() + ttl - now.timestamp()
     if left <= 0:
         d.delete_run = True
     else:

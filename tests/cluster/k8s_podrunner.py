@@ -12,6 +12,11 @@ Running (Ready after the readiness probe passes), then Succeeded or Failed with 
 containerStatuses. Pods with restartPolicy Always (Deployments) are restarted when their process
 exits and killed when the pod is deleted. Output goes to `<log_dir>/<namespace>_<pod>.log`.
 
+Init containers run one after another before the main container, as a kubelet runs them. Volumes
+become folders of the pod's work folder: an emptyDir is an empty one (shared by the pod's
+containers), a ConfigMap or Secret is materialised into one (all keys, or its `items`); their
+mountPaths in a container's command, args and env values are rewritten to those folders.
+
 Keep kwok off these pods: put them in a namespace named "local-*" or label them
 wrpo.test/local=true (see kwok/stages.yaml).
 """
@@ -30,6 +35,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +46,15 @@ DEFAULT_COMMAND_MAP = {"python": [sys.executable], "python3": [sys.executable]}
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Step:
+    """One container of a pod as a process: its name, argv and environment."""
+
+    container: str
+    argv: list[str]
+    env: dict[str, str]
 
 
 @dataclass
@@ -56,6 +71,8 @@ class LocalPod:
     readiness: dict | None
     image: str = ""
     container: str = ""
+    init: list[Step] = field(default_factory=list)  # init containers still to run, in order
+    main: Step | None = None
     process: subprocess.Popen | None = None
     restarts: int = 0
     ready: bool = False
@@ -73,7 +90,9 @@ class PodRunner:
     label_selector: str = ""
     env_overrides: dict[str, str] = field(default_factory=dict)
     host_map: dict[str, str] = field(default_factory=dict)
-    command_map: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_COMMAND_MAP))
+    #: argv[0] → the local program (a list replacing argv[0]), or a callable mapping the whole argv
+    command_map: dict[str, list[str] | Callable[[list[str]], list[str]]] = field(
+        default_factory=lambda: dict(DEFAULT_COMMAND_MAP))
     image_entrypoints: dict[str, list[str]] = field(default_factory=dict)
     extra_path: list[str] = field(default_factory=lambda: [str(Path(sys.executable).parent)])
     poll_interval: float = 0.3
@@ -90,6 +109,7 @@ class PodRunner:
         self._thread: threading.Thread | None = None
         self._next_ip = self.first_ip
         self._labels: dict[str, dict[str, str]] = {}
+        self._policies: dict[str, str] = {}
         self._targets: dict[str, str] = {}
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -136,6 +156,7 @@ class PodRunner:
     def _tick(self) -> None:
         listed = self.core.list_namespaced_pod(self.namespace, label_selector=self.label_selector)
         self._labels = {p.metadata.name: p.metadata.labels or {} for p in listed.items}
+        self._policies = {p.metadata.name: p.spec.restart_policy for p in listed.items}
         seen = set()
         for pod in listed.items:
             seen.add(pod.metadata.name)
@@ -172,15 +193,28 @@ class PodRunner:
         self.pods[local.name] = local
         try:
             self._targets = self._service_targets()
-            local.env = self._environment(pod, container, ip)
-            local.argv = self._argv(container, local.env, ip)
+            volumes = self._volumes(pod, workdir)
+            local.init = [self._step(pod, c, ip, volumes) for c in pod.spec.init_containers or []]
+            local.main = self._step(pod, container, ip, volumes)
         except Exception as e:  # noqa: BLE001 - a pod we cannot start fails, like a bad image
-            self._set_terminated(local, 128, "CreateContainerError", str(e), container.image)
+            self._set_terminated(local, 128, "CreateContainerConfigError", str(e), container.image)
             return
         local.readiness = self._probe(container.readiness_probe, ip)
+        self._next_step(local)
+
+    def _step(self, pod, container, ip: str, volumes: dict[str, Path]) -> Step:
+        mounts = self._mounts(container, volumes)
+        env = self._environment(pod, container, ip, mounts)
+        return Step(container.name, self._argv(container, env, ip, mounts), env)
+
+    def _next_step(self, local: LocalPod) -> None:
+        """Start the next init container, or the main container once none is left."""
+        step = local.init[0] if local.init else local.main
+        local.argv, local.env = step.argv, step.env
         self._spawn(local)
-        self._patch_status(local, container.image, running=True, ready=local.readiness is None)
-        local.ready = local.readiness is None
+        if not local.init:
+            self._patch_status(local, local.image, running=True, ready=local.readiness is None)
+            local.ready = local.readiness is None
 
     def _spawn(self, local: LocalPod) -> None:
         local.started_at = _now()
@@ -197,6 +231,9 @@ class PodRunner:
             return
         image = local.image
         code = local.process.poll()
+        if local.init:
+            self._supervise_init(local, code)
+            return
         if code is None:
             if not local.ready and local.readiness and self._probe_passes(local.readiness):
                 local.ready = True
@@ -215,6 +252,25 @@ class PodRunner:
         reason = "Completed" if code == 0 else "Error"
         self._set_terminated(local, code, reason, tail(local.log, 20)[-1000:], image)
 
+    def _supervise_init(self, local: LocalPod, code: int | None) -> None:
+        """An init container that succeeded hands over to the next; a failed one fails the pod
+        (restartPolicy Never) or is run again, as the kubelet does."""
+        if code is None:
+            return
+        if code == 0:
+            local.init.pop(0)
+            self._next_step(local)
+        elif local.restart_always or self._restart_on_failure(local):
+            local.restarts += 1
+            time.sleep(min(2.0, 0.2 * local.restarts))
+            self._spawn(local)
+        else:
+            message = f"init container {local.init[0].container} failed: {tail(local.log, 20)[-1000:]}"
+            self._set_terminated(local, code, "Init:Error", message, local.image)
+
+    def _restart_on_failure(self, local: LocalPod) -> bool:
+        return self._policies.get(local.name) == "OnFailure"
+
     def _kill(self, local: LocalPod) -> None:
         if local.process:
             stop_process(local.process, self.grace_seconds)
@@ -229,35 +285,55 @@ class PodRunner:
 
     # -- pod spec → process ----------------------------------------------------------------
 
-    def _environment(self, pod, container, ip: str) -> dict[str, str]:
+    def _environment(self, pod, container, ip: str, mounts: dict[str, Path] | None = None) -> dict[str, str]:
         base = dict(os.environ)
         base["PATH"] = os.pathsep.join([*self.extra_path, base.get("PATH", "")])
         base["HOSTNAME"] = pod.metadata.name
         env: dict[str, str] = {}
         for source in container.env_from or []:
             prefix = source.prefix or ""
-            if source.secret_ref:
-                data = self._secret(pod.metadata.namespace, source.secret_ref.name)
-            else:
-                data = self._config_map(pod.metadata.namespace, source.config_map_ref.name)
-            env.update({prefix + k: v for k, v in data.items()})
+            ref = source.secret_ref or source.config_map_ref
+            read = self._secret if source.secret_ref else self._config_map
+            data = self._optional(read, pod.metadata.namespace, ref.name, ref.optional)
+            env.update({prefix + k: v for k, v in (data or {}).items()})
         for var in container.env or []:
-            env[var.name] = self._env_value(pod, var, ip, {**base, **env})
+            value = self._env_value(pod, var, ip, {**base, **env})
+            if value is not None:  # None: an optional reference to something missing
+                env[var.name] = value
         # Only what the pod spec says is rewritten; the test's own environment stays as it is.
-        return {**base, **{k: self._rewrite(v, ip) for k, v in env.items()}, **self.env_overrides}
+        local = {k: self._rewrite_mounts(self._rewrite(v, ip), mounts or {}) for k, v in env.items()}
+        return {**base, **local, **self.env_overrides}
 
-    def _env_value(self, pod, var, ip: str, env: dict[str, str]) -> str:
+    def _optional(self, read, namespace: str, name: str, optional: bool | None,
+                  key: str | None = None) -> dict[str, str] | str | None:
+        """`read(namespace, name)` (or its `key`); None when it is missing and the reference optional."""
+        from kubernetes.client.rest import ApiException
+
+        try:
+            data = read(namespace, name)
+        except ApiException as e:
+            if e.status == 404 and optional:
+                return None
+            raise
+        if key is None:
+            return data
+        if key not in data and optional:
+            return None
+        return data[key]
+
+    def _env_value(self, pod, var, ip: str, env: dict[str, str]) -> str | None:
         if var.value_from is None:
             # $(VAR) references to earlier variables, as the kubelet expands them.
             return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                           lambda m: env.get(m.group(1), m.group(0)), var.value or "")
         source = var.value_from
+        ns = pod.metadata.namespace
         if source.secret_key_ref:
             ref = source.secret_key_ref
-            return self._secret(pod.metadata.namespace, ref.name)[ref.key]
+            return self._optional(self._secret, ns, ref.name, ref.optional, ref.key)
         if source.config_map_key_ref:
             ref = source.config_map_key_ref
-            return self._config_map(pod.metadata.namespace, ref.name)[ref.key]
+            return self._optional(self._config_map, ns, ref.name, ref.optional, ref.key)
         if source.field_ref:
             path = source.field_ref.field_path
             fields = {
@@ -274,7 +350,7 @@ class PodRunner:
             return "1"
         raise ValueError(f"unsupported valueFrom for {var.name}")
 
-    def _argv(self, container, env: dict[str, str], ip: str) -> list[str]:
+    def _argv(self, container, env: dict[str, str], ip: str, mounts: dict[str, Path] | None = None) -> list[str]:
         argv = list(container.command or [])
         if not argv:
             entrypoint = next((v for k, v in self.image_entrypoints.items()
@@ -286,12 +362,57 @@ class PodRunner:
         argv += list(container.args or [])
         argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                        lambda m: env.get(m.group(1), m.group(0)), a) for a in argv]
-        argv = [self._rewrite(a, ip) for a in argv]
+        argv = [self._rewrite_mounts(self._rewrite(a, ip), mounts or {}) for a in argv]
         head = self.command_map.get(argv[0])
+        if callable(head):  # a program whose local stand-in takes other arguments
+            return list(head(argv))
         if head is None and "/" not in argv[0]:
             found = shutil.which(argv[0], path=env.get("PATH"))
             head = [found] if found else None
         return [*(head or argv[:1]), *argv[1:]]
+
+    # -- volumes -----------------------------------------------------------------------------
+
+    def _volumes(self, pod, workdir: Path) -> dict[str, Path]:
+        """Each volume of the pod as a folder under its work folder (emptyDir, ConfigMap, Secret)."""
+        out: dict[str, Path] = {}
+        ns = pod.metadata.namespace
+        for vol in pod.spec.volumes or []:
+            folder = workdir / "volumes" / vol.name
+            folder.mkdir(parents=True, exist_ok=True)
+            if vol.config_map or vol.secret:
+                src = vol.config_map or vol.secret
+                name = src.name if vol.config_map else src.secret_name
+                read = self._config_map if vol.config_map else self._secret
+                data = self._optional(read, ns, name, src.optional) or {}
+                items = {i.key: i.path for i in src.items or []} or {k: k for k in data}
+                for key, rel in items.items():
+                    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (folder / rel).write_text(data[key])
+            elif vol.empty_dir is None and vol.projected is None:  # projected: the service-account token
+                raise ValueError(f"volume {vol.name}: only emptyDir, configMap and secret volumes run locally")
+            out[vol.name] = folder
+        return out
+
+    @staticmethod
+    def _mounts(container, volumes: dict[str, Path]) -> dict[str, Path]:
+        """A container's mountPath → local path (its volume's folder, or a file in it for subPath)."""
+        out = {}
+        for mount in container.volume_mounts or []:
+            folder = volumes[mount.name]
+            out[mount.mount_path.rstrip("/") or "/"] = folder / mount.sub_path if mount.sub_path else folder
+        return out
+
+    @staticmethod
+    def _rewrite_mounts(value: str, mounts: dict[str, Path]) -> str:
+        """A mountPath where a path starts (after `=`, `:`, a space, a quote or at the start), followed
+        by `/` or the end of the path → the local folder. One pass, longest first: /a/b wins over /a,
+        and a local folder under a mountPath (an emptyDir at /tmp) is not rewritten again."""
+        if not mounts:
+            return value
+        paths = "|".join(re.escape(p) for p in sorted(mounts, key=len, reverse=True))
+        pattern = rf"(?<![\w.~/-])({paths})(?=/|$|[^\w.~-])"
+        return re.sub(pattern, lambda m: str(mounts[m.group(1)]), value)
 
     def _rewrite(self, value: str, ip: str) -> str:
         """0.0.0.0 → the pod's loopback address; Service URLs and bare Service host names (a

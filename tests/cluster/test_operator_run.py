@@ -53,7 +53,8 @@ class Operator:
                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "operator")]),
                "WRPO_OPERATOR_POLL_SECONDS": "1", "WRPO_OPERATOR_TRAINING_POLL_SECONDS": "1",
                "WRPO_OPERATOR_SERVER_POLL_SECONDS": "1", "WRPO_OPERATOR_SHORT_SECONDS": "1",
-               "WRPO_OPERATOR_METRICS_PORT": str(self.metrics_port)}
+               "WRPO_OPERATOR_METRICS_PORT": str(self.metrics_port),
+               "WRPO_OPERATOR_SCANNING": "false"}  # as the chart sets it in namespace scope
         env.pop("KUBERNETES_SERVICE_HOST", None)
         argv = [sys.executable, "-m", "wrpo_operator", "--standalone", f"--namespace={self.namespace}",
                 f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz", "--debug"]
@@ -207,8 +208,8 @@ def test_tiny_run_walks_the_stages_in_order_and_succeeds(operator, apis, k8s_nam
 
 def test_failed_stage_is_retried_then_fails_the_run(operator, apis, k8s_namespace):
     custom, batch, apps, core = apis
-    create_run(custom, k8s_namespace, "bad", tiny_spec(backoffLimit=1),
-               {"fusion.wrpo.io/pod-annotations": json.dumps({"wrpo.test/fail": "true"})})
+    create_run(custom, k8s_namespace, "bad",
+               tiny_spec(backoffLimit=1, podAnnotations={"wrpo.test/fail": "true"}))
     status = wait_phase(custom, k8s_namespace, "bad", "Failed", 180, operator)
     assert status["stage"] == "prepare" and "BackoffLimitExceeded" in status["message"]
     assert status["stages"][0]["retries"] == 2  # the first pod and one retry
@@ -223,8 +224,7 @@ def test_failed_stage_is_retried_then_fails_the_run(operator, apis, k8s_namespac
 
 def test_operator_restart_mid_run_finishes_without_duplicates(operator, apis, k8s_namespace):
     custom, batch, apps, core = apis
-    create_run(custom, k8s_namespace, "restart", tiny_spec(),
-               {"fusion.wrpo.io/pod-annotations": json.dumps({"wrpo.test/run-duration": "3s"})})
+    create_run(custom, k8s_namespace, "restart", tiny_spec(podAnnotations={"wrpo.test/run-duration": "3s"}))
     def at_scoring():
         return (get_run(custom, k8s_namespace, "restart").get("status") or {}).get("stage") == "score-sources"
 
@@ -245,8 +245,7 @@ def test_operator_restart_mid_run_finishes_without_duplicates(operator, apis, k8
 
 def test_suspend_removes_active_children_and_resume_continues(operator, apis, k8s_namespace):
     custom, batch, apps, core = apis
-    create_run(custom, k8s_namespace, "pause", tiny_spec(),
-               {"fusion.wrpo.io/pod-annotations": json.dumps({"wrpo.test/run-duration": "2s"})})
+    create_run(custom, k8s_namespace, "pause", tiny_spec(podAnnotations={"wrpo.test/run-duration": "2s"}))
     wait(lambda: children(apis, k8s_namespace, "pause")["Deployment"], 120, "vLLM Deployments", operator)
     prepare_uid = batch.read_namespaced_job("pause-prepare", k8s_namespace).metadata.uid
     patch_run(custom, k8s_namespace, "pause", {"spec": {"suspend": True}})
@@ -270,8 +269,7 @@ def test_suspend_removes_active_children_and_resume_continues(operator, apis, k8
 
 def test_deleting_the_run_removes_every_child(operator, apis, k8s_namespace):
     custom, batch, apps, core = apis
-    create_run(custom, k8s_namespace, "gone", tiny_spec(),
-               {"fusion.wrpo.io/pod-annotations": json.dumps({"wrpo.test/run-duration": "3s"})})
+    create_run(custom, k8s_namespace, "gone", tiny_spec(podAnnotations={"wrpo.test/run-duration": "3s"}))
     wait(lambda: children(apis, k8s_namespace, "gone")["Deployment"], 120, "vLLM Deployments", operator)
     custom.delete_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, "gone",
                                            body={"propagationPolicy": "Background"})

@@ -1,9 +1,15 @@
-"""The pod runner's address rewriting, without a cluster."""
+"""The pod runner without a cluster: address and mountPath rewriting, volumes, optional references,
+init containers (real processes, a fake API)."""
 
 from __future__ import annotations
 
+import base64
+import time
+from pathlib import Path
+
 import pytest
 from k8s_podrunner import PodRunner
+from kubernetes.client.rest import ApiException
 
 
 @pytest.fixture
@@ -34,3 +40,177 @@ def runner(tmp_path):
 ])
 def test_rewrite(runner, value, expected):
     assert runner._rewrite(value, "127.0.0.7") == expected
+
+
+# -- volumes, optional references and init containers (a fake API, real processes) -----------------
+
+class FakeCore:
+    """Secrets, ConfigMaps and the pod-status patches the runner sends; nothing else."""
+
+    def __init__(self, secrets=None, config_maps=None):
+        self.secrets, self.config_maps = secrets or {}, config_maps or {}
+        self.statuses: list[dict] = []
+
+    @staticmethod
+    def _read(store, name):
+        from kubernetes.client.rest import ApiException
+
+        if name not in store:
+            raise ApiException(status=404, reason="Not Found")
+        return store[name]
+
+    def read_namespaced_secret(self, name, namespace):
+        from kubernetes import client
+
+        data = {k: base64.b64encode(v.encode()).decode() for k, v in self._read(self.secrets, name).items()}
+        return client.V1Secret(data=data)
+
+    def read_namespaced_config_map(self, name, namespace):
+        from kubernetes import client
+
+        return client.V1ConfigMap(data=self._read(self.config_maps, name))
+
+    def list_namespaced_service(self, namespace):
+        from kubernetes import client
+
+        return client.V1ServiceList(items=[])
+
+    def patch_namespaced_pod_status(self, name, namespace, body):
+        self.statuses.append(body["status"])
+
+
+def make_pod(containers, init=(), volumes=(), restart="Never"):
+    from kubernetes import client
+
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name="p", namespace="ns1", uid="u1"),
+        spec=client.V1PodSpec(containers=list(containers), init_containers=list(init) or None,
+                              volumes=list(volumes) or None, restart_policy=restart, node_name="n"),
+        status=client.V1PodStatus(phase="Pending"))
+
+
+@pytest.fixture
+def fake(runner):
+    runner.core = FakeCore(secrets={"s3": {"KEY": "k1"}},
+                           config_maps={"spec": {"spec.yaml": "a: 1\n", "other": "x"}})
+    return runner.core
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("/etc/wrpo/spec.yaml", "L/spec/spec.yaml"),
+    ("--spec=/etc/wrpo/spec.yaml", "--spec=L/spec/spec.yaml"),
+    ("/etc/wrpo", "L/spec"),
+    ("/etc/wrpo2/x", "/etc/wrpo2/x"),  # another folder
+    ("/weights/model", "L/weights/model"),
+    ("/weights/a/model", "L/wa/model"),  # the longer mountPath wins
+    ("s3://bucket/weights/model", "s3://bucket/weights/model"),  # not where a path starts
+    ("a:/weights/x,b=/etc/wrpo", "a:L/weights/x,b=L/spec"),
+    ("/tmp/x", "/tmp/pods/p/volumes/t/x"),  # replaced once, though the result starts with /tmp
+])
+def test_mount_paths_become_local_folders(value, expected):
+    mounts = {"/etc/wrpo": Path("L/spec"), "/weights": Path("L/weights"), "/weights/a": Path("L/wa"),
+              "/tmp": Path("/tmp/pods/p/volumes/t")}
+    assert PodRunner._rewrite_mounts(value, mounts) == expected
+
+
+def test_configmap_and_emptydir_volumes_are_materialised_and_mount_paths_rewritten(runner, fake, tmp_path):
+    from kubernetes import client
+
+    volumes = [client.V1Volume(name="spec", config_map=client.V1ConfigMapVolumeSource(name="spec")),
+               client.V1Volume(name="one", config_map=client.V1ConfigMapVolumeSource(
+                   name="spec", items=[client.V1KeyToPath(key="other", path="sub/o.txt")])),
+               client.V1Volume(name="work", empty_dir=client.V1EmptyDirVolumeSource())]
+    mounts = [client.V1VolumeMount(name="spec", mount_path="/etc/wrpo"),
+              client.V1VolumeMount(name="one", mount_path="/etc/one.txt", sub_path="sub/o.txt"),
+              client.V1VolumeMount(name="work", mount_path="/work")]
+    c = client.V1Container(name="c", image="i", command=["cat", "/etc/wrpo/spec.yaml"],
+                           env=[client.V1EnvVar(name="OUT", value="/work/out")], volume_mounts=mounts)
+    pod = make_pod([c], volumes=volumes)
+    local = runner._volumes(pod, tmp_path)
+    step = runner._step(pod, c, "127.0.0.7", local)
+    assert step.argv[1:] == [str(tmp_path / "volumes" / "spec" / "spec.yaml")]
+    assert Path(step.argv[1]).read_text() == "a: 1\n"
+    assert (tmp_path / "volumes" / "one" / "sub" / "o.txt").read_text() == "x"
+    assert not (tmp_path / "volumes" / "one" / "spec.yaml").exists()  # only the listed items
+    assert step.env["OUT"] == str(tmp_path / "volumes" / "work" / "out")
+
+
+def test_unsupported_volumes_are_refused(runner, fake, tmp_path):
+    from kubernetes import client
+
+    pvc = client.V1Volume(name="m", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
+        claim_name="models"))
+    with pytest.raises(ValueError, match="only emptyDir"):
+        runner._volumes(make_pod([], volumes=[pvc]), tmp_path)
+
+
+def test_optional_secret_references_to_missing_things_stay_unset(runner, fake):
+    from kubernetes import client
+
+    def ref(name, key, optional):
+        sel = client.V1SecretKeySelector(name=name, key=key, optional=optional)
+        return client.V1EnvVar(name=f"{name}_{key}", value_from=client.V1EnvVarSource(secret_key_ref=sel))
+
+    c = client.V1Container(name="c", image="i", env=[ref("s3", "KEY", None), ref("s3", "TOKEN", True),
+                                                      ref("gone", "KEY", True)],
+                           env_from=[client.V1EnvFromSource(
+                               secret_ref=client.V1SecretEnvSource(name="gone", optional=True))])
+    env = runner._environment(make_pod([c]), c, "127.0.0.7")
+    assert env["s3_KEY"] == "k1" and "s3_TOKEN" not in env and "gone_KEY" not in env
+    c.env = [ref("s3", "TOKEN", False)]
+    with pytest.raises(KeyError):
+        runner._environment(make_pod([c]), c, "127.0.0.7")
+    c.env = [ref("gone", "KEY", None)]
+    with pytest.raises(ApiException):
+        runner._environment(make_pod([c]), c, "127.0.0.7")
+
+
+def _run_pod(runner, pod, timeout=30.0):
+    runner._launch(pod)
+    local = runner.pods[pod.metadata.name]
+    deadline = time.monotonic() + timeout
+    while not local.finished and time.monotonic() < deadline:
+        runner._supervise(local)
+        time.sleep(0.05)
+    return local
+
+
+def test_init_containers_run_in_order_before_the_main_container(runner, fake):
+    from kubernetes import client
+
+    work = client.V1Volume(name="w", empty_dir=client.V1EmptyDirVolumeSource())
+    mount = [client.V1VolumeMount(name="w", mount_path="/w")]
+
+    def sh(name, script):
+        return client.V1Container(name=name, image="i", command=["sh", "-c", script], volume_mounts=mount)
+
+    pod = make_pod([sh("main", "cat /w/log")], init=[sh("one", "echo one >> /w/log"),
+                                                      sh("two", "echo two >> /w/log")],
+                   volumes=[work])
+    local = _run_pod(runner, pod)
+    final = fake.statuses[-1]
+    assert final["phase"] == "Succeeded", runner.logs("p")
+    assert runner.logs("p").splitlines()[-2:] == ["one", "two"]  # main printed what both wrote
+    # Running is reported only once the main container started
+    assert [s["phase"] for s in fake.statuses] == ["Running", "Succeeded"]
+    assert local.container == "main"
+
+
+def test_a_command_map_entry_may_rewrite_the_whole_command(runner, fake):
+    from kubernetes import client
+
+    runner.command_map["serve"] = lambda argv: ["echo", "served", *argv[1:]]
+    c = client.V1Container(name="c", image="i", command=["serve"], args=["--host", "0.0.0.0"])
+    assert runner._argv(c, {}, "127.0.0.7") == ["echo", "served", "--host", "127.0.0.7"]
+
+
+def test_a_failed_init_container_fails_the_pod_and_the_main_one_never_runs(runner, fake):
+    from kubernetes import client
+
+    init = client.V1Container(name="fetch", image="i", command=["sh", "-c", "exit 3"])
+    main = client.V1Container(name="main", image="i", command=["sh", "-c", "echo main-ran"])
+    _run_pod(runner, make_pod([main], init=[init]))
+    final = fake.statuses[-1]
+    assert final["phase"] == "Failed" and "main-ran" not in runner.logs("p")
+    term = final["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 3 and term["reason"] == "Init:Error" and "fetch" in term["message"]

@@ -93,7 +93,8 @@ def test_vllm_deployment(spec, source, tp, model_arg, init):
     assert flags["--gpu-memory-utilization"] == "0.9" and flags["--seed"] == "42"
     assert ("--max-model-len" in args) == (source == "llama")
     assert ("--enforce-eager" in args) == (source == "qwen")
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == str(tp)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == str(tp)  # cluster.vllm.gpus unset
+    assert c["resources"]["requests"]["memory"] == "32Gi" and "memory" not in c["resources"]["limits"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": "/health", "port": 8000}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
@@ -108,6 +109,18 @@ def test_vllm_deployment(spec, source, tp, model_arg, init):
     assert pod["nodeSelector"] == {"pool": "gpu"}
     sel = dep["spec"]["selector"]["matchLabels"]
     assert all(dep["spec"]["template"]["metadata"]["labels"][k] == v for k, v in sel.items())
+
+
+@pytest.mark.parametrize("vllm,gpus", [({"gpus": 0}, None), ({"gpus": 2}, "2"), ({}, "4")])
+def test_vllm_resources_come_from_cluster_vllm(vllm, gpus):
+    spec = make_spec(cluster={"vllm": {**vllm, "cpu": "3", "memory": "6Gi", "shmSize": "1Gi"}})
+    dep = b.build_vllm_deployment(RUN, NS, spec, b.VllmServer.for_source(spec.sources[0]), "sample-sources")
+    res = _container(dep, "vllm")["resources"]
+    assert res["requests"]["cpu"] == "3" and res["requests"]["memory"] == "6Gi"
+    assert res["requests"].get("nvidia.com/gpu") == gpus
+    assert res.get("limits", {}).get("nvidia.com/gpu") == gpus
+    shm = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
 
 
 def test_vllm_service_selects_its_deployment(spec):

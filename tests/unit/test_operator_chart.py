@@ -120,6 +120,9 @@ def test_rbac_modes(scope, kinds):
     assert [d["kind"] for d in docs if "Role" in d["kind"]] == kinds
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # kopf's Namespace/CRD scanning needs cluster-wide reads that only the cluster scope grants
+    assert env.get("WRPO_OPERATOR_SCANNING") == (None if scope == "cluster" else "false")
     if scope == "namespace":
         assert "--namespace=team-a" in args and "--namespace=team-b" in args
         assert {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"} == {"team-a", "team-b"}

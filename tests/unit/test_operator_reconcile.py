@@ -11,7 +11,7 @@ import pytest
 
 from wrpo.errors import SpecError
 from wrpo.plan import STAGE_NAMES
-from wrpo_operator import ANNOTATION_TTL, LABEL_RUN
+from wrpo_operator import LABEL_RUN
 from wrpo_operator.reconcile import Settings, reconcile
 
 NS, NAME, UID = "team-a", "demo", "uid-1"
@@ -283,7 +283,7 @@ def test_children_that_lost_their_owner_reference_are_adopted():
 
 def test_ttl_after_finish_deletes_the_run():
     kube = FakeKube()
-    kube.add_run(tiny_spec(), annotations={ANNOTATION_TTL: "600"})
+    kube.add_run(tiny_spec(cluster={"ttlSecondsAfterFinished": 600}))
     walk(kube)
     d = step(kube, minutes=5)
     assert not d.delete_run and 0 < d.requeue <= 600
@@ -317,11 +317,10 @@ def test_invalid_specs_name_the_field():
 
 def test_pod_annotations_reach_every_stage_pod_and_bad_ones_are_rejected():
     kube = FakeKube()
-    extra = {"fusion.wrpo.io/pod-annotations": '{"sidecar.istio.io/inject": "false"}'}
-    kube.add_run(tiny_spec(), annotations=extra)
+    kube.add_run(tiny_spec(cluster={"podAnnotations": {"sidecar.istio.io/inject": "false"}}))
     step(kube)
     job = kube.objects[("Job", "demo-prepare")]
     assert job["spec"]["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
-    kube.objects[("FusionRun", NAME)]["metadata"]["annotations"]["fusion.wrpo.io/pod-annotations"] = "[1]"
-    with pytest.raises(SpecError, match="pod-annotations"):
+    kube.objects[("FusionRun", NAME)]["spec"]["cluster"]["podAnnotations"] = {"a": 1}
+    with pytest.raises(SpecError, match="cluster.podAnnotations"):
         step(kube)
