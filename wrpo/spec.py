@@ -240,6 +240,8 @@ class VLLMResources(_Model):
     cpu: str = Field(default="4", description="CPU request.")
     memory: str = Field(default="32Gi", description="Memory request.")
     shm_size: str = Field(default="8Gi", description="Size of the /dev/shm emptyDir.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment of the vLLM container (e.g. VLLM_CPU_KVCACHE_SPACE).")
 
 
 class ClusterSpec(_Model):

@@ -284,7 +284,8 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
         "name": "vllm", "image": spec.cluster.vllm_image, "imagePullPolicy": spec.cluster.image_pull_policy,
         "command": ["vllm", "serve"], "args": vllm_args(spec, server, model_path),
         "ports": [{"name": "http", "containerPort": VLLM_PORT}],
-        "env": [{"name": "HF_HUB_OFFLINE", "value": "1" if server.model.startswith(("s3://", "/")) else "0"}],
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "1" if server.model.startswith(("s3://", "/")) else "0"}]
+        + [{"name": k, "value": v} for k, v in sorted(spec.cluster.vllm.env.items())],
         "resources": _vllm_resources(spec.cluster.vllm, server.tensor_parallel_size),
         "volumeMounts": mounts,
         # Big models load for many minutes: the startup probe allows 30; then /health must keep passing.

@@ -123,6 +123,13 @@ def test_vllm_resources_come_from_cluster_vllm(vllm, gpus):
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
 
 
+def test_vllm_env_comes_from_cluster_vllm_env():
+    spec = make_spec(cluster={"vllm": {"env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}})
+    dep = b.build_vllm_deployment(RUN, NS, spec, b.VllmServer.for_source(spec.sources[0]), "sample-sources")
+    env = {e["name"]: e["value"] for e in _container(dep, "vllm")["env"]}
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and "HF_HUB_OFFLINE" in env
+
+
 def test_vllm_service_selects_its_deployment(spec):
     server = b.VllmServer.for_source(spec.sources[0])
     svc = b.build_vllm_service(RUN, NS, server, "sample-sources")
