@@ -129,9 +129,10 @@ def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str
         prev = (before.get(s["name"]) or {}).get("state", "Pending")
         if s["state"] == prev:
             continue
-        if s["state"] == "Running":
+        if s["state"] == "Running" or (s["state"] in ("Succeeded", "Failed") and prev in ("Pending", "Waiting")):
+            # a stage that ran to its end while no operator watched still gets its StageStarted
             events.append(("Normal", "StageStarted", f"stage {s['name']} started"))
-        elif s["state"] == "Waiting":
+        if s["state"] == "Waiting":
             events.append(("Normal", "StageWaiting", f"stage {s['name']}: {s.get('message') or 'waiting'}"))
         elif s["state"] == "Succeeded":
             events.append(("Normal", "StageSucceeded", f"stage {s['name']} committed: {s.get('outputUri')}"))

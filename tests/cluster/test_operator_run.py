@@ -239,8 +239,11 @@ def test_operator_restart_mid_run_finishes_without_duplicates(operator, apis, k8
     for job in kids["Job"]:
         pods = core.list_namespaced_pod(k8s_namespace, label_selector=f"job-name={job['metadata']['name']}")
         assert len(pods.items) == 1, job["metadata"]["name"]  # no stage ran twice
-    reasons = [r for _, r, _ in events(core, k8s_namespace, "restart")]
-    assert reasons.count("StageStarted") == 10 and reasons.count("StageSucceeded") == 10
+    assert [st["state"] for st in status["stages"]] == ["Succeeded"] * 10
+    # Events are best effort: those of the reconcile in flight at the SIGKILL may be lost, but no stage
+    # may be reported started twice.
+    started = [m for _, r, m in events(core, k8s_namespace, "restart") if r == "StageStarted"]
+    assert len(started) == len(set(started)) and len(started) >= 8, started
 
 
 def test_suspend_removes_active_children_and_resume_continues(operator, apis, k8s_namespace):

@@ -324,3 +324,14 @@ def test_pod_annotations_reach_every_stage_pod_and_bad_ones_are_rejected():
     kube.objects[("FusionRun", NAME)]["spec"]["cluster"]["podAnnotations"] = {"a": 1}
     with pytest.raises(SpecError, match="cluster.podAnnotations"):
         step(kube)
+
+
+def test_a_stage_that_finished_unwatched_still_gets_its_started_event():
+    from wrpo_operator.status import transitions
+
+    old = {"phase": "Running", "stages": [{"name": "prepare", "state": "Waiting"}]}
+    new = {"phase": "Running", "stages": [{"name": "prepare", "state": "Succeeded", "outputUri": "s3://b/r/prepare/"}]}
+    reasons = [r for _, r, _ in transitions(old, new)]
+    assert reasons == ["StageStarted", "StageSucceeded"]
+    again = transitions(new, new)
+    assert again == []
