@@ -116,6 +116,18 @@ def step(kube, minutes=1, _clock=[T0]):  # noqa: B006 - a shared test clock
     _clock[0] += timedelta(minutes=minutes)
     return reconcile(kube.run, kube, now=_clock[0], settings=FAST)
 
+def kube_in_sampling() -> FakeKube:
+    """A tiny run advanced past prepare, with its vLLM servers available and the sampling Job created."""
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    kube.make_available()
+    step(kube)
+    return kube
+
+
 
 def runner_of(kube, stage):
     for kind in ("Job", "PyTorchJob"):
@@ -181,13 +193,7 @@ def test_reconcile_is_idempotent_and_quiet_when_nothing_changed():
 
 
 def test_operator_restart_continues_without_rerunning_or_duplicating():
-    kube = FakeKube()
-    kube.add_run(tiny_spec())
-    step(kube)
-    kube.finish("Job", "demo-prepare")
-    step(kube)
-    kube.make_available()
-    step(kube)
+    kube = kube_in_sampling()
     # "restart": a fresh reconcile sees only what the apiserver holds (status + children)
     created = sum(n for (verb, kind), n in kube.calls.items() if verb == "create" and kind != "Event")
     kube.calls.clear()
@@ -198,13 +204,7 @@ def test_operator_restart_continues_without_rerunning_or_duplicating():
 
 
 def test_a_failed_stage_fails_the_run_with_reason_event_and_frees_gpus():
-    kube = FakeKube()
-    kube.add_run(tiny_spec())
-    step(kube)
-    kube.finish("Job", "demo-prepare")
-    step(kube)
-    kube.make_available()
-    step(kube)
+    kube = kube_in_sampling()
     kube.finish("Job", "demo-sample-sources", ok=False, failed=3)
     d = step(kube)
     status = kube.run["status"]
@@ -229,13 +229,7 @@ def test_a_failed_stage_fails_the_run_with_reason_event_and_frees_gpus():
 
 
 def test_suspend_removes_active_children_and_resume_continues():
-    kube = FakeKube()
-    kube.add_run(tiny_spec())
-    step(kube)
-    kube.finish("Job", "demo-prepare")
-    step(kube)
-    kube.make_available()
-    step(kube)
+    kube = kube_in_sampling()
     assert "demo-sample-sources" in kube.kinds("Job")
     run = kube.objects[("FusionRun", NAME)]
     run["spec"]["suspend"] = True
