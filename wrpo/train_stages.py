@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -36,17 +37,24 @@ def workdir(run, options: StageOptions | None, stage: str) -> Path:
     return path
 
 
-def _fetch_once(dest: Path, fetch) -> Path:
-    """Run `fetch(dest)` on local rank 0 only (marker file `dest/.fetched`); other ranks wait for it."""
-    marker = dest / ".fetched"
+def _fetch_once(dest: Path, fetch, stage: str, version: str) -> Path:
+    """Run `fetch(dest)` on local rank 0 unless `dest` already holds `version` of `stage`'s outputs
+    (marker `dest/.fetched-<stage>` holds the stage's spec hash, so a re-run stage is fetched again);
+    the other local ranks wait for the marker."""
+    marker = dest / f".fetched-{stage}"
+
+    def current() -> bool:
+        return marker.exists() and marker.read_text() == version
+
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        if not marker.exists():
+        if not current():
+            marker.unlink(missing_ok=True)
             dest.mkdir(parents=True, exist_ok=True)
             fetch(dest)
-            marker.write_text(str(time.time()))
+            marker.write_text(version)
         return dest
     deadline = time.monotonic() + DOWNLOAD_TIMEOUT_S
-    while not marker.exists():
+    while not current():
         if time.monotonic() > deadline:
             raise WrpoError(f"timed out waiting for local rank 0 to download into {dest}")
         time.sleep(2)
@@ -59,11 +67,15 @@ def _fetch_objects(run, stage: str, names: list[str], dest: Path) -> Path:
         for n in names:
             sd.download(n, d / n)
 
-    return _fetch_once(dest, fetch)
+    return _fetch_once(dest, fetch, stage, run.stage(stage).manifest()["spec_hash"])
 
 
 def _fetch_sft_model(run, wd: Path) -> Path:
-    return _fetch_once(wd / "target-sft", lambda d: run.stage("sft").download_tree("model", d))
+    def fetch(d: Path) -> None:
+        shutil.rmtree(d, ignore_errors=True)  # no file of an older Target-SFT may survive
+        run.stage("sft").download_tree("model", d)
+
+    return _fetch_once(wd / "target-sft", fetch, "sft", run.stage("sft").manifest()["spec_hash"])
 
 
 def _ensure_distributed_env(deepspeed_stage: int) -> None:
@@ -107,14 +119,11 @@ def run_sft(spec: FusionSpec, run, out, options: StageOptions | None = None) -> 
 
 
 def _pairs_and_refs(run, wd: Path) -> Path:
+    """The quadruples with their reference log-probs beside them, where the trainer looks for them."""
     names = [f"{split}{suffix}" for split in ("train", "eval")
              for suffix in (".ref_logps.jsonl", ".ref_logps.meta.json")]
     data = _fetch_objects(run, "build-pairs", ["train.jsonl", "eval.jsonl"], wd / "pairs")
-    _fetch_objects(run, "ref-logps", names, wd / "pairs-refs")
-    for n in names:  # the trainer looks for <data>.ref_logps.jsonl beside the data
-        target = data / n
-        if not target.exists():
-            target.write_bytes((wd / "pairs-refs" / n).read_bytes())
+    _fetch_objects(run, "ref-logps", names, data)
     return data
 
 
