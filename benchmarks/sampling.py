@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 def prompts(n: int):
+    from wrpo.models.tiny import corpus_pairs
     from wrpo.records import PromptRecord
-    from wrpo.tiny import corpus_pairs
 
     qa = corpus_pairs()
     return [PromptRecord(prompt_id=f"b{i}", prompt=[{"role": "user", "content": qa[i % len(qa)][0]}])
@@ -28,7 +28,7 @@ def prompts(n: int):
 
 
 def bodies(ps, params, model: str) -> list[dict]:
-    from wrpo.sampling import prompt_seed
+    from wrpo.data.sampling import prompt_seed
 
     return [{"model": model, "messages": [m.model_dump() for m in p.prompt], "n": params.n,
              "temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
@@ -52,8 +52,8 @@ async def max_load(url: str, reqs: list[dict]) -> float:
 
 
 async def ours(url: str, model: str, ps, params, concurrency: int) -> float:
-    from wrpo.sampling import ChatClient, sample_group
-    from wrpo.storage import RunDir
+    from wrpo.data.sampling import ChatClient, sample_group
+    from wrpo.pipeline.rundir import RunDir
 
     out = RunDir(tempfile.mkdtemp(prefix="wrpo-bench-run-")).stage("sample-sources").writer()
     async with ChatClient(url, model, concurrency=concurrency) as client:
@@ -74,15 +74,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from wrpo.sampling import SamplingParams
-    from wrpo.serving import VLLMServer
+    from wrpo.data.sampling import SamplingParams
+    from wrpo.data.serving import VLLMServer
 
     params = SamplingParams(n=args.n, max_tokens=args.max_tokens)
     ps = prompts(args.prompts)
     reqs = bodies(ps, params, args.served_name)
     model = args.model
     if model is None and args.url is None:
-        from wrpo.tiny import write_tiny_models
+        from wrpo.models.tiny import write_tiny_models
 
         root = Path(tempfile.mkdtemp(prefix="wrpo-bench-"))
         model = str(write_tiny_models(root, names=("source-qwen",))["source-qwen"])

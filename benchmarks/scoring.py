@@ -21,7 +21,7 @@ from pathlib import Path
 
 def make_pairs(n: int, seed: int = 0) -> list[tuple[list[dict[str, str]], str]]:
     """Corpus questions with answers of varied length (1-6 corpus answers glued together)."""
-    from wrpo.tiny import corpus_pairs
+    from wrpo.models.tiny import corpus_pairs
 
     rng = random.Random(seed)
     qa = corpus_pairs()
@@ -37,7 +37,7 @@ def raw_forward(scorer, seqs, batch_size: int) -> float:
     """Seconds for the plain batched forward over pre-tokenised ids (input order, right padding)."""
     import torch
 
-    from wrpo.scoring import pad_right
+    from wrpo.data.scoring import pad_right
 
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -65,11 +65,11 @@ def main() -> None:
 
     import torch
 
-    from wrpo.scoring import SequenceClassifierScorer
+    from wrpo.data.scoring import SequenceClassifierScorer
 
     model = args.model
     if model is None:
-        from wrpo.tiny import write_tiny_models
+        from wrpo.models.tiny import write_tiny_models
 
         root = Path(tempfile.mkdtemp(prefix="wrpo-bench-"))
         model = str(write_tiny_models(root, names=("reward",))["reward"])

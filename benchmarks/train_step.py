@@ -86,7 +86,7 @@ class CountingCollator:
 
 
 def make_model(folder: Path) -> Path:
-    from wrpo.tiny import write_tiny_tokenizer
+    from wrpo.models.tiny import write_tiny_tokenizer
 
     tok = write_tiny_tokenizer(folder, "chatml")
     cfg = Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
@@ -98,10 +98,10 @@ def make_model(folder: Path) -> Path:
 
 
 def run_ours(model_dir: Path, data: Path, out: Path, batch: int, steps: int, baseline: str, layout: str):
-    from wrpo.train.common import load_causal_lm, load_tokenizer, training_arguments
-    from wrpo.train.config import WRPOConfig
-    from wrpo.train.data import PreferenceCollator
-    from wrpo.train.wrpo_trainer import WRPOTrainer, _dataset
+    from wrpo.engine.common import load_causal_lm, load_tokenizer, training_arguments
+    from wrpo.engine.config import WRPOConfig
+    from wrpo.engine.data import PreferenceCollator
+    from wrpo.engine.wrpo_trainer import WRPOTrainer, _dataset
 
     cfg = WRPOConfig(model=model_dir, data=data, output_dir=out, batch_size=batch,
                      per_device_batch_size=batch,
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layout", default="padded", choices=["padded", "packed"])
     a = parser.parse_args()
-    from wrpo.train.ref_logps import compute_reference_logps
+    from wrpo.engine.ref_logps import compute_reference_logps
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

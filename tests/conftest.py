@@ -17,8 +17,8 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory):
     """The tiny models of `wrpo tiny-models`, written once per session.
 
-    Returns the folder; sub-folders are named in `wrpo.tiny.MODEL_NAMES`."""
-    from wrpo.tiny import write_tiny_models
+    Returns the folder; sub-folders are named in `wrpo.models.tiny.MODEL_NAMES`."""
+    from wrpo.models.tiny import write_tiny_models
 
     root = tmp_path_factory.mktemp("tiny-models")
     write_tiny_models(root)

@@ -1,4 +1,4 @@
-"""The JSONL records that stages exchange (see ARCHITECTURE.md, "Records"). Field names are a contract.
+"""The JSONL records that stages exchange (see docs/architecture.md, "Records"). Field names are a contract.
 
 Every reader goes through `parse_jsonl`, so malformed input always stops with the file, the line and
 the field named, before anything is written or trained.

@@ -1,7 +1,7 @@
 """The WRPO operator: a thin kopf controller that runs each FusionRun's stages as Kubernetes children.
 
-Layering (checked by tests/unit/test_operator_layering.py): this package imports `wrpo.spec` and
-`wrpo.plan` only, never torch or transformers, so the operator image stays small. `crd`, `builders`
+Layering (checked by tests/unit/test_operator_layering.py): this package imports `wrpo.pipeline.spec` and
+`wrpo.pipeline.plan` only, never torch or transformers, so the operator image stays small. `crd`, `builders`
 and `status` are pure; `kube` is the only module that talks to the apiserver; `handlers` only
 registers kopf handlers that call `reconcile.reconcile`.
 """

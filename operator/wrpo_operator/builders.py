@@ -8,13 +8,13 @@ except the vLLM servers, which run `vllm serve` from the vLLM image.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from wrpo.plan import BY_NAME
-from wrpo.spec import FusionSpec, SourceSpec, StageResources, VLLMResources
+from wrpo.pipeline.plan import Server, servers
+from wrpo.pipeline.plan import stage as plan_stage
+from wrpo.pipeline.spec import FusionSpec, SourceSpec, StageResources, VLLMResources
 from wrpo_operator import (
     API_VERSION,
     FIELD_MANAGER,
@@ -203,56 +203,20 @@ def stage_command(stage: str, run_uri: str, endpoints: dict[str, str] | None = N
 
 # -- vLLM servers -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class VllmServer:
-    """One vLLM Deployment + Service: a source, the SFT target, or a pooling reward model."""
-
-    key: str  # child-name suffix: src-<name>, target or reward
-    served_name: str
-    model: str  # folder (PVC), s3:// URI (fetched by an init container) or hub id
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    vllm_args: tuple[str, ...] = ()
-
-    @classmethod
-    def for_source(cls, src: SourceSpec) -> VllmServer:
-        assert src.model is not None, "external-endpoint sources get no vLLM server"
-        return cls(f"src-{src.name}", src.name, src.model, src.tensor_parallel_size, src.max_model_len,
-                   src.gpu_memory_utilization, tuple(src.vllm_args))
-
-
-def vllm_servers(spec: FusionSpec, stage: str, run_uri: str) -> list[VllmServer]:
-    """The vLLM servers a stage needs while it runs."""
-    if stage == "sample-sources":
-        return [VllmServer.for_source(s) for s in spec.sources if s.model]
-    if stage == "sample-target":
-        t = spec.target
-        return [VllmServer("target", t.served_name, f"{run_uri.rstrip('/')}/sft/model/",
-                           t.tensor_parallel_size, vllm_args=tuple(t.vllm_args))]
-    if BY_NAME[stage].kind == "scoring" and stage != "ref-logps" and _served_reward(spec):
-        r = spec.reward
-        return [VllmServer("reward", r.served_name, r.model or "", 1, r.max_length,
-                           vllm_args=("--runner", "pooling"))]
-    return []
-
-
-def _served_reward(spec: FusionSpec) -> bool:
-    return spec.reward.type == "remote" and spec.reward.endpoint is None
-
-
-def vllm_url(run_name: str, namespace: str, server: VllmServer, v1: bool = True) -> str:
+def vllm_url(run_name: str, namespace: str, server: Server, v1: bool = True) -> str:
     url = f"http://{child_name(run_name, server.key)}.{namespace}.svc:{VLLM_PORT}"
     return f"{url}/v1" if v1 else url
 
 
-def vllm_args(spec: FusionSpec, server: VllmServer, model_path: str) -> list[str]:
+def vllm_args(spec: FusionSpec, server: Server, model_path: str) -> list[str]:
     args = [model_path, "--served-model-name", server.served_name, "--host", "0.0.0.0",
             "--port", str(VLLM_PORT), "--tensor-parallel-size", str(server.tensor_parallel_size),
             "--gpu-memory-utilization", str(server.gpu_memory_utilization), "--seed", str(spec.sampling.seed)]
     if server.max_model_len:
         args += ["--max-model-len", str(server.max_model_len)]
-    return [*args, *server.vllm_args]
+    if server.runner == "pooling":
+        args += ["--runner", "pooling"]
+    return [*args, *server.args]
 
 
 def _probe(path: str, period: int, failures: int) -> Obj:
@@ -260,7 +224,7 @@ def _probe(path: str, period: int, failures: int) -> Obj:
             "failureThreshold": failures, "timeoutSeconds": 5}
 
 
-def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, server: VllmServer,
+def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, server: Server,
                           stage: str, stage_hash: str | None = None) -> Obj:
     """A one-replica vLLM Deployment; weights from the models PVC, or fetched from S3 first."""
     name = child_name(run_name, server.key)
@@ -310,7 +274,7 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
     }
 
 
-def build_vllm_service(run_name: str, namespace: str, server: VllmServer, stage: str,
+def build_vllm_service(run_name: str, namespace: str, server: Server, stage: str,
                        stage_hash: str | None = None) -> Obj:
     return {
         "apiVersion": "v1", "kind": "Service",
@@ -326,8 +290,9 @@ def build_vllm_service(run_name: str, namespace: str, server: VllmServer, stage:
 
 # -- stage Jobs and PyTorchJobs ---------------------------------------------------------------------
 
-def stage_resources(spec: FusionSpec, stage: str) -> StageResources:
-    kind = BY_NAME[stage].kind
+def stage_resources(spec: FusionSpec, name: str) -> StageResources:
+    """The `cluster.*` section of the stage's resource class (the plan row's `resources`)."""
+    kind = plan_stage(name).resources
     if kind == "scoring":
         return spec.cluster.scoring
     if kind == "training":
@@ -336,12 +301,11 @@ def stage_resources(spec: FusionSpec, stage: str) -> StageResources:
 
 
 def stage_args(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str) -> list[str]:
-    """The stage's `wrpo stage` command with the URLs of the servers `vllm_servers` starts for it."""
-    servers = {s.key: s for s in vllm_servers(spec, stage, run_uri)}
-    endpoints = {s.served_name: vllm_url(run_name, namespace, s)
-                 for k, s in servers.items() if k.startswith("src-")}
-    target = vllm_url(run_name, namespace, servers["target"]) if "target" in servers else None
-    reward = vllm_url(run_name, namespace, servers["reward"], v1=False) if "reward" in servers else None
+    """The stage's `wrpo stage` command with the URLs of the servers its plan row needs."""
+    needed = {s.key: s for s in servers(spec, stage, run_uri)}
+    endpoints = {s.source: vllm_url(run_name, namespace, s) for s in needed.values() if s.source}
+    target = vllm_url(run_name, namespace, needed["target"]) if "target" in needed else None
+    reward = vllm_url(run_name, namespace, needed["reward"], v1=False) if "reward" in needed else None
     return stage_command(stage, run_uri, endpoints, target, reward)
 
 
@@ -354,7 +318,7 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
         volumes.append(vol)
         mounts.append(mount)
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
-    if stage == "sample-sources":
+    if plan_stage(stage).servers == "sources":  # external endpoints' keys, from their Secrets
         env += _api_key_env(list(spec.sources))
     container = _runtime_container(spec, container_name, command, env, mounts,
                                    _resources(stage_resources(spec, stage)))
@@ -425,7 +389,7 @@ def build_pytorchjob(run_name: str, namespace: str, spec: FusionSpec, stage: str
 def build_stage_runner(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
                        stage_hash: str | None = None) -> Obj:
     """The child that runs `stage`: a PyTorchJob for training stages, else a Job."""
-    build = build_pytorchjob if BY_NAME[stage].kind == "training" else build_stage_job
+    build = build_pytorchjob if plan_stage(stage).distributed else build_stage_job
     return build(run_name, namespace, spec, stage, run_uri, stage_hash)
 
 
@@ -433,7 +397,7 @@ def build_stage_servers(run_name: str, namespace: str, spec: FusionSpec, stage: 
                         stage_hash: str | None = None) -> list[Obj]:
     """Deployment + Service of every vLLM server the stage needs (none for external endpoints)."""
     out: list[Obj] = []
-    for server in vllm_servers(spec, stage, run_uri):
+    for server in servers(spec, stage, run_uri):
         out.append(build_vllm_deployment(run_name, namespace, spec, server, stage, stage_hash))
         out.append(build_vllm_service(run_name, namespace, server, stage, stage_hash))
     return out

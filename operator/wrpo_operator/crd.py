@@ -1,12 +1,12 @@
 """Generate the FusionRun CRD from the pydantic models: `python -m wrpo_operator.crd --write`.
 
-`.spec` is `wrpo.spec.FusionSpec` and `.status` is `wrpo_operator.status.FusionRunStatus`; both schemas
-are generated, never hand-written (STYLE §6). The generator turns pydantic's JSON schema into a
-structural OpenAPI v3 schema: `$defs` inlined, `anyOf [X, null]` → `nullable: true`, numeric
-`exclusiveMinimum` → OpenAPI 3.0's boolean form, `additionalProperties: true` (free-form dicts such as
-tolerations) → `x-kubernetes-preserve-unknown-fields`. The pydantic cross-field validators have CEL
-twins below (`CEL_RULES`); a unit test fails when a validator has no twin or the files drift.
-"""
+`.spec` is `wrpo.pipeline.spec.FusionSpec` and `.status` is `wrpo_operator.status.FusionRunStatus`; both
+schemas are generated, never hand-written (docs/architecture.md, "One source, generated copies"). The
+generator turns pydantic's JSON schema into a structural OpenAPI v3 schema: `$defs` inlined, `anyOf [X, null]`
+→ `nullable: true`, numeric `exclusiveMinimum` → OpenAPI 3.0's boolean form, `additionalProperties: true`
+(free-form dicts such as tolerations) → `x-kubernetes-preserve-unknown-fields`. The pydantic cross-field
+validators have CEL twins below (`CEL_RULES`); a unit test fails when a validator has no twin or the files
+drift."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from wrpo.spec import FusionSpec, RewardSpec, WRPOSpec, spec_json_schema
+from wrpo.pipeline.spec import FusionSpec, RewardSpec, WRPOSpec, spec_json_schema
 from wrpo_operator import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from wrpo_operator.status import FusionRunStatus
 
@@ -31,7 +31,7 @@ CRD_PATHS = (
     ROOT / "charts" / "wrpo-operator" / "crds" / f"{CRD_NAME}.yaml",
 )
 HEADER = (
-    "# Generated from wrpo/spec.py and operator/wrpo_operator/status.py by\n"
+    "# Generated from wrpo/pipeline/spec.py and operator/wrpo_operator/status.py by\n"
     "#   python -m wrpo_operator.crd --write\n"
     "# Do not edit: tests/unit/test_operator_crd.py fails when this file drifts from the models.\n"
 )
@@ -200,7 +200,7 @@ def status_schema() -> dict[str, Any]:
 def build_crd() -> dict[str, Any]:
     """The CustomResourceDefinition of FusionRun, as a dict."""
     spec = structural(spec_json_schema())
-    spec["description"] = "A FusionSpec (wrpo/spec.py): the whole fusion pipeline of this run."
+    spec["description"] = "A FusionSpec (wrpo/pipeline/spec.py): the whole fusion pipeline of this run."
     root = {
         "type": "object",
         "description": "A WRPO implicit model fusion run: its pipeline stages as Kubernetes children.",

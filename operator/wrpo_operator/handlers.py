@@ -1,5 +1,5 @@
-"""kopf registration only (STYLE §7): create, resume and update call `reconcile`, and so does a timer
-that catches drift while nothing else happens. Waiting is `TemporaryError(delay=...)`; a spec the
+"""kopf registration only (docs/architecture.md, "Operator"): create, resume and update call `reconcile`, and so
+does a timer that catches drift while nothing else happens. Waiting is `TemporaryError(delay=...)`; a spec the
 cluster cannot run is `PermanentError` (after writing it into the status)."""
 
 from __future__ import annotations

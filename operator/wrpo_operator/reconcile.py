@@ -1,9 +1,9 @@
-"""One reconcile of a FusionRun (STYLE §7): read → build desired → adopt → create if absent →
+"""One reconcile of a FusionRun (docs/architecture.md, "Operator"): read → build desired → adopt → create if absent →
 derive phase and conditions → patch status only if it changed.
 
 `decide` is pure (the FusionRun, its parsed spec, the observed children, the time → what to create,
 what to delete, the new status, when to look again); `reconcile` does the I/O around it. Stages run
-one after another in `wrpo.plan.STAGES` order; a stage is done when its Job/PyTorchJob succeeded,
+one after another in `wrpo.pipeline.plan.STAGES` order; a stage is done when its Job/PyTorchJob succeeded,
 because `wrpo stage` exits 0 only after committing `<run>/<stage>/_MANIFEST.json`.
 """
 
@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from wrpo.errors import SpecError
-from wrpo.plan import BY_NAME, STAGE_NAMES, stage_hashes
-from wrpo.spec import FusionSpec, parse_spec
+from wrpo.pipeline.plan import BY_NAME, STAGE_NAMES, stage_hashes
+from wrpo.pipeline.spec import FusionSpec, parse_spec
 from wrpo_operator import LABEL_RUN, LABEL_STAGE, LABEL_STAGE_HASH
 from wrpo_operator.builders import (
     Obj,
@@ -193,7 +193,7 @@ def decide(run: Obj, spec: FusionSpec, children: list[Obj], now: datetime, setti
                 d.create.append(runner)
                 entry.update(state="Running", message=None)
         if d.requeue is None:
-            training = BY_NAME[stage].kind == "training"
+            training = BY_NAME[stage].distributed
             d.requeue = settings.training_poll if training else settings.poll
             d.reason = f"stage {stage} running"
         break

@@ -39,7 +39,7 @@ class Condition(_Status):
 class StageStatus(_Status):
     """One stage of the pipeline as the operator last saw it."""
 
-    name: str = Field(description="Stage name (wrpo.plan.STAGE_NAMES).")
+    name: str = Field(description="Stage name (wrpo.pipeline.plan.STAGE_NAMES).")
     state: StageState = Field(default="Pending", description="Pending, Waiting (for servers), Running, ...")
     hash: str | None = Field(default=None, description="Prefix of the stage hash it ran (or runs) with.")
     start_time: Timestamp | None = Field(default=None, description="When its first child was created.")

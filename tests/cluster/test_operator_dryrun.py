@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wrpo.plan import STAGE_NAMES
-from wrpo.spec import parse_spec
+from wrpo.pipeline.plan import STAGE_NAMES
+from wrpo.pipeline.spec import parse_spec
 from wrpo_operator import builders as b
 from wrpo_operator.crd import build_crd
 from wrpo_operator.kube import ApiError, Kube

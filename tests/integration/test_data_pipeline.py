@@ -1,6 +1,6 @@
 """The data stages end to end against real servers: prompts on SeaweedFS S3, N answers per prompt from two
 tiny models served by real vLLM, rewards in-process and through vLLM's pooling endpoint (same scores),
-selection, and quadruples that the trainer's loader accepts. Stages run through `wrpo.stages.run_stage`,
+selection, and quadruples that the trainer's loader accepts. Stages run through `wrpo.pipeline.runtime.run_stage`,
 so manifests carry the real stage hashes."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from wrpo.pipeline.rundir import RunDir
+from wrpo.pipeline.spec import parse_spec
 from wrpo.records import PromptRecord, SampleRecord, ScoreRecord, parse_jsonl
-from wrpo.spec import parse_spec
-from wrpo.storage import RunDir, S3Backend, S3Options
+from wrpo.storage import S3Backend, S3Options
 
 pytestmark = pytest.mark.integration
 N = 3
@@ -22,8 +23,9 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "tiny" / "prompts.jsonl"
 @pytest.fixture(scope="module")
 def pipeline(seaweedfs, vllm_servers, tiny_models, tmp_path_factory):
     """Run prepare → build-pairs once; returns (spec, run, servers, workdir)."""
-    from wrpo.plan import stage_hashes
-    from wrpo.stages import StageOptions, run_stage
+    from wrpo.pipeline.context import StageOptions
+    from wrpo.pipeline.plan import stage_hashes
+    from wrpo.pipeline.runtime import run_stage
 
     bucket, endpoint = seaweedfs.bucket, seaweedfs.endpoint_url
     s3 = S3Options(endpoint_url=endpoint)
@@ -80,13 +82,16 @@ def test_n_answers_per_prompt_from_two_vllm_models(pipeline):
 
 
 def test_scores_in_process_equal_vllm_pooling(pipeline):
-    from types import SimpleNamespace
+    from wrpo.data.stages import score_sources
+    from wrpo.pipeline.context import StageOptions
+    from wrpo.pipeline.runtime import context_for
 
-    from wrpo.data_stages import run_score_sources
-
-    spec, run, servers, _ = pipeline
-    out = run.stage("score-sources-remote").writer()
-    summary = run_score_sources(spec, run, out, SimpleNamespace(reward_endpoint=servers.reward.root_url))
+    spec, run, servers, work = pipeline
+    spec = spec.model_copy(update={"reward": spec.reward.model_copy(update={"type": "remote"})})
+    ctx = context_for(spec, run, "score-sources",
+                      StageOptions(reward_endpoint=servers.reward.root_url, workdir=str(work)))
+    out = ctx.out = run.stage("score-sources-remote").writer()
+    summary = score_sources(ctx)
     assert summary["source-qwen"]["answers"] == 16 * N
     for src in ("source-qwen", "source-llama"):
         local = records(run, "score-sources", f"{src}.jsonl", ScoreRecord)
@@ -115,7 +120,7 @@ def test_selection_and_contributions(pipeline):
 
 
 def test_quadruples_load_in_the_trainer(pipeline):
-    from wrpo.train.data import load_preferences, load_sft
+    from wrpo.engine.data import load_preferences, load_sft
 
     _, run, _, work = pipeline
     stats = json.loads(run.stage("build-pairs").read_text("stats.json"))

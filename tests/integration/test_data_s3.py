@@ -10,7 +10,8 @@ import time
 import pytest
 
 from wrpo.errors import StageNotCommitted
-from wrpo.storage import RunDir, S3Backend, S3Options, StorageError, download_uri_tree, read_uri_bytes
+from wrpo.pipeline.rundir import RunDir
+from wrpo.storage import S3Backend, S3Options, StorageError, download_uri_tree, read_uri_bytes
 
 pytestmark = pytest.mark.integration
 

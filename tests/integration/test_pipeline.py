@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wrpo.plan import STAGE_NAMES
+from wrpo.pipeline.plan import STAGE_NAMES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,7 @@ def test_report_renders_the_plots(killed_and_resumed, tmp_path):
 
 
 def test_the_series_drawn_are_the_expected_ones(tmp_path):
-    from wrpo.report import plot_logp_shift, plot_reward_dynamics
+    from wrpo.analysis.report import plot_logp_shift, plot_reward_dynamics
 
     rows = [{"step": s, "alpha": 0.05 * s, "margins/hybrid": 0.1 * s, "margins/on_policy": 0.02 * s,
              "accuracy/hybrid": 0.5, "accuracy/on_policy": 0.6, "rewards/chosen_source": 0.1,

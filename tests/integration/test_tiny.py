@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wrpo.tiny import MODEL_NAMES, write_tiny_models, write_tiny_tokenizer
+from wrpo.models.tiny import MODEL_NAMES, write_tiny_models, write_tiny_tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from wrpo.engine.config import ConfigError, SFTConfig, WRPOConfig
 from wrpo.errors import DataError
-from wrpo.train.config import ConfigError, SFTConfig, WRPOConfig
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def _small_data(folder: Path, n: int = 8) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from wrpo.train.ref_logps import compute_reference_logps
+    from wrpo.engine.ref_logps import compute_reference_logps
 
     folder = tmp_path_factory.mktemp("wrpo-train")
     data = _small_data(folder)
@@ -56,7 +56,7 @@ def test_ref_logps_are_stored_beside_the_data(prepared):
 def test_train_writes_model_metrics_and_resumes_with_alpha(prepared, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from wrpo.train.wrpo_trainer import run_wrpo
+    from wrpo.engine.wrpo_trainer import run_wrpo
 
     out = tmp_path / "out"
     summary = run_wrpo(_cfg(prepared, out, gradient_checkpointing=True))
@@ -86,7 +86,7 @@ def test_train_writes_model_metrics_and_resumes_with_alpha(prepared, tmp_path):
 
 
 def test_on_the_fly_reference_equals_stored(prepared, tmp_path):
-    from wrpo.train.wrpo_trainer import run_wrpo
+    from wrpo.engine.wrpo_trainer import run_wrpo
 
     run_wrpo(_cfg(prepared, tmp_path / "a", max_steps=1, learning_rate=1e-3))
     run_wrpo(_cfg(prepared, tmp_path / "b", max_steps=1, learning_rate=1e-3, reference="on-the-fly"))
@@ -98,7 +98,7 @@ def test_on_the_fly_reference_equals_stored(prepared, tmp_path):
                                      dict(objective="ipo", tau=0.5, rejected_source=True),
                                      dict(top_k_sources=2, layout="packed")])
 def test_objectives_and_baselines_run(prepared, tmp_path, options):
-    from wrpo.train.wrpo_trainer import run_wrpo
+    from wrpo.engine.wrpo_trainer import run_wrpo
 
     run_wrpo(_cfg(prepared, tmp_path / "out", max_steps=1, **options))
     m = _metrics(tmp_path / "out")[0]
@@ -106,7 +106,7 @@ def test_objectives_and_baselines_run(prepared, tmp_path, options):
 
 
 def test_eval_split_reports_hybrid_accuracy(prepared, tmp_path):
-    from wrpo.train.wrpo_trainer import run_wrpo
+    from wrpo.engine.wrpo_trainer import run_wrpo
 
     summary = run_wrpo(_cfg(prepared, tmp_path / "out", max_steps=1, eval_data=prepared["data"]))
     assert 0.0 <= summary["eval"]["eval_accuracy/hybrid"] <= 1.0
@@ -114,7 +114,7 @@ def test_eval_split_reports_hybrid_accuracy(prepared, tmp_path):
 
 
 def test_sft_completion_only_with_packing(tiny_models, tmp_path):
-    from wrpo.train.sft import run_sft
+    from wrpo.engine.sft import run_sft
 
     cfg = SFTConfig(model=tiny_models / "target", data=EXAMPLES / "sft.jsonl", output_dir=tmp_path / "sft",
                     batch_size=4, per_device_batch_size=2, max_steps=2, learning_rate=1e-4, packing=True,
@@ -134,7 +134,7 @@ BAD = [
 
 @pytest.mark.parametrize(("change", "field"), BAD)
 def test_bad_records_stop_before_training(prepared, tmp_path, change, field):
-    from wrpo.train.wrpo_trainer import run_wrpo
+    from wrpo.engine.wrpo_trainer import run_wrpo
 
     lines = prepared["data"].read_text().splitlines()
     rec = json.loads(lines[2])
@@ -150,7 +150,7 @@ def test_bad_records_stop_before_training(prepared, tmp_path, change, field):
 
 
 def test_malformed_json_and_missing_y_ls_are_named(prepared, tmp_path):
-    from wrpo.train.wrpo_trainer import run_wrpo
+    from wrpo.engine.wrpo_trainer import run_wrpo
 
     bad = tmp_path / "bad.jsonl"
     lines = prepared["data"].read_text().splitlines()
@@ -180,7 +180,7 @@ def test_gradient_accumulation_4x2_equals_batch_8(prepared, tmp_path):
     differences of a few 1e-6)."""
     from safetensors.torch import load_file
 
-    from wrpo.train.wrpo_trainer import run_wrpo
+    from wrpo.engine.wrpo_trainer import run_wrpo
 
     weights = {}
     for name, micro in (("accumulated", 2), ("full", 8)):

@@ -30,9 +30,9 @@ def test_dpo_loss_equals_trl_dpo_trainer(tiny_models: Path, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from wrpo.collate import Limits, collate, encode_example
-    from wrpo.logps import example_logps
-    from wrpo.losses import dpo_loss
+    from wrpo.engine.collate import Limits, collate, encode_example
+    from wrpo.engine.logps import example_logps
+    from wrpo.engine.losses import dpo_loss
 
     tok = AutoTokenizer.from_pretrained(tiny_models / "target")
     policy = AutoModelForCausalLM.from_pretrained(tiny_models / "target").eval()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wrpo.collate import IGNORE, EncodedExample, Limits, collate, encode_example, encode_prompt
-from wrpo.tiny import write_tiny_tokenizer
+from wrpo.engine.collate import IGNORE, EncodedExample, Limits, collate, encode_example, encode_prompt
+from wrpo.models.tiny import write_tiny_tokenizer
 
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},

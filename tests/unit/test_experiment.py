@@ -2,7 +2,7 @@
 
 import pytest
 
-from wrpo.experiment import final_margins, objective_margin
+from wrpo.analysis.experiment import final_margins, objective_margin
 
 
 def test_objective_margin_is_eq7():

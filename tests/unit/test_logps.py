@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from wrpo.collate import EncodedExample, collate
-from wrpo.logps import example_logps, sequence_logps, token_logps_from_hidden
+from wrpo.engine.collate import EncodedExample, collate
+from wrpo.engine.logps import example_logps, sequence_logps, token_logps_from_hidden
 
 
 def _model(arch: str):

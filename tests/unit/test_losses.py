@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from wrpo.losses import (
+from wrpo.engine.losses import (
     ResponseLogps,
     dpo_loss,
     ipo_loss,

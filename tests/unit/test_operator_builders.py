@@ -8,13 +8,18 @@ import json
 import pytest
 import yaml
 
-from wrpo.plan import STAGE_NAMES
-from wrpo.spec import parse_spec
+from wrpo.pipeline.plan import STAGE_NAMES, servers
+from wrpo.pipeline.spec import parse_spec
 from wrpo_operator import LABEL_RUN, LABEL_STAGE
 from wrpo_operator import builders as b
 
 RUN, NS, URI = "demo", "team-a", "s3://bucket/runs/demo"
 
+
+
+def source_server(spec, name):
+    """The plan's server of one source (the rows the operator and the local runtime share)."""
+    return next(s for s in servers(spec, "sample-sources", "s3://b/r") if s.source == name)
 
 def make_spec(**over):
     data = {
@@ -82,7 +87,7 @@ def test_sampling_stage_gets_one_vllm_server_per_model_source(spec):
 ])
 def test_vllm_deployment(spec, source, tp, model_arg, init):
     src = next(s for s in spec.sources if s.name == source)
-    dep = b.build_vllm_deployment(RUN, NS, spec, b.VllmServer.for_source(src), "sample-sources", "h")
+    dep = b.build_vllm_deployment(RUN, NS, spec, source_server(spec, src.name), "sample-sources", "h")
     c = _container(dep, "vllm")
     pod = dep["spec"]["template"]["spec"]
     assert c["image"] == spec.cluster.vllm_image and c["command"] == ["vllm", "serve"]
@@ -114,7 +119,7 @@ def test_vllm_deployment(spec, source, tp, model_arg, init):
 @pytest.mark.parametrize("vllm,gpus", [({"gpus": 0}, None), ({"gpus": 2}, "2"), ({}, "4")])
 def test_vllm_resources_come_from_cluster_vllm(vllm, gpus):
     spec = make_spec(cluster={"vllm": {**vllm, "cpu": "3", "memory": "6Gi", "shmSize": "1Gi"}})
-    dep = b.build_vllm_deployment(RUN, NS, spec, b.VllmServer.for_source(spec.sources[0]), "sample-sources")
+    dep = b.build_vllm_deployment(RUN, NS, spec, source_server(spec, spec.sources[0].name), "sample-sources")
     res = _container(dep, "vllm")["resources"]
     assert res["requests"]["cpu"] == "3" and res["requests"]["memory"] == "6Gi"
     assert res["requests"].get("nvidia.com/gpu") == gpus
@@ -125,13 +130,13 @@ def test_vllm_resources_come_from_cluster_vllm(vllm, gpus):
 
 def test_vllm_env_comes_from_cluster_vllm_env():
     spec = make_spec(cluster={"vllm": {"env": {"VLLM_CPU_KVCACHE_SPACE": "1"}}})
-    dep = b.build_vllm_deployment(RUN, NS, spec, b.VllmServer.for_source(spec.sources[0]), "sample-sources")
+    dep = b.build_vllm_deployment(RUN, NS, spec, source_server(spec, spec.sources[0].name), "sample-sources")
     env = {e["name"]: e["value"] for e in _container(dep, "vllm")["env"]}
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and "HF_HUB_OFFLINE" in env
 
 
 def test_vllm_service_selects_its_deployment(spec):
-    server = b.VllmServer.for_source(spec.sources[0])
+    server = source_server(spec, spec.sources[0].name)
     svc = b.build_vllm_service(RUN, NS, server, "sample-sources")
     dep = b.build_vllm_deployment(RUN, NS, spec, server, "sample-sources")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]

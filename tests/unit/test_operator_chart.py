@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wrpo.spec import parse_spec
+from wrpo.pipeline.spec import parse_spec
 from wrpo_operator.kube import RESOURCES
 from wrpo_operator.reconcile import check_cluster_spec
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from wrpo.spec import FusionSpec
+from wrpo.pipeline.spec import FusionSpec
 from wrpo_operator import crd
 
 ROOT = crd.ROOT
@@ -23,7 +23,7 @@ def _schema() -> dict:
 def test_checked_in_crd_matches_the_models(path):
     assert path.exists(), "run: python -m wrpo_operator.crd --write"
     assert path.read_text() == crd.render(), (
-        f"{path.relative_to(ROOT)} drifted from wrpo/spec.py; "
+        f"{path.relative_to(ROOT)} drifted from wrpo/pipeline/spec.py; "
         "regenerate with python -m wrpo_operator.crd --write"
     )
 
@@ -93,7 +93,7 @@ def test_paper_defaults_and_bounds_reach_the_schema():
 
 
 def test_every_pydantic_cross_field_rule_has_a_cel_twin():
-    """A new model_validator in wrpo/spec.py needs a CEL rule in wrpo_operator.crd.CEL_RULES."""
+    """A new model_validator in wrpo/pipeline/spec.py needs a CEL rule in wrpo_operator.crd.CEL_RULES."""
     assert crd.pydantic_validators(FusionSpec) == set(crd.CEL_RULES)
 
 

@@ -1,4 +1,5 @@
-"""STYLE §12: the operator imports wrpo.spec/wrpo.plan and Kubernetes libraries, never torch."""
+"""docs/architecture.md, "Layers": the operator imports wrpo.pipeline.spec/plan and Kubernetes
+libraries, never torch."""
 
 from __future__ import annotations
 

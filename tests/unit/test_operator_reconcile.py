@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from wrpo.errors import SpecError
-from wrpo.plan import STAGE_NAMES
+from wrpo.pipeline.plan import STAGE_NAMES
 from wrpo_operator import LABEL_RUN
 from wrpo_operator.reconcile import Settings, reconcile
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from wrpo.plan import STAGE_NAMES, STAGES, select_range, stage_hashes
-from wrpo.spec import parse_spec
+from wrpo.pipeline.plan import STAGE_NAMES, STAGES, select_range, stage_hashes
+from wrpo.pipeline.spec import parse_spec
 
 BASE = {
     "target": {"model": "t"},

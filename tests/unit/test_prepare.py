@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from wrpo.data.prepare import detect_format, load_rows, normalise, split_prompts
 from wrpo.errors import DataError
-from wrpo.prepare import detect_format, load_rows, normalise, split_prompts
 from wrpo.records import PromptRecord
 
 

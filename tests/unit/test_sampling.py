@@ -10,15 +10,15 @@ import logging
 import pytest
 from openai_standin import StandIn
 
-from wrpo.records import PromptRecord, SampleRecord, parse_jsonl
-from wrpo.sampling import (
+from wrpo.data.sampling import (
     ChatClient,
     SamplingError,
     SamplingParams,
     resolve_api_key,
     sample_group,
 )
-from wrpo.storage import RunDir
+from wrpo.pipeline.rundir import RunDir
+from wrpo.records import PromptRecord, SampleRecord, parse_jsonl
 
 PARAMS = SamplingParams(n=3, temperature=0.8, top_p=0.95, max_tokens=16, seed=5)
 
@@ -148,7 +148,7 @@ def test_api_key_is_sent_but_never_logged(server, tmp_path, monkeypatch, caplog)
 
 
 def test_connection_errors_are_retried_then_fail(tmp_path):
-    from wrpo.serving import free_port
+    from wrpo.data.serving import free_port
 
     c = ChatClient(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=2, backoff_initial_s=0.01,
                    backoff_max_s=0.02, timeout_s=2)
@@ -164,8 +164,8 @@ def test_connection_errors_are_retried_then_fail(tmp_path):
 def test_batch_files_round_trip():
     import json
 
+    from wrpo.data.sampling_batch import batch_requests, read_batch_results
     from wrpo.errors import DataError
-    from wrpo.sampling_batch import batch_requests, read_batch_results
 
     ps = prompts(2)
     text = batch_requests(ps, PARAMS, "m")
@@ -188,7 +188,7 @@ def test_batch_files_round_trip():
 
 
 def test_generate_backend_behind_the_same_interface(tiny_models, tmp_path):
-    from wrpo.sampling import GenerateBackend
+    from wrpo.data.sampling import GenerateBackend
 
     backend = GenerateBackend(str(tiny_models / "target"))
     out = RunDir(str(tmp_path)).stage("s").writer()
@@ -208,9 +208,9 @@ def test_generate_backend_behind_the_same_interface(tiny_models, tmp_path):
 
 
 def test_vllm_command_line(monkeypatch):
-    from wrpo.serving import VLLMServer
+    from wrpo.data.serving import VLLMServer
 
-    monkeypatch.setattr("wrpo.serving.on_gpu", lambda: False)
+    monkeypatch.setattr("wrpo.data.serving.on_gpu", lambda: False)
     srv = VLLMServer("/m", "name", runner="pooling", python="/py", aliases=["alias"], max_model_len=512,
                      extra_args=["--seed", "1"])
     srv.port = 1234

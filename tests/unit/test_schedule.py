@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from wrpo.schedule import alpha_at, schedule_progress
+from wrpo.engine.schedule import alpha_at, schedule_progress
 
 
 def test_linear_hits_zero_and_exactly_the_target():

@@ -10,8 +10,7 @@ import shutil
 import pytest
 import torch
 
-from wrpo.records import PromptRecord, SampleRecord
-from wrpo.scoring import (
+from wrpo.data.scoring import (
     ARMORM_OBJECTIVES,
     ArmoRMScorer,
     Score,
@@ -20,6 +19,7 @@ from wrpo.scoring import (
     length_batches,
     score_samples,
 )
+from wrpo.records import PromptRecord, SampleRecord
 
 PAIRS = [
     ([{"role": "user", "content": "What is the sun?"}], "A star."),

@@ -6,9 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from wrpo.errors import DataError
-from wrpo.records import PromptRecord, SampleRecord, ScoreRecord
-from wrpo.selection import (
+from wrpo.data.selection import (
     Candidate,
     SourceChoice,
     build_pairs,
@@ -20,6 +18,8 @@ from wrpo.selection import (
     plot_contributions,
     source_names,
 )
+from wrpo.errors import DataError
+from wrpo.records import PromptRecord, SampleRecord, ScoreRecord
 
 ORDER = ["a", "b", "c"]
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from wrpo.errors import SpecError
-from wrpo.spec import FusionSpec, load_spec, parse_spec, spec_json_schema
+from wrpo.pipeline.spec import FusionSpec, load_spec, parse_spec, spec_json_schema
 
 MINIMAL = {
     "target": {"model": "meta-llama/Meta-Llama-3-8B-Instruct"},
@@ -113,7 +113,7 @@ def test_schema_is_camel_case_and_closed():
 def test_docs_spec_md_is_generated_from_the_model():
     from pathlib import Path
 
-    from wrpo.spec_docs import spec_markdown
+    from wrpo.pipeline.spec_docs import spec_markdown
 
     path = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
     assert path.read_text() == spec_markdown(), "docs/spec.md drifted: run `wrpo spec docs > docs/spec.md`"

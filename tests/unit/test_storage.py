@@ -7,7 +7,8 @@ import json
 import pytest
 
 from wrpo.errors import StageNotCommitted
-from wrpo.storage import MANIFEST, RunDir, StorageError, sha256_bytes
+from wrpo.pipeline.rundir import MANIFEST, RunDir
+from wrpo.storage import StorageError, sha256_bytes
 
 
 def test_commit_writes_manifest_last_with_sizes_and_hashes(tmp_path):

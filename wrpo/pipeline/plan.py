@@ -1,0 +1,173 @@
+"""The stage plan: one table whose rows say everything about a stage (docs/architecture.md, "The plan").
+
+A row names the stage's body (an importable function `module:function`, called with a StageContext),
+the stages it reads, the spec sections that change its output, its resource class (which `cluster.*`
+section sizes its pods and whether it runs as a Job or a PyTorchJob) and the vLLM servers it needs
+while it runs. The local runner (`wrpo.pipeline.runtime`), the stage pods (`wrpo stage`) and the
+operator read these same rows: nothing dispatches on a stage's name.
+
+A stage's hash covers the spec sections it reads and, recursively, the hashes of the stages it reads.
+A committed stage whose manifest records the same hash is never run again; a spec change re-runs only
+the stages whose hash changed (those that read what changed, and everything downstream of them).
+
+Pure and torch-free: the operator imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal
+
+from wrpo.pipeline.spec import FusionSpec
+
+ResourceClass = Literal["small", "sampling", "scoring", "training"]
+ServerKind = Literal["none", "sources", "target", "reward"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]  # stages whose outputs this one reads
+    sections: tuple[str, ...]  # spec sections (camelCase keys of FusionSpec) that change its output
+    body: str  # "module:function" taking a StageContext and returning a summary dict
+    resources: ResourceClass  # small/sampling: cluster.small; scoring: cluster.scoring; training: PyTorchJob
+    servers: ServerKind  # the vLLM servers it needs while it runs (see `servers`)
+    outputs: tuple[str, ...]  # the main objects it writes, for humans and the summary table
+
+    def function(self) -> Callable[..., dict[str, Any]]:
+        """The body, imported on first use (the operator never calls it, so never imports torch)."""
+        module, _, attr = self.body.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    @property
+    def distributed(self) -> bool:
+        """Runs under torchrun (a PyTorchJob on the cluster); only global rank 0 commits."""
+        return self.resources == "training"
+
+
+_DATA, _ENGINE = "wrpo.data.stages", "wrpo.engine.stages"
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", (), ("dataset",), f"{_DATA}:prepare", "small", "none",
+          ("sft.jsonl", "po.jsonl", "eval.jsonl")),
+    Stage("sample-sources", ("prepare",), ("sources", "sampling"), f"{_DATA}:sample_sources", "sampling",
+          "sources", ("<source>.jsonl",)),
+    Stage("score-sources", ("sample-sources",), ("reward",), f"{_DATA}:score_sources", "scoring", "reward",
+          ("<source>.jsonl",)),
+    Stage("select-sources", ("score-sources",), ("selection",), f"{_DATA}:select_sources", "small", "none",
+          ("sft.jsonl", "chosen_source.jsonl", "contributions.json")),
+    Stage("sft", ("select-sources",), ("target", "sft", "training"), f"{_ENGINE}:sft", "training", "none",
+          ("model/",)),
+    Stage("sample-target", ("sft", "prepare"), ("sampling",), f"{_DATA}:sample_target", "sampling", "target",
+          ("target.jsonl",)),
+    Stage("score-target", ("sample-target",), ("reward",), f"{_DATA}:score_target", "scoring", "reward",
+          ("target.jsonl",)),
+    Stage("build-pairs", ("select-sources", "score-target"), ("selection",), f"{_DATA}:build_pairs", "small",
+          "none", ("train.jsonl", "eval.jsonl", "stats.json")),
+    Stage("ref-logps", ("build-pairs", "sft"), ("wrpo",), f"{_ENGINE}:ref_logps", "scoring", "none",
+          ("train.ref_logps.jsonl", "eval.ref_logps.jsonl")),
+    Stage("wrpo", ("build-pairs", "ref-logps", "sft"), ("wrpo", "training"), f"{_ENGINE}:wrpo", "training",
+          "none", ("model/", "metrics.jsonl")),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+# Fields that change how a stage runs but not what it produces: excluded from the hashes, so that
+# e.g. raising the sampling concurrency does not re-sample everything.
+_OPERATIONAL = {
+    "sampling": {"concurrency", "requestTimeoutS", "maxRetries"},
+    "training": {"saveSteps"},
+    "reward": {"batchSize"},
+}
+
+
+def stage(name: str) -> Stage:
+    """The stage called `name`; a clear error lists the valid names."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown stage '{name}'; stages: {', '.join(STAGE_NAMES)}") from None
+
+
+def _section_blob(spec_json: dict, section: str) -> object:
+    value = spec_json[section]
+    drop = _OPERATIONAL.get(section)
+    if drop and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in drop}
+    return value
+
+
+def _digest(payload: object) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_hashes(spec: FusionSpec) -> dict[str, str]:
+    """sha256 per stage over its spec sections and its inputs' hashes (see module docstring)."""
+    spec_json = spec.model_dump(mode="json", by_alias=True)
+
+    @cache
+    def h(name: str) -> str:
+        st = BY_NAME[name]
+        return _digest({
+            "stage": name,
+            "sections": {s: _section_blob(spec_json, s) for s in st.sections},
+            "needs": {n: h(n) for n in st.needs},
+        })
+
+    return {name: h(name) for name in STAGE_NAMES}
+
+
+def select_range(start: str | None, until: str | None) -> list[str]:
+    """Stage names from `start` to `until` inclusive, in pipeline order."""
+    names = list(STAGE_NAMES)
+    i = names.index(stage(start).name) if start else 0
+    j = names.index(stage(until).name) if until else len(names) - 1
+    if i > j:
+        raise ValueError(f"--from {start} comes after --until {until}")
+    return names[i : j + 1]
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+@dataclass(frozen=True)
+class Server:
+    """A vLLM server a stage needs: the operator makes it a Deployment + Service, the local runtime a
+    subprocess on 127.0.0.1 (`wrpo.data.serving.VLLMServer`)."""
+
+    key: str  # src-<source>, target or reward: the child-name suffix and the --endpoint key
+    served_name: str
+    model: str  # folder, s3:// URI or hub id
+    runner: Literal["generate", "pooling"] = "generate"
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    args: tuple[str, ...] = ()
+    source: str | None = None  # the source it serves (sample-sources)
+
+
+def target_model_uri(run_uri: str) -> str:
+    """Where Target-SFT is committed in a run directory."""
+    return f"{run_uri.rstrip('/')}/sft/model/"
+
+
+def servers(spec: FusionSpec, name: str, run_uri: str) -> list[Server]:
+    """The vLLM servers stage `name` needs while it runs (external endpoints need none)."""
+    kind = stage(name).servers
+    if kind == "sources":
+        return [Server(f"src-{s.name}", s.name, s.model, "generate", s.tensor_parallel_size, s.max_model_len,
+                       s.gpu_memory_utilization, tuple(s.vllm_args), source=s.name)
+                for s in spec.sources if s.model]
+    if kind == "target":
+        t = spec.target
+        return [Server("target", t.served_name, target_model_uri(run_uri), "generate", t.tensor_parallel_size,
+                       args=tuple(t.vllm_args))]
+    if kind == "reward" and spec.reward.type == "remote" and spec.reward.endpoint is None:
+        r = spec.reward
+        return [Server("reward", r.served_name, r.model or "", "pooling", 1, r.max_length)]
+    return []
