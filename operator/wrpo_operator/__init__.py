@@ -1,9 +1,10 @@
 """The WRPO operator: a thin kopf controller that runs each FusionRun's stages as Kubernetes children.
 
-Layering (checked by tests/unit/test_operator_layering.py): this package imports `wrpo.pipeline.spec` and
-`wrpo.pipeline.plan` only, never torch or transformers, so the operator image stays small. `crd`, `builders`
-and `status` are pure; `kube` is the only module that talks to the apiserver; `handlers` only
-registers kopf handlers that call `reconcile.reconcile`.
+Layering (checked by tests/unit/test_operator_layering.py): this package imports `wrpo.pipeline` (spec, plan,
+the workdir layout) only, never torch or transformers, so the operator image stays small. `crd`, `builders`,
+`status` and `stalls` are pure; `kube` is the only module that talks to the apiserver; `cache` holds what the
+watches saw; `controller` runs `reconcile.reconcile` from a work queue; `handlers` only registers kopf handlers
+that feed the cache (docs/operator.md, "Reconcile").
 """
 
 GROUP = "fusion.wrpo.io"
@@ -20,11 +21,21 @@ LABEL_STAGE = f"{GROUP}/stage"
 LABEL_COMPONENT = f"{GROUP}/component"
 #: Prefix of the stage hash a child was built from (a label value holds at most 63 characters).
 LABEL_STAGE_HASH = f"{GROUP}/stage-hash"
+#: Hash of what the user controls in a child's pods (builders.template_hash): a child whose label differs
+#: from the one the current spec gives is replaced.
+LABEL_TEMPLATE_HASH = f"{GROUP}/template-hash"
+#: The FusionRun's UID, on every child and its pods: children are matched by owner UID, pods by this label.
+LABEL_RUN_UID = f"{GROUP}/run-uid"
+#: Hash of the spec in an (immutable) spec ConfigMap.
+LABEL_SPEC_HASH = f"{GROUP}/spec-hash"
+#: Kueue's label naming the LocalQueue of a Job, PyTorchJob or pod (cluster.queueName).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 #: Server-side apply / create field manager of everything the operator writes.
 FIELD_MANAGER = "wrpo-operator"
 
 __all__ = [
     "API_VERSION", "FIELD_MANAGER", "GROUP", "KIND",
-    "LABEL_COMPONENT", "LABEL_RUN",
-    "LABEL_STAGE", "LABEL_STAGE_HASH", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
+    "LABEL_COMPONENT", "LABEL_RUN", "LABEL_RUN_UID", "LABEL_SPEC_HASH",
+    "LABEL_STAGE", "LABEL_STAGE_HASH", "LABEL_TEMPLATE_HASH", "PLURAL", "QUEUE_LABEL", "SHORT_NAMES",
+    "SINGULAR", "VERSION",
 ]

@@ -1,28 +1,40 @@
 """Pure builders: a FusionSpec (plus the run's name and namespace) → the Kubernetes objects of a stage.
 
 Nothing here talks to the apiserver; `reconcile` adds owner references (`own`) and creates the objects.
-Every pod runs `wrpo stage <name> --spec /etc/wrpo/spec.yaml --run-uri <run>` from the runtime image,
-except the vLLM servers, which run `vllm serve` from the vLLM image.
+Every stage pod runs `wrpo stage <name> --spec /etc/wrpo/spec.yaml --run-uri <run>` from the runtime image,
+the vLLM servers run `vllm serve` from the vLLM image. Every pod passes the `restricted` Pod Security
+Standard (docs/operator.md, "Security"): seccomp RuntimeDefault, non-root, no privilege escalation, every
+capability dropped, no service-account token.
+
+`stage_children` is the one place that says which children a stage has (docs/operator.md, "How a run
+proceeds"): its vLLM servers, the volumes it needs, and the runner that starts once the servers are ready.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from wrpo.pipeline.plan import Server, servers
 from wrpo.pipeline.plan import stage as plan_stage
-from wrpo.pipeline.spec import FusionSpec, SourceSpec, StageResources, VLLMResources
+from wrpo.pipeline.spec import EnvVar, FusionSpec, PodSettings, SourceSpec, StageResources, VLLMResources, VolumeSpec
+from wrpo.pipeline.workdir import Workdir
 from wrpo_operator import (
     API_VERSION,
     FIELD_MANAGER,
     KIND,
     LABEL_COMPONENT,
     LABEL_RUN,
+    LABEL_RUN_UID,
+    LABEL_SPEC_HASH,
     LABEL_STAGE,
     LABEL_STAGE_HASH,
+    LABEL_TEMPLATE_HASH,
+    QUEUE_LABEL,
 )
 
 VLLM_PORT = 8000
@@ -31,7 +43,25 @@ SPEC_DIR = "/etc/wrpo"
 SPEC_FILE = f"{SPEC_DIR}/spec.yaml"
 WEIGHTS_DIR = "/weights"
 MODELS_DIR = "/models"
+WORK_DIR = "/work"  # the scratch volume: WRPO_WORKDIR (docs/architecture.md, "Workdir"), HF_HOME, HOME
+RUN_AS = 1000  # the runtime image's user; the vLLM image runs as it too
 Obj = dict[str, Any]
+
+#: Pod and container security contexts of the `restricted` Pod Security Standard.
+POD_SECURITY: Obj = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                     "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY: Obj = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                           "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+#: `cluster` fields that shape no child (left out of the template hash).
+_NOT_IN_TEMPLATES = ("ttlSecondsAfterFinished", "stallTimeoutSeconds")
+#: `cluster` fields that only one component's pods read (the rest shape every pod).
+_COMPONENT_FIELDS = {
+    "vllm": ("vllm", "modelVolume"),
+    "small": ("small",),
+    "sampling": ("small",),
+    "scoring": ("scoring",),
+    "training": ("training", "schedulingPolicy", "checkpoints"),
+}
 
 
 def child_name(run_name: str, suffix: str) -> str:
@@ -43,7 +73,27 @@ def child_name(run_name: str, suffix: str) -> str:
     return f"{name[:54].rstrip('-')}-{digest}"
 
 
-def labels(run_name: str, stage: str | None, component: str, stage_hash: str | None = None) -> dict[str, str]:
+def _digest(payload: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:n]
+
+
+def template_hash(spec: FusionSpec, component: str, stage_hash: str | None) -> str:
+    """What the user controls in a child's pods: the stage hash and the `cluster` fields that shape this
+    component's pods, defaults left out. A child whose label differs is replaced (docs/operator.md, "Spec
+    changes"); a new operator version that builds pods differently, or a new `cluster` field at its
+    default, changes no label and so restarts nothing."""
+    cluster = spec.cluster.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    own = set(_COMPONENT_FIELDS[component])
+    others = {f for fields in _COMPONENT_FIELDS.values() for f in fields} - own
+    shaping = {k: v for k, v in cluster.items() if k not in others and k not in _NOT_IN_TEMPLATES}
+    own_pods = shaping.pop("pods", {}).get(component)
+    if own_pods:
+        shaping["pods"] = own_pods
+    return _digest({"stage": stage_hash, "component": component, "cluster": shaping})
+
+
+def labels(run_name: str, stage: str | None, component: str, stage_hash: str | None = None,
+           template: str | None = None) -> dict[str, str]:
     out = {
         "app.kubernetes.io/name": "wrpo",
         "app.kubernetes.io/instance": run_name,
@@ -56,6 +106,8 @@ def labels(run_name: str, stage: str | None, component: str, stage_hash: str | N
         out[LABEL_STAGE] = stage
     if stage_hash:
         out[LABEL_STAGE_HASH] = stage_hash
+    if template:
+        out[LABEL_TEMPLATE_HASH] = template
     return out
 
 
@@ -65,11 +117,14 @@ def owner_reference(run_name: str, uid: str) -> Obj:
 
 
 def own(obj: Obj, run_name: str, uid: str) -> Obj:
-    """`obj` with the FusionRun as its controlling owner (garbage collection deletes it with the run)."""
+    """`obj` with the FusionRun as its controlling owner (garbage collection deletes it with the run) and the
+    run's UID on it and its pods (so a re-created run with the same name never reads the old run's pods)."""
     meta = obj.setdefault("metadata", {})
     refs = [r for r in meta.get("ownerReferences") or [] if r.get("uid") != uid]
     meta["ownerReferences"] = [*refs, owner_reference(run_name, uid)]
-    meta.setdefault("labels", {})[LABEL_RUN] = run_name
+    meta.setdefault("labels", {}).update({LABEL_RUN: run_name, LABEL_RUN_UID: uid})
+    for template in pod_templates(obj):
+        template.setdefault("metadata", {}).setdefault("labels", {})[LABEL_RUN_UID] = uid
     return obj
 
 
@@ -79,22 +134,42 @@ def is_owned(obj: Obj, uid: str) -> bool:
 
 # -- the spec ConfigMap ---------------------------------------------------------------------------
 
-def spec_configmap_name(run_name: str) -> str:
-    return child_name(run_name, "spec")
+def spec_text(spec: FusionSpec) -> str:
+    """The FusionSpec as stage pods read it (camelCase, defaults filled in)."""
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def spec_configmap_name(run_name: str, spec: FusionSpec) -> str:
+    """One immutable ConfigMap per spec: a pod always reads the spec its child was built from."""
+    return child_name(run_name, f"spec-{_digest(spec_text(spec), 10)}")
 
 
 def build_spec_configmap(run_name: str, namespace: str, spec: FusionSpec) -> Obj:
-    """The FusionSpec as /etc/wrpo/spec.yaml for every stage pod (camelCase, defaults filled in)."""
-    text = yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+    """The FusionSpec as /etc/wrpo/spec.yaml for every stage pod; immutable, named by its hash."""
+    text = spec_text(spec)
+    lab = {**labels(run_name, None, "spec"), LABEL_SPEC_HASH: _digest(text, 10)}
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": spec_configmap_name(run_name), "namespace": namespace,
-                     "labels": labels(run_name, None, "spec")},
+        "metadata": {"name": spec_configmap_name(run_name, spec), "namespace": namespace, "labels": lab},
+        "immutable": True,
         "data": {"spec.yaml": text},
     }
 
 
 # -- pieces shared by every pod ---------------------------------------------------------------------
+
+def _env(entries: list[EnvVar]) -> list[Obj]:
+    out = []
+    for e in entries:
+        if e.secret_key_ref is None:
+            out.append({"name": e.name, "value": e.value})
+            continue
+        ref = {"name": e.secret_key_ref.name, "key": e.secret_key_ref.key}
+        if e.secret_key_ref.optional:
+            ref["optional"] = True
+        out.append({"name": e.name, "valueFrom": {"secretKeyRef": ref}})
+    return out
+
 
 def _s3_env(spec: FusionSpec) -> list[Obj]:
     """S3 settings; credentials only as Secret references, so nothing secret is in any object."""
@@ -111,6 +186,17 @@ def _s3_env(spec: FusionSpec) -> list[Obj]:
     if spec.storage.s3_region:
         env.append({"name": "AWS_REGION", "value": spec.storage.s3_region})
     return env
+
+
+def _common_env(spec: FusionSpec, component: str) -> list[Obj]:
+    """What every container of a component gets: the scratch layout, the HF token by reference, then
+    `cluster.env` and the component's `env` (later entries win)."""
+    env = [{"name": "HOME", "value": f"{WORK_DIR}/home"}, {"name": "WRPO_WORKDIR", "value": WORK_DIR},
+           {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"}]
+    if spec.cluster.hf_token_secret:
+        env.append({"name": "HF_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": spec.cluster.hf_token_secret, "key": "HF_TOKEN"}}})
+    return env + _env(spec.cluster.env) + _env(_settings(spec, component).env)
 
 
 def _api_key_env(sources: list[SourceSpec]) -> list[Obj]:
@@ -143,24 +229,65 @@ def _vllm_resources(res: VLLMResources, tensor_parallel_size: int) -> Obj:
     return out
 
 
-def _pod_spec(spec: FusionSpec, containers: list[Obj], volumes: list[Obj], restart: str,
+def _settings(spec: FusionSpec, component: str) -> PodSettings:
+    return getattr(spec.cluster.pods, component)
+
+
+def _pod_spec(spec: FusionSpec, component: str, containers: list[Obj], volumes: list[Obj], restart: str,
               init: list[Obj] | None = None) -> Obj:
-    pod: Obj = {"restartPolicy": restart, "containers": containers, "volumes": volumes,
-                "enableServiceLinks": False}
+    """A pod spec with the cluster-wide settings and the component's (`cluster.pods.<component>`) merged."""
+    c, own = spec.cluster, _settings(spec, component)
+    pod: Obj = {"restartPolicy": restart, "containers": containers, "volumes": [*volumes, *own.volumes],
+                "enableServiceLinks": False, "automountServiceAccountToken": False,
+                "securityContext": dict(POD_SECURITY)}
     if init:
         pod["initContainers"] = init
-    if spec.cluster.service_account:
-        pod["serviceAccountName"] = spec.cluster.service_account
-    if spec.cluster.node_selector:
-        pod["nodeSelector"] = dict(spec.cluster.node_selector)
-    if spec.cluster.tolerations:
-        pod["tolerations"] = [dict(t) for t in spec.cluster.tolerations]
+    if c.service_account:
+        pod["serviceAccountName"] = c.service_account
+    if c.node_selector or own.node_selector:
+        pod["nodeSelector"] = {**c.node_selector, **own.node_selector}
+    if c.tolerations or own.tolerations:
+        pod["tolerations"] = [dict(t) for t in [*c.tolerations, *own.tolerations]]
+    if own.affinity:
+        pod["affinity"] = dict(own.affinity)
+    if own.priority_class_name:
+        pod["priorityClassName"] = own.priority_class_name
+    if own.scheduler_name:
+        pod["schedulerName"] = own.scheduler_name
+    pull = list(dict.fromkeys([*c.image_pull_secrets, *own.image_pull_secrets]))
+    if pull:
+        pod["imagePullSecrets"] = [{"name": n} for n in pull]
     return pod
 
 
-def _spec_volume(run_name: str) -> tuple[Obj, Obj]:
-    return ({"name": "spec", "configMap": {"name": spec_configmap_name(run_name)}},
+def _template_metadata(spec: FusionSpec, component: str, lab: dict[str, str]) -> Obj:
+    own = _settings(spec, component)
+    meta: Obj = {"labels": {**own.labels, **lab}}
+    if spec.cluster.queue_name:
+        meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
+    annotations = {**spec.cluster.pod_annotations, **own.annotations}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def _volume(name: str, vol: VolumeSpec) -> Obj:
+    """A generic ephemeral volume (a PVC made with the pod and deleted with it), or a sized emptyDir."""
+    if vol.type == "emptyDir":
+        return {"name": name, "emptyDir": {"sizeLimit": vol.size}}
+    claim: Obj = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": vol.size}}}
+    if vol.storage_class_name:
+        claim["storageClassName"] = vol.storage_class_name
+    return {"name": name, "ephemeral": {"volumeClaimTemplate": {"spec": claim}}}
+
+
+def _spec_volume(run_name: str, spec: FusionSpec) -> tuple[Obj, Obj]:
+    return ({"name": "spec", "configMap": {"name": spec_configmap_name(run_name, spec)}},
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True})
+
+
+def _scratch_volume(spec: FusionSpec) -> tuple[Obj, Obj]:
+    return _volume("scratch", spec.cluster.scratch), {"name": "scratch", "mountPath": WORK_DIR}
 
 
 def _shm_volume(size: str | None = None) -> tuple[Obj, Obj]:
@@ -176,15 +303,35 @@ def _models_volume(spec: FusionSpec) -> list[tuple[Obj, Obj]]:
              {"name": "models", "mountPath": MODELS_DIR, "readOnly": True})]
 
 
-_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+def checkpoints_pvc_name(run_name: str) -> str:
+    return child_name(run_name, "checkpoints")
 
 
-def _runtime_container(spec: FusionSpec, name: str, command: list[str], env: list[Obj], mounts: list[Obj],
-                       resources: Obj) -> Obj:
+def checkpoints_mount_path(run_uri: str) -> str:
+    """The run's scratch folder under WRPO_WORKDIR (docs/architecture.md, "Workdir"): training checkpoints
+    live there, so the per-run PVC mounted here survives a restarted pod."""
+    return f"{WORK_DIR}/{Workdir(run_uri).base.name}/scratch"
+
+
+def build_checkpoints_pvc(run_name: str, namespace: str, spec: FusionSpec) -> Obj:
+    """The run's PVC for training checkpoints (kept until the run succeeds; deleted with the run)."""
+    ck = spec.cluster.checkpoints
+    claim: Obj = {"accessModes": list(ck.access_modes), "resources": {"requests": {"storage": ck.size}}}
+    if ck.storage_class_name:
+        claim["storageClassName"] = ck.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": checkpoints_pvc_name(run_name), "namespace": namespace,
+                         "labels": labels(run_name, None, "checkpoints")},
+            "spec": claim}
+
+
+def _runtime_container(spec: FusionSpec, component: str, name: str, command: list[str], env: list[Obj],
+                       mounts: list[Obj], resources: Obj) -> Obj:
     return {
         "name": name, "image": spec.cluster.runtime_image, "imagePullPolicy": spec.cluster.image_pull_policy,
-        "command": command, "env": [{"name": "HOME", "value": "/tmp"}, *env], "volumeMounts": mounts,
-        "resources": resources, "securityContext": {**_SECURITY, "runAsNonRoot": True},
+        "command": command, "env": [*_common_env(spec, component), *env], "volumeMounts": mounts,
+        "resources": resources, "securityContext": dict(CONTAINER_SECURITY),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
 
@@ -219,55 +366,78 @@ def vllm_args(spec: FusionSpec, server: Server, model_path: str) -> list[str]:
     return [*args, *server.args]
 
 
-def _probe(path: str, period: int, failures: int) -> Obj:
-    return {"httpGet": {"path": path, "port": VLLM_PORT}, "periodSeconds": period,
-            "failureThreshold": failures, "timeoutSeconds": 5}
+def _probe(probe: Any) -> Obj:
+    """An HTTP /health probe from `cluster.vllm.*Probe`."""
+    out = {"httpGet": {"path": "/health", "port": VLLM_PORT}, "periodSeconds": probe.period_seconds,
+           "failureThreshold": probe.failure_threshold, "timeoutSeconds": probe.timeout_seconds}
+    if probe.initial_delay_seconds:
+        out["initialDelaySeconds"] = probe.initial_delay_seconds
+    return out
+
+
+def progress_deadline_seconds(res: VLLMResources) -> int:
+    """How long a server Deployment may take to become Available before it counts as stalled: by default
+    the startup probe's whole budget plus two minutes for scheduling and the image pull."""
+    if res.progress_deadline_seconds:
+        return res.progress_deadline_seconds
+    start = res.startup_probe
+    return start.initial_delay_seconds + start.period_seconds * start.failure_threshold + 120
 
 
 def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, server: Server,
                           stage: str, stage_hash: str | None = None) -> Obj:
-    """A one-replica vLLM Deployment; weights from the models PVC, or fetched from S3 first."""
+    """A one-replica vLLM Deployment; weights from the models PVC, or fetched from S3 by an init container
+    into `cluster.modelVolume`."""
     name = child_name(run_name, server.key)
-    lab = labels(run_name, stage, "vllm", stage_hash)
+    lab = labels(run_name, stage, "vllm", stage_hash, template_hash(spec, "vllm", stage_hash))
     select = {LABEL_RUN: run_name, LABEL_COMPONENT: "vllm", "fusion.wrpo.io/server": server.key}
-    spec_vol, spec_mount = _spec_volume(run_name)
+    own = _settings(spec, "vllm")
+    scratch_vol, scratch_mount = _scratch_volume(spec)
     shm_vol, shm_mount = _shm_volume(spec.cluster.vllm.shm_size)
-    volumes, mounts, init = [shm_vol], [shm_mount], []
+    volumes, mounts, init = [scratch_vol, shm_vol], [scratch_mount, shm_mount], []
     model_path = server.model
     for vol, mount in _models_volume(spec):
         volumes.append(vol)
         mounts.append(mount)
     if server.model.startswith("s3://"):
         model_path = f"{WEIGHTS_DIR}/model"
-        volumes += [{"name": "weights", "emptyDir": {}}, spec_vol]
+        spec_vol, spec_mount = _spec_volume(run_name, spec)
+        volumes += [_volume("weights", spec.cluster.model_volume), spec_vol]
         mounts.append({"name": "weights", "mountPath": WEIGHTS_DIR, "readOnly": True})
         init.append(_runtime_container(
-            spec, "fetch-weights", ["wrpo", "fetch", server.model, model_path], _s3_env(spec),
-            [{"name": "weights", "mountPath": WEIGHTS_DIR}, spec_mount], _resources(spec.cluster.small)))
+            spec, "vllm", "fetch-weights", ["wrpo", "fetch", server.model, model_path], _s3_env(spec),
+            [{"name": "weights", "mountPath": WEIGHTS_DIR}, spec_mount, scratch_mount],
+            _resources(spec.cluster.small)))
+    res = spec.cluster.vllm
     container = {
         "name": "vllm", "image": spec.cluster.vllm_image, "imagePullPolicy": spec.cluster.image_pull_policy,
         "command": ["vllm", "serve"], "args": vllm_args(spec, server, model_path),
         "ports": [{"name": "http", "containerPort": VLLM_PORT}],
-        "env": [{"name": "HF_HUB_OFFLINE", "value": "1" if server.model.startswith(("s3://", "/")) else "0"}]
-        + [{"name": k, "value": v} for k, v in sorted(spec.cluster.vllm.env.items())],
-        "resources": _vllm_resources(spec.cluster.vllm, server.tensor_parallel_size),
-        "volumeMounts": mounts,
-        # Big models load for many minutes: the startup probe allows 30; then /health must keep passing.
-        "startupProbe": _probe("/health", 10, 180),
-        "readinessProbe": _probe("/health", 5, 3),
-        "livenessProbe": _probe("/health", 15, 4),
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "env": [{"name": "HF_HUB_OFFLINE", "value": "1" if server.model.startswith(("s3://", "/")) else "0"},
+                *[{"name": k, "value": v} for k, v in sorted(res.env.items())], *_common_env(spec, "vllm")],
+        "resources": _vllm_resources(res, server.tensor_parallel_size),
+        "volumeMounts": [*mounts, *own.volume_mounts],
+        # Big models load for many minutes: the startup probe allows that long; then /health must keep passing.
+        "startupProbe": _probe(res.startup_probe),
+        "readinessProbe": _probe(res.readiness_probe),
+        "livenessProbe": _probe(res.liveness_probe),
+        "securityContext": dict(CONTAINER_SECURITY),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    meta: Obj = {"name": name, "namespace": namespace, "labels": dict(lab)}
+    if spec.cluster.queue_name:
+        meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace, "labels": lab},
+        "metadata": meta,
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},  # never two servers on the same GPUs
+            "progressDeadlineSeconds": progress_deadline_seconds(res),
             "selector": {"matchLabels": select},
             "template": {
-                "metadata": {"labels": {**lab, **select}},
-                "spec": {**_pod_spec(spec, [container], volumes, "Always", init),
+                "metadata": _template_metadata(spec, "vllm", {**lab, **select}),
+                "spec": {**_pod_spec(spec, "vllm", [container], volumes, "Always", init),
                          "terminationGracePeriodSeconds": 30},
             },
         },
@@ -276,6 +446,7 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
 
 def build_vllm_service(run_name: str, namespace: str, server: Server, stage: str,
                        stage_hash: str | None = None) -> Obj:
+    """The server's Service (it carries no template hash: `cluster.*` changes never touch it)."""
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": child_name(run_name, server.key), "namespace": namespace,
@@ -290,9 +461,14 @@ def build_vllm_service(run_name: str, namespace: str, server: Server, stage: str
 
 # -- stage Jobs and PyTorchJobs ---------------------------------------------------------------------
 
+def stage_component(name: str) -> str:
+    """The plan row's resource class: which `cluster.*` section and `cluster.pods.*` settings its pods use."""
+    return plan_stage(name).resources
+
+
 def stage_resources(spec: FusionSpec, name: str) -> StageResources:
     """The `cluster.*` section of the stage's resource class (the plan row's `resources`)."""
-    kind = plan_stage(name).resources
+    kind = stage_component(name)
     if kind == "scoring":
         return spec.cluster.scoring
     if kind == "training":
@@ -311,39 +487,53 @@ def stage_args(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
 
 def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
                container_name: str, command: list[str], restart: str, ports: list[Obj] | None = None) -> Obj:
-    spec_vol, spec_mount = _spec_volume(run_name)
+    component = stage_component(stage)
+    own = _settings(spec, component)
+    spec_vol, spec_mount = _spec_volume(run_name, spec)
+    scratch_vol, scratch_mount = _scratch_volume(spec)
     shm_vol, shm_mount = _shm_volume()
-    volumes, mounts = [spec_vol, shm_vol], [spec_mount, shm_mount]
+    volumes, mounts = [spec_vol, scratch_vol, shm_vol], [spec_mount, scratch_mount, shm_mount]
     for vol, mount in _models_volume(spec):
         volumes.append(vol)
         mounts.append(mount)
+    if plan_stage(stage).distributed and spec.cluster.checkpoints.enabled:
+        volumes.append({"name": "checkpoints",
+                        "persistentVolumeClaim": {"claimName": checkpoints_pvc_name(run_name)}})
+        mounts.append({"name": "checkpoints", "mountPath": checkpoints_mount_path(run_uri)})
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
     if plan_stage(stage).servers == "sources":  # external endpoints' keys, from their Secrets
         env += _api_key_env(list(spec.sources))
-    container = _runtime_container(spec, container_name, command, env, mounts,
+    container = _runtime_container(spec, component, container_name, command, env, [*mounts, *own.volume_mounts],
                                    _resources(stage_resources(spec, stage)))
     if ports:
         container["ports"] = ports
-    return _pod_spec(spec, [container], volumes, restart)
+    return _pod_spec(spec, component, [container], volumes, restart)
+
+
+def _runner_labels(run_name: str, spec: FusionSpec, stage: str, stage_hash: str | None) -> dict[str, str]:
+    component = stage_component(stage)
+    return labels(run_name, stage, "stage", stage_hash, template_hash(spec, component, stage_hash))
 
 
 def build_stage_job(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
                     stage_hash: str | None = None) -> Obj:
-    """A batch/v1 Job for a small, sampling-client or scoring stage (retried up to backoffLimit)."""
-    lab = labels(run_name, stage, "stage", stage_hash)
+    """A batch/v1 Job for a small, sampling-client or scoring stage (retried up to backoffLimit). With
+    `cluster.queueName` it is created suspended for Kueue to admit."""
+    lab = _runner_labels(run_name, spec, stage, stage_hash)
     command = stage_args(run_name, namespace, spec, stage, run_uri)
     job_spec: Obj = {
         "backoffLimit": spec.cluster.backoff_limit,
         "completions": 1, "parallelism": 1,
-        "template": {"metadata": {"labels": lab},
-                     "spec": _stage_pod(run_name, namespace, spec, stage, run_uri, "stage", command,
-                                        "Never")},
+        "template": {"metadata": _template_metadata(spec, stage_component(stage), lab),
+                     "spec": _stage_pod(run_name, namespace, spec, stage, run_uri, "stage", command, "Never")},
     }
     if spec.cluster.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.cluster.active_deadline_seconds
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": child_name(run_name, stage), "namespace": namespace, "labels": lab},
-            "spec": job_spec}
+    meta: Obj = {"name": child_name(run_name, stage), "namespace": namespace, "labels": dict(lab)}
+    if spec.cluster.queue_name:
+        meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
+        job_spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
 def torchrun_command(stage: str, run_uri: str, nodes: int = 1) -> list[str]:
@@ -361,16 +551,17 @@ def torchrun_command(stage: str, run_uri: str, nodes: int = 1) -> list[str]:
 
 def build_pytorchjob(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
                      stage_hash: str | None = None) -> Obj:
-    """A Kubeflow PyTorchJob (Master + nodes-1 Workers) running the SFT or WRPO stage under torchrun."""
+    """A Kubeflow PyTorchJob (Master + nodes-1 Workers) running the SFT or WRPO stage under torchrun; suspended
+    for Kueue with `cluster.queueName`, gang-scheduled with `cluster.schedulingPolicy`."""
     res = spec.cluster.training
-    lab = labels(run_name, stage, "stage", stage_hash)
+    lab = _runner_labels(run_name, spec, stage, stage_hash)
     ports = [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT}]
 
     def replica(count: int) -> Obj:
         pod = _stage_pod(run_name, namespace, spec, stage, run_uri, "pytorch",
                          torchrun_command(stage, run_uri, res.nodes), "OnFailure", ports)
         return {"replicas": count, "restartPolicy": "OnFailure",
-                "template": {"metadata": {"labels": lab}, "spec": pod}}
+                "template": {"metadata": _template_metadata(spec, "training", lab), "spec": pod}}
 
     replicas = {"Master": replica(1)}
     if res.nodes > 1:
@@ -378,9 +569,20 @@ def build_pytorchjob(run_name: str, namespace: str, spec: FusionSpec, stage: str
     run_policy: Obj = {"cleanPodPolicy": "Running", "backoffLimit": spec.cluster.backoff_limit}
     if spec.cluster.active_deadline_seconds:
         run_policy["activeDeadlineSeconds"] = spec.cluster.active_deadline_seconds
+    gang = spec.cluster.scheduling_policy
+    if gang is not None:
+        policy: Obj = {"minAvailable": gang.min_available or res.nodes}
+        for key, value in (("queue", gang.queue), ("priorityClass", gang.priority_class),
+                           ("scheduleTimeoutSeconds", gang.schedule_timeout_seconds)):
+            if value is not None:
+                policy[key] = value
+        run_policy["schedulingPolicy"] = policy
+    meta: Obj = {"name": child_name(run_name, stage), "namespace": namespace, "labels": dict(lab)}
+    if spec.cluster.queue_name:
+        meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
+        run_policy["suspend"] = True
     return {
-        "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
-        "metadata": {"name": child_name(run_name, stage), "namespace": namespace, "labels": lab},
+        "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": meta,
         "spec": {"nprocPerNode": str(res.procs_per_node), "runPolicy": run_policy,
                  "pytorchReplicaSpecs": replicas},
     }
@@ -403,17 +605,42 @@ def build_stage_servers(run_name: str, namespace: str, spec: FusionSpec, stage: 
     return out
 
 
+@dataclass
+class StageChildren:
+    """The children of one stage: `servers` (vLLM Deployments and Services) and `volumes` are created at
+    once; each runner once every Deployment in its `after` is Available."""
+
+    servers: list[Obj] = field(default_factory=list)
+    volumes: list[Obj] = field(default_factory=list)
+    runners: list[Obj] = field(default_factory=list)
+    after: dict[str, list[str]] = field(default_factory=dict)  # runner name → Deployment names it waits for
+
+    def all(self) -> list[Obj]:
+        return [*self.volumes, *self.servers, *self.runners]
+
+
+def stage_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
+                   stage_hash: str | None = None) -> StageChildren:
+    """The desired children of `stage` and what each runner waits for, from its plan row alone (no stage
+    is special-cased: `servers`, `distributed` and `resources` say everything)."""
+    kids = StageChildren(servers=build_stage_servers(run_name, namespace, spec, stage, run_uri, stage_hash))
+    if plan_stage(stage).distributed and spec.cluster.checkpoints.enabled:
+        kids.volumes.append(build_checkpoints_pvc(run_name, namespace, spec))
+    runner = build_stage_runner(run_name, namespace, spec, stage, run_uri, stage_hash)
+    kids.runners.append(runner)
+    kids.after[runner["metadata"]["name"]] = [s["metadata"]["name"] for s in kids.servers
+                                              if s["kind"] == "Deployment"]
+    return kids
+
+
 def pod_templates(obj: Obj) -> list[Obj]:
     """The pod templates of a Deployment, Job or PyTorchJob."""
-    if obj["kind"] == "PyTorchJob":
+    if obj.get("kind") == "PyTorchJob":
         return [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
-    return [obj["spec"]["template"]] if "template" in obj.get("spec", {}) else []
+    return [obj["spec"]["template"]] if "template" in (obj.get("spec") or {}) else []
 
 
-def with_pod_annotations(obj: Obj, annotations: dict[str, str]) -> Obj:
-    """`obj` with extra annotations on its pods (`spec.cluster.podAnnotations`)."""
-    if not annotations:
-        return obj
-    for template in pod_templates(obj):
-        template.setdefault("metadata", {}).setdefault("annotations", {}).update(annotations)
-    return obj
+def configmaps_used(obj: Obj) -> set[str]:
+    """Names of the ConfigMaps the pods of `obj` mount."""
+    return {v["configMap"]["name"] for t in pod_templates(obj) for v in (t.get("spec") or {}).get("volumes") or []
+            if v.get("configMap")}

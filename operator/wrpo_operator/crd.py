@@ -69,6 +69,10 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "rule": f"{_set('model')} != {_set('endpoint')}",
         "message": "a source needs exactly one of 'model' and 'endpoint'",
     }],
+    ("EnvVar", "_one_source"): [{
+        "rule": f"{_set('value')} != {_set('secretKeyRef')}",
+        "message": "an env entry needs exactly one of 'value' and 'secretKeyRef'",
+    }],
     ("EndpointSpec", "_secret_needs_env"): [{
         "rule": f"!{_set('apiKeySecret')} || {_set('apiKeyEnv')}",
         "message": "'apiKeySecret' needs 'apiKeyEnv': the variable the Secret's key is exposed as",
@@ -95,6 +99,21 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "(has(self.target.servedName) ? self.target.servedName : 'target'))",
         "message": "target.servedName collides with a source name",
         "fieldPath": ".target.servedName",
+    }],
+}
+
+#: Transition rules (docs/operator.md, "Spec changes"): what may not change once a run exists, keyed by
+#: (model title, property or None for the model itself). The apiserver evaluates them on updates only.
+IMMUTABLE_RULES: dict[tuple[str, str | None], list[dict[str, str]]] = {
+    ("StorageSpec", None): [{
+        "rule": "!has(oldSelf.runUri) || (has(self.runUri) && self.runUri == oldSelf.runUri)",
+        "message": "storage.runUri is immutable: the run's stages are stored there (create a new FusionRun)",
+        "fieldPath": ".runUri", "reason": "FieldValueForbidden",
+    }],
+    ("FusionSpec", "sources"): [{
+        "rule": "self.map(s, s.name) == oldSelf.map(s, s.name)",
+        "message": "the source names are immutable: samples are stored under them (create a new FusionRun)",
+        "reason": "FieldValueForbidden",
     }],
 }
 
@@ -133,15 +152,18 @@ def _model_types(annotation: Any) -> list[type[BaseModel]]:
 
 
 def structural(schema: dict[str, Any], rules: dict[tuple[str, str], list[dict[str, str]]] | None = None,
-               bounds: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+               bounds: dict[tuple[str, str], dict[str, Any]] | None = None,
+               immutable: dict[tuple[str, str | None], list[dict[str, str]]] | None = None) -> dict[str, Any]:
     """A pydantic JSON schema as a Kubernetes structural schema (see the module docstring)."""
     defs = schema.get("$defs", {})
     rules = CEL_RULES if rules is None else rules
     bounds = CLUSTER_BOUNDS if bounds is None else bounds
+    immutable = IMMUTABLE_RULES if immutable is None else immutable
 
     def by_title(title: str, prop: str | None = None) -> list[dict[str, str]]:
         return [{"reason": "FieldValueInvalid", **{k: v for k, v in r.items() if k != "on"}}
-                for (model, _), rs in rules.items() if model == title for r in rs if r.get("on") == prop]
+                for (model, _), rs in rules.items() if model == title for r in rs if r.get("on") == prop
+                ] + list(immutable.get((title, prop), []))
 
     def conv(node: dict[str, Any]) -> dict[str, Any]:
         node = copy.deepcopy(node)
@@ -194,7 +216,7 @@ def structural(schema: dict[str, Any], rules: dict[tuple[str, str], list[dict[st
 
 
 def status_schema() -> dict[str, Any]:
-    return structural(FusionRunStatus.model_json_schema(by_alias=True, mode="serialization"), {}, {})
+    return structural(FusionRunStatus.model_json_schema(by_alias=True, mode="serialization"), {}, {}, {})
 
 
 def build_crd() -> dict[str, Any]:

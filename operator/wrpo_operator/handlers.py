@@ -1,108 +1,94 @@
-"""kopf registration only (docs/architecture.md, "Operator"): create, resume and update call `reconcile`, and so
-does a timer that catches drift while nothing else happens. Waiting is `TemporaryError(delay=...)`; a spec the
-cluster cannot run is `PermanentError` (after writing it into the status)."""
+"""kopf registration only (docs/architecture.md, "Operator"; docs/operator.md, "Reconcile"): watch-event
+handlers feed the controller's cache and wake the run concerned; the controller's workers reconcile.
+
+Only `on.event` handlers are registered — no create/update/resume handlers, no timers, no daemons — so kopf
+keeps no state in the FusionRuns (no annotations) and adds no finalizer: a run deleted while no operator
+runs is deleted at once, and garbage collection removes its children. The children's watches are filtered
+on the apiserver by the `fusion.wrpo.io/run` label, the Events' by `type=Warning`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from collections import Counter
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
-from wrpo.errors import SpecError
-from wrpo_operator import GROUP, PLURAL, VERSION, metrics
-from wrpo_operator.kube import ApiError, Kube
-from wrpo_operator.reconcile import Settings, reconcile
-from wrpo_operator.status import derive_conditions, timestamp
+from wrpo_operator import GROUP, LABEL_RUN, PLURAL, VERSION, metrics
+from wrpo_operator.controller import Controller
+from wrpo_operator.kube import Kube
+from wrpo_operator.leader import ElectionSettings, LeaderElector
+from wrpo_operator.reconcile import Settings
 
 log = logging.getLogger("wrpo_operator")
-STATE: dict[str, Any] = {}  # the Kube client and settings, made at startup
+STATE: dict[str, Any] = {}  # the controller and the elector, made at startup
+
+#: (group, version, plural) of every child kind, of pods, and of Events.
+CHILDREN = (("", "v1", "configmaps"), ("", "v1", "services"), ("", "v1", "persistentvolumeclaims"),
+            ("apps", "v1", "deployments"), ("batch", "v1", "jobs"), ("kubeflow.org", "v1", "pytorchjobs"))
+PODS = ("", "v1", "pods")
+EVENTS = ("", "v1", "events")
 
 
 def _kube() -> Kube:
-    if "kube" not in STATE:
-        from kubernetes import client, config
+    from kubernetes import client, config
 
-        if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-            config.load_incluster_config()
-        else:
-            config.load_kube_config()
-        STATE["kube"] = Kube(client.ApiClient())
-    return STATE["kube"]
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    return Kube(client.ApiClient())
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # kopf keeps its bookkeeping in annotations: the status schema is ours alone.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
     settings.posting.enabled = False  # reconcile posts one Event per transition itself
     settings.watching.server_timeout = 300
-    settings.execution.max_workers = int(os.environ.get("WRPO_OPERATOR_WORKERS", "4"))
     # Namespace scope has no RBAC to watch Namespaces and CRDs: without this kopf retries those
     # LISTs for about a minute before it falls back to the namespaces it was given.
     settings.scanning.disabled = os.environ.get("WRPO_OPERATOR_SCANNING", "true") == "false"
-    STATE["settings"] = Settings.from_env()
-    _kube()
+    for resource in (*CHILDREN, PODS):
+        settings.watching.label_selectors[resource] = LABEL_RUN
+    settings.watching.field_selectors[EVENTS] = "type=Warning"
+    election = ElectionSettings.from_env()
+    controller = Controller(_kube(), Settings.from_env(), workers=int(os.environ.get("WRPO_OPERATOR_WORKERS", "4")),
+                            acting=election is None)
+    STATE["controller"] = controller.start()
+    metrics.LEADER.set(0 if election else 1)
+    if election is not None:
+        STATE["elector"] = LeaderElector(election, controller.kube, controller.lead).start()
     metrics.serve(int(os.environ.get("WRPO_OPERATOR_METRICS_PORT", "9090")))
+
+
+@kopf.on.cleanup()
+def shutdown(**_: Any) -> None:
+    controller = STATE.pop("controller", None)
+    if controller is not None:
+        controller.stop()
+    elector = STATE.pop("elector", None)
+    if elector is not None:
+        elector.release()
 
 
 def _plain(body: Any) -> dict[str, Any]:
     return json.loads(json.dumps(body, default=dict))
 
 
-def run_once(body: Any, *, raise_waiting: bool = True) -> None:
-    """One reconcile with the operator's client; translate its outcome into kopf's vocabulary."""
-    run, kube = _plain(body), _kube()
-    before = Counter(kube.calls)
-    try:
-        d = reconcile(run, kube, settings=STATE.get("settings"))
-    except SpecError as e:
-        metrics.RECONCILES.labels("invalid").inc()
-        _mark_invalid(run, kube, str(e))
-        raise kopf.PermanentError(str(e)) from None
-    except ApiError as e:
-        metrics.RECONCILES.labels("error").inc()
-        raise kopf.TemporaryError(f"apiserver: {e}", delay=30) from None
-    finally:
-        metrics.record_calls(Counter(kube.calls) - before)
-    metrics.RECONCILES.labels("ok").inc()
-    metrics.record_stages(run.get("status") or {}, d.status)
-    metrics.record_phase(run["metadata"]["uid"], None if d.delete_run else d.status["phase"])
-    if d.requeue is not None and raise_waiting:
-        raise kopf.TemporaryError(d.reason, delay=d.requeue)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def fusionrun_event(event: dict[str, Any], **_: Any) -> None:
+    if "controller" in STATE:
+        STATE["controller"].run_event(event.get("type"), _plain(event["object"]))
 
 
-def _mark_invalid(run: dict[str, Any], kube: Kube, message: str) -> None:
-    meta, old = run["metadata"], run.get("status") or {}
-    if old.get("phase") == "Failed" and old.get("message") == message:
-        return
-    now = datetime.now(UTC)
-    gen = meta.get("generation", 1)
-    status = {"phase": "Failed", "message": message, "observedGeneration": gen,
-              "conditions": derive_conditions("Failed", message, gen, old.get("conditions") or [], now)}
-    kube.merge_patch("FusionRun", meta["namespace"], meta["name"], {"status": status}, sub="status")
-    kube.event(run, "Warning", "InvalidSpec", message, timestamp(now))
+async def child_event(event: dict[str, Any], **_: Any) -> None:
+    """A child, a pod or a Warning Event changed: into the cache, and its run onto the work queue (async: it
+    only updates memory, so it runs in kopf's event loop, not in a thread)."""
+    if "controller" in STATE:
+        STATE["controller"].child_event(event.get("type"), _plain(event["object"]))
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def fusionrun(body: kopf.Body, **_: Any) -> None:
-    run_once(body)
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=60, idle=60, initial_delay=60)
-def drift(body: kopf.Body, **_: Any) -> None:
-    run_once(body, raise_waiting=False)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def forget(body: kopf.Body, **_: Any) -> None:
-    """Children go by garbage collection (owner references); only the metrics forget the run."""
-    metrics.record_phase(body["metadata"]["uid"], None)
+for _group, _version, _plural in (*CHILDREN, PODS):
+    kopf.on.event(_group, _version, _plural, labels={LABEL_RUN: kopf.PRESENT}, id=f"watch-{_plural}")(child_event)
+kopf.on.event(*EVENTS, id="watch-warnings")(child_event)

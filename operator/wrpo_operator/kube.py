@@ -1,11 +1,13 @@
-"""The operator's only door to the apiserver: a few REST verbs over `kubernetes.client.ApiClient`,
-each call counted (for the report's "API calls per run" and the `wrpo_operator_api_calls_total` metric)."""
+"""The operator's only door to the apiserver for writes: a few REST verbs over `kubernetes.client.ApiClient`,
+each call counted (the `wrpo_apiserver_requests_total` metric). Reads come from the watches (`cache`);
+`on_change` tells the cache what a write returned, so the next reconcile sees it before its watch event."""
 
 from __future__ import annotations
 
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,23 +20,29 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("/api/v1", "configmaps"),
     "Service": ("/api/v1", "services"),
     "Event": ("/api/v1", "events"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Pod": ("/api/v1", "pods"),
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Job": ("/apis/batch/v1", "jobs"),
     "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
     "FusionRun": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),  # leader election
 }
-#: Kinds of children, in the order reconcile lists them.
-CHILD_KINDS = ("ConfigMap", "Deployment", "Service", "Job", "PyTorchJob")
+#: Kinds of children the operator creates (and watches, labelled with fusion.wrpo.io/run).
+CHILD_KINDS = ("ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "Job", "PyTorchJob")
 
 
 class ApiError(Exception):
+    """An apiserver error: `status` (HTTP), `reason`, and the Status object's `message`."""
+
     def __init__(self, status: int, reason: str, body: str = ""):
         self.status, self.reason, self.body = status, reason, body
         try:
             message = json.loads(body).get("message", body)
         except (ValueError, AttributeError):
             message = body
-        super().__init__(f"{status} {reason}: {message}"[:500])
+        self.message = str(message)[:1000]
+        super().__init__(f"{status} {reason}: {self.message}"[:500])
 
 
 @dataclass
@@ -43,7 +51,14 @@ class Kube:
 
     api_client: Any
     calls: Counter = field(default_factory=Counter)
+    on_change: Callable[[str, Obj], None] | None = None  # ("write", object) or ("delete", {kind, metadata})
+    on_request: Callable[[str, str], None] | None = None  # (verb, kind) of every request
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _changed(self, what: str, obj: Obj) -> Obj:
+        if self.on_change is not None and obj:
+            self.on_change(what, obj)
+        return obj
 
     def _path(self, kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
         prefix, plural = RESOURCES[kind]
@@ -54,6 +69,8 @@ class Kube:
                 query: list[tuple[str, str]] | None = None, content_type: str = "application/json") -> Obj:
         with self._lock:
             self.calls[(verb, kind)] += 1
+        if self.on_request is not None:
+            self.on_request(verb, kind)
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self.api_client.param_serialize(
             method, path, query_params=query or [], header_params=headers, body=body,
@@ -91,28 +108,31 @@ class Kube:
         kind, ns = obj["kind"], obj["metadata"]["namespace"]
         query = [("fieldManager", FIELD_MANAGER)] + ([("dryRun", "All")] if dry_run else [])
         try:
-            return self.request("create", kind, "POST", self._path(kind, ns), body=obj, query=query)
+            made = self.request("create", kind, "POST", self._path(kind, ns), body=obj, query=query)
         except ApiError as e:
             if e.status == 409:
                 return None
             raise
+        return made if dry_run else self._changed("write", made)
 
     def merge_patch(self, kind: str, namespace: str, name: str, patch: Obj, sub: str | None = None) -> Obj:
-        return self.request("patch" + (f"/{sub}" if sub else ""), kind, "PATCH",
-                            self._path(kind, namespace, name, sub), body=patch,
-                            query=[("fieldManager", FIELD_MANAGER)],
-                            content_type="application/merge-patch+json")
+        return self._changed("write", self.request(
+            "patch" + (f"/{sub}" if sub else ""), kind, "PATCH", self._path(kind, namespace, name, sub), body=patch,
+            query=[("fieldManager", FIELD_MANAGER)], content_type="application/merge-patch+json"))
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete with background propagation (pods go too); False when already gone."""
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        gone = {"kind": kind, "metadata": {"name": name, "namespace": namespace}}
         try:
             self.request("delete", kind, "DELETE", self._path(kind, namespace, name), body=body)
-            return True
         except ApiError as e:
             if e.status == 404:
+                self._changed("delete", gone)
                 return False
             raise
+        self._changed("delete", gone)
+        return True
 
     def event(self, involved: Obj, etype: str, reason: str, message: str, now: str) -> None:
         """A core/v1 Event on the FusionRun (`kubectl describe fr` shows it)."""

@@ -16,6 +16,7 @@ STAGE_SECONDS = Histogram(
 RECONCILES = Counter("wrpo_reconciles_total", "Reconciles of FusionRuns, by result.", ["result"])
 API_CALLS = Counter("wrpo_apiserver_requests_total", "Requests the reconciler sent, by verb and kind.",
                     ["verb", "kind"])
+LEADER = Gauge("wrpo_operator_leader", "1 while this replica acts (the leader, or leader election off).")
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 
 _lock = threading.Lock()
@@ -40,11 +41,6 @@ def record_stages(old: dict, new: dict) -> None:
         if s.get("state") == "Succeeded" and before.get(s["name"]) != "Succeeded" and s.get("startTime"):
             seconds = (parse_time(s["completionTime"]) - parse_time(s["startTime"])).total_seconds()
             STAGE_SECONDS.labels(s["name"]).observe(seconds)
-
-
-def record_calls(delta: dict[tuple[str, str], int]) -> None:
-    for (verb, kind), n in delta.items():
-        API_CALLS.labels(verb, kind).inc(n)
 
 
 def serve(port: int) -> None:

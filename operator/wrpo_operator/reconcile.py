@@ -1,10 +1,12 @@
-"""One reconcile of a FusionRun (docs/architecture.md, "Operator"): read → build desired → adopt → create if absent →
-derive phase and conditions → patch status only if it changed.
+"""One reconcile of a FusionRun (docs/architecture.md, "Operator"; docs/operator.md, "Reconcile"): what the
+watches saw → adopt → decide → create if absent → delete what is not wanted → patch status only if it changed.
 
-`decide` is pure (the FusionRun, its parsed spec, the observed children, the time → what to create,
-what to delete, the new status, when to look again); `reconcile` does the I/O around it. Stages run
-one after another in `wrpo.pipeline.plan.STAGES` order; a stage is done when its Job/PyTorchJob succeeded,
-because `wrpo stage` exits 0 only after committing `<run>/<stage>/_MANIFEST.json`.
+`decide` is pure (the FusionRun, its parsed spec, the observed children, pods and Warning Events, the time →
+what to create, what to delete, the new status, when to look again); `reconcile` does the I/O around it.
+Stages run one after another in `wrpo.pipeline.plan.STAGES` order; a stage is done when its Job/PyTorchJob
+succeeded, because `wrpo stage` exits 0 only after committing `<run>/<stage>/_MANIFEST.json`. Nothing here
+polls: a change of a child wakes the run (docs/operator.md, "Reconcile"), and `Decision.requeue` is set only
+for deadlines (stall timeout, TTL) and for a refused creation that may pass later (a quota).
 """
 
 from __future__ import annotations
@@ -15,20 +17,39 @@ from datetime import UTC, datetime
 from typing import Any
 
 from wrpo.errors import SpecError
-from wrpo.pipeline.plan import BY_NAME, STAGE_NAMES, stage_hashes
+from wrpo.pipeline.plan import STAGE_NAMES, stage_hashes
 from wrpo.pipeline.spec import FusionSpec, parse_spec
-from wrpo_operator import LABEL_RUN, LABEL_STAGE, LABEL_STAGE_HASH
+from wrpo_operator import (
+    LABEL_COMPONENT,
+    LABEL_RUN,
+    LABEL_RUN_UID,
+    LABEL_STAGE,
+    LABEL_STAGE_HASH,
+    LABEL_TEMPLATE_HASH,
+)
 from wrpo_operator.builders import (
     Obj,
     build_spec_configmap,
     build_stage_runner,
-    build_stage_servers,
+    checkpoints_pvc_name,
+    configmaps_used,
     is_owned,
     own,
     owner_reference,
-    with_pod_annotations,
+    stage_children,
 )
-from wrpo_operator.kube import CHILD_KINDS, Kube
+from wrpo_operator.kube import ApiError, Kube
+from wrpo_operator.stalls import (
+    GRACE,
+    Stall,
+    create_failure_reason,
+    deployment_stalls,
+    event_stalls,
+    first,
+    pod_queued,
+    pod_stalls,
+    termination_detail,
+)
 from wrpo_operator.status import (
     HASH_PREFIX,
     deployment_ready,
@@ -44,19 +65,24 @@ Key = tuple[str, str]  # (kind, name)
 
 @dataclass(frozen=True)
 class Settings:
-    """How often to look again while waiting (seconds); `from_env` reads WRPO_OPERATOR_* overrides."""
+    """`retry`: seconds before creating again what the apiserver refused for a reason that may pass (a
+    ResourceQuota). `from_env` reads WRPO_OPERATOR_RETRY_SECONDS."""
 
-    poll: float = 10.0  # a Job runs
-    training_poll: float = 30.0  # a PyTorchJob runs
-    server_poll: float = 10.0  # vLLM servers start
-    short: float = 2.0  # an old child is being deleted
+    retry: float = 30.0
 
     @classmethod
     def from_env(cls) -> Settings:
-        def get(name: str, default: float) -> float:
-            return float(os.environ.get(f"WRPO_OPERATOR_{name.upper()}_SECONDS", default))
+        return cls(retry=float(os.environ.get("WRPO_OPERATOR_RETRY_SECONDS", cls.retry)))
 
-        return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
+
+@dataclass
+class Observed:
+    """What the watches saw of one run: its children (controlled by it, or labelled with its name and
+    controlled by nobody: adopted), the pods labelled with its UID, and Warning Events on its children."""
+
+    children: list[Obj] = field(default_factory=list)
+    pods: list[Obj] = field(default_factory=list)
+    events: list[Obj] = field(default_factory=list)
 
 
 @dataclass
@@ -64,9 +90,10 @@ class Decision:
     create: list[Obj] = field(default_factory=list)  # desired children: created when absent
     delete: list[Key] = field(default_factory=list)  # children to remove
     status: Obj = field(default_factory=dict)
-    requeue: float | None = None  # look again after this many seconds; None: nothing to wait for
-    reason: str = ""  # why we wait (for the TemporaryError)
+    requeue: float | None = None  # look again after this many seconds; None: wait for a change
+    reason: str = ""  # why we look again
     delete_run: bool = False  # the TTL after finish has passed
+    written: list[Obj] = field(default_factory=list)  # objects created or patched by reconcile (for the cache)
 
 
 def check_cluster_spec(spec: FusionSpec, source: str) -> None:
@@ -89,6 +116,10 @@ def _label(obj: Obj, key: str) -> str | None:
     return ((obj.get("metadata") or {}).get("labels") or {}).get(key)
 
 
+def _deleting(obj: Obj | None) -> bool:
+    return bool(obj and (obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def _stage_entries(old: Obj, hashes: dict[str, str]) -> list[Obj]:
     """Per-stage status carried over from `old` where the stage hash is unchanged, else Pending."""
     before = {s["name"]: s for s in old.get("stages") or []}
@@ -102,104 +133,234 @@ def _stage_entries(old: Obj, hashes: dict[str, str]) -> list[Obj]:
     return out
 
 
-def decide(run: Obj, spec: FusionSpec, children: list[Obj], now: datetime, settings: Settings) -> Decision:
+def _wait(d: Decision, seconds: float, reason: str) -> None:
+    """Look again after `seconds` (the earliest of all deadlines wins)."""
+    if d.requeue is None or seconds < d.requeue:
+        d.requeue, d.reason = max(seconds, 0.0), reason
+
+
+class _Pass:
+    """One pass of `decide` over the stages; `stage()` advances the current one."""
+
+    def __init__(self, run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settings: Settings,
+                 refused: dict[Key, str]):
+        meta = run["metadata"]
+        self.name, self.ns, self.uid = meta["name"], meta["namespace"], meta.get("uid", "")
+        self.spec, self.now, self.settings, self.refused = spec, now, settings, refused
+        self.run_uri = (spec.storage.run_uri or "").rstrip("/")
+        self.kids = {_key(c): c for c in observed.children}
+        self.pods, self.events = observed.pods, observed.events
+        old = run.get("status") or {}
+        generation = meta.get("generation", 1)
+        self.retrying = old.get("observedGeneration") is not None and generation > old["observedGeneration"]
+        self.stamp = timestamp(now)
+        self.keep: set[Key] = set()
+        self.drop: set[Key] = set()  # children built from another spec: replaced
+        self.d = Decision()
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _outdated(self, have: Obj, want: Obj) -> bool:
+        """Built from another spec: its template hash (or, for children without one, its stage hash) differs.
+        The checkpoint PVC is never replaced: it holds the checkpoints."""
+        if want["kind"] == "PersistentVolumeClaim":
+            return False
+        label = LABEL_TEMPLATE_HASH if _label(want, LABEL_TEMPLATE_HASH) else LABEL_STAGE_HASH
+        return _label(have, label) != _label(want, label)
+
+    def _stage_pods(self, stage: str, templates: set[str]) -> list[Obj]:
+        return [p for p in self.pods if _label(p, LABEL_STAGE) == stage
+                and _label(p, LABEL_TEMPLATE_HASH) in templates and not _deleting(p)]
+
+    def _stall(self, stage: str, servers: list[Obj], runners: list[Obj], templates: set[str]) -> Stall | None:
+        pods = self._stage_pods(stage, templates)
+        found = [s for p in pods for s in pod_stalls(p)]
+        for dep in servers:
+            have = self.kids.get(_key(dep))
+            if dep["kind"] == "Deployment" and have is not None and _key(dep) not in self.drop:
+                found += deployment_stalls(have)
+        for runner in runners:
+            have = self.kids.get(_key(runner))
+            live = [p for p in pods if _label(p, LABEL_COMPONENT) == "stage"
+                    and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+            if have is not None and not live:  # no pod: was its creation refused?
+                uid = have["metadata"].get("uid")
+                found += event_stalls([e for e in self.events if (e.get("involvedObject") or {}).get("uid") == uid])
+        for key, message in self.refused.items():
+            if create_failure_reason(message) == "QuotaExceeded":
+                found.append(Stall("QuotaExceeded", f"{key[0]} {key[1]}", message))
+        return first([s for s in found if self._lasted(s)])
+
+    def _lasted(self, stall: Stall) -> bool:
+        """Whether a cause lasted its grace (stalls.GRACE); if not yet, look again when it has."""
+        grace = GRACE.get(stall.reason, 0)
+        if not grace or not stall.since:
+            return True
+        left = parse_time(stall.since).timestamp() + grace - self.now.timestamp()
+        if left > 0:
+            _wait(self.d, left, f"{stall.subject}: {stall.reason} for {grace}s?")
+        return left <= 0
+
+    # -- one stage -------------------------------------------------------------------------------------
+    def stage(self, entry: Obj) -> bool:
+        """Advance the current stage; True when it succeeded in this pass (the next one starts now)."""
+        stage, h = entry["name"], entry["hash"]
+        want = stage_children(self.name, self.ns, self.spec, stage, self.run_uri, h)
+        for obj in want.all():
+            have = self.kids.get(_key(obj))
+            if have is not None and self._outdated(have, obj):
+                self.drop.add(_key(obj))
+        runners = want.runners
+        found = {_key(r): self.kids.get(_key(r)) for r in runners if _key(r) not in self.drop}
+        if entry["state"] == "Failed":
+            if self.retrying:
+                entry.update(state="Pending", message="retrying after a spec change", completionTime=None,
+                             stall=None)
+            else:  # a failed Job is kept for its logs; one still running (a stall) is not
+                self.keep.update(k for k, v in found.items() if v is not None and job_state(v)[0] == "Failed")
+            return False
+        if self.spec.suspend:
+            entry.update(state="Pending", message="suspended", startTime=None, stall=None)
+            return False  # nothing of this stage is kept: active children are deleted
+        states = {k: job_state(v) for k, v in found.items() if v is not None and not _deleting(v)}
+        templates = {t for o in want.all() if (t := _label(o, LABEL_TEMPLATE_HASH))}
+        if states:
+            entry["retries"] = sum(failed for _, _, failed in states.values())
+        if states and len(states) == len(runners) and all(s == "Succeeded" for s, _, _ in states.values()):
+            entry.update(state="Succeeded", completionTime=self.stamp, message=None, stall=None,
+                         outputUri=f"{self.run_uri}/{stage}/")
+            entry.setdefault("startTime", self.stamp)
+            self.keep.update(states)
+            return True
+        failed = [(k, m) for k, (s, m, _) in states.items() if s == "Failed"]
+        if failed:
+            detail = termination_detail([p for p in self.pods if _label(p, LABEL_STAGE) == stage
+                                         and _label(p, LABEL_TEMPLATE_HASH) in templates])
+            message = "; ".join(m or "Failed" for _, m in failed) + (f"; last failure: {detail}" if detail else "")
+            entry.update(state="Failed", completionTime=self.stamp, message=message, stall=None)
+            self.keep.update(states)
+            return False
+        refused = [(k, m) for k, m in self.refused.items() if create_failure_reason(m) != "QuotaExceeded"]
+        if refused:
+            message = "; ".join(f"cannot create {k[0]} {k[1]}: {m}" for k, m in refused)
+            entry.update(state="Failed", completionTime=self.stamp, message=message, stall=None)
+            return False
+        entry.setdefault("startTime", self.stamp)
+        if self._stalled(entry, want.servers, runners, templates):
+            return False
+        self._create_and_keep(entry, want, found, states)
+        if entry["state"] == "Failed":  # the deadline passed: nothing of the stage is kept
+            mine = {_key(o) for o in want.all()}
+            self.keep -= mine
+            self.d.create = [o for o in self.d.create if _key(o) not in mine]
+        return False
+
+    def _stalled(self, entry: Obj, servers: list[Obj], runners: list[Obj], templates: set[str]) -> bool:
+        """Record the stall (if any); True when it lasted longer than `cluster.stallTimeoutSeconds`."""
+        stall = self._stall(entry["name"], servers, runners, templates)
+        if stall is None:
+            entry["stall"] = None
+            return False
+        before = entry.get("stall") or {}
+        since = before.get("since") or self.stamp
+        entry["stall"] = {"reason": stall.reason, "subject": stall.subject, "message": stall.message[:1000],
+                          "since": since}
+        timeout = self.spec.cluster.stall_timeout_seconds
+        left = parse_time(since).timestamp() + timeout - self.now.timestamp()
+        if left <= 0:
+            entry.update(state="Failed", completionTime=self.stamp,
+                         message=f"Stalled for more than {timeout}s: {stall.text}")
+            return True  # nothing of the stage is kept: its pods stop holding GPUs
+        _wait(self.d, left, f"stage {entry['name']} stalled: {stall.reason}")
+        if any(k in self.refused for k in (_key(o) for o in [*servers, *runners])):
+            _wait(self.d, self.settings.retry, f"retrying a refused creation in {entry['name']}")
+        return False
+
+    def _create_and_keep(self, entry: Obj, want: Any, found: dict[Key, Obj | None],
+                         states: dict[Key, tuple]) -> None:
+        for obj in [*want.volumes, *want.servers]:
+            self.keep.add(_key(obj))
+            if _key(obj) not in self.drop:
+                self.d.create.append(obj)
+        waiting: list[str] = []
+        queued = False
+        for runner in want.runners:
+            key = _key(runner)
+            self.keep.add(key)
+            if key in states:
+                queued = queued or states[key][0] == "Queued"
+                continue
+            if key in self.drop or _deleting(found.get(key)):
+                waiting.append(f"{runner['kind']} {key[1]} to be replaced")
+                continue
+            deps = want.after.get(key[1], [])
+            not_ready = [n for n in deps if ("Deployment", n) in self.drop
+                         or not deployment_ready(self.kids.get(("Deployment", n), {}))]
+            if not_ready:
+                waiting.append(f"vLLM servers: {', '.join(not_ready)}")
+                gated = [p for p in self.pods if _label(p, LABEL_STAGE) == entry["name"] and pod_queued(p)]
+                queued = queued or bool(gated)
+                continue
+            self.d.create.append(runner)
+            queued = queued or bool(self.spec.cluster.queue_name)
+        if waiting:
+            entry.update(state="Queued" if queued else "Waiting", message=f"waiting for {'; '.join(waiting)}")
+            self._operator_deadline(entry)
+        elif queued:
+            queue = self.spec.cluster.queue_name
+            entry.update(state="Queued", message=f"held by Kueue (queue {queue})" if queue else "suspended")
+        else:
+            entry.update(state="Running", message=None)
+
+    def _operator_deadline(self, entry: Obj) -> None:
+        """`cluster.activeDeadlineSeconds` also bounds the wait for the stage's servers (the Job's own
+        deadline only starts with the Job)."""
+        deadline = self.spec.cluster.active_deadline_seconds
+        if not deadline or entry["state"] != "Waiting":
+            return
+        left = parse_time(entry["startTime"]).timestamp() + deadline - self.now.timestamp()
+        if left <= 0:
+            entry.update(state="Failed", completionTime=self.stamp,
+                         message=f"DeadlineExceeded: the stage waited longer than {deadline}s for its servers")
+        else:
+            _wait(self.d, left, f"deadline of stage {entry['name']}")
+
+
+def decide(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settings: Settings,
+           refused: dict[Key, str] | None = None) -> Decision:
+    """The pure core of a reconcile. `refused`: children whose creation the apiserver refused in this
+    reconcile, with its message (a quota refusal stalls the stage; anything else fails it at once)."""
     meta = run["metadata"]
     name, ns, generation = meta["name"], meta["namespace"], meta.get("generation", 1)
     old = run.get("status") or {}
-    run_uri = (spec.storage.run_uri or "").rstrip("/")
+    p = _Pass(run, spec, observed, now, settings, refused or {})
     hashes = {k: v[:HASH_PREFIX] for k, v in stage_hashes(spec).items()}
-    observed = {_key(c): c for c in children}
     stages = _stage_entries(old, hashes)
-    d = Decision()
     cm = build_spec_configmap(name, ns, spec)
-    d.create.append(cm)
-    keep: set[Key] = {_key(cm)}
-    drop: set[Key] = set()  # observed children built from an older spec
-    stamp = timestamp(now)
-    retrying = old.get("observedGeneration") is not None and generation > old["observedGeneration"]
-
+    p.d.create.append(cm)
+    p.keep.add(_key(cm))
     current: Obj | None = None
     for entry in stages:
         if entry["state"] == "Succeeded":
-            runner_key = _key(build_stage_runner(name, ns, spec, entry["name"], run_uri, entry["hash"]))
-            if _label(observed.get(runner_key, {}), LABEL_STAGE_HASH) == entry["hash"]:
-                keep.add(runner_key)  # a finished Job: keep it for its logs
+            runner_key = _key(build_stage_runner(name, ns, spec, entry["name"], p.run_uri, entry["hash"]))
+            if _label(p.kids.get(runner_key, {}), LABEL_STAGE_HASH) == entry["hash"]:
+                p.keep.add(runner_key)  # a finished Job: keep it for its logs
             continue
         current = entry
-        stage = entry["name"]
-        extra = spec.cluster.pod_annotations
-        runner = build_stage_runner(name, ns, spec, stage, run_uri, entry["hash"])
-        runner = with_pod_annotations(runner, extra)
-        servers = [with_pod_annotations(s, extra)
-                   for s in build_stage_servers(name, ns, spec, stage, run_uri, entry["hash"])]
-        found = observed.get(_key(runner))
-        for child in [runner, *servers]:  # built from an older spec: deleted now, recreated next pass
-            have = observed.get(_key(child))
-            if have is not None and _label(have, LABEL_STAGE_HASH) != entry["hash"]:
-                drop.add(_key(child))
-                d.requeue, d.reason = settings.short, f"replacing {child['kind']} {child['metadata']['name']}"
-        if _key(runner) in drop:
-            found = None
-        elif found is not None and found["metadata"].get("deletionTimestamp"):
-            keep.add(_key(runner))
-            d.requeue, d.reason = settings.short, f"waiting for {runner['metadata']['name']} to go"
+        if not p.stage(entry):
             break
-        if entry["state"] == "Failed" and retrying:
-            entry.update(state="Pending", message="retrying after a spec change", completionTime=None)
-            d.requeue, d.reason = settings.short, "retrying a failed stage"
-            break  # the failed runner is not kept: deleted now, recreated on the next pass
-        if entry["state"] == "Failed":
-            keep.add(_key(runner))
-            break
-        if found is not None:
-            state, message, failed = job_state(found)
-            entry["retries"] = failed
-            if state == "Succeeded":
-                entry.update(state="Succeeded", completionTime=stamp, message=None,
-                             outputUri=f"{run_uri}/{stage}/")
-                entry.setdefault("startTime", stamp)
-                keep.add(_key(runner))
-                current = None
-                continue  # the next stage starts in this same pass
-            if state == "Failed":
-                entry.update(state="Failed", completionTime=stamp, message=message)
-                keep.add(_key(runner))
-                break
-        if spec.suspend:
-            entry.update(state="Pending", message="suspended", startTime=None)
-            break  # nothing of this stage is kept: active children are deleted
-        deadline = spec.cluster.active_deadline_seconds
-        started = entry.get("startTime")
-        if deadline and started and (now - parse_time(started)).total_seconds() > deadline:
-            entry.update(state="Failed", completionTime=stamp,
-                         message=f"DeadlineExceeded: the stage ran longer than {deadline}s")
-            keep.add(_key(runner))
-            break
-        entry.setdefault("startTime", stamp)
-        d.create += [s for s in servers if _key(s) not in drop]
-        keep.update(_key(s) for s in servers)
-        keep.add(_key(runner))
-        if found is not None:
-            entry.update(state="Running", message=None)
-        else:
-            not_ready = [s["metadata"]["name"] for s in servers if s["kind"] == "Deployment"
-                         and (_key(s) in drop or not deployment_ready(observed.get(_key(s), {})))]
-            if not_ready:
-                entry.update(state="Waiting", message=f"waiting for vLLM servers: {', '.join(not_ready)}")
-                if d.requeue is None:
-                    d.requeue, d.reason = settings.server_poll, entry["message"]
-                break
-            if d.requeue is None:  # not while an old runner is still being replaced
-                d.create.append(runner)
-                entry.update(state="Running", message=None)
-        if d.requeue is None:
-            training = BY_NAME[stage].distributed
-            d.requeue = settings.training_poll if training else settings.poll
-            d.reason = f"stage {stage} running"
-        break
-
-    d.delete = sorted(k for k in observed if k not in keep or k in drop)
-    d.status = _run_status(old, stages, current, spec, generation, run_uri, now)
+        current = None
+    d = p.d
+    d.status = _run_status(old, stages, current, spec, generation, p.run_uri, now)
+    if d.status["phase"] in ("Succeeded", "Failed", "Suspended"):
+        d.requeue = None  # nothing of a finished or suspended run is waited for (but its TTL)
+    in_use = {("ConfigMap", n) for k in p.keep if k[0] in ("Deployment", "Job", "PyTorchJob")
+              and (c := p.kids.get(k)) is not None and job_state(c)[0] not in ("Succeeded", "Failed")
+              for n in configmaps_used(c)}
+    checkpoints = ("PersistentVolumeClaim", checkpoints_pvc_name(name))
+    if d.status["phase"] != "Succeeded":
+        in_use.add(checkpoints)  # a failed or suspended run resumes from its checkpoints
+    keep = p.keep | in_use
+    d.delete = sorted(k for k, c in p.kids.items() if (k not in keep or k in p.drop) and not _deleting(c))
     _ttl(spec, d, now)
     return d
 
@@ -208,14 +369,17 @@ def _run_status(old: Obj, stages: list[Obj], current: Obj | None, spec: FusionSp
                 run_uri: str, now: datetime) -> Obj:
     done = sum(s["state"] == "Succeeded" for s in stages)
     started = [s["startTime"] for s in stages if s.get("startTime")]
+    stall = (current or {}).get("stall")
     if current is None:
         phase, message = "Succeeded", f"fused model at {run_uri}/wrpo/model/"
     elif current["state"] == "Failed":
         phase, message = "Failed", f"stage {current['name']} failed: {current.get('message')}"
     elif spec.suspend:
         phase, message = "Suspended", f"suspended before stage {current['name']}"
-    elif current["state"] in ("Running", "Waiting") or started:
+    elif current["state"] in ("Running", "Waiting", "Queued") or started:
         phase, message = "Running", current.get("message") or f"stage {current['name']} running"
+        if stall:
+            message = f"stage {current['name']} stalled: {stall['subject']}: {stall['reason']}: {stall['message']}"
     else:
         phase, message = "Pending", "waiting to start"
     finished = phase in ("Succeeded", "Failed")
@@ -227,11 +391,12 @@ def _run_status(old: Obj, stages: list[Obj], current: Obj | None, spec: FusionSp
         "message": message,
         "observedGeneration": generation,
         "runUri": run_uri,
-        "outputUri": f"{run_uri}/wrpo/model/",
+        "outputUri": f"{run_uri}/wrpo/model/" if phase == "Succeeded" else None,
         "startTime": min(started) if started else None,
         "completionTime": (completion or timestamp(now)) if finished else None,
         "stages": [{k: v for k, v in s.items() if v is not None} for s in stages],
-        "conditions": derive_conditions(phase, message, generation, old.get("conditions") or [], now),
+        "conditions": derive_conditions(phase, message, generation, old.get("conditions") or [], now,
+                                        stall if phase == "Running" else None),
     }
 
 
@@ -244,53 +409,80 @@ def _ttl(spec: FusionSpec, d: Decision, now: datetime) -> None:
     if left <= 0:
         d.delete_run = True
     else:
-        d.requeue, d.reason = left, f"deleting the run {int(left)}s after it finished (TTL)"
+        _wait(d, left, f"deleting the run {int(left)}s after it finished (TTL)")
 
 
-def _without_none(status: Obj) -> Obj:
-    return {k: v for k, v in status.items() if v is not None}
+def _comparable(status: Obj) -> Obj:
+    """A status without nulls (the apiserver drops them): what decides whether to patch."""
+    if isinstance(status, dict):
+        return {k: _comparable(v) for k, v in status.items() if v is not None}
+    if isinstance(status, list):
+        return [_comparable(v) for v in status]
+    return status
 
 
-def reconcile(run: Obj, kube: Kube, now: datetime | None = None, settings: Settings | None = None,
-              on_event: Any = None) -> Decision:
-    """Bring the children of one FusionRun in line with its spec and status; returns the decision."""
+#: HTTP statuses of a refused creation that retrying the same request cannot fix.
+NOT_RETRYABLE = (400, 403, 404, 422)
+
+
+def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = None,
+              settings: Settings | None = None, on_event: Any = None) -> Decision:
+    """Bring the children of one FusionRun in line with its spec and status; returns the decision.
+
+    Raises SpecError for a spec the cluster cannot run, ApiError (or a connection error) for anything worth
+    retrying; an apiserver refusal to create a child goes into the status instead (see `decide`)."""
     now = now or datetime.now(UTC)
     settings = settings or Settings()
     meta = run["metadata"]
     name, ns, uid = meta["name"], meta["namespace"], meta["uid"]
-    # 1. read
     spec = parse_spec(run.get("spec"), f"FusionRun {ns}/{name}: spec")
     check_cluster_spec(spec, f"FusionRun {ns}/{name}: spec")
-    children = [c for kind in CHILD_KINDS for c in kube.list(kind, ns, f"{LABEL_RUN}={name}")]
-    # 2. adopt labelled children that lost (or never had) their owner reference
-    for child in children:
+    written: list[Obj] = []
+    children = []
+    for child in observed.children:  # adopt labelled children that lost (or never had) their owner reference
         if not is_owned(child, uid) and not _controlled_by_other(child, uid):
-            kube.merge_patch(child["kind"], ns, child["metadata"]["name"],
-                             {"metadata": {"ownerReferences": [owner_reference(name, uid)]}})
-    # 3. build the desired children and decide
-    d = decide(run, spec, children, now, settings)
-    observed = {_key(c): c for c in children}
-    # 4. create if absent (the spec ConfigMap is the one child whose content follows spec edits)
+            child = _adopt(kube, child, name, uid)
+            written.append(child)
+        children.append(child)
+    observed = Observed(children, observed.pods, observed.events)
+    d = decide(run, spec, observed, now, settings)
+    have = {_key(c) for c in children}
+    refused: dict[Key, str] = {}
     for obj in d.create:
-        have = observed.get(_key(obj))
-        if have is None:
-            if kube.create(own(obj, name, uid)) is None:
-                _adopt_existing(kube, obj, name, uid)
-        elif obj["kind"] == "ConfigMap" and have.get("data") != obj["data"]:
-            kube.merge_patch("ConfigMap", ns, obj["metadata"]["name"], {"data": obj["data"]})
+        if _key(obj) in have:
+            continue
+        try:
+            made = kube.create(own(obj, name, uid)) or _existing(kube, obj, name, uid)
+        except ApiError as e:
+            if e.status not in NOT_RETRYABLE:
+                raise
+            refused[_key(obj)] = e.message
+            continue
+        written.append(made)
+    if refused or written:
+        observed = Observed([*children, *(w for w in written if _key(w) not in have)], observed.pods,
+                            observed.events)
+        if refused:  # decide again: the stage fails (or stalls, for a quota) with the apiserver's message
+            d = decide(run, spec, observed, now, settings, refused)
     for kind, child in d.delete:
         kube.delete(kind, ns, child)
-    # 5. status, only if it changed; Events on transitions
     old = run.get("status") or {}
-    if _without_none(d.status) != _without_none(old):
-        kube.merge_patch("FusionRun", ns, name, {"status": d.status}, sub="status")
+    if _comparable(d.status) != _comparable(old):
+        written.append(kube.merge_patch("FusionRun", ns, name, {"status": _nulls_for_removed(old, d.status)},
+                                        sub="status"))
         for etype, reason, message in transitions(old, d.status):
             kube.event(run, etype, reason, message, timestamp(now))
             if on_event:
                 on_event(etype, reason, message)
     if d.delete_run:
         kube.delete("FusionRun", ns, name)
+    d.written = written
     return d
+
+
+def _nulls_for_removed(old: Obj, new: Obj) -> Obj:
+    """A merge patch removes a top-level field only when it says null (e.g. outputUri once a run re-runs)."""
+    return {**{k: None for k in old if k not in new or new[k] is None}, **new}
 
 
 def _controlled_by_other(obj: Obj, uid: str) -> bool:
@@ -298,15 +490,28 @@ def _controlled_by_other(obj: Obj, uid: str) -> bool:
                for r in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
-def _adopt_existing(kube: Kube, obj: Obj, run_name: str, uid: str) -> None:
-    """A child with our deterministic name exists but was not listed (no run label): adopt it."""
+def _adopt(kube: Kube, child: Obj, run_name: str, uid: str) -> Obj:
+    meta = child["metadata"]
+    patch = {"metadata": {"labels": {LABEL_RUN: run_name, LABEL_RUN_UID: uid},
+                          "ownerReferences": [*(meta.get("ownerReferences") or []), owner_reference(run_name, uid)]}}
+    return kube.merge_patch(child["kind"], meta["namespace"], meta["name"], patch)
+
+
+def _existing(kube: Kube, obj: Obj, run_name: str, uid: str) -> Obj:
+    """A child with our deterministic name exists but the watches have not shown it to us (409): ours, or an
+    orphan to adopt. One controlled by another object is an error the user must resolve — except a child of
+    an earlier run with the same name, which garbage collection is about to remove (retried)."""
     kind, ns, child = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     found = kube.get(kind, ns, child)
-    if found is None or is_owned(found, uid):
-        return
+    if found is None:
+        raise ApiError(409, "Conflict", f"{kind} {ns}/{child} was deleted while being created")
+    found.setdefault("kind", kind)
+    if is_owned(found, uid):
+        return found
     if _controlled_by_other(found, uid):
+        owners = [r for r in found["metadata"].get("ownerReferences") or [] if r.get("controller")]
+        if any(r.get("kind") == "FusionRun" and r.get("name") == run_name for r in owners):
+            raise ApiError(409, "Conflict", f"{kind} {ns}/{child} belongs to an earlier FusionRun {run_name} "
+                                            "that is being deleted")
         raise SpecError(f"{kind} {ns}/{child} exists and belongs to someone else; rename the FusionRun")
-    stage = _label(obj, LABEL_STAGE)
-    patch_labels = {LABEL_RUN: run_name, **({LABEL_STAGE: stage} if stage else {})}
-    kube.merge_patch(kind, ns, child, {"metadata": {"labels": patch_labels,
-                                                    "ownerReferences": [owner_reference(run_name, uid)]}})
+    return _adopt(kube, found, run_name, uid)

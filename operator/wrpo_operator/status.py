@@ -10,8 +10,8 @@ from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
-StageState = Literal["Pending", "Waiting", "Running", "Succeeded", "Failed"]
-CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended")
+StageState = Literal["Pending", "Waiting", "Queued", "Running", "Succeeded", "Failed"]
+CONDITION_TYPES = ("Ready", "Progressing", "Succeeded", "Failed", "Suspended", "Stalled")
 #: Leading characters of a stage hash kept in status and in children's labels.
 HASH_PREFIX = 16
 
@@ -28,7 +28,7 @@ Timestamp = str  # RFC 3339, UTC ("2025-01-31T12:00:00Z")
 class Condition(_Status):
     """A standard Kubernetes condition (GitOps tools such as Argo CD read these)."""
 
-    type: Literal["Ready", "Progressing", "Succeeded", "Failed", "Suspended"]
+    type: Literal["Ready", "Progressing", "Succeeded", "Failed", "Suspended", "Stalled"]
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase reason of the last transition.")
     message: str = Field(default="", description="Human-readable detail.")
@@ -36,17 +36,28 @@ class Condition(_Status):
     observed_generation: int | None = Field(default=None, description="The .metadata.generation it reflects.")
 
 
+class StallStatus(_Status):
+    """Why the stage makes no progress (docs/operator.md, "Stalls")."""
+
+    reason: str = Field(description="ImagePullBackOff, CrashLoopBackOff, Unschedulable, QuotaExceeded, ...")
+    subject: str = Field(description="The pod and container, Deployment or Job it was seen on.")
+    message: str = Field(default="", description="What Kubernetes said.")
+    since: Timestamp = Field(description="When the stage became stalled (the timeout counts from here).")
+
+
 class StageStatus(_Status):
     """One stage of the pipeline as the operator last saw it."""
 
     name: str = Field(description="Stage name (wrpo.pipeline.plan.STAGE_NAMES).")
-    state: StageState = Field(default="Pending", description="Pending, Waiting (for servers), Running, ...")
+    state: StageState = Field(
+        default="Pending", description="Pending, Waiting (for servers), Queued (held by Kueue), Running, ...")
     hash: str | None = Field(default=None, description="Prefix of the stage hash it ran (or runs) with.")
     start_time: Timestamp | None = Field(default=None, description="When its first child was created.")
     completion_time: Timestamp | None = Field(default=None, description="When it succeeded or failed.")
     message: str | None = Field(default=None, description="Why it is in this state.")
     output_uri: str | None = Field(default=None, description="<run>/<stage>/ once committed.")
     retries: int = Field(default=0, description="Failed pods so far (retried up to cluster.backoffLimit).")
+    stall: StallStatus | None = Field(default=None, description="Set while the stage is stalled.")
 
 
 class FusionRunStatus(_Status):
@@ -58,11 +69,11 @@ class FusionRunStatus(_Status):
     message: str | None = Field(default=None, description="Human-readable summary.")
     observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
     run_uri: str | None = Field(default=None, description="The run directory.")
-    output_uri: str | None = Field(default=None, description="The fused model (<run>/wrpo/model/).")
+    output_uri: str | None = Field(default=None, description="The fused model (<run>/wrpo/model/), once Succeeded.")
     start_time: Timestamp | None = Field(default=None, description="When the first stage started.")
     completion_time: Timestamp | None = Field(default=None, description="When the run succeeded or failed.")
     stages: list[StageStatus] = Field(default_factory=list, description="Every stage in pipeline order.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, ...")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, ..., Stalled.")
 
 
 def timestamp(now: datetime) -> Timestamp:
@@ -81,18 +92,23 @@ def _condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
 
 
 def job_state(job: dict[str, Any]) -> tuple[StageState, str | None, int]:
-    """(state, message, failed pods) of a batch/v1 Job or a kubeflow.org/v1 PyTorchJob."""
-    st = job.get("status") or {}
+    """(state, message, failed pods) of a batch/v1 Job or a kubeflow.org/v1 PyTorchJob; `Queued` while it is
+    suspended (Kueue admits it by resuming it)."""
+    st, spec = job.get("status") or {}, job.get("spec") or {}
     if job.get("kind") == "PyTorchJob":
         failed = sum((r or {}).get("failed", 0) for r in (st.get("replicaStatuses") or {}).values())
         done, bad = _condition(job, "Succeeded"), _condition(job, "Failed")
+        suspended = (spec.get("runPolicy") or {}).get("suspend")
     else:
         failed = st.get("failed", 0)
         done, bad = _condition(job, "Complete"), _condition(job, "Failed")
+        suspended = spec.get("suspend")
     if done:
         return "Succeeded", None, failed
     if bad:
         return "Failed", f"{bad.get('reason', 'Failed')}: {bad.get('message', '')}".rstrip(": "), failed
+    if suspended:
+        return "Queued", None, failed
     return "Running", None, failed
 
 
@@ -101,14 +117,16 @@ def deployment_ready(dep: dict[str, Any]) -> bool:
 
 
 def derive_conditions(phase: Phase, message: str, generation: int, old: list[dict[str, Any]],
-                      now: datetime) -> list[dict[str, Any]]:
-    """The five conditions for `phase`; lastTransitionTime moves only when a condition's status does."""
+                      now: datetime, stall: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The six conditions for `phase` (and the current stage's stall); lastTransitionTime moves only when a
+    condition's status does."""
     truth = {
         "Ready": phase == "Succeeded",
         "Progressing": phase in ("Pending", "Running"),
         "Succeeded": phase == "Succeeded",
         "Failed": phase == "Failed",
         "Suspended": phase == "Suspended",
+        "Stalled": stall is not None,
     }
     before = {c["type"]: c for c in old}
     out = []
@@ -116,7 +134,10 @@ def derive_conditions(phase: Phase, message: str, generation: int, old: list[dic
         status = "True" if truth[ctype] else "False"
         prev = before.get(ctype)
         since = prev["lastTransitionTime"] if prev and prev.get("status") == status else timestamp(now)
-        out.append({"type": ctype, "status": status, "reason": phase, "message": message,
+        reason, text = phase, message
+        if ctype == "Stalled" and stall is not None:
+            reason, text = stall["reason"], f"{stall['subject']}: {stall['message']}"
+        out.append({"type": ctype, "status": status, "reason": reason, "message": text,
                     "lastTransitionTime": since, "observedGeneration": generation})
     return out
 
@@ -126,14 +147,18 @@ def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str
     events: list[tuple[str, str, str]] = []
     before = {s["name"]: s for s in old.get("stages") or []}
     for s in new.get("stages") or []:
+        events += _stall_events(s, (before.get(s["name"]) or {}).get("stall"))
         prev = (before.get(s["name"]) or {}).get("state", "Pending")
         if s["state"] == prev:
             continue
-        if s["state"] == "Running" or (s["state"] in ("Succeeded", "Failed") and prev in ("Pending", "Waiting")):
+        if s["state"] == "Running" or (s["state"] in ("Succeeded", "Failed") and prev in ("Pending", "Waiting",
+                                                                                       "Queued")):
             # a stage that ran to its end while no operator watched still gets its StageStarted
             events.append(("Normal", "StageStarted", f"stage {s['name']} started"))
         if s["state"] == "Waiting":
             events.append(("Normal", "StageWaiting", f"stage {s['name']}: {s.get('message') or 'waiting'}"))
+        elif s["state"] == "Queued":
+            events.append(("Normal", "StageQueued", f"stage {s['name']}: {s.get('message') or 'queued'}"))
         elif s["state"] == "Succeeded":
             events.append(("Normal", "StageSucceeded", f"stage {s['name']} committed: {s.get('outputUri')}"))
         elif s["state"] == "Failed":
@@ -145,3 +170,15 @@ def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str
             phase, "Resumed" if prev_phase == "Suspended" else "Running")
         events.append((kind, reason, new.get("message") or f"run is {phase}"))
     return events
+
+
+def _stall_events(stage: dict[str, Any], prev: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """One Warning Event per cause (reason and subject): a cause that stays gets none, a new one gets one."""
+    now = stage.get("stall")
+    key = (now or {}).get("reason"), (now or {}).get("subject")
+    if now and key != ((prev or {}).get("reason"), (prev or {}).get("subject")):
+        text = f"{now['subject']}: {now['reason']}: {now.get('message', '')}".rstrip(": ")
+        return [("Warning", "StageStalled", f"stage {stage['name']}: {text}")]
+    if prev and not now and stage.get("state") not in ("Failed", "Pending"):
+        return [("Normal", "StallCleared", f"stage {stage['name']}: {prev['reason']} resolved")]
+    return []

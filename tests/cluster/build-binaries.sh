@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the binaries of a real Kubernetes control plane (no kubelet) from the Go module proxy:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm and the Kubeflow
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm and the Kubeflow
 # training-operator (plus its CRD YAMLs). Everything is cached outside the repo under
 #   ${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}/<version-key>/
 # and a re-run with the same versions does nothing. The last line printed is
@@ -189,6 +189,50 @@ require ${mod} ${TRAINING_OPERATOR_VERSION}")"
   mv "${OUT}/training-operator-crds.tmp" "${OUT}/training-operator-crds"
 }
 
+# kubectl, for the cluster tests that drive FusionRuns as users do (apply, get, describe, wait,
+# explain). Its own wrapper module over the same staging modules as the control plane
+# (k8s.io/kubectl and friends at v0.<minor>.<patch>), with the same version ldflags; main.go is
+# what k8s.io/kubernetes/cmd/kubectl runs.
+build_kubectl() {
+  local minor="${K8S_VERSION#v1.}"
+  minor="${minor%%.*}"
+  local staging_version="v0.${K8S_VERSION#v1.}"
+  local dir
+  dir="$(wrapper_module kubectl "module wrpo.local/kubectl
+
+go 1.26
+
+require (
+	k8s.io/client-go ${staging_version}
+	k8s.io/component-base ${staging_version}
+	k8s.io/kubectl ${staging_version}
+)")"
+  cat >"${dir}/main.go" <<'EOF'
+// Command kubectl is upstream kubectl's entry point (k8s.io/kubernetes/cmd/kubectl).
+package main
+
+import (
+	"k8s.io/component-base/cli"
+	"k8s.io/kubectl/pkg/cmd"
+	"k8s.io/kubectl/pkg/cmd/util"
+
+	_ "k8s.io/client-go/plugin/pkg/client/auth"
+)
+
+func main() {
+	command := cmd.NewDefaultKubectlCommand()
+	if err := cli.RunNoErrOutput(command); err != nil {
+		util.CheckErr(err)
+	}
+}
+EOF
+  local v="k8s.io/component-base/version"
+  local ldflags="${LDFLAGS_BASE} -X ${v}.gitVersion=${K8S_VERSION} -X ${v}.gitMajor=1"
+  ldflags+=" -X ${v}.gitMinor=${minor} -X ${v}.gitTreeState=clean"
+  ldflags+=" -X ${v}.buildDate=1970-01-01T00:00:00Z"
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -ldflags "${ldflags}" -o "${OUT}/kubectl" .)
+}
+
 total_start=${SECONDS}
 log "go ${GO_VERSION}, ${JOBS} parallel jobs, output ${OUT}"
 step etcd etcd -- build_etcd
@@ -197,6 +241,7 @@ step helm helm -- build_helm
 step training-operator training-operator training-operator-local "${LOCAL_STAMP}" \
   training-operator-crds -- build_training_operator
 step kubernetes kube-apiserver kube-controller-manager kube-scheduler -- build_kubernetes
+step kubectl kubectl -- build_kubectl
 log "all binaries ready in $((SECONDS - total_start))s"
 
 cat >"${OUT}/versions.env" <<EOF

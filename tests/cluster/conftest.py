@@ -3,8 +3,10 @@
 Session scope: `k8s_cluster` (a running `k8s_harness.Cluster`), `k8s_kubeconfig` (admin kubeconfig
 path), `k8s_api_client` (admin `kubernetes.client.ApiClient`), `helm`.
 Function scope: `k8s_namespace` (a fresh namespace, deleted afterwards), `local_namespace` (the
-same, named "local-*" so that kwok leaves its pods to a PodRunner), `helm_install`,
-`service_account` (identity of a ServiceAccount, RBAC enforced), `pod_runner`.
+same, named "local-*" so that kwok leaves its pods to a PodRunner), `restricted_namespace` and
+`restricted_local_namespace` (the same with the `restricted` Pod Security Standard enforced),
+`helm_install`, `service_account` (identity of a ServiceAccount, RBAC enforced), `pod_runner`.
+Session scope also: `kubectl` (the harness's kubectl, built with the control plane).
 
 Without the binaries these tests skip, or fail when WRPO_REQUIRE_CLUSTER=1.
 """
@@ -91,12 +93,12 @@ def k8s_api_client(k8s_cluster):
     api.close()
 
 
-def _namespace(api_client, prefix: str):
+def _namespace(api_client, prefix: str, labels: dict[str, str] | None = None):
     from kubernetes import client
 
     core = client.CoreV1Api(api_client)
     name = f"{prefix}{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
+    core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
     k8s_harness.wait_for(f"ServiceAccount {name}/default",
                          lambda: core.read_namespaced_service_account("default", name), 30)
     yield name
@@ -114,6 +116,30 @@ def k8s_namespace(k8s_api_client):
 def local_namespace(k8s_api_client):
     """A fresh namespace named local-*: kwok leaves its pods alone, for a PodRunner."""
     yield from _namespace(k8s_api_client, k8s_harness.LOCAL_NAMESPACE_PREFIX)
+
+
+@pytest.fixture
+def restricted_namespace(k8s_api_client):
+    """A fresh kwok namespace where the Pod Security admission enforces the `restricted` standard."""
+    yield from _namespace(k8s_api_client, "t-", k8s_harness.RESTRICTED_LABELS)
+
+
+@pytest.fixture
+def restricted_local_namespace(k8s_api_client):
+    """local_namespace, with the `restricted` standard enforced."""
+    yield from _namespace(k8s_api_client, k8s_harness.LOCAL_NAMESPACE_PREFIX, k8s_harness.RESTRICTED_LABELS)
+
+
+@pytest.fixture(scope="session")
+def kubectl(k8s_cluster):
+    """kubectl(*args, kubeconfig=None, check=True, stdin=None) -> CompletedProcess: the harness's kubectl;
+    the test skips without it (fails with WRPO_REQUIRE_CLUSTER=1)."""
+    if not (k8s_cluster.bin_dir / "kubectl").is_file():
+        message = f"kubectl missing in {k8s_cluster.bin_dir}: run tests/cluster/build-binaries.sh"
+        if os.environ.get("WRPO_REQUIRE_CLUSTER") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return k8s_cluster.kubectl
 
 
 @pytest.fixture(scope="session")

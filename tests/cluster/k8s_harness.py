@@ -52,6 +52,12 @@ REQUIRED_BINARIES = (
     "helm",
     "training-operator-local",
 )
+#: Optional binaries: tests that need one skip without it (or fail with WRPO_REQUIRE_CLUSTER=1).
+OPTIONAL_BINARIES = ("kubectl",)
+#: Namespace labels of the Pod Security admission enforcing the `restricted` standard.
+RESTRICTED_LABELS = {"pod-security.kubernetes.io/enforce": "restricted",
+                     "pod-security.kubernetes.io/enforce-version": "latest",
+                     "pod-security.kubernetes.io/warn": "restricted"}
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 PYTORCHJOB_WEBHOOK_PATH = "/validate-kubeflow-org-v1-pytorchjob"
@@ -256,6 +262,20 @@ class Cluster:
         """Environment for subprocesses (helm, the operator) that should use this cluster."""
         return {"KUBECONFIG": str(self.kubeconfig)}
 
+    def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True, timeout: float = 120,
+                stdin: str | None = None) -> subprocess.CompletedProcess:
+        """Run the harness's kubectl (built from the same Kubernetes modules) against this cluster."""
+        binary = self.bin_dir / "kubectl"
+        if not binary.is_file():
+            raise BinariesMissing(f"kubectl missing in {self.bin_dir}: run tests/cluster/build-binaries.sh")
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig or self.kubeconfig),
+               "KUBECACHEDIR": str(self.work_dir / "kubectl-cache")}
+        result = subprocess.run([str(binary), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                                input=stdin)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
     def apply_yaml(self, documents: str | Path, namespace: str | None = None) -> list:
         """Create every object in a YAML string or file (server-side apply would need kubectl)."""
         from kubernetes import utils
@@ -297,14 +317,17 @@ def _http_get(url: str) -> str:
 
 
 def start_cluster(work_dir: Path, bin_dir: Path | None = None, *,
-                  nodes: int = 3, gpus_per_node: int = 8, timeout: float = 120.0) -> Cluster:
-    """Start the whole control plane; on any failure stop what was started and re-raise."""
+                  nodes: int = 3, gpus_per_node: int = 8, timeout: float = 120.0,
+                  audit_policy: dict | None = None) -> Cluster:
+    """Start the whole control plane; on any failure stop what was started and re-raise. `audit_policy`
+    (an audit.k8s.io/v1 Policy) turns on the apiserver's audit log at `<work>/audit.log`."""
     cluster = Cluster(bin_dir=bin_dir or find_binaries(), work_dir=work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     atexit.register(cluster.stop)  # a safety net; fixtures stop the cluster themselves
     try:
-        admin_cert = _start_etcd_and_apiserver(cluster, timeout)
+        admin_cert = _start_etcd_and_apiserver(cluster, timeout, audit_policy)
         _start_controllers(cluster, admin_cert, timeout)
+        _start_provisioner(cluster, timeout)
         _start_kwok(cluster, nodes, gpus_per_node, timeout)
         _start_training_operator(cluster, timeout)
     except BaseException:
@@ -313,7 +336,8 @@ def start_cluster(work_dir: Path, bin_dir: Path | None = None, *,
     return cluster
 
 
-def _start_etcd_and_apiserver(cluster: Cluster, timeout: float) -> tuple[Path, Path]:
+def _start_etcd_and_apiserver(cluster: Cluster, timeout: float, audit_policy: dict | None = None
+                              ) -> tuple[Path, Path]:
     b, w = cluster.bin_dir, cluster.work_dir
     pki = w / "pki"
     ca = cluster.ca = CertAuthority(pki)
@@ -359,7 +383,12 @@ def _start_etcd_and_apiserver(cluster: Cluster, timeout: float) -> tuple[Path, P
         f"--service-account-key-file={sa_pub}", f"--service-account-signing-key-file={sa_key}",
         f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
         "--endpoint-reconciler-type=none",  # 127.0.0.1 is not a valid Endpoints address
+        # The default plugins (PodSecurity among them: namespaces labelled RESTRICTED_LABELS enforce the
+        # `restricted` standard) and OpenShift's rule that setting blockOwnerDeletion needs update on the
+        # owner's finalizers.
+        "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
         "--allow-privileged=true", "--profiling=false", "--v=1",
+        *_audit_flags(w, audit_policy),
     ])
     cluster.wait_ready(
         apiserver, "kube-apiserver /readyz",
@@ -368,6 +397,31 @@ def _start_etcd_and_apiserver(cluster: Cluster, timeout: float) -> tuple[Path, P
     cluster.kubeconfig = write_kubeconfig(w / "admin.kubeconfig", cluster.server, ca.cert,
                                           cert=admin[0], key=admin[1], user="wrpo-admin")
     return admin
+
+
+def _audit_flags(work_dir: Path, policy: dict | None) -> list[str]:
+    if policy is None:
+        return []
+    path = work_dir / "audit-policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return [f"--audit-policy-file={path}", f"--audit-log-path={work_dir / 'audit.log'}",
+            "--audit-log-format=json", "--audit-log-mode=batch", "--audit-log-maxsize=1000"]
+
+
+def _start_provisioner(cluster: Cluster, timeout: float) -> None:
+    """k8s_provisioner.py: the default StorageClass `standard` and hostPath volumes for its claims."""
+    import sys
+
+    component = cluster.start_process("provisioner", [
+        sys.executable, str(HERE / "k8s_provisioner.py"), f"--kubeconfig={cluster.kubeconfig}",
+        f"--root={cluster.work_dir / 'volumes'}",
+    ])
+    from kubernetes import client
+
+    with contextlib.closing(cluster.api_client()) as api:
+        storage = client.StorageV1Api(api)
+        cluster.wait_ready(component, "StorageClass standard",
+                           lambda: storage.read_storage_class("standard"), timeout)
 
 
 def _start_controllers(cluster: Cluster, admin: tuple[Path, Path], timeout: float) -> None:
@@ -387,6 +441,9 @@ def _start_controllers(cluster: Cluster, admin: tuple[Path, Path], timeout: floa
         # Lifts the node.kubernetes.io/not-ready taint once kwok reports a Node Ready, and
         # watches the Leases kwok renews.
         "node-lifecycle-controller",
+        # PersistentVolumeClaims and generic ephemeral volumes (k8s_provisioner.py makes the volumes).
+        "persistentvolume-binder-controller", "ephemeral-volume-controller",
+        "persistentvolumeclaim-protection-controller", "persistentvolume-protection-controller",
     ])
     kcm = cluster.start_process("kube-controller-manager", [
         str(b / "kube-controller-manager"),

@@ -14,8 +14,10 @@ exits and killed when the pod is deleted. Output goes to `<log_dir>/<namespace>_
 
 Init containers run one after another before the main container, as a kubelet runs them. Volumes
 become folders of the pod's work folder: an emptyDir is an empty one (shared by the pod's
-containers), a ConfigMap or Secret is materialised into one (all keys, or its `items`); their
-mountPaths in a container's command, args and env values are rewritten to those folders.
+containers) and so is a generic ephemeral volume, a PersistentVolumeClaim is one folder per claim
+(kept across pods), a ConfigMap or Secret is materialised into one (all keys, or its `items`); their
+mountPaths in a container's command, args and env values are rewritten to those folders, and a mount
+inside another one is a symbolic link in the outer folder.
 
 Keep kwok off these pods: put them in a namespace named "local-*" or label them
 wrpo.test/local=true (see kwok/stages.yaml).
@@ -374,11 +376,15 @@ class PodRunner:
     # -- volumes -----------------------------------------------------------------------------
 
     def _volumes(self, pod, workdir: Path) -> dict[str, Path]:
-        """Each volume of the pod as a folder under its work folder (emptyDir, ConfigMap, Secret)."""
+        """Each volume of the pod as a folder: under its work folder (emptyDir, a generic ephemeral volume,
+        ConfigMap, Secret), or, for a PersistentVolumeClaim, one folder per claim that outlives the pod (a
+        restarted pod finds what the last one wrote)."""
         out: dict[str, Path] = {}
         ns = pod.metadata.namespace
         for vol in pod.spec.volumes or []:
             folder = workdir / "volumes" / vol.name
+            if vol.persistent_volume_claim is not None:
+                folder = self.log_dir / "claims" / f"{ns}_{vol.persistent_volume_claim.claim_name}"
             folder.mkdir(parents=True, exist_ok=True)
             if vol.config_map or vol.secret:
                 src = vol.config_map or vol.secret
@@ -389,18 +395,29 @@ class PodRunner:
                 for key, rel in items.items():
                     (folder / rel).parent.mkdir(parents=True, exist_ok=True)
                     (folder / rel).write_text(data[key])
-            elif vol.empty_dir is None and vol.projected is None:  # projected: the service-account token
-                raise ValueError(f"volume {vol.name}: only emptyDir, configMap and secret volumes run locally")
+            elif (vol.empty_dir is None and vol.projected is None and vol.ephemeral is None
+                  and vol.persistent_volume_claim is None):  # projected: the service-account token
+                raise ValueError(f"volume {vol.name}: only emptyDir, ephemeral, persistentVolumeClaim, "
+                                 "configMap and secret volumes run locally")
             out[vol.name] = folder
         return out
 
     @staticmethod
     def _mounts(container, volumes: dict[str, Path]) -> dict[str, Path]:
-        """A container's mountPath → local path (its volume's folder, or a file in it for subPath)."""
+        """A container's mountPath → local path (its volume's folder, or a file in it for subPath). A mount
+        inside another one (a PVC at /work/x/scratch under an emptyDir at /work) becomes a symbolic link in
+        the outer folder, so paths the process builds from the outer one reach it."""
         out = {}
         for mount in container.volume_mounts or []:
             folder = volumes[mount.name]
             out[mount.mount_path.rstrip("/") or "/"] = folder / mount.sub_path if mount.sub_path else folder
+        for outer, outer_dir in out.items():
+            for inner, inner_dir in out.items():
+                if inner.startswith(outer.rstrip("/") + "/"):
+                    link = outer_dir / inner[len(outer.rstrip("/")) + 1:]
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    if not link.exists() and not link.is_symlink():
+                        link.symlink_to(inner_dir, target_is_directory=True)
         return out
 
     @staticmethod

@@ -40,30 +40,38 @@ def free_port() -> int:
 
 
 class Operator:
-    """`python -m wrpo_operator` as a local process acting as the chart's ServiceAccount."""
+    """`python -m wrpo_operator` as a local process acting as the chart's ServiceAccount. `env` adds
+    WRPO_OPERATOR_* settings (leader election: as the chart sets them)."""
 
-    def __init__(self, identity, namespace: str, log: Path):
+    def __init__(self, identity, namespace: str, log: Path, env: dict[str, str] | None = None):
         self.identity, self.namespace, self.log = identity, namespace, log
+        self.extra_env = env or {}
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> Operator:
+    def start(self, wait_live: bool = True) -> Operator:
         env = {**os.environ, **self.identity.env(),
                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "operator")]),
-               "WRPO_OPERATOR_POLL_SECONDS": "1", "WRPO_OPERATOR_TRAINING_POLL_SECONDS": "1",
-               "WRPO_OPERATOR_SERVER_POLL_SECONDS": "1", "WRPO_OPERATOR_SHORT_SECONDS": "1",
+               "WRPO_OPERATOR_RETRY_SECONDS": "2",
                "WRPO_OPERATOR_METRICS_PORT": str(self.metrics_port),
-               "WRPO_OPERATOR_SCANNING": "false"}  # as the chart sets it in namespace scope
+               "WRPO_OPERATOR_SCANNING": "false",  # as the chart sets it in namespace scope
+               **self.extra_env}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         argv = [sys.executable, "-m", "wrpo_operator", "--standalone", f"--namespace={self.namespace}",
                 f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz", "--debug"]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        wait(lambda: self._get(f"http://127.0.0.1:{self.liveness_port}/healthz"), 60, "operator liveness",
-             self)
+        if wait_live:
+            wait(lambda: self._get(f"http://127.0.0.1:{self.liveness_port}/healthz"), 60, "operator liveness",
+                 self)
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     def _get(self, url: str) -> str | None:
         assert self.process and self.process.poll() is None, f"operator exited:\n{self.tail()}"
@@ -83,6 +91,7 @@ class Operator:
         return out
 
     def kopf_patches(self) -> int:
+        """PATCHes kopf itself sent (progress/diff-base annotations, finalizers): none are expected."""
         return len(re.findall(r"Merge-patching the (?:resource|status) with", self.log.read_text()))
 
     def kill(self, sig=signal.SIGKILL) -> None:
@@ -111,6 +120,13 @@ def apis(k8s_api_client):
 
     return (client.CustomObjectsApi(k8s_api_client), client.BatchV1Api(k8s_api_client),
             client.AppsV1Api(k8s_api_client), client.CoreV1Api(k8s_api_client))
+
+
+@pytest.fixture
+def k8s_namespace(restricted_namespace):
+    """The runs of these tests live where the Pod Security admission enforces `restricted` (every pod the
+    operator makes must pass it, and so must the chart's)."""
+    return restricted_namespace
 
 
 @pytest.fixture

@@ -53,10 +53,14 @@ def test_child_names_are_deterministic_dns_labels():
     assert long != b.child_name("a" * 40, "src-" + "b" * 39 + "c")
 
 
-def test_spec_configmap_round_trips(spec):
+def test_spec_configmap_round_trips_and_is_named_by_its_content(spec):
     cm = b.build_spec_configmap(RUN, NS, spec)
-    assert cm["metadata"]["name"] == "demo-spec" and cm["metadata"]["labels"][LABEL_RUN] == RUN
+    assert cm["metadata"]["name"].startswith("demo-spec-") and cm["metadata"]["labels"][LABEL_RUN] == RUN
+    assert cm["immutable"] is True
     assert parse_spec(yaml.safe_load(cm["data"]["spec.yaml"])) == spec
+    other = make_spec(wrpo={"beta": 0.05})
+    assert b.build_spec_configmap(RUN, NS, other)["metadata"]["name"] != cm["metadata"]["name"]
+    assert b.build_spec_configmap(RUN, NS, make_spec())["metadata"]["name"] == cm["metadata"]["name"]
 
 
 def test_own_sets_the_controlling_owner_reference():
@@ -65,6 +69,8 @@ def test_own_sets_the_controlling_owner_reference():
     assert ref == {"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun", "name": RUN, "uid": "uid-1",
                    "controller": True, "blockOwnerDeletion": True}
     assert b.is_owned(obj, "uid-1") and obj["metadata"]["labels"][LABEL_RUN] == RUN
+    job = b.own(b.build_stage_runner(RUN, NS, make_spec(), "prepare", URI), RUN, "uid-1")
+    assert job["spec"]["template"]["metadata"]["labels"]["fusion.wrpo.io/run-uid"] == "uid-1"  # its pods too
     assert len(b.own(obj, RUN, "uid-1")["metadata"]["ownerReferences"]) == 1  # idempotent
 
 
@@ -236,7 +242,219 @@ def test_every_stage_pod_mounts_the_spec_and_runs_as_non_root(spec, stage):
     pods = ([r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
             if obj["kind"] == "PyTorchJob" else [obj["spec"]["template"]["spec"]])
     for pod in pods:
-        assert {"name": "spec", "configMap": {"name": "demo-spec"}} in pod["volumes"]
+        cm = b.spec_configmap_name(RUN, spec)
+        assert {"name": "spec", "configMap": {"name": cm}} in pod["volumes"]
         c = pod["containers"][0]
         assert c["securityContext"]["runAsNonRoot"] is True
         assert c["image"] == spec.cluster.runtime_image
+
+
+# -- restricted pods, per-component settings, volumes, queues ----------------------------------------------
+
+#: Volume types the `restricted` Pod Security Standard allows (kubernetes.io/docs, pod-security-standards).
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """The rules of the `restricted` Pod Security Standard (v1.35) that a pod spec breaks. The cluster test
+    (tests/cluster/test_operator_security.py) has the real apiserver enforce the same standard."""
+    out = []
+    psc = pod.get("securityContext") or {}
+    containers = [*pod.get("initContainers", []), *pod["containers"]]
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            out.append(key)
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {v['name']}: {kinds}")
+    for c in containers:
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):
+            out.append(f"{c['name']}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []) or set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{c['name']}: capabilities")
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            out.append(f"{c['name']}: runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{c['name']}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{c['name']}: seccompProfile")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            out.append(f"{c['name']}: hostPort")
+    return out
+
+
+def all_pods(spec) -> list[tuple[str, dict]]:
+    out = []
+    for stage in STAGE_NAMES:
+        for obj in [*b.build_stage_servers(RUN, NS, spec, stage, URI, "h"),
+                    b.build_stage_runner(RUN, NS, spec, stage, URI, "h")]:
+            out += [(f"{stage}/{obj['metadata']['name']}", t["spec"]) for t in b.pod_templates(obj)]
+    return out
+
+
+def test_every_pod_passes_the_restricted_standard_and_mounts_no_token(spec):
+    pods = all_pods(make_spec(reward={"type": "remote", "model": "s3://bucket/models/rm"}))
+    assert len(pods) >= 13
+    for where, pod in pods:
+        assert restricted_violations(pod) == [], where
+        assert pod["automountServiceAccountToken"] is False, where
+        assert pod["securityContext"]["runAsUser"] == 1000  # vLLM too (its image would run as root)
+
+
+def test_the_restricted_checker_catches_what_it_checks():
+    (where, pod), *_ = all_pods(make_spec())
+    c = pod["containers"][0]
+    for breaks in ({"containers": [{**c, "securityContext": {}}]},
+                   {"containers": [{**c, "securityContext": {**c["securityContext"], "runAsUser": 0}}]},
+                   {"containers": [{**c, "securityContext": {**c["securityContext"], "seccompProfile": None}}],
+                    "securityContext": {}},
+                   {"volumes": [*pod["volumes"], {"name": "h", "hostPath": {"path": "/"}}]}):
+        assert restricted_violations({**pod, **breaks}), breaks
+
+
+def test_secrets_reach_pods_only_by_reference():
+    spec = make_spec(cluster={"hfTokenSecret": "hf", "env": [
+        {"name": "WANDB_API_KEY", "secretKeyRef": {"name": "wandb", "key": "key"}},
+        {"name": "LOG_LEVEL", "value": "debug"}],
+        "pods": {"vllm": {"env": [{"name": "VLLM_API_KEY", "secretKeyRef": {"name": "v", "key": "k",
+                                                                             "optional": True}}]}}})
+    for where, pod in all_pods(spec):
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            env = {e["name"]: e for e in c["env"]}
+            assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN"}, where
+            assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "wandb", "key": "key"}
+            assert env["LOG_LEVEL"]["value"] == "debug"
+            assert ("VLLM_API_KEY" in env) == (c["name"] in ("vllm", "fetch-weights")), where
+
+
+def test_env_entries_need_exactly_one_source():
+    from wrpo.errors import SpecError
+
+    for bad in ({"name": "A"}, {"name": "A", "value": "x", "secretKeyRef": {"name": "s", "key": "k"}}):
+        with pytest.raises(SpecError, match="cluster.env"):
+            make_spec(cluster={"env": [bad]})
+
+
+def test_per_component_settings_merge_over_the_cluster_wide_ones():
+    gpu_affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}
+    spec = make_spec(cluster={
+        "nodeSelector": {"pool": "ml"}, "tolerations": [{"key": "ml", "operator": "Exists"}],
+        "imagePullSecrets": ["registry"], "podAnnotations": {"team": "fusion"},
+        "pods": {
+            "vllm": {"nodeSelector": {"gpu": "h100"}, "affinity": gpu_affinity, "priorityClassName": "serving",
+                     "labels": {"cost-center": "42", "fusion.wrpo.io/run": "hijack"},
+                     "volumes": [{"name": "cache", "emptyDir": {}}],
+                     "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]},
+            "training": {"schedulerName": "volcano", "tolerations": [{"key": "train", "operator": "Exists"}],
+                         "imagePullSecrets": ["registry", "private"], "annotations": {"team": "training"}},
+            "small": {"priorityClassName": "batch-low"}}})
+    dep = b.build_vllm_deployment(RUN, NS, spec, source_server(spec, "llama"), "sample-sources", "h")
+    pod, meta = dep["spec"]["template"]["spec"], dep["spec"]["template"]["metadata"]
+    assert pod["nodeSelector"] == {"pool": "ml", "gpu": "h100"} and pod["affinity"] == gpu_affinity
+    assert pod["priorityClassName"] == "serving" and pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert meta["labels"]["cost-center"] == "42" and meta["labels"]["fusion.wrpo.io/run"] == RUN  # ours win
+    assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "cache", "mountPath": "/cache"} in pod["containers"][0]["volumeMounts"]
+    pj = b.build_stage_runner(RUN, NS, spec, "sft", URI, "h")
+    tpl = pj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert tpl["spec"]["schedulerName"] == "volcano" and "priorityClassName" not in tpl["spec"]
+    assert tpl["spec"]["tolerations"] == [{"key": "ml", "operator": "Exists"}, {"key": "train", "operator": "Exists"}]
+    assert tpl["spec"]["imagePullSecrets"] == [{"name": "registry"}, {"name": "private"}]
+    assert tpl["metadata"]["annotations"] == {"team": "training"}
+    small = b.build_stage_runner(RUN, NS, spec, "prepare", URI, "h")["spec"]["template"]
+    assert small["spec"]["priorityClassName"] == "batch-low" and "affinity" not in small["spec"]
+    scoring = b.build_stage_runner(RUN, NS, spec, "score-sources", URI, "h")["spec"]["template"]
+    assert "priorityClassName" not in scoring["spec"] and scoring["metadata"]["annotations"] == {"team": "fusion"}
+
+
+def test_scratch_models_and_checkpoints_volumes():
+    spec = make_spec(cluster={"scratch": {"size": "50Gi", "storageClassName": "fast"},
+                              "modelVolume": {"type": "emptyDir", "size": "300Gi"},
+                              "checkpoints": {"size": "1Ti", "accessModes": ["ReadWriteMany"]},
+                              "training": {"gpus": 8, "nodes": 2}})
+    job = b.build_stage_runner(RUN, NS, spec, "prepare", URI)
+    pod = job["spec"]["template"]["spec"]
+    scratch = next(v for v in pod["volumes"] if v["name"] == "scratch")
+    claim = scratch["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}},
+                     "storageClassName": "fast"}
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["WRPO_WORKDIR"] == "/work" and env["HF_HOME"] == "/work/hf" and env["HOME"] == "/work/home"
+    assert {"name": "scratch", "mountPath": "/work"} in pod["containers"][0]["volumeMounts"]
+    dep = b.build_vllm_deployment(RUN, NS, spec, source_server(spec, "llama"), "sample-sources")
+    weights = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "weights")
+    assert weights == {"name": "weights", "emptyDir": {"sizeLimit": "300Gi"}}
+    # training pods mount the run's PVC at the workdir's scratch folder, where checkpoints live
+    from wrpo.pipeline.workdir import Workdir
+
+    pj = b.build_stage_runner(RUN, NS, spec, "wrpo", URI)
+    for rep in pj["spec"]["pytorchReplicaSpecs"].values():
+        mounts = {m["name"]: m["mountPath"] for m in rep["template"]["spec"]["containers"][0]["volumeMounts"]}
+        folder = Workdir(URI, None).base  # <WRPO_WORKDIR>/<run key> with WRPO_WORKDIR=/work
+        assert mounts["checkpoints"] == f"/work/{folder.name}/scratch"
+        assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "demo-checkpoints"}} \
+            in rep["template"]["spec"]["volumes"]
+    pvc = b.build_checkpoints_pvc(RUN, NS, spec)
+    assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}
+    kids = b.stage_children(RUN, NS, spec, "sft", URI, "h")
+    assert [o["kind"] for o in kids.volumes] == ["PersistentVolumeClaim"]
+    assert b.stage_children(RUN, NS, spec, "prepare", URI, "h").volumes == []
+
+
+def test_probes_and_the_progress_deadline_follow_cluster_vllm():
+    spec = make_spec(cluster={"vllm": {"startupProbe": {"periodSeconds": 20, "failureThreshold": 360},
+                                       "readinessProbe": {"periodSeconds": 2}}})
+    dep = b.build_vllm_deployment(RUN, NS, spec, source_server(spec, "llama"), "sample-sources")
+    c = _container(dep, "vllm")
+    assert c["startupProbe"]["periodSeconds"] == 20 and c["startupProbe"]["failureThreshold"] == 360
+    assert c["readinessProbe"]["periodSeconds"] == 2 and c["readinessProbe"]["failureThreshold"] == 3
+    assert c["livenessProbe"]["periodSeconds"] == 15
+    assert dep["spec"]["progressDeadlineSeconds"] == 20 * 360 + 120
+    default = b.build_vllm_deployment(RUN, NS, make_spec(), source_server(spec, "llama"), "sample-sources")
+    assert default["spec"]["progressDeadlineSeconds"] == 10 * 180 + 120  # 30 min to load, then 2 more
+
+
+def test_a_queue_suspends_runners_and_labels_every_child():
+    spec = make_spec(cluster={"queueName": "gpu-queue", "training": {"gpus": 8, "nodes": 2}})
+    job = b.build_stage_runner(RUN, NS, spec, "prepare", URI)
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    pj = b.build_stage_runner(RUN, NS, spec, "sft", URI)
+    assert pj["spec"]["runPolicy"]["suspend"] is True
+    assert pj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    dep = b.build_vllm_deployment(RUN, NS, spec, source_server(spec, "llama"), "sample-sources")
+    assert dep["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "suspend" not in b.build_stage_runner(RUN, NS, make_spec(), "prepare", URI)["spec"]
+
+
+def test_gang_scheduling_policy_of_pytorchjobs():
+    spec = make_spec(cluster={"schedulingPolicy": {"queue": "research", "scheduleTimeoutSeconds": 600},
+                              "training": {"gpus": 8, "nodes": 4}})
+    policy = b.build_stage_runner(RUN, NS, spec, "wrpo", URI)["spec"]["runPolicy"]["schedulingPolicy"]
+    assert policy == {"minAvailable": 4, "queue": "research", "scheduleTimeoutSeconds": 600}
+    assert "schedulingPolicy" not in b.build_stage_runner(RUN, NS, make_spec(), "wrpo", URI)["spec"]["runPolicy"]
+
+
+def test_the_template_hash_moves_with_what_shapes_the_pods_and_nothing_else():
+    base = make_spec()
+    h = {c: b.template_hash(base, c, "s1") for c in ("vllm", "sampling", "scoring", "training", "small")}
+    assert b.template_hash(base, "vllm", "s2") != h["vllm"]  # another stage hash
+    vllm = make_spec(cluster={**base.cluster.model_dump(by_alias=True), "vllm": {"memory": "1Ti"}})
+    assert b.template_hash(vllm, "vllm", "s1") != h["vllm"]
+    assert all(b.template_hash(vllm, c, "s1") == h[c] for c in ("sampling", "scoring", "training", "small"))
+    image = make_spec(cluster={**base.cluster.model_dump(by_alias=True), "runtimeImage": "r:2"})
+    assert all(b.template_hash(image, c, "s1") != h[c] for c in h)  # every pod runs (or inits with) it
+    pods = make_spec(cluster={**base.cluster.model_dump(by_alias=True),
+                              "pods": {"scoring": {"priorityClassName": "x"}}})
+    assert [c for c in h if b.template_hash(pods, c, "s1") != h[c]] == ["scoring"]
+    # operational settings and fields written at their defaults change nothing
+    same = make_spec(cluster={**base.cluster.model_dump(by_alias=True), "stallTimeoutSeconds": 60,
+                              "ttlSecondsAfterFinished": 5, "scratch": {"type": "ephemeral"}})
+    assert all(b.template_hash(same, c, "s1") == h[c] for c in h)

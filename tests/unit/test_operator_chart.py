@@ -99,9 +99,24 @@ def test_values_schema_rejects_bad_values():
 
 
 @needs_helm
+def test_replicas_need_leader_election():
+    (dep,) = [d for d in render("replicaCount=2") if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 2
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        render("replicaCount=2", "leaderElection.enabled=false")
+    assert "needs leaderElection.enabled" in e.value.stderr
+    (dep,) = [d for d in render("leaderElection.enabled=false") if d["kind"] == "Deployment"]
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [d for d in render("leaderElection.enabled=false") if d["kind"] == "Role"]
+
+
+@needs_helm
 def test_operator_deployment():
     (dep,) = [d for d in render() if d["kind"] == "Deployment"]
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "RollingUpdate"}
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["WRPO_OPERATOR_LEADER_ELECTION"]["value"] == "true"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["command"] == ["python", "-m", "wrpo_operator"]
@@ -112,8 +127,8 @@ def test_operator_deployment():
 
 @needs_helm
 @pytest.mark.parametrize("scope,kinds", [
-    ("cluster", ["ClusterRole", "ClusterRoleBinding"]),
-    ("namespace", ["Role", "Role", "RoleBinding", "RoleBinding"]),  # helm sorts by kind
+    ("cluster", ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]),
+    ("namespace", ["Role", "Role", "Role", "RoleBinding", "RoleBinding", "RoleBinding"]),  # + the Lease's
 ])
 def test_rbac_modes(scope, kinds):
     docs = render(f"scope={scope}", "watchNamespaces={team-a,team-b}")
@@ -125,7 +140,8 @@ def test_rbac_modes(scope, kinds):
     assert env.get("WRPO_OPERATOR_SCANNING") == (None if scope == "cluster" else "false")
     if scope == "namespace":
         assert "--namespace=team-a" in args and "--namespace=team-b" in args
-        assert {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"} == {"team-a", "team-b"}
+        assert {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"} == {"team-a", "team-b",
+                                                                                    "wrpo-system"}
 
 
 @needs_helm
@@ -136,12 +152,22 @@ def test_rbac_is_least_privilege_and_covers_what_the_operator_calls():
     for prefix, plural in RESOURCES.values():
         group = "" if prefix == "/api/v1" else prefix.split("/")[2]
         needed.add((group, plural))
-    extra = granted - needed - {("fusion.wrpo.io", "fusionruns/status"), ("events.k8s.io", "events"),
-                                ("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+    needed.discard(("coordination.k8s.io", "leases"))  # in the release namespace only (a Role), below
+    extra = granted - needed - {("fusion.wrpo.io", "fusionruns/status"), ("fusion.wrpo.io", "fusionruns/finalizers"),
+                                ("events.k8s.io", "events"), ("apiextensions.k8s.io", "customresourcedefinitions"),
+                                ("", "namespaces")}
     assert needed <= granted and not extra
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
-        assert not {"secrets", "pods"} & set(rule["resources"])  # Secrets reach pods by reference only
+        assert "secrets" not in rule["resources"]  # Secrets reach pods by reference only
+        if "pods" in rule["resources"]:
+            assert rule["verbs"] == ["get", "list", "watch"]  # pods are only read (stalls)
+        if "fusionruns/finalizers" in rule["resources"]:
+            assert rule["verbs"] == ["update"]  # blockOwnerDeletion under OwnerReferencesPermissionEnforcement
+    (lease,) = [d for d in render() if d["kind"] == "Role"]
+    assert lease["metadata"]["namespace"] == "wrpo-system"
+    assert lease["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                               "verbs": ["get", "create", "update", "patch"]}]
 
 
 @needs_helm
@@ -152,7 +178,7 @@ def test_plain_rbac_matches_the_chart():
             labels.pop(k, None)
         return d
 
-    kinds = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+    kinds = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
     chart = [strip(d) for d in render() if d["kind"] in kinds]
     plain = [d for d in yaml.safe_load_all((MANIFESTS / "rbac" / "operator-rbac.yaml").read_text()) if d]
     assert plain == chart

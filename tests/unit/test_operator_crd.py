@@ -76,7 +76,10 @@ def test_optional_fields_are_nullable_and_free_form_only_where_the_model_is():
     assert src["model"]["nullable"] and src["endpoint"]["nullable"] and src["endpoint"]["type"] == "object"
     assert spec["cluster"]["properties"]["tolerations"]["items"]["x-kubernetes-preserve-unknown-fields"]
     preserved = [p for p, n in _walk(_schema()) if n.get("x-kubernetes-preserve-unknown-fields")]
-    assert preserved == ["$.spec.cluster.tolerations[]"]  # metadata is typed `object` by convention
+    # Kubernetes' own types passed through to pods (metadata is typed `object` by convention)
+    per_component = [f"$.spec.cluster.pods.{c}.{f}" for c in ("vllm", "sampling", "scoring", "training", "small")
+                     for f in ("tolerations[]", "affinity", "volumes[]", "volumeMounts[]")]
+    assert sorted(preserved) == sorted(["$.spec.cluster.tolerations[]", *per_component])
 
 
 def test_paper_defaults_and_bounds_reach_the_schema():

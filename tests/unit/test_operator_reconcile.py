@@ -1,9 +1,11 @@
-"""reconcile() against an in-memory stand-in for the apiserver: the stage walk, idempotency, restart,
-failure, retry, suspend/resume, spec changes, adoption and TTL."""
+"""reconcile() against an in-memory stand-in for the apiserver (a mock: the cluster tests run the same paths
+against the real one): the stage walk, idempotency, restart, failure, retry, suspend/resume, spec changes,
+stalls, refused creations, adoption, owner UIDs, Kueue, checkpoints and TTL."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +13,9 @@ import pytest
 
 from wrpo.errors import SpecError
 from wrpo.pipeline.plan import STAGE_NAMES
-from wrpo_operator import LABEL_RUN
+from wrpo_operator import LABEL_RUN, LABEL_RUN_UID, LABEL_STAGE, LABEL_TEMPLATE_HASH, QUEUE_LABEL
+from wrpo_operator.cache import Cache
+from wrpo_operator.kube import ApiError
 from wrpo_operator.reconcile import Settings, reconcile
 
 NS, NAME, UID = "team-a", "demo", "uid-1"
@@ -32,28 +36,37 @@ def tiny_spec(**over):
 
 
 class FakeKube:
-    """Just enough apiserver: objects by (kind, name), label-selector lists, merge patches, counts."""
+    """Just enough apiserver: objects by (kind, name) with UIDs and resourceVersions, merge patches, counted
+    calls; `observed()` is what the operator's watch cache would hold."""
 
     def __init__(self):
         self.objects: dict[tuple[str, str], dict] = {}
         self.calls: Counter = Counter()
         self.events: list[tuple[str, str, str]] = []
         self.created: Counter = Counter()  # (kind, name) → successful creations
+        self.refuse: dict[tuple[str, str], ApiError] = {}  # creations the "apiserver" rejects
+        self._rv = itertools.count(1)
+        self._uid = itertools.count(1)
 
-    def add_run(self, spec, **meta):
+    def add_run(self, spec, uid=UID, **meta):
         self.objects[("FusionRun", NAME)] = {
             "apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun",
-            "metadata": {"name": NAME, "namespace": NS, "uid": UID, "generation": 1, **meta}, "spec": spec}
+            "metadata": {"name": NAME, "namespace": NS, "uid": uid, "generation": 1, **meta}, "spec": spec}
 
     @property
     def run(self):
         return copy.deepcopy(self.objects[("FusionRun", NAME)])
 
-    def list(self, kind, namespace, selector):
-        self.calls[("list", kind)] += 1
-        k, v = selector.split("=")
-        return [copy.deepcopy(o) for (kk, _), o in sorted(self.objects.items())
-                if kk == kind and o["metadata"].get("labels", {}).get(k) == v]
+    def observed(self):
+        cache = Cache()
+        for (kind, _), obj in sorted(self.objects.items()):
+            if kind != "FusionRun":
+                cache.put(copy.deepcopy(obj))
+        cache.put_run(self.run)
+        return cache.observed(self.run)
+
+    def _stamp(self, obj):
+        obj["metadata"]["resourceVersion"] = str(next(self._rv))
 
     def get(self, kind, namespace, name):
         self.calls[("get", kind)] += 1
@@ -62,11 +75,16 @@ class FakeKube:
     def create(self, obj, dry_run=False):
         self.calls[("create", obj["kind"])] += 1
         key = (obj["kind"], obj["metadata"]["name"])
+        if key in self.refuse:
+            raise self.refuse[key]
         if key in self.objects:
             return None
-        self.objects[key] = copy.deepcopy(obj)
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["uid"] = f"child-{next(self._uid)}"
+        self._stamp(obj)
+        self.objects[key] = obj
         self.created[key] += 1
-        return obj
+        return copy.deepcopy(obj)
 
     def merge_patch(self, kind, namespace, name, patch, sub=None):
         self.calls[("patch" + (f"/{sub}" if sub else ""), kind)] += 1
@@ -82,7 +100,8 @@ class FakeKube:
                     dst[k] = copy.deepcopy(v)
 
         merge(target, patch)
-        return target
+        self._stamp(target)
+        return copy.deepcopy(target)
 
     def delete(self, kind, namespace, name):
         self.calls[("delete", kind)] += 1
@@ -92,7 +111,7 @@ class FakeKube:
         self.calls[("create", "Event")] += 1
         self.events.append((etype, reason, message))
 
-    # -- what the Job/Deployment controllers would do ------------------------------------------
+    # -- what the controllers and kubelets would do ------------------------------------------------
     def kinds(self, kind):
         return sorted(n for k, n in self.objects if k == kind)
 
@@ -103,18 +122,33 @@ class FakeKube:
                                          "message": "Job has reached the specified backoff limit"}]}
         if kind == "Job":
             obj["status"]["failed"] = failed
+        self._stamp(obj)
 
     def make_available(self):
         for name in self.kinds("Deployment"):
             self.objects[("Deployment", name)]["status"] = {"availableReplicas": 1}
 
+    def add_pod(self, owner_name, name, status, uid=UID):
+        """A pod of child `owner_name` (its template's labels), with the given status."""
+        owner = next(o for (k, n), o in self.objects.items() if n == owner_name and k != "Service")
+        template = (owner["spec"]["pytorchReplicaSpecs"]["Master"]["template"] if owner["kind"] == "PyTorchJob"
+                    else owner["spec"]["template"])
+        pod = {"kind": "Pod", "metadata": {"name": name, "namespace": NS, "uid": f"pod-{name}",
+                                           "labels": {**template["metadata"]["labels"], LABEL_RUN_UID: uid}},
+               "spec": {}, "status": status}
+        self._stamp(pod)
+        self.objects[("Pod", name)] = pod
+        return pod
 
-FAST = Settings(poll=1, training_poll=1, server_poll=1, short=1)
 
-
-def step(kube, minutes=1, _clock=[T0]):  # noqa: B006 - a shared test clock
+def step(kube, minutes=1, _clock=[T0], settings=None):  # noqa: B006 - a shared test clock
     _clock[0] += timedelta(minutes=minutes)
-    return reconcile(kube.run, kube, now=_clock[0], settings=FAST)
+    return reconcile(kube.run, kube.observed(), kube, now=_clock[0], settings=settings or Settings())
+
+
+def now():
+    return step.__defaults__[1][0]
+
 
 def kube_in_sampling() -> FakeKube:
     """A tiny run advanced past prepare, with its vLLM servers available and the sampling Job created."""
@@ -128,7 +162,6 @@ def kube_in_sampling() -> FakeKube:
     return kube
 
 
-
 def runner_of(kube, stage):
     for kind in ("Job", "PyTorchJob"):
         if (kind, f"{NAME}-{stage}") in kube.objects:
@@ -140,17 +173,21 @@ def walk(kube):
     """Drive the run to the end, completing each runner; returns the reconciles it took."""
     reconciles = 0
     for stage in STAGE_NAMES:
-        d = step(kube)
+        step(kube)
         reconciles += 1
         if kube.kinds("Deployment") and ("Job", f"{NAME}-{stage}") not in kube.objects:
             assert kube.run["status"]["stages"][STAGE_NAMES.index(stage)]["state"] == "Waiting"
             kube.make_available()
-            d = step(kube)
+            step(kube)
             reconciles += 1
-        assert d.requeue is not None
+        assert kube.run["status"].get("outputUri") is None  # no model yet
         kube.finish(*runner_of(kube, stage))
     step(kube)
     return reconciles + 1
+
+
+def status_of(kube, stage):
+    return kube.run["status"]["stages"][STAGE_NAMES.index(stage)]
 
 
 def test_a_run_walks_every_stage_in_order_and_succeeds():
@@ -164,53 +201,58 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     assert all(s["outputUri"] == f"s3://b/runs/demo/{s['name']}/" for s in status["stages"])
     conds = {c["type"]: c["status"] for c in status["conditions"]}
     assert conds == {"Ready": "True", "Progressing": "False", "Succeeded": "True", "Failed": "False",
-                     "Suspended": "False"}
+                     "Suspended": "False", "Stalled": "False"}
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
-    # GPUs are freed as soon as a sampling stage commits; finished Jobs stay for their logs.
+    # GPUs are freed as soon as a sampling stage commits; finished Jobs stay for their logs; the checkpoint
+    # PVC goes once the run succeeded.
     assert kube.kinds("Deployment") == [] and kube.kinds("Service") == []
+    assert kube.kinds("PersistentVolumeClaim") == []
     assert len(kube.kinds("Job")) == 8 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]
     for obj in kube.objects.values():
         if obj["kind"] != "FusionRun":
             assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
-            assert obj["metadata"]["labels"][LABEL_RUN] == NAME
+            assert obj["metadata"]["labels"][LABEL_RUN] == NAME and obj["metadata"]["labels"][LABEL_RUN_UID] == UID
     reasons = [r for _, r, _ in kube.events]
     assert reasons.count("StageSucceeded") == 10 and reasons[-1] == "RunSucceeded"
     assert reconciles == 13  # one per stage, one more for each of the two vLLM waits, one to finish
-    # every creation happened exactly once
-    # CM, Deployment + Service for llama and for the SFT target, ten runners
-    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + 10
+    # every creation happened exactly once: CM, Deployment + Service for llama and for the SFT target, the
+    # checkpoint PVC, ten runners; nothing was ever listed (the watches feed the cache)
+    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + 1 + 10
+    assert not [c for c in kube.calls if c[0] == "list"]
 
 
-def test_reconcile_is_idempotent_and_quiet_when_nothing_changed():
+def test_reconcile_is_idempotent_and_silent_when_nothing_changed():
     kube = FakeKube()
     kube.add_run(tiny_spec())
-    step(kube)
-    before = dict(kube.objects)
+    d = step(kube)
+    assert d.requeue is None  # a running stage is not polled: its Job's events wake the run
+    before = copy.deepcopy(kube.objects)
     kube.calls.clear()
     step(kube, minutes=0)
-    assert kube.objects.keys() == before.keys()
-    assert {verb for verb, _ in kube.calls} == {"list"}  # five lists, no writes
+    assert kube.objects == before and not kube.calls  # not one request
 
 
 def test_operator_restart_continues_without_rerunning_or_duplicating():
     kube = kube_in_sampling()
-    # "restart": a fresh reconcile sees only what the apiserver holds (status + children)
     created = sum(n for (verb, kind), n in kube.calls.items() if verb == "create" and kind != "Event")
     kube.calls.clear()
-    step(kube)
+    step(kube)  # a fresh reconcile sees only what the apiserver holds (status + children)
     assert not [k for k in kube.calls if k[0] == "create" and k[1] != "Event"]
-    assert kube.run["status"]["stages"][0]["state"] == "Succeeded"
+    assert status_of(kube, "prepare")["state"] == "Succeeded"
     assert created == 5  # ConfigMap, prepare Job, Deployment + Service of llama, sampling Job
 
 
-def test_a_failed_stage_fails_the_run_with_reason_event_and_frees_gpus():
+def test_a_failed_stage_fails_the_run_with_the_pod_termination_reason_and_frees_gpus():
     kube = kube_in_sampling()
+    kube.add_pod("demo-sample-sources", "demo-sample-sources-x1", {"phase": "Failed", "containerStatuses": [
+        {"name": "stage", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                                                   "finishedAt": "2025-01-01T00:05:00Z"}}}]})
     kube.finish("Job", "demo-sample-sources", ok=False, failed=3)
-    d = step(kube)
+    step(kube)
     status = kube.run["status"]
     assert status["phase"] == "Failed" and status["stage"] == "sample-sources"
-    assert "BackoffLimitExceeded" in status["message"] and d.requeue is None
-    st = status["stages"][1]
+    assert "BackoffLimitExceeded" in status["message"] and "OOMKilled (exit code 137)" in status["message"]
+    st = status_of(kube, "sample-sources")
     assert st["state"] == "Failed" and st["retries"] == 3
     assert ("Warning", "StageFailed") in [(t, r) for t, r, _ in kube.events]
     assert ("Warning", "RunFailed") in [(t, r) for t, r, _ in kube.events]
@@ -244,26 +286,108 @@ def test_suspend_removes_active_children_and_resume_continues():
     run["metadata"]["generation"] = 3
     step(kube)
     assert kube.run["status"]["phase"] == "Running"
-    assert kube.run["status"]["stages"][0]["state"] == "Succeeded"  # prepare is not re-run
+    assert status_of(kube, "prepare")["state"] == "Succeeded"  # prepare is not re-run
     assert kube.kinds("Deployment") == ["demo-src-llama"]
     assert ("Normal", "Resumed") in [(t, r) for t, r, _ in kube.events]
 
 
-def test_a_spec_change_reruns_only_the_stages_that_depend_on_it():
+def test_a_spec_change_reruns_only_the_stages_that_depend_on_it_and_outputuri_waits():
     kube = FakeKube()
     kube.add_run(tiny_spec())
     walk(kube)
+    assert kube.run["status"]["outputUri"]
     run = kube.objects[("FusionRun", NAME)]
     run["spec"]["wrpo"] = {"beta": 0.05}
     run["metadata"]["generation"] = 2
     step(kube)
-    states = {s["name"]: s["state"] for s in kube.run["status"]["stages"]}
+    status = kube.run["status"]
+    states = {s["name"]: s["state"] for s in status["stages"]}
     assert [n for n, s in states.items() if s != "Succeeded"] == ["ref-logps", "wrpo"]
-    assert kube.run["status"]["phase"] == "Running" and kube.run["status"]["stage"] == "ref-logps"
+    assert status["phase"] == "Running" and status["stage"] == "ref-logps"
+    assert "outputUri" not in status  # the model of the old spec is not this spec's model
     # the old ref-logps Job (older hash) is replaced, not reused
     assert "demo-ref-logps" not in kube.kinds("Job")
     step(kube)
     assert "demo-ref-logps" in kube.kinds("Job")
+
+
+def test_spec_configmaps_are_immutable_one_per_spec_and_kept_while_a_running_child_reads_one():
+    kube = kube_in_sampling()
+    (cm1,) = kube.kinds("ConfigMap")
+    assert kube.objects[("ConfigMap", cm1)]["immutable"] is True
+    job = kube.objects[("Job", "demo-sample-sources")]
+    # a change that leaves the sampling stage alone (the wrpo section) makes a new ConfigMap; the running
+    # sampling Job keeps reading the one it was built with
+    run = kube.objects[("FusionRun", NAME)]
+    run["spec"]["wrpo"] = {"beta": 0.05}
+    run["metadata"]["generation"] = 2
+    step(kube)
+    assert kube.objects[("Job", "demo-sample-sources")]["metadata"]["uid"] == job["metadata"]["uid"]
+    cms = kube.kinds("ConfigMap")
+    assert len(cms) == 2 and cm1 in cms
+    kube.finish("Job", "demo-sample-sources")
+    step(kube)
+    (cm2,) = kube.kinds("ConfigMap")
+    assert cm2 != cm1
+    runner = kube.objects[("Job", "demo-score-sources")]
+    assert {v["configMap"]["name"] for v in runner["spec"]["template"]["spec"]["volumes"] if "configMap" in v} \
+        == {cm2}
+
+
+def test_a_cluster_change_replaces_the_unfinished_stages_children_only_where_it_applies():
+    kube = kube_in_sampling()
+    uids = {k: o["metadata"]["uid"] for k, o in kube.objects.items()}
+    run = kube.objects[("FusionRun", NAME)]
+    run["spec"]["cluster"]["vllm"] = {"memory": "40Gi"}  # vLLM pods only
+    run["metadata"]["generation"] = 2
+    step(kube)
+    assert ("Deployment", "demo-src-llama") not in kube.objects  # replaced: deleted now, made again next
+    assert kube.objects[("Job", "demo-sample-sources")]["metadata"]["uid"] == uids[("Job", "demo-sample-sources")]
+    assert kube.objects[("Service", "demo-src-llama")]["metadata"]["uid"] == uids[("Service", "demo-src-llama")]
+    assert kube.objects[("Job", "demo-prepare")]["metadata"]["uid"] == uids[("Job", "demo-prepare")]  # done
+    step(kube)
+    dep = kube.objects[("Deployment", "demo-src-llama")]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"] == "40Gi"
+    # a fix for the stage's own pods (a wrong image of a stuck Job) replaces its runner too
+    run = kube.objects[("FusionRun", NAME)]
+    run["spec"]["cluster"]["runtimeImage"] = "registry.example/wrpo-runtime:fixed"
+    run["metadata"]["generation"] = 3
+    step(kube)
+    assert ("Job", "demo-sample-sources") not in kube.objects
+    step(kube)  # the runtime image is also the vLLM pods' init container: their Deployment was replaced too
+    kube.make_available()
+    step(kube)
+    job = kube.objects[("Job", "demo-sample-sources")]
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/wrpo-runtime:fixed"
+
+
+def test_a_field_written_at_its_default_replaces_nothing():
+    kube = kube_in_sampling()
+    before = {k: o["metadata"]["uid"] for k, o in kube.objects.items() if k[0] != "FusionRun"}
+    run = kube.objects[("FusionRun", NAME)]
+    run["spec"]["cluster"].update(stallTimeoutSeconds=1800, scratch={"type": "ephemeral"}, queueName=None)
+    run["metadata"]["generation"] = 2
+    step(kube)
+    after = {k: o["metadata"]["uid"] for k, o in kube.objects.items() if k[0] != "FusionRun"}
+    assert after == before
+
+
+def test_children_are_matched_by_owner_uid_not_by_name():
+    """A run re-created with the same name never reads the old run's children (garbage collection has not
+    removed them yet): it waits for them to go, then makes its own."""
+    kube = kube_in_sampling()
+    kube.objects[("FusionRun", NAME)]["metadata"]["uid"] = "uid-2"
+    kube.objects[("FusionRun", NAME)].pop("status")
+    kube.finish("Job", "demo-prepare")  # the old run's prepare Job succeeded: not ours
+    with pytest.raises(ApiError, match="earlier FusionRun demo"):
+        step(kube)
+    assert "status" not in kube.run and kube.objects[("Job", "demo-prepare")]["metadata"]["ownerReferences"][0][
+        "uid"] == UID  # nothing of the old run was touched or adopted
+    for key in [k for k, o in kube.objects.items() if k[0] != "FusionRun"]:
+        del kube.objects[key]  # garbage collection
+    step(kube)
+    assert kube.objects[("Job", "demo-prepare")]["metadata"]["ownerReferences"][0]["uid"] == "uid-2"
+    assert status_of(kube, "prepare")["state"] == "Running"
 
 
 def test_children_that_lost_their_owner_reference_are_adopted():
@@ -285,13 +409,17 @@ def test_ttl_after_finish_deletes_the_run():
     assert ("FusionRun", NAME) not in kube.objects
 
 
-def test_stage_deadline_fails_the_run():
+def test_the_deadline_bounds_the_wait_for_servers():
     kube = FakeKube()
     kube.add_run(tiny_spec(cluster={"activeDeadlineSeconds": 600}))
     step(kube)
+    kube.finish("Job", "demo-prepare")
+    d = step(kube)
+    assert status_of(kube, "sample-sources")["state"] == "Waiting" and 0 < d.requeue <= 600
     step(kube, minutes=11)
     status = kube.run["status"]
     assert status["phase"] == "Failed" and "DeadlineExceeded" in status["message"]
+    assert kube.kinds("Deployment") == []
 
 
 @pytest.mark.parametrize("storage,match", [({}, "storage.runUri")])
@@ -327,5 +455,217 @@ def test_a_stage_that_finished_unwatched_still_gets_its_started_event():
     new = {"phase": "Running", "stages": [{"name": "prepare", "state": "Succeeded", "outputUri": "s3://b/r/prepare/"}]}
     reasons = [r for _, r, _ in transitions(old, new)]
     assert reasons == ["StageStarted", "StageSucceeded"]
-    again = transitions(new, new)
-    assert again == []
+    assert transitions(new, new) == []
+
+
+# -- stalls ----------------------------------------------------------------------------------------------
+
+PULL = {"phase": "Pending", "containerStatuses": [{"name": "stage", "state": {"waiting": {
+    "reason": "ImagePullBackOff", "message": 'Back-off pulling image "nope:1"'}}}]}
+CRASH = {"phase": "Running", "containerStatuses": [{"name": "vllm", "restartCount": 4, "state": {"waiting": {
+    "reason": "CrashLoopBackOff", "message": "back-off 40s"}}, "lastState": {"terminated": {
+        "reason": "OOMKilled", "exitCode": 137}}}]}
+UNSCHEDULABLE = {"phase": "Pending", "conditions": [{
+    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}
+
+
+def stall_settings():
+    return tiny_spec(cluster={"training": {"gpus": 1}, "stallTimeoutSeconds": 600})
+
+
+@pytest.mark.parametrize("owner,pod,reason,text", [
+    ("demo-prepare", PULL, "ImagePullBackOff", 'pod demo-prepare-p container stage: ImagePullBackOff: Back-off'),
+    ("demo-prepare", UNSCHEDULABLE, "Unschedulable", "pod demo-prepare-p: Unschedulable: 0/3 nodes are available"),
+])
+def test_a_stalled_pod_shows_once_then_fails_the_stage_after_the_timeout(owner, pod, reason, text):
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    kube.add_pod(owner, f"{owner}-p", pod)
+    d = step(kube)
+    status = kube.run["status"]
+    stall = status_of(kube, "prepare")["stall"]
+    assert stall["reason"] == reason and status["phase"] == "Running"
+    assert text in status["message"]
+    cond = {c["type"]: c for c in status["conditions"]}["Stalled"]
+    assert cond["status"] == "True" and cond["reason"] == reason and f"pod {owner}-p" in cond["message"]
+    assert d.requeue == 600  # woken for the timeout, not polled
+    warnings = [m for t, r, m in kube.events if r == "StageStalled"]
+    assert len(warnings) == 1 and text in warnings[0]
+    d = step(kube, minutes=5)  # still stalled: no second Event, the clock keeps running
+    assert len([r for _, r, _ in kube.events if r == "StageStalled"]) == 1 and d.requeue == 300
+    step(kube, minutes=6)
+    status = kube.run["status"]
+    assert status["phase"] == "Failed" and f"Stalled for more than 600s: {text}" in status["message"]
+    assert "demo-prepare" not in kube.kinds("Job")  # its pods stop holding nodes
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Stalled"] == "False"
+
+
+def test_a_crash_looping_server_names_the_last_termination_reason():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    kube.add_pod("demo-src-llama", "demo-src-llama-abc", CRASH)
+    step(kube)
+    stall = status_of(kube, "sample-sources")["stall"]
+    assert stall["reason"] == "CrashLoopBackOff" and stall["subject"] == "pod demo-src-llama-abc container vllm"
+    assert "OOMKilled (exit code 137), 4 restarts" in stall["message"]
+
+
+def test_a_cleared_stall_says_so_and_a_new_cause_gets_its_own_event():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    pod = kube.add_pod("demo-prepare", "demo-prepare-p", PULL)
+    step(kube)
+    pod["status"] = UNSCHEDULABLE
+    step(kube)
+    assert [r for _, r, _ in kube.events].count("StageStalled") == 2
+    since = status_of(kube, "prepare")["stall"]["since"]
+    pod["status"] = {"phase": "Running", "containerStatuses": [{"name": "stage", "state": {"running": {}}}]}
+    step(kube)
+    assert "stall" not in status_of(kube, "prepare") and since
+    assert ("Normal", "StallCleared") in [(t, r) for t, r, _ in kube.events]
+
+
+def test_deployment_conditions_and_create_failures_are_stalls():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    dep = kube.objects[("Deployment", "demo-src-llama")]
+    dep["status"] = {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                     "message": 'ReplicaSet "demo-src-llama-1" has timed out progressing.'}]}
+    step(kube)
+    assert status_of(kube, "sample-sources")["stall"]["reason"] == "ProgressDeadlineExceeded"
+    dep["status"]["conditions"].append({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                        "message": 'pods "x" is forbidden: exceeded quota: gpus'})
+    step(kube)
+    stall = status_of(kube, "sample-sources")["stall"]
+    assert stall["reason"] == "QuotaExceeded" and stall["subject"] == "Deployment demo-src-llama"
+
+
+def test_a_job_whose_pods_are_refused_is_stalled_by_its_warning_events():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    job = kube.objects[("Job", "demo-prepare")]
+    kube.objects[("Event", "demo-prepare.1")] = {
+        "kind": "Event", "metadata": {"name": "demo-prepare.1", "namespace": NS, "uid": "e1"},
+        "involvedObject": {"kind": "Job", "name": "demo-prepare", "uid": job["metadata"]["uid"]},
+        "reason": "FailedCreate", "type": "Warning", "lastTimestamp": "2025-01-01T00:00:00Z",
+        "message": 'Error creating: pods "demo-prepare-x" is forbidden: exceeded quota: q, requested: pods=1'}
+    step(kube)
+    stall = status_of(kube, "prepare")["stall"]
+    assert stall["reason"] == "QuotaExceeded" and stall["subject"] == "Job demo-prepare"
+    kube.add_pod("demo-prepare", "demo-prepare-x", {"phase": "Running"})  # the quota was raised
+    step(kube)
+    assert "stall" not in status_of(kube, "prepare")
+
+
+# -- refused creations ---------------------------------------------------------------------------------
+
+def test_a_child_the_apiserver_refuses_fails_the_stage_at_once_with_its_message():
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    kube.refuse[("Job", "demo-prepare")] = ApiError(
+        422, "Unprocessable Entity", '{"message": "Job.batch \\"demo-prepare\\" is invalid: '
+        'spec.template.spec.volumes[3]: Required value: must specify a volume type"}')
+    step(kube)
+    status = kube.run["status"]
+    assert status["phase"] == "Failed"
+    assert "cannot create Job demo-prepare: Job.batch" in status["message"] and "volume type" in status["message"]
+    assert ("Warning", "StageFailed") in [(t, r) for t, r, _ in kube.events]
+    # the user fixes the spec: the stage is retried
+    del kube.refuse[("Job", "demo-prepare")]
+    run = kube.objects[("FusionRun", NAME)]
+    run["spec"]["cluster"]["backoffLimit"] = 3
+    run["metadata"]["generation"] = 2
+    step(kube)
+    step(kube)
+    assert kube.run["status"]["phase"] == "Running" and "demo-prepare" in kube.kinds("Job")
+
+
+def test_a_quota_refusal_is_a_stall_retried_later():
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    kube.refuse[("Job", "demo-prepare")] = ApiError(
+        403, "Forbidden", '{"message": "jobs.batch \\"demo-prepare\\" is forbidden: exceeded quota: jobs"}')
+    d = step(kube, settings=Settings(retry=7))
+    status = kube.run["status"]
+    assert status["phase"] == "Running" and status_of(kube, "prepare")["stall"]["reason"] == "QuotaExceeded"
+    assert d.requeue == 7
+    del kube.refuse[("Job", "demo-prepare")]
+    step(kube)
+    assert "demo-prepare" in kube.kinds("Job") and "stall" not in status_of(kube, "prepare")
+
+
+def test_a_transient_apiserver_error_is_raised_for_a_retry():
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    kube.refuse[("Job", "demo-prepare")] = ApiError(503, "Service Unavailable", "etcd leader changed")
+    with pytest.raises(ApiError, match="503"):
+        step(kube)
+
+
+# -- Kueue and checkpoints --------------------------------------------------------------------------------
+
+def test_with_a_queue_the_runner_is_created_suspended_and_shows_as_queued():
+    kube = FakeKube()
+    kube.add_run(tiny_spec(cluster={"training": {"gpus": 1}, "queueName": "team-gpus"}))
+    step(kube)
+    job = kube.objects[("Job", "demo-prepare")]
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"][QUEUE_LABEL] == "team-gpus"
+    st = status_of(kube, "prepare")
+    assert st["state"] == "Queued" and "team-gpus" in st["message"]
+    assert ("Normal", "StageQueued") in [(t, r) for t, r, _ in kube.events]
+    job["spec"]["suspend"] = False  # Kueue admits it
+    step(kube)
+    assert status_of(kube, "prepare")["state"] == "Running"
+    assert ("Normal", "StageStarted") in [(t, r) for t, r, _ in kube.events]
+
+
+def test_the_checkpoint_pvc_comes_with_training_and_outlives_a_failure():
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    for stage in STAGE_NAMES[:4]:
+        step(kube)
+        kube.make_available()
+        step(kube)
+        kube.finish(*runner_of(kube, stage))
+    step(kube)
+    assert kube.kinds("PersistentVolumeClaim") == ["demo-checkpoints"] and "demo-sft" in kube.kinds("PyTorchJob")
+    kube.finish("PyTorchJob", "demo-sft", ok=False)
+    step(kube)
+    assert kube.run["status"]["phase"] == "Failed" and kube.kinds("PersistentVolumeClaim") == ["demo-checkpoints"]
+
+
+def test_pods_of_other_stages_or_templates_do_not_stall_the_current_one():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    pod = kube.add_pod("demo-prepare", "old-pod", PULL)
+    pod["metadata"]["labels"][LABEL_TEMPLATE_HASH] = "0000000000000000"  # built from another spec
+    other = kube.add_pod("demo-prepare", "other-stage", PULL)
+    other["metadata"]["labels"][LABEL_STAGE] = "sft"
+    step(kube)
+    assert "stall" not in status_of(kube, "prepare")
+
+
+def test_a_pod_unschedulable_for_a_moment_is_not_a_stall_yet():
+    """Pods wait a few seconds for their volumes to be bound: Unschedulable counts after stalls.GRACE."""
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    pending = copy.deepcopy(UNSCHEDULABLE)
+    pending["conditions"][0]["lastTransitionTime"] = (now() + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    kube.add_pod("demo-prepare", "demo-prepare-p", pending)
+    d = step(kube)
+    assert "stall" not in status_of(kube, "prepare") and 0 < d.requeue <= 30
+    assert "StageStalled" not in [r for _, r, _ in kube.events]
+    step(kube)  # a minute later it still is: now it counts
+    assert status_of(kube, "prepare")["stall"]["reason"] == "Unschedulable"

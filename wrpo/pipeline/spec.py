@@ -233,6 +233,54 @@ class StageResources(_Model):
     procs_per_node: int = Field(default=1, ge=1, description="torchrun --nproc-per-node.")
 
 
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the run's namespace: pods read it; its value never enters the FusionRun."""
+
+    name: str = Field(pattern=DNS_LABEL, max_length=63, description="Secret name.")
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="Key in the Secret.")
+    optional: bool = Field(default=False, description="Leave the variable unset when the Secret or key is missing.")
+
+
+class EnvVar(_Model):
+    """An environment variable of cluster pods: a plain `value`, or `secretKeyRef` for anything secret."""
+
+    name: str = Field(pattern=ENV_NAME, description="Variable name.")
+    value: str | None = Field(default=None, description="A plain value (stored in the FusionRun: never a secret).")
+    secret_key_ref: SecretKeyRef | None = Field(default=None, description="Read the value from a Secret's key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if (self.value is None) == (self.secret_key_ref is None):
+            raise ValueError(f"env '{self.name}' needs exactly one of 'value' and 'secretKeyRef'")
+        return self
+
+
+class Probe(_Model):
+    """An HTTP probe on the vLLM server's /health (readiness defaults)."""
+
+    period_seconds: int = Field(default=5, ge=1, description="Seconds between probes.")
+    failure_threshold: int = Field(default=3, ge=1, description="Failed probes before it counts as failed.")
+    timeout_seconds: int = Field(default=5, ge=1, description="Seconds one probe may take.")
+    initial_delay_seconds: int = Field(default=0, ge=0, description="Seconds before the first probe.")
+
+
+class StartupProbe(Probe):
+    """Startup probe: the vLLM server may load for periodSeconds × failureThreshold (default 30 min)."""
+
+    period_seconds: int = Field(default=10, ge=1, description="Seconds between probes.")
+    failure_threshold: int = Field(default=180, ge=1, description="Failed probes before the container restarts.")
+
+
+class LivenessProbe(Probe):
+    """Liveness probe: a server whose /health keeps failing is restarted."""
+
+    period_seconds: int = Field(default=15, ge=1, description="Seconds between probes.")
+    failure_threshold: int = Field(default=4, ge=1, description="Failed probes before the container restarts.")
+
+
 class VLLMResources(_Model):
     """Resources of each vLLM server pod."""
 
@@ -241,7 +289,71 @@ class VLLMResources(_Model):
     memory: str = Field(default="32Gi", description="Memory request.")
     shm_size: str = Field(default="8Gi", description="Size of the /dev/shm emptyDir.")
     env: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment of the vLLM container (e.g. VLLM_CPU_KVCACHE_SPACE).")
+        default_factory=dict,
+        description="Extra plain environment of the vLLM container (e.g. VLLM_CPU_KVCACHE_SPACE); secrets go "
+        "into cluster.env or cluster.pods.vllm.env as secretKeyRef.")
+    startup_probe: StartupProbe = Field(default_factory=StartupProbe, description="Startup probe (model loading).")
+    readiness_probe: Probe = Field(default_factory=Probe, description="Readiness probe.")
+    liveness_probe: LivenessProbe = Field(default_factory=LivenessProbe, description="Liveness probe.")
+    progress_deadline_seconds: int | None = Field(
+        default=None, ge=10,
+        description="Deployment progressDeadlineSeconds (default: the startup probe's budget + 120 s).")
+
+
+class PodSettings(_Model):
+    """Placement and extras of one component's pods, merged over the cluster-wide settings."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Added to cluster.nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Added to cluster.tolerations.")
+    affinity: dict[str, Any] | None = Field(default=None, description="A Kubernetes Affinity.")
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of the pods.")
+    scheduler_name: str | None = Field(default=None, description="Scheduler of the pods (default scheduler if unset).")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Added to cluster.imagePullSecrets.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Pod labels (the operator's own win).")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Added to cluster.podAnnotations.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Added to cluster.env.")
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="Extra Kubernetes Volumes.")
+    volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra VolumeMounts of the main container.")
+
+
+class ComponentPods(_Model):
+    """Per-component pod settings: vLLM servers and the stage pods of each plan resource class."""
+
+    vllm: PodSettings = Field(default_factory=PodSettings, description="vLLM server pods.")
+    sampling: PodSettings = Field(default_factory=PodSettings, description="Sampling client Jobs.")
+    scoring: PodSettings = Field(default_factory=PodSettings, description="Scoring and reference log-prob Jobs.")
+    training: PodSettings = Field(default_factory=PodSettings, description="SFT/WRPO PyTorchJob pods.")
+    small: PodSettings = Field(default_factory=PodSettings, description="prepare/select/build-pairs Jobs.")
+
+
+class VolumeSpec(_Model):
+    """A pod's own volume: a generic ephemeral volume (a PVC made and deleted with the pod) or an emptyDir."""
+
+    type: Literal["ephemeral", "emptyDir"] = Field(
+        default="ephemeral", description="ephemeral (a PVC of storageClassName) or emptyDir (node disk).")
+    size: str = Field(default="100Gi", description="Requested size (emptyDir: its sizeLimit).")
+    storage_class_name: str | None = Field(default=None, description="StorageClass (default: the cluster's).")
+
+
+class CheckpointVolume(_Model):
+    """The run's PVC for training checkpoints: a restarted training pod resumes from it."""
+
+    enabled: bool = Field(default=True, description="Create the PVC and mount it in training pods.")
+    size: str = Field(default="200Gi", description="Requested size.")
+    storage_class_name: str | None = Field(default=None, description="StorageClass (default: the cluster's).")
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
+        default_factory=lambda: ["ReadWriteOnce"], min_length=1,
+        description="ReadWriteMany when cluster.training.nodes > 1 (every node writes its shards).")
+
+
+class SchedulingPolicy(_Model):
+    """PyTorchJob runPolicy.schedulingPolicy: gang scheduling (Volcano, scheduler-plugins)."""
+
+    min_available: int | None = Field(default=None, ge=1, description="Pods scheduled together (default: all).")
+    queue: str | None = Field(default=None, description="Volcano queue.")
+    priority_class: str | None = Field(default=None, description="PriorityClass of the pod group.")
+    schedule_timeout_seconds: int | None = Field(default=None, ge=1, description="Gang scheduling timeout.")
 
 
 class ClusterSpec(_Model):
@@ -250,6 +362,7 @@ class ClusterSpec(_Model):
     runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", description="Image running `wrpo stage`.")
     vllm_image: str = Field(default="vllm/vllm-openai:v0.11.0", description="Image of the vLLM Deployments.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Image pull Secrets of every pod.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector of every pod.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of every pod.")
     service_account: str | None = Field(default=None, description="ServiceAccount of stage pods.")
@@ -266,6 +379,29 @@ class ClusterSpec(_Model):
         default=None, ge=0, description="Delete the FusionRun this long after it Succeeded or Failed.")
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of every stage pod.")
     active_deadline_seconds: int | None = Field(default=None, ge=60, description="Deadline of one stage.")
+    stall_timeout_seconds: int = Field(
+        default=1800, ge=1,
+        description="Fail the stage when its pods stay stalled (image pull, crash loop, unschedulable, "
+        "quota) this long.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=64,
+                              description="Environment of every container (secretKeyRef for secrets).")
+    hf_token_secret: str | None = Field(
+        default=None, pattern=DNS_LABEL, max_length=63,
+        description="Secret whose key HF_TOKEN becomes HF_TOKEN in every container (gated hub models).")
+    pods: ComponentPods = Field(default_factory=ComponentPods, description="Per-component pod settings.")
+    queue_name: str | None = Field(
+        default=None, pattern=DNS_LABEL, max_length=63,
+        description="Kueue LocalQueue: stage Jobs and PyTorchJobs are created suspended with the "
+        "kueue.x-k8s.io/queue-name label (vLLM pods get the label too).")
+    scheduling_policy: SchedulingPolicy | None = Field(
+        default=None, description="Gang scheduling of the training PyTorchJobs (runPolicy.schedulingPolicy).")
+    scratch: VolumeSpec = Field(
+        default_factory=VolumeSpec, description="Scratch of every pod at /work (WRPO_WORKDIR, HF_HOME).")
+    model_volume: VolumeSpec = Field(
+        default_factory=VolumeSpec,
+        description="Where an init container downloads s3:// models for a vLLM server (size it for the largest).")
+    checkpoints: CheckpointVolume = Field(
+        default_factory=CheckpointVolume, description="Per-run PVC with the training stages' scratch.")
 
 
 class FusionSpec(_Model):

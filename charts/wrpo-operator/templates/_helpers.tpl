@@ -32,7 +32,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* The rules of the operator's Role or ClusterRole: exactly what reconcile() touches. */}}
+{{/* The rules of the operator's Role or ClusterRole: exactly what it watches and writes. */}}
 {{- define "wrpo-operator.rules" -}}
 - apiGroups: [fusion.wrpo.io]
   resources: [fusionruns]
@@ -40,9 +40,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [fusion.wrpo.io]
   resources: [fusionruns/status]
   verbs: [get, patch]
+# Children are created with blockOwnerDeletion: OwnerReferencesPermissionEnforcement (OpenShift) requires
+# update on the owner's finalizers subresource for that.
+- apiGroups: [fusion.wrpo.io]
+  resources: [fusionruns/finalizers]
+  verbs: [update]
 - apiGroups: [""]
-  resources: [configmaps, services]
+  resources: [configmaps, services, persistentvolumeclaims]
   verbs: [get, list, watch, create, patch, delete]
+# Pods are only read: why a stage stalls (image pulls, crash loops, scheduling).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
@@ -52,9 +61,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
   verbs: [get, list, watch, create, patch, delete]
+# Events: posted on FusionRuns; Warning Events on its Jobs are read (refused pod creations).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

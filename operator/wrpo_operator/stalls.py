@@ -1,0 +1,138 @@
+"""Why a stage makes no progress, read from its pods, its Deployments' conditions and the Warning Events on
+its Jobs (docs/operator.md, "Stalls"). Pure: Kubernetes objects in, `Stall`s out.
+
+A stall is not a failure: an image can be pushed, a node can be added, a quota raised. `reconcile` shows it
+(the `Stalled` condition, one Warning Event per cause) and fails the stage only after
+`cluster.stallTimeoutSeconds`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Obj = dict[str, Any]
+
+#: Waiting reasons of a container that only a person can fix, folded into one cause each (ErrImagePull and
+#: ImagePullBackOff alternate while the kubelet retries: they are one cause, not two).
+_WAITING = {
+    "ErrImagePull": "ImagePullBackOff", "ImagePullBackOff": "ImagePullBackOff",
+    "InvalidImageName": "ImagePullBackOff", "ErrImageNeverPull": "ImagePullBackOff",
+    "RegistryUnavailable": "ImagePullBackOff", "SignatureValidationFailed": "ImagePullBackOff",
+    "CreateContainerConfigError": "CreateContainerConfigError", "CreateContainerError": "CreateContainerError",
+    "RunContainerError": "CreateContainerError", "CrashLoopBackOff": "CrashLoopBackOff",
+}
+#: Which cause is reported when there are several (the first one here).
+ORDER = ("QuotaExceeded", "FailedCreate", "Unschedulable", "ImagePullBackOff", "CreateContainerConfigError",
+         "CreateContainerError", "CrashLoopBackOff", "ProgressDeadlineExceeded")
+#: Warning Events that say a controller could not create a pod: Job and ReplicaSet controllers, and the
+#: training-operator for PyTorchJob pods.
+CREATE_FAILURES = ("FailedCreate", "FailedCreatePod")
+#: Seconds a cause must last before it counts: a pod is briefly unschedulable while its volumes are bound.
+GRACE = {"Unschedulable": 30}
+
+
+@dataclass(frozen=True)
+class Stall:
+    reason: str  # one of ORDER
+    subject: str  # "pod <name> container <name>", "Deployment <name>", "Job <name>"
+    message: str
+    since: str | None = None  # when Kubernetes saw it first (RFC 3339), where it says
+
+    @property
+    def text(self) -> str:
+        return f"{self.subject}: {self.reason}: {self.message}".rstrip(": ")
+
+
+def _conditions(obj: Obj) -> dict[str, Obj]:
+    return {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def create_failure_reason(message: str) -> str:
+    """A refused pod (or child) creation: a ResourceQuota, or anything else (PodSecurity, a missing
+    PriorityClass, a webhook)."""
+    return "QuotaExceeded" if "exceeded quota" in message else "FailedCreate"
+
+
+def pod_stalls(pod: Obj) -> list[Stall]:
+    """Unschedulable (with the scheduler's message), image pulls, container config errors and crash loops
+    (with the last termination reason, e.g. OOMKilled) of one pod."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
+        return []
+    name = meta.get("name", "?")
+    out = []
+    scheduled = _conditions(pod).get("PodScheduled")
+    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        out.append(Stall("Unschedulable", f"pod {name}", scheduled.get("message", ""),
+                         scheduled.get("lastTransitionTime")))
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        cause = _WAITING.get(waiting.get("reason", ""))
+        if cause is None:
+            continue
+        message = waiting.get("message") or waiting.get("reason", "")
+        if cause == "CrashLoopBackOff":
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            message = (f"last exit {last.get('reason', 'Error')} (exit code {last.get('exitCode', '?')}), "
+                       f"{cs.get('restartCount', 0)} restarts")
+        out.append(Stall(cause, f"pod {name} container {cs.get('name', '?')}", message))
+    return out
+
+
+def pod_queued(pod: Obj) -> bool:
+    """Held by a queue (Kueue's scheduling gate), not stalled."""
+    scheduled = _conditions(pod).get("PodScheduled") or {}
+    return bool((pod.get("spec") or {}).get("schedulingGates")) or scheduled.get("reason") == "SchedulingGated"
+
+
+def deployment_stalls(dep: Obj) -> list[Stall]:
+    """ProgressDeadlineExceeded, and ReplicaFailure (its ReplicaSet could not create a pod: a quota,
+    PodSecurity admission)."""
+    name = (dep.get("metadata") or {}).get("name", "?")
+    conds = _conditions(dep)
+    out = []
+    failure = conds.get("ReplicaFailure")
+    if failure and failure.get("status") == "True":
+        message = failure.get("message", "")
+        out.append(Stall(create_failure_reason(message), f"Deployment {name}", message))
+    progressing = conds.get("Progressing")
+    if progressing and progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+        out.append(Stall("ProgressDeadlineExceeded", f"Deployment {name}", progressing.get("message", "")))
+    return out
+
+
+def event_stalls(events: list[Obj]) -> list[Stall]:
+    """Pod creation refused, from Warning Events on a Job or PyTorchJob (their only trace: the Job
+    controller sets no condition for it)."""
+    out = []
+    for e in sorted(events, key=lambda e: e.get("lastTimestamp") or ""):
+        if e.get("reason") in CREATE_FAILURES:
+            obj = e.get("involvedObject") or {}
+            message = e.get("message", "")
+            out.append(Stall(create_failure_reason(message), f"{obj.get('kind', '?')} {obj.get('name', '?')}",
+                             message))
+    return out[-1:]  # the latest says what blocks it now
+
+
+def first(stalls: list[Stall]) -> Stall | None:
+    """The cause to report: by ORDER, then by subject (deterministic)."""
+    if not stalls:
+        return None
+    return min(stalls, key=lambda s: (ORDER.index(s.reason) if s.reason in ORDER else len(ORDER), s.subject))
+
+
+def termination_detail(pods: list[Obj]) -> str | None:
+    """`pod P container C: OOMKilled (exit code 137)` of the latest failed container, to say why a Job
+    gave up."""
+    found = []
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "?")
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in ((cs.get("state") or {}).get("terminated"), (cs.get("lastState") or {}).get("terminated")):
+                if state and state.get("exitCode", 0) != 0:
+                    found.append((state.get("finishedAt") or "", name, cs.get("name", "?"), state))
+    if not found:
+        return None
+    _, pod, container, state = max(found, key=lambda f: f[0])
+    return f"pod {pod} container {container}: {state.get('reason', 'Error')} (exit code {state.get('exitCode')})"
