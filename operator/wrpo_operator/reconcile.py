@@ -157,6 +157,7 @@ class _Pass:
         self.keep: set[Key] = set()
         self.drop: set[Key] = set()  # children built from another spec: replaced
         self.d = Decision()
+        self._previous: Obj = {}  # the stall the current stage reported before
 
     # -- helpers -------------------------------------------------------------------------------------
     def _outdated(self, have: Obj, want: Obj) -> bool:
@@ -172,6 +173,8 @@ class _Pass:
                 and _label(p, LABEL_TEMPLATE_HASH) in templates and not _deleting(p)]
 
     def _stall(self, stage: str, servers: list[Obj], runners: list[Obj], templates: set[str]) -> Stall | None:
+        """The cause to report: the one reported before while it lasts (one Event per cause, even when two
+        pods stall together), else the first by stalls.ORDER."""
         pods = self._stage_pods(stage, templates)
         found = [s for p in pods for s in pod_stalls(p)]
         for dep in servers:
@@ -188,7 +191,10 @@ class _Pass:
         for key, message in self.refused.items():
             if create_failure_reason(message) == "QuotaExceeded":
                 found.append(Stall("QuotaExceeded", f"{key[0]} {key[1]}", message))
-        return first([s for s in found if self._lasted(s)])
+        found = [s for s in found if self._lasted(s)]
+        reported = [s for s in found if (s.reason, s.subject) == (self._previous.get("reason"),
+                                                                   self._previous.get("subject"))]
+        return reported[0] if reported else first(found)  # the cause reported stays while it lasts
 
     def _lasted(self, stall: Stall) -> bool:
         """Whether a cause lasted its grace (stalls.GRACE); if not yet, look again when it has."""
@@ -256,6 +262,7 @@ class _Pass:
 
     def _stalled(self, entry: Obj, servers: list[Obj], runners: list[Obj], templates: set[str]) -> bool:
         """Record the stall (if any); True when it lasted longer than `cluster.stallTimeoutSeconds`."""
+        self._previous = entry.get("stall") or {}
         stall = self._stall(entry["name"], servers, runners, templates)
         if stall is None:
             entry["stall"] = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from pathlib import Path
@@ -197,3 +198,36 @@ def pod_runner(k8s_cluster, tmp_path):
         _RUNNERS.remove(runner)
     for api in clients:
         api.close()
+
+
+# -- the operator ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def apis(k8s_api_client):
+    """(CustomObjectsApi, BatchV1Api, AppsV1Api, CoreV1Api) as the admin."""
+    from kubernetes import client
+
+    return (client.CustomObjectsApi(k8s_api_client), client.BatchV1Api(k8s_api_client),
+            client.AppsV1Api(k8s_api_client), client.CoreV1Api(k8s_api_client))
+
+
+@pytest.fixture
+def run_namespace(restricted_namespace):
+    """Where the operator tests' runs live: the Pod Security admission enforces `restricted` (every pod the
+    operator makes must pass it, and so must the chart's)."""
+    return restricted_namespace
+
+
+@pytest.fixture
+def operator(run_namespace, helm_install, service_account, tmp_path):
+    """The chart installed in namespace scope, and the operator running as its ServiceAccount
+    (operator_harness.Operator)."""
+    from operator_harness import CHART, RELEASE, Operator
+
+    helm_install(CHART, RELEASE, run_namespace, wait=True,
+                 values={"scope": "namespace", "metrics": {"enabled": False}})
+    identity = service_account(run_namespace, RELEASE, create=False)
+    op = Operator(identity, run_namespace, tmp_path / "operator.log").start()
+    yield op
+    op.kill(signal.SIGTERM)
+    print(f"\noperator log: {op.log}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_operator_run import CHART, RELEASE, Operator, create_run, wait_phase
+from operator_harness import CHART, RELEASE, Operator, create_run, wait_phase
 
 from wrpo.pipeline.plan import STAGE_NAMES
 

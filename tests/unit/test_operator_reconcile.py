@@ -542,8 +542,8 @@ def test_deployment_conditions_and_create_failures_are_stalls():
                                      "message": 'ReplicaSet "demo-src-llama-1" has timed out progressing.'}]}
     step(kube)
     assert status_of(kube, "sample-sources")["stall"]["reason"] == "ProgressDeadlineExceeded"
-    dep["status"]["conditions"].append({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
-                                        "message": 'pods "x" is forbidden: exceeded quota: gpus'})
+    dep["status"]["conditions"] = [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                    "message": 'pods "x" is forbidden: exceeded quota: gpus'}]
     step(kube)
     stall = status_of(kube, "sample-sources")["stall"]
     assert stall["reason"] == "QuotaExceeded" and stall["subject"] == "Deployment demo-src-llama"
@@ -669,3 +669,22 @@ def test_a_pod_unschedulable_for_a_moment_is_not_a_stall_yet():
     assert "StageStalled" not in [r for _, r, _ in kube.events]
     step(kube)  # a minute later it still is: now it counts
     assert status_of(kube, "prepare")["stall"]["reason"] == "Unschedulable"
+
+
+def test_the_reported_cause_stays_while_it_lasts():
+    """Two servers crash: the first one seen is reported until it ends (one Event), not flipped."""
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    kube.add_pod("demo-src-llama", "demo-src-llama-b", CRASH)
+    step(kube)
+    second = kube.add_pod("demo-src-llama", "demo-src-llama-a", CRASH)  # sorts first, seen second
+    step(kube)
+    assert status_of(kube, "sample-sources")["stall"]["subject"] == "pod demo-src-llama-b container vllm"
+    assert [r for _, r, _ in kube.events].count("StageStalled") == 1
+    del kube.objects[("Pod", "demo-src-llama-b")]
+    step(kube)
+    assert status_of(kube, "sample-sources")["stall"]["subject"] == "pod demo-src-llama-a container vllm"
+    assert second and [r for _, r, _ in kube.events].count("StageStalled") == 2

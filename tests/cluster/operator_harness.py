@@ -1,0 +1,160 @@
+"""The operator as the cluster tests run it (docs/cluster-harness.md): `python -m wrpo_operator` as a local
+process acting as the chart's ServiceAccount, and small helpers to create, patch and wait for FusionRuns.
+The fixtures that use them (`run_namespace`, `operator`, `apis`) are in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from wrpo_operator import GROUP, LABEL_RUN, PLURAL, VERSION
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "wrpo-operator"
+RELEASE = "wrpo-operator"
+
+
+def tiny_spec(**cluster) -> dict:
+    spec = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())["spec"]
+    spec["cluster"].update(cluster)
+    return spec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Operator:
+    """`python -m wrpo_operator` as a local process acting as the chart's ServiceAccount. `env` adds
+    WRPO_OPERATOR_* settings (leader election: as the chart sets them)."""
+
+    def __init__(self, identity, namespace: str, log: Path, env: dict[str, str] | None = None):
+        self.identity, self.namespace, self.log = identity, namespace, log
+        self.extra_env = env or {}
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait_live: bool = True) -> Operator:
+        env = {**os.environ, **self.identity.env(),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "operator")]),
+               "WRPO_OPERATOR_RETRY_SECONDS": "2",
+               "WRPO_OPERATOR_METRICS_PORT": str(self.metrics_port),
+               "WRPO_OPERATOR_SCANNING": "false",  # as the chart sets it in namespace scope
+               **self.extra_env}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        argv = [sys.executable, "-m", "wrpo_operator", "--standalone", f"--namespace={self.namespace}",
+                f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz", "--debug"]
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        if wait_live:
+            wait(lambda: self._get(f"http://127.0.0.1:{self.liveness_port}/healthz"), 60, "operator liveness",
+                 self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def _get(self, url: str) -> str | None:
+        assert self.process and self.process.poll() is None, f"operator exited:\n{self.tail()}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+
+    def metrics(self) -> dict[str, float]:
+        text = self._get(f"http://127.0.0.1:{self.metrics_port}/metrics") or ""
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"^(wrpo_\w+)(\{[^}]*\})? ([0-9.e+]+)$", line)
+            if m:
+                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+        return out
+
+    def kopf_patches(self) -> int:
+        """PATCHes kopf itself sent (progress/diff-base annotations, finalizers): none are expected."""
+        return len(re.findall(r"Merge-patching the (?:resource|status) with", self.log.read_text()))
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(30)
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
+
+
+def wait(check, timeout: float, what: str, operator: Operator | None = None, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    detail = operator.tail() if operator else ""
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{detail}")
+
+
+def create_run(custom, ns: str, name: str, spec: dict, annotations: dict | None = None) -> dict:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FusionRun",
+            "metadata": {"name": name, "annotations": annotations or {}}, "spec": spec}
+    return custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+
+def patch_run(custom, ns, name, patch: dict) -> dict:
+    return custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, patch,
+                                                 _content_type="application/merge-patch+json")
+
+
+def get_run(custom, ns, name) -> dict:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+
+
+def wait_phase(custom, ns, name, phases, timeout, operator, generation: int = 0) -> dict:
+    """The run's status once its phase is one of `phases` (for a status of at least `generation`: after a
+    spec change, pass the generation the patch returned)."""
+    phases = {phases} if isinstance(phases, str) else set(phases)
+
+    def check():
+        status = get_run(custom, ns, name).get("status") or {}
+        fresh = (status.get("observedGeneration") or 0) >= generation
+        return status if fresh and status.get("phase") in phases else None
+
+    return wait(check, timeout, f"FusionRun {name} phase in {phases}", operator)
+
+
+def children(apis, ns, name) -> dict[str, list[dict]]:
+    custom, batch, apps, core = apis
+    sel = f"{LABEL_RUN}={name}"
+    return {
+        "Job": batch.list_namespaced_job(ns, label_selector=sel).to_dict()["items"],
+        "Deployment": apps.list_namespaced_deployment(ns, label_selector=sel).to_dict()["items"],
+        "Service": core.list_namespaced_service(ns, label_selector=sel).to_dict()["items"],
+        "ConfigMap": core.list_namespaced_config_map(ns, label_selector=sel).to_dict()["items"],
+        "PyTorchJob": custom.list_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs",
+                                                           label_selector=sel)["items"],
+    }
+
+
+def events(core, ns, name) -> list[tuple[str, str, str]]:
+    items = core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+    items.sort(key=lambda e: (e.first_timestamp or e.event_time, e.metadata.creation_timestamp))
+    ours = [e for e in items if e.source and e.source.component == "wrpo-operator"]
+    return [(e.type, e.reason, e.message) for e in ours]
+
+

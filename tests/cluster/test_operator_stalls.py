@@ -1,0 +1,123 @@
+"""Stalls that show (docs/operator.md, "Stalls"), on the harness: every cause reaches the `Stalled` condition
+with one Warning Event naming pod, container and cause, then fails its stage after
+`cluster.stallTimeoutSeconds`; a fixed spec unsticks a stalled stage; an apiserver refusal fails the stage
+at once. The causes are real where the harness has the component (the scheduler's Unschedulable, the
+ResourceQuota admission, the Deployment controller's progress deadline, an invalid child) and kwok Stages
+where a kubelet would report them (image pulls, crash loops: tests/cluster/kwok/stages.yaml)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from operator_harness import create_run, events, get_run, patch_run, tiny_spec, wait, wait_phase
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+QUOTA_CLASS = "wrpo-test-quota"
+TIMEOUT = 8  # cluster.stallTimeoutSeconds of these runs
+
+
+def stalled(custom, ns, name):
+    status = get_run(custom, ns, name).get("status") or {}
+    cond = {c["type"]: c for c in status.get("conditions") or []}.get("Stalled") or {}
+    return cond if cond.get("status") == "True" else None
+
+
+@pytest.fixture
+def quota(apis, run_namespace, k8s_api_client):
+    """A ResourceQuota allowing no pods of PriorityClass wrpo-test-quota in the namespace."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    sched = client.SchedulingV1Api(k8s_api_client)
+    try:
+        sched.create_priority_class({"metadata": {"name": QUOTA_CLASS}, "value": 0})
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    apis[3].create_namespaced_resource_quota(run_namespace, {
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}, "scopeSelector": {"matchExpressions": [
+            {"operator": "In", "scopeName": "PriorityClass", "values": [QUOTA_CLASS]}]}}})
+
+
+CASES = {
+    # name: (cluster settings, stage, reason, subject (pod, container; Deployment; Job), what Kubernetes said)
+    "pull": ({"runtimeImage": "missing.wrpo.test/wrpo-runtime:0"}, "prepare", "ImagePullBackOff",
+             r"pod pull-prepare-\w+ container stage", 'Back-off pulling image "missing.wrpo.test/wrpo-runtime:0"'),
+    "crash": ({"pods": {"vllm": {"annotations": {"wrpo.test/crash": "OOMKilled"}}}}, "sample-sources",
+              "CrashLoopBackOff", r"pod crash-src-\w+-\w+-\w+ container vllm",
+              "last exit OOMKilled (exit code 137), 3 restarts"),
+    "gpus": ({"small": {"gpus": 16, "cpu": "1", "memory": "2Gi"}}, "prepare", "Unschedulable",
+             r"pod gpus-prepare-\w+", "Insufficient nvidia.com/gpu"),
+    "deadline": ({"vllm": {"gpus": 0, "cpu": "2", "memory": "4Gi", "progressDeadlineSeconds": 10},
+                  "pods": {"vllm": {"annotations": {"wrpo.test/never-ready": "true"}}}}, "sample-sources",
+                 "ProgressDeadlineExceeded", r"Deployment deadline-src-\w+", "has timed out progressing"),
+    "quota": ({"pods": {"small": {"priorityClassName": QUOTA_CLASS}}}, "prepare", "QuotaExceeded",
+              r"Job quota-prepare", "exceeded quota: no-pods"),
+}
+
+
+def test_every_stall_cause_shows_once_and_then_fails_its_stage(operator, apis, run_namespace, quota):
+    custom, _, _, core = apis
+    ns = run_namespace
+    for name, (cluster, *_) in CASES.items():
+        create_run(custom, ns, name, tiny_spec(stallTimeoutSeconds=TIMEOUT, **cluster))
+    for name, (_, stage, reason, subject, text) in CASES.items():
+        # the runs stall and fail side by side: the Stalled condition (seen below in the next test) is gone
+        # once a run failed, its Warning Event and the failure message stay
+        status = wait_phase(custom, ns, name, "Failed", 180, operator)
+        assert status["stage"] == stage, (name, status)
+        expected = rf"stage {stage} failed: Stalled for more than {TIMEOUT}s: {subject}: {reason}: "
+        assert re.match(expected, status["message"]) and text in status["message"], (name, status["message"])
+        # the Events follow the status patch of the same reconcile
+        wait(lambda n=name: {"StageFailed", "RunFailed"} <= {r for _, r, _ in events(core, ns, n)}, 30,
+             f"{name}: StageFailed and RunFailed Events", operator)
+        stalls = [(t, m) for t, r, m in events(core, ns, name) if r == "StageStalled"]
+        assert len(stalls) == 1, (name, stalls)  # one Event per cause, however long it lasts
+        assert stalls[0][0] == "Warning" and re.match(rf"stage {stage}: {subject}: {reason}: ", stalls[0][1])
+        assert text in stalls[0][1], stalls
+    # the stalled stages' children are gone: their pods no longer hold nodes (or GPUs)
+    wait(lambda: not [p for p in core.list_namespaced_pod(ns).items
+                      if (p.metadata.labels or {}).get("fusion.wrpo.io/run") in CASES
+                      and p.status.phase not in ("Succeeded", "Failed")], 60, "stalled pods removed", operator)
+
+
+def test_fixing_the_image_of_a_stalled_stage_replaces_its_children_and_the_run_goes_on(operator, apis,
+                                                                                      run_namespace):
+    custom, batch, _, core = apis
+    ns = run_namespace
+    create_run(custom, ns, "fix", tiny_spec(stallTimeoutSeconds=600, runtimeImage="missing.wrpo.test/runtime:0"))
+    cond = wait(lambda: stalled(custom, ns, "fix"), 120, "Stalled", operator)
+    assert cond["reason"] == "ImagePullBackOff"
+    assert re.match(r'pod fix-prepare-\w+ container stage: Back-off pulling image "missing.wrpo.test/runtime:0"',
+                    cond["message"]), cond
+    status = get_run(custom, ns, "fix")["status"]
+    assert status["phase"] == "Running" and status["stages"][0]["stall"]["reason"] == "ImagePullBackOff"
+    old = batch.read_namespaced_job("fix-prepare", ns).metadata.uid
+    fixed = patch_run(custom, ns, "fix", {"spec": {"cluster": {"runtimeImage": "ghcr.io/wrpo/wrpo-runtime:0.1.0-cpu"}}})
+    status = wait_phase(custom, ns, "fix", ["Succeeded", "Failed"], 300, operator, fixed["metadata"]["generation"])
+    assert status["phase"] == "Succeeded", status
+    reasons = [r for _, r, _ in events(core, ns, "fix")]
+    assert reasons.count("StageStalled") == 1 and "StallCleared" in reasons
+    assert batch.read_namespaced_job("fix-prepare", ns).metadata.uid != old  # replaced, not patched
+
+
+def test_a_child_the_apiserver_refuses_fails_the_stage_at_once(operator, apis, run_namespace):
+    custom, _, _, core = apis
+    ns = run_namespace
+    # valid to the FusionRun's schema (volumeMounts pass through), invalid to the Job's: a mount of no volume
+    broken = {"pods": {"small": {"volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}}}
+    create_run(custom, ns, "refused", tiny_spec(**broken))
+    status = wait_phase(custom, ns, "refused", "Failed", 60, operator)
+    assert status["stage"] == "prepare"
+    assert "cannot create Job refused-prepare" in status["message"]
+    assert 'volumeMounts[3].name: Not found: "cache"' in status["message"], status["message"]
+    wait(lambda: [m for t, r, m in events(core, ns, "refused") if r == "StageFailed"], 30, "StageFailed", operator)
+    failed = [m for t, r, m in events(core, ns, "refused") if r == "StageFailed"]
+    assert 'Not found: "cache"' in failed[0]
+    # the user fixes the spec: the stage runs again
+    fixed = patch_run(custom, ns, "refused", {"spec": {"cluster": {"pods": {"small": {"volumeMounts": []}}}}})
+    generation = fixed["metadata"]["generation"]
+    assert wait_phase(custom, ns, "refused", ["Succeeded", "Failed"], 300, operator, generation)["phase"] == \
+        "Succeeded"
