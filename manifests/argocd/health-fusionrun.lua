@@ -1,5 +1,7 @@
 -- Argo CD health check for fusion.wrpo.io/FusionRun. Install it under
 -- resource.customizations.health.fusion.wrpo.io_FusionRun in argocd-cm (see argocd/argocd-cm-patch.yaml).
+-- Succeeded: Healthy; Failed, or a stage Stalled (image pull, crash loop, unschedulable, quota): Degraded;
+-- Suspended: Suspended; otherwise (Pending, Running, a stage queued in Kueue): Progressing.
 hs = {}
 if obj.status == nil or obj.status.observedGeneration == nil
    or (obj.metadata.generation ~= nil and obj.status.observedGeneration < obj.metadata.generation) then
@@ -17,6 +19,14 @@ elseif phase == "Suspended" then
   hs.status = "Suspended"
 else
   hs.status = "Progressing"
+  if obj.status.conditions ~= nil then
+    for _, condition in ipairs(obj.status.conditions) do
+      if condition.type == "Stalled" and condition.status == "True" then
+        hs.status = "Degraded"
+        message = "stalled: " .. (condition.reason or "") .. ": " .. (condition.message or "")
+      end
+    end
+  end
   if obj.status.stage ~= nil then
     message = "stage " .. obj.status.stage .. " (" .. (obj.status.progress or "?") .. "): " .. message
   end
