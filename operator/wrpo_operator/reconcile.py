@@ -432,6 +432,13 @@ def _comparable(status: Obj) -> Obj:
 NOT_RETRYABLE = (400, 403, 404, 422)
 
 
+def retryable(e: ApiError) -> bool:
+    """Worth retrying as is: server errors, throttling, conflicts, and an admission plugin that does not know
+    the FusionRun kind yet (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a
+    freshly installed CRD by a few seconds)."""
+    return e.status not in NOT_RETRYABLE or "no matches for kind" in e.message
+
+
 def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = None,
               settings: Settings | None = None, on_event: Any = None) -> Decision:
     """Bring the children of one FusionRun in line with its spec and status; returns the decision.
@@ -461,7 +468,7 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
         try:
             made = kube.create(own(obj, name, uid)) or _existing(kube, obj, name, uid)
         except ApiError as e:
-            if e.status not in NOT_RETRYABLE:
+            if retryable(e):
                 raise
             refused[_key(obj)] = e.message
             continue

@@ -688,3 +688,15 @@ def test_the_reported_cause_stays_while_it_lasts():
     step(kube)
     assert status_of(kube, "sample-sources")["stall"]["subject"] == "pod demo-src-llama-a container vllm"
     assert second and [r for _, r, _ in kube.events].count("StageStalled") == 2
+
+
+def test_an_admission_plugin_that_does_not_know_the_kind_yet_is_retried():
+    """OwnerReferencesPermissionEnforcement resolves the owner's kind by discovery, which lags a new CRD."""
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    message = ('{"message": "configmaps \\"demo-spec\\" is forbidden: no matches for kind \\"FusionRun\\" in '
+               'version \\"fusion.wrpo.io/v1alpha1\\""}')
+    kube.refuse[("Job", "demo-prepare")] = ApiError(403, "Forbidden", message)
+    with pytest.raises(ApiError, match="no matches for kind"):
+        step(kube)
+    assert "status" not in kube.run  # nothing recorded: the controller retries with back-off
