@@ -195,7 +195,7 @@ def structural(schema: dict[str, Any], rules: dict[tuple[str, str], list[dict[st
                     if field_rules:
                         out[key][name].setdefault("x-kubernetes-validations", []).extend(field_rules)
             elif key == "items":
-                out[key] = conv(value)
+                out[key] = _without_defaults(conv(value))
             elif key == "additionalProperties":
                 if value is True:
                     out["x-kubernetes-preserve-unknown-fields"] = True
@@ -213,6 +213,18 @@ def structural(schema: dict[str, Any], rules: dict[tuple[str, str], list[dict[st
         return out
 
     return conv({k: v for k, v in schema.items() if k != "$defs"})
+
+
+def _without_defaults(node: Any) -> Any:
+    """A list item's schema without `default`s. The apiserver would fill them into each item, and a list is
+    replaced whole by `kubectl apply` and compared whole by GitOps tools: the stored list would never equal
+    the applied one (a perpetual diff). pydantic fills the same defaults when the operator parses the spec,
+    so the spec means the same (docs/operator.md, "CRD generation")."""
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
 
 
 def status_schema() -> dict[str, Any]:
@@ -271,7 +283,11 @@ _YAML11_BOOLS = {"y", "yes", "n", "no", "true", "false", "on", "off"}
 
 
 class _Dumper(yaml.SafeDumper):
-    """Quotes strings a YAML 1.1 parser would take for booleans: the sampling field `n` must stay `n`."""
+    """Quotes strings a YAML 1.1 parser would take for booleans: the sampling field `n` must stay `n`. Writes
+    shared parts of the schema out each time (no `&id001` anchors)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
