@@ -45,6 +45,9 @@ def _kube() -> Kube:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False  # reconcile posts one Event per transition itself
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # kopf logs every watch event a handler saw at INFO; below --debug that is noise at scale
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     # Namespace scope has no RBAC to watch Namespaces and CRDs: without this kopf retries those
     # LISTs for about a minute before it falls back to the namespaces it was given.

@@ -184,7 +184,9 @@ class PodRunner:
         ip = f"127.0.0.{self._next_ip}"
         self._next_ip += 1
         container = pod.spec.containers[0]
-        workdir = self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}.work"
+        # per pod UID: a new pod with the same name (a recreated PyTorchJob replica) starts with empty
+        # emptyDir and ephemeral volumes, as on a node; only PersistentVolumeClaims carry over
+        workdir = self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}_{pod.metadata.uid[:8]}.work"
         workdir.mkdir(parents=True, exist_ok=True)
         local = LocalPod(
             namespace=pod.metadata.namespace, name=pod.metadata.name, uid=pod.metadata.uid, ip=ip,

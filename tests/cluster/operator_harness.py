@@ -39,9 +39,11 @@ class Operator:
     """`python -m wrpo_operator` as a local process acting as the chart's ServiceAccount. `env` adds
     WRPO_OPERATOR_* settings (leader election: as the chart sets them)."""
 
-    def __init__(self, identity, namespace: str, log: Path, env: dict[str, str] | None = None):
+    def __init__(self, identity, namespace: str, log: Path, env: dict[str, str] | None = None,
+                 log_level: str = "--debug"):
         self.identity, self.namespace, self.log = identity, namespace, log
         self.extra_env = env or {}
+        self.log_level = log_level  # a kopf run option: --debug, --verbose, --quiet, or "" for info
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.process: subprocess.Popen | None = None
@@ -55,7 +57,8 @@ class Operator:
                **self.extra_env}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         argv = [sys.executable, "-m", "wrpo_operator", "--standalone", f"--namespace={self.namespace}",
-                f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz", "--debug"]
+                f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
+                *([self.log_level] if self.log_level else [])]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)

