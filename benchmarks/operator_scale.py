@@ -108,10 +108,12 @@ class RSS:
 
 
 def audit_counts(path: Path) -> Counter:
+    """Requests by (verb, resource): each counted once, a watch when its response started (it may still be
+    open), anything else when it completed."""
     counts: Counter = Counter()
     for line in path.read_text().splitlines():
         event = json.loads(line)
-        if event.get("stage") != "ResponseComplete":
+        if event.get("stage") != ("ResponseStarted" if event.get("verb") == "watch" else "ResponseComplete"):
             continue
         ref = event.get("objectRef") or {}
         counts[(event["verb"], ref.get("resource", event.get("requestURI", "?")))] += 1

@@ -12,6 +12,7 @@ proceeds"): its vLLM servers, the volumes it needs, and the runner that starts o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ MODELS_DIR = "/models"
 WORK_DIR = "/work"  # the scratch volume: WRPO_WORKDIR (docs/architecture.md, "Workdir"), HF_HOME, HOME
 RUN_AS = 1000  # the runtime image's user; the vLLM image runs as it too
 Obj = dict[str, Any]
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's when PyYAML has it
 
 #: Pod and container security contexts of the `restricted` Pod Security Standard.
 POD_SECURITY: Obj = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
@@ -136,23 +138,33 @@ def is_owned(obj: Obj, uid: str) -> bool:
 
 def spec_text(spec: FusionSpec) -> str:
     """The FusionSpec as stage pods read it (camelCase, defaults filled in)."""
-    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+    return _yaml_of(spec.model_dump_json(by_alias=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _yaml_of(spec_json: str) -> str:
+    # reconcile builds the spec ConfigMap on every pass: dump each spec once (YAML emitting is slow)
+    return yaml.dump(json.loads(spec_json), Dumper=_DUMPER, sort_keys=False)
+
+
+def spec_hash(spec: FusionSpec) -> str:
+    """A short hash of the whole spec (names its ConfigMap)."""
+    return _digest(spec.model_dump(mode="json", by_alias=True), 10)
 
 
 def spec_configmap_name(run_name: str, spec: FusionSpec) -> str:
     """One immutable ConfigMap per spec: a pod always reads the spec its child was built from."""
-    return child_name(run_name, f"spec-{_digest(spec_text(spec), 10)}")
+    return child_name(run_name, f"spec-{spec_hash(spec)}")
 
 
 def build_spec_configmap(run_name: str, namespace: str, spec: FusionSpec) -> Obj:
     """The FusionSpec as /etc/wrpo/spec.yaml for every stage pod; immutable, named by its hash."""
-    text = spec_text(spec)
-    lab = {**labels(run_name, None, "spec"), LABEL_SPEC_HASH: _digest(text, 10)}
+    lab = {**labels(run_name, None, "spec"), LABEL_SPEC_HASH: spec_hash(spec)}
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": spec_configmap_name(run_name, spec), "namespace": namespace, "labels": lab},
         "immutable": True,
-        "data": {"spec.yaml": text},
+        "data": {"spec.yaml": spec_text(spec)},
     }
 
 

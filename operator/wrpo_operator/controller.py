@@ -9,6 +9,7 @@ error. With leader election, every replica keeps its cache warm but only the lea
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +34,7 @@ class Controller:
         if acting:
             self.acting.set()
         self._threads: list[threading.Thread] = []
+        self._events: queue.Queue = queue.Queue(maxsize=10000)
         kube.on_change = self._written
         kube.on_request = lambda verb, kind: metrics.API_CALLS.labels(verb, kind).inc()
 
@@ -42,13 +44,31 @@ class Controller:
             t = threading.Thread(target=self._work, name=f"wrpo-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        poster = threading.Thread(target=self._post_events, name="wrpo-events", daemon=True)
+        poster.start()
+        self._threads.append(poster)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         self.acting.clear()
         self.queue.shut_down()
+        self._events.put(None)
         for t in self._threads:
             t.join(timeout)
+
+    def post_event(self, *event: Any) -> None:
+        """Events are posted by one background thread, in order (best effort, like the kubelet's)."""
+        try:
+            self._events.put_nowait(event)
+        except queue.Full:
+            log.warning("dropping Event %s: the poster is behind", event[2])
+
+    def _post_events(self) -> None:
+        while (event := self._events.get()) is not None:
+            try:
+                self.kube.event(*event)
+            except Exception as e:  # noqa: BLE001 - an Event is not worth a failed reconcile
+                log.warning("cannot post Event %s: %s", event[2], e)
 
     def lead(self) -> None:
         """This replica became the leader: act on every run it knows."""
@@ -68,7 +88,9 @@ class Controller:
             self.cache.drop_run(run)
             metrics.record_phase(run["metadata"].get("uid", ""), None)
             return
-        self.queue.add(self.cache.put_run(run))
+        # a new or edited run goes first: its first children are what a user waits for
+        unseen = (run.get("status") or {}).get("observedGeneration") != run["metadata"].get("generation")
+        self.queue.add(self.cache.put_run(run), first=unseen)
 
     def child_event(self, etype: str | None, obj: Obj) -> None:
         keys = self.cache.remove(obj) if etype == "DELETED" else self.cache.put(obj)
@@ -104,7 +126,8 @@ class Controller:
             self.queue.forget(key)
             return  # gone or going: its children go by garbage collection
         try:
-            d = reconcile(run, self.cache.observed(run), self.kube, settings=self.settings)
+            d = reconcile(run, self.cache.observed(run), self.kube, settings=self.settings,
+                          post_event=self.post_event if self.workers else None)
         except SpecError as e:
             metrics.RECONCILES.labels("invalid").inc()
             self._mark_invalid(run, str(e))

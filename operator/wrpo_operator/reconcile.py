@@ -440,8 +440,10 @@ def retryable(e: ApiError) -> bool:
 
 
 def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = None,
-              settings: Settings | None = None, on_event: Any = None) -> Decision:
+              settings: Settings | None = None, post_event: Any = None) -> Decision:
     """Bring the children of one FusionRun in line with its spec and status; returns the decision.
+    `post_event(run, type, reason, message, time)` posts an Event (default: `kube.event`, at once; the
+    controller hands them to a background poster so that a burst of new runs is not slowed by them).
 
     Raises SpecError for a spec the cluster cannot run, ApiError (or a connection error) for anything worth
     retrying; an apiserver refusal to create a child goes into the status instead (see `decide`)."""
@@ -485,9 +487,7 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
         written.append(kube.merge_patch("FusionRun", ns, name, {"status": _nulls_for_removed(old, d.status)},
                                         sub="status"))
         for etype, reason, message in transitions(old, d.status):
-            kube.event(run, etype, reason, message, timestamp(now))
-            if on_event:
-                on_event(etype, reason, message)
+            (post_event or kube.event)(run, etype, reason, message, timestamp(now))
     if d.delete_run:
         kube.delete("FusionRun", ns, name)
     d.written = written

@@ -1,7 +1,7 @@
 """A work queue of run keys, as Kubernetes controllers use them (docs/operator.md, "Reconcile").
 
 - a key waits in the queue at most once, however often it is added (a burst of child events is one
-  reconcile);
+  reconcile); `add(key, first=True)` puts it at the front (a new or changed run before wake-ups);
 - a key being processed is not handed out again until `done`; added meanwhile, it is handed out after;
 - `add_after(key, seconds)` adds it later (the earliest wins): deadlines, retries;
 - `backoff(key)` grows per key (1 s, 2 s, 4 s ... up to `max_backoff`) until `forget(key)`.
@@ -35,19 +35,23 @@ class WorkQueue:
         with self._cond:
             return len(self._queue)
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Hashable, first: bool = False) -> None:
+        """Queue `key`; `first` puts it before every other waiting key (moving it if it waits already)."""
         with self._cond:
-            self._add(key)
+            self._add(key, first)
 
-    def _add(self, key: Hashable) -> None:
+    def _add(self, key: Hashable, first: bool = False) -> None:
         if self._closed:
             return
         if key in self._processing:
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._queue.append(key)
+            (self._queue.appendleft if first else self._queue.append)(key)
             self._cond.notify()
+        elif first:
+            self._queue.remove(key)
+            self._queue.appendleft(key)
 
     def add_after(self, key: Hashable, seconds: float) -> None:
         if seconds <= 0:

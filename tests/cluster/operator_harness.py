@@ -161,3 +161,14 @@ def events(core, ns, name) -> list[tuple[str, str, str]]:
     return [(e.type, e.reason, e.message) for e in ours]
 
 
+
+
+def wait_events(core, ns: str, name: str, reasons: set[str], timeout: float = 30,
+                operator: Operator | None = None) -> list[tuple[str, str, str]]:
+    """The run's Events once every reason in `reasons` is among them (the operator posts Events from a
+    background thread, just after the status patch that caused them)."""
+    def check():
+        evs = events(core, ns, name)
+        return evs if reasons <= {r for _, r, _ in evs} else None
+
+    return wait(check, timeout, f"Events {sorted(reasons)} of {name}", operator)

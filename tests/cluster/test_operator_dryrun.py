@@ -37,7 +37,22 @@ def rich_spec():
                     "s3Region": "us-east-1"},
         "cluster": {"modelsPvc": "models", "tolerations": [{"key": "gpu", "operator": "Exists"}],
                     "nodeSelector": {"pool": "gpu"}, "activeDeadlineSeconds": 3600,
-                    "serviceAccount": "runner",
+                    "serviceAccount": "runner", "queueName": "team-gpus", "hfTokenSecret": "hf",
+                    "imagePullSecrets": ["registry"],
+                    "env": [{"name": "WANDB_API_KEY", "secretKeyRef": {"name": "wandb", "key": "key"}},
+                            {"name": "LOG_LEVEL", "value": "info"}],
+                    "schedulingPolicy": {"queue": "research", "priorityClass": "high", "scheduleTimeoutSeconds": 60},
+                    "scratch": {"size": "20Gi", "storageClassName": "fast"},
+                    "checkpoints": {"accessModes": ["ReadWriteMany"], "storageClassName": "shared"},
+                    "vllm": {"startupProbe": {"periodSeconds": 20, "failureThreshold": 90}},
+                    "pods": {
+                        "vllm": {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                            {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                              "labelSelector": {"matchLabels": {"a": "b"}}}}]}},
+                                 "priorityClassName": "serving", "labels": {"team": "fusion"},
+                                 "volumes": [{"name": "cache", "emptyDir": {}}],
+                                 "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]},
+                        "training": {"schedulerName": "volcano", "annotations": {"a/b": "c"}}},
                     "training": {"gpus": 8, "nodes": 2, "procsPerNode": 8, "cpu": "32", "memory": "512Gi"}},
     })
 
@@ -46,8 +61,7 @@ def all_objects(ns: str) -> list[dict]:
     spec = rich_spec()
     objs = [b.build_spec_configmap("demo", ns, spec)]
     for stage in STAGE_NAMES:
-        objs += b.build_stage_servers("demo", ns, spec, stage, URI, "0123456789abcdef")
-        objs.append(b.build_stage_runner("demo", ns, spec, stage, URI, "0123456789abcdef"))
+        objs += b.stage_children("demo", ns, spec, stage, URI, "0123456789abcdef").all()
     return [b.own(o, "demo", "00000000-0000-0000-0000-000000000000") for o in objs]
 
 
@@ -78,7 +92,7 @@ def test_every_built_object_passes_server_side_dry_run(k8s_api_client, k8s_names
         seen.add(key)
         kube.create(obj, dry_run=True)  # raises ApiError with the apiserver's field errors
     kinds = {k for k, _ in seen}
-    assert kinds == {"ConfigMap", "Deployment", "Service", "Job", "PyTorchJob"}
+    assert kinds == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "Job", "PyTorchJob"}
 
 
 EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))

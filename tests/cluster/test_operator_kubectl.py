@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from operator_harness import wait_events
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,11 +44,12 @@ def test_every_example_applies_client_and_server_side(kubectl, operator, k8s_nam
     assert "customresourcedefinition.apiextensions.k8s.io/fusionruns.fusion.wrpo.io serverside-applied" in out
 
 
-def test_a_user_applies_waits_gets_and_describes_a_run(kubectl, operator, run_namespace):
+def test_a_user_applies_waits_gets_and_describes_a_run(kubectl, operator, run_namespace, apis):
     ns = run_namespace
     tiny = ROOT / "manifests" / "examples" / "tiny-cpu.yaml"
     kubectl("apply", "-n", ns, "-f", str(tiny))
     kubectl("wait", "-n", ns, "--for=condition=Succeeded", "fr/tiny", "--timeout=300s", timeout=330)
+    wait_events(apis[3], ns, "tiny", {"RunSucceeded"}, 30, operator)
     table = kubectl("get", "fr", "-n", ns).stdout.splitlines()
     assert re.split(r"\s{2,}", table[0].strip()) == ["NAME", "PHASE", "STAGE", "PROGRESS", "AGE"]
     row = table[1].split()

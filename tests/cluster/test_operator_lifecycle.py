@@ -11,7 +11,17 @@ import signal
 import time
 
 import pytest
-from operator_harness import children, create_run, events, get_run, patch_run, tiny_spec, wait, wait_phase
+from operator_harness import (
+    children,
+    create_run,
+    events,
+    get_run,
+    patch_run,
+    tiny_spec,
+    wait,
+    wait_events,
+    wait_phase,
+)
 
 from wrpo_operator import GROUP, LABEL_RUN, PLURAL, QUEUE_LABEL, VERSION
 
@@ -95,7 +105,7 @@ def test_a_restarted_operator_creates_nothing_for_a_finished_run(operator, apis,
     before = wait_phase(custom, ns, "done", ["Succeeded", "Failed"], 300, operator)
     assert before["phase"] == "Succeeded"
     kids = {k: sorted(o["metadata"]["uid"] for o in v) for k, v in children(apis, ns, "done").items()}
-    n_events = len(events(core, ns, "done"))
+    n_events = len(wait_events(core, ns, "done", {"RunSucceeded"}, 30, operator))
     operator.kill(signal.SIGTERM)
     operator.start()
     time.sleep(5)  # it has listed everything and reconciled the run
@@ -126,7 +136,7 @@ def test_kueue_held_children_show_as_queued(operator, apis, run_namespace):
     # the sampling servers carry the queue label (Kueue's pod integration gates them)
     deps = wait(lambda: children(apis, ns, "queued")["Deployment"], 60, "vLLM Deployments", operator)
     assert all(d["spec"]["template"]["metadata"]["labels"][QUEUE_LABEL] == "team-gpus" for d in deps)
-    reasons = [r for _, r, _ in events(core, ns, "queued")]
+    reasons = [r for _, r, _ in wait_events(core, ns, "queued", {"StageQueued", "StageStarted"}, 30, operator)]
     assert "StageQueued" in reasons and "StageStarted" in reasons
 
 

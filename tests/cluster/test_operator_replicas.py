@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from operator_harness import CHART, RELEASE, Operator, create_run, events, get_run, tiny_spec, wait, wait_phase
+from operator_harness import CHART, RELEASE, Operator, create_run, get_run, tiny_spec, wait, wait_events, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -61,7 +61,7 @@ def test_two_replicas_act_once_and_the_follower_takes_over(replicas, apis, run_n
                                                     label_selector="fusion.wrpo.io/run=ha")["items"]:
         pods = core.list_namespaced_pod(ns, label_selector=f"job-name={job['metadata']['name']}").items
         assert len(pods) == 1, job["metadata"]["name"]  # no stage ran twice
-    started = [m for _, r, m in events(core, ns, "ha") if r == "StageStarted"]
+    started = [m for _, r, m in wait_events(core, ns, "ha", {"RunSucceeded"}, 30, follower) if r == "StageStarted"]
     assert len(started) == len(set(started))
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from operator_harness import children, create_run, events, get_run, patch_run, tiny_spec, wait, wait_phase
+from operator_harness import children, create_run, get_run, patch_run, tiny_spec, wait, wait_events, wait_phase
 
 from wrpo.pipeline.plan import STAGE_NAMES
 from wrpo_operator import GROUP, LABEL_RUN, PLURAL, VERSION
@@ -39,7 +39,7 @@ def test_tiny_run_walks_the_stages_in_order_and_succeeds(operator, apis, run_nam
     created.update({p["metadata"]["name"]: p["metadata"]["creationTimestamp"] for p in kids["PyTorchJob"]})
     for prev, cur in zip(stages, stages[1:], strict=False):
         assert str(created[f"tiny-{cur['name']}"]).replace(" ", "T")[:19] >= prev["completionTime"][:19]
-    reasons = [r for _, r, _ in events(core, run_namespace, "tiny")]
+    reasons = [r for _, r, _ in wait_events(core, run_namespace, "tiny", {"RunSucceeded"}, 30, operator)]
     assert reasons.count("StageStarted") == 10 and reasons.count("StageSucceeded") == 10
     assert "RunSucceeded" in reasons
     m = operator.metrics()
@@ -65,7 +65,7 @@ def test_failed_stage_is_retried_then_fails_the_run(operator, apis, run_namespac
     assert status["stages"][0]["retries"] == 2  # the first pod and one retry
     conds = {c["type"]: c for c in status["conditions"]}
     assert conds["Failed"]["status"] == "True" and conds["Failed"]["reason"] == "Failed"
-    evs = events(core, run_namespace, "bad")
+    evs = wait_events(core, run_namespace, "bad", {"StageFailed", "RunFailed"}, 30, operator)
     assert ("Warning", "StageFailed") in [(t, r) for t, r, _ in evs]
     assert ("Warning", "RunFailed") in [(t, r) for t, r, _ in evs]
     pods = core.list_namespaced_pod(run_namespace, label_selector="fusion.wrpo.io/stage=prepare").items
@@ -92,7 +92,8 @@ def test_operator_restart_mid_run_finishes_without_duplicates(operator, apis, ru
     assert [st["state"] for st in status["stages"]] == ["Succeeded"] * 10
     # Events are best effort: those of the reconcile in flight at the SIGKILL may be lost, but no stage
     # may be reported started twice.
-    started = [m for _, r, m in events(core, run_namespace, "restart") if r == "StageStarted"]
+    started = [m for _, r, m in wait_events(core, run_namespace, "restart", {"RunSucceeded"}, 30, operator)
+               if r == "StageStarted"]
     assert len(started) == len(set(started)) and len(started) >= 8, started
 
 
@@ -117,7 +118,8 @@ def test_suspend_removes_active_children_and_resume_continues(operator, apis, ru
                         resumed["metadata"]["generation"])
     assert status["phase"] == "Succeeded"
     assert batch.read_namespaced_job("pause-prepare", run_namespace).metadata.uid == prepare_uid  # not re-run
-    reasons = [r for _, r, _ in events(core, run_namespace, "pause")]
+    reasons = [r for _, r, _ in wait_events(core, run_namespace, "pause", {"Suspended", "Resumed", "RunSucceeded"},
+                                            30, operator)]
     assert "Suspended" in reasons and "Resumed" in reasons
 
 

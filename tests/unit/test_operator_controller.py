@@ -253,3 +253,23 @@ def test_the_work_queue_wakes_a_waiting_worker_and_shuts_down():
     q.shut_down()
     t.join(2)
     assert got == ["x", None]
+
+
+def test_a_key_added_first_jumps_the_queue():
+    q = WorkQueue()
+    for k in ("a", "b", "c"):
+        q.add(k)
+    q.add("new", first=True)
+    q.add("c", first=True)  # already waiting: moved to the front
+    assert [q.get(timeout=0) for _ in range(4)] == ["c", "new", "a", "b"]
+
+
+def test_a_new_run_goes_before_wake_ups_of_running_ones(controller):
+    kube = controller.kube
+    kube.add_run(tiny_spec())
+    running = copy.deepcopy(kube.run)
+    running["metadata"].update(name="old", uid="uid-old")
+    running["status"] = {"observedGeneration": 1}
+    controller.run_event("MODIFIED", running)
+    controller.run_event("ADDED", kube.run)  # no status yet: unseen
+    assert controller.queue.get(timeout=0) == KEY
