@@ -125,6 +125,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--nodes", type=int, default=20)
     p.add_argument("--timeout", type=float, default=2400)
+    p.add_argument("--workers", type=int, default=4, help="WRPO_OPERATOR_WORKERS (the chart's default: 4)")
     p.add_argument("--keep", action="store_true", help="keep the control plane's work dir")
     args = p.parse_args()
 
@@ -141,7 +142,8 @@ def main() -> None:
         core.create_namespace({"metadata": {"name": NS, "labels": k8s_harness.RESTRICTED_LABELS}})
         k8s_harness.Helm(cluster).install(SA, CHART, NS, values={"scope": "namespace", "metrics": {"enabled": False}})
         identity = k8s_harness.service_account_identity(cluster, NS, SA, create=False)
-        operator = Operator(identity, NS, work / "operator.log", log_level="").start()
+        operator = Operator(identity, NS, work / "operator.log", log_level="",
+                            env={"WRPO_OPERATOR_WORKERS": str(args.workers)}).start()
         rss = RSS(operator.pid).start()
         watcher = Watcher(api).start()
         body = spec(tiny_spec)
@@ -191,6 +193,9 @@ def main() -> None:
                 "reconcile_writes": int(sum(writes.values())),
                 "reconcile_writes_per_run_per_stage_transition": round(sum(writes.values()) / transitions, 2),
             },
+            "apiserver_seconds_per_request": round(metrics.get("wrpo_apiserver_request_seconds_sum", 0)
+                                                   / max(metrics.get("wrpo_apiserver_request_seconds_count", 1), 1), 3),
+            "workers": args.workers,
             "reconciles": metrics.get('wrpo_reconciles_total{result="ok"}'),
             "reconcile_errors": metrics.get('wrpo_reconciles_total{result="error"}', 0),
         }

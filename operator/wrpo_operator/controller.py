@@ -36,7 +36,7 @@ class Controller:
         self._threads: list[threading.Thread] = []
         self._events: queue.Queue = queue.Queue(maxsize=10000)
         kube.on_change = self._written
-        kube.on_request = lambda verb, kind: metrics.API_CALLS.labels(verb, kind).inc()
+        kube.on_request = self._requested
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Controller:
@@ -96,6 +96,11 @@ class Controller:
         keys = self.cache.remove(obj) if etype == "DELETED" else self.cache.put(obj)
         for key in keys:
             self.queue.add(key)
+
+    @staticmethod
+    def _requested(verb: str, kind: str, seconds: float) -> None:
+        metrics.API_CALLS.labels(verb, kind).inc()
+        metrics.API_SECONDS.observe(seconds)
 
     def _written(self, what: str, obj: Obj) -> None:
         if obj.get("kind") == "FusionRun":

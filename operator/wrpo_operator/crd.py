@@ -73,6 +73,14 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "rule": f"{_set('value')} != {_set('secretKeyRef')}",
         "message": "an env entry needs exactly one of 'value' and 'secretKeyRef'",
     }],
+    ("ClusterSpec", "_shared_checkpoints"): [{
+        "rule": "!has(self.training) || !has(self.training.nodes) || self.training.nodes <= 1 "
+        "|| (has(self.checkpoints) && has(self.checkpoints.enabled) && !self.checkpoints.enabled) "
+        "|| (has(self.checkpoints) && has(self.checkpoints.accessModes) "
+        "&& self.checkpoints.accessModes.exists(m, m == 'ReadWriteMany'))",
+        "message": "'checkpoints.accessModes' needs ReadWriteMany when 'training.nodes' > 1",
+        "fieldPath": ".checkpoints.accessModes",
+    }],
     ("EndpointSpec", "_secret_needs_env"): [{
         "rule": f"!{_set('apiKeySecret')} || {_set('apiKeyEnv')}",
         "message": "'apiKeySecret' needs 'apiKeyEnv': the variable the Secret's key is exposed as",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ class Kube:
     api_client: Any
     calls: Counter = field(default_factory=Counter)
     on_change: Callable[[str, Obj], None] | None = None  # ("write", object) or ("delete", {kind, metadata})
-    on_request: Callable[[str, str], None] | None = None  # (verb, kind) of every request
+    on_request: Callable[[str, str, float], None] | None = None  # (verb, kind, seconds) of every request
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _changed(self, what: str, obj: Obj) -> Obj:
@@ -69,14 +70,15 @@ class Kube:
                 query: list[tuple[str, str]] | None = None, content_type: str = "application/json") -> Obj:
         with self._lock:
             self.calls[(verb, kind)] += 1
-        if self.on_request is not None:
-            self.on_request(verb, kind)
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self.api_client.param_serialize(
             method, path, query_params=query or [], header_params=headers, body=body,
             auth_settings=["BearerToken"])
+        started = time.monotonic()
         resp = self.api_client.call_api(method, url, headers, body)
         resp.read()
+        if self.on_request is not None:
+            self.on_request(verb, kind, time.monotonic() - started)
         text = resp.data.decode() if isinstance(resp.data, bytes) else (resp.data or "")
         if resp.status >= 400:
             raise ApiError(resp.status, resp.reason or "", text)

@@ -16,6 +16,8 @@ STAGE_SECONDS = Histogram(
 RECONCILES = Counter("wrpo_reconciles_total", "Reconciles of FusionRuns, by result.", ["result"])
 API_CALLS = Counter("wrpo_apiserver_requests_total", "Requests the reconciler sent, by verb and kind.",
                     ["verb", "kind"])
+API_SECONDS = Histogram("wrpo_apiserver_request_seconds", "Time the apiserver took to answer the reconciler.",
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 LEADER = Gauge("wrpo_operator_leader", "1 while this replica acts (the leader, or leader election off).")
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 

@@ -60,6 +60,9 @@ INVALID = [
     ("bad-enum", _with("spec.training.deepspeedStage", 1), ["spec.training.deepspeedStage"]),
     ("source-name", _with("spec.sources.0.name", "Not_A_Label"), ["spec.sources[0].name"]),
     ("run-name", _with("metadata.name", "9-starts-with-digit"), ["DNS-1035"]),
+    ("shared-checkpoints", _with("spec.cluster.training.nodes", 2),
+     ["spec.cluster.checkpoints.accessModes", "needs ReadWriteMany"]),
+    ("env-source", _with("spec.cluster.env", [{"name": "A"}]), ["spec.cluster.env[0]", "exactly one of"]),
 ]
 
 

@@ -35,7 +35,8 @@ def make_spec(**over):
         "storage": {"runUri": URI, "s3Endpoint": "http://s3.local:8333", "credentialsSecret": "s3-creds"},
         "cluster": {"modelsPvc": "models", "tolerations": [{"key": "gpu", "operator": "Exists"}],
                     "nodeSelector": {"pool": "gpu"}, "activeDeadlineSeconds": 3600,
-                    "training": {"gpus": 8, "nodes": 2, "procsPerNode": 8, "cpu": "32", "memory": "512Gi"}},
+                    "training": {"gpus": 8, "nodes": 2, "procsPerNode": 8, "cpu": "32", "memory": "512Gi"},
+                    "checkpoints": {"accessModes": ["ReadWriteMany"]}},
     }
     data.update(over)
     return parse_spec(data)
@@ -423,7 +424,8 @@ def test_probes_and_the_progress_deadline_follow_cluster_vllm():
 
 
 def test_a_queue_suspends_runners_and_labels_every_child():
-    spec = make_spec(cluster={"queueName": "gpu-queue", "training": {"gpus": 8, "nodes": 2}})
+    spec = make_spec(cluster={"queueName": "gpu-queue", "training": {"gpus": 8, "nodes": 2},
+                              "checkpoints": {"enabled": False}})
     job = b.build_stage_runner(RUN, NS, spec, "prepare", URI)
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     pj = b.build_stage_runner(RUN, NS, spec, "sft", URI)
@@ -436,7 +438,7 @@ def test_a_queue_suspends_runners_and_labels_every_child():
 
 def test_gang_scheduling_policy_of_pytorchjobs():
     spec = make_spec(cluster={"schedulingPolicy": {"queue": "research", "scheduleTimeoutSeconds": 600},
-                              "training": {"gpus": 8, "nodes": 4}})
+                              "training": {"gpus": 8, "nodes": 4}, "checkpoints": {"accessModes": ["ReadWriteMany"]}})
     policy = b.build_stage_runner(RUN, NS, spec, "wrpo", URI)["spec"]["runPolicy"]["schedulingPolicy"]
     assert policy == {"minAvailable": 4, "queue": "research", "scheduleTimeoutSeconds": 600}
     assert "schedulingPolicy" not in b.build_stage_runner(RUN, NS, make_spec(), "wrpo", URI)["spec"]["runPolicy"]
@@ -458,3 +460,12 @@ def test_the_template_hash_moves_with_what_shapes_the_pods_and_nothing_else():
     same = make_spec(cluster={**base.cluster.model_dump(by_alias=True), "stallTimeoutSeconds": 60,
                               "ttlSecondsAfterFinished": 5, "scratch": {"type": "ephemeral"}})
     assert all(b.template_hash(same, c, "s1") == h[c] for c in h)
+
+
+def test_multi_node_training_needs_a_shared_checkpoint_volume():
+    from wrpo.errors import SpecError
+
+    with pytest.raises(SpecError, match="cluster: 'checkpoints.accessModes' needs ReadWriteMany"):
+        make_spec(cluster={"training": {"gpus": 8, "nodes": 2}})
+    make_spec(cluster={"training": {"gpus": 8, "nodes": 2}, "checkpoints": {"enabled": False}})
+    make_spec(cluster={"training": {"gpus": 8, "nodes": 1}})

@@ -403,6 +403,14 @@ class ClusterSpec(_Model):
     checkpoints: CheckpointVolume = Field(
         default_factory=CheckpointVolume, description="Per-run PVC with the training stages' scratch.")
 
+    @model_validator(mode="after")
+    def _shared_checkpoints(self) -> ClusterSpec:
+        shared = "ReadWriteMany" in self.checkpoints.access_modes
+        if self.training.nodes > 1 and self.checkpoints.enabled and not shared:
+            raise ValueError("'checkpoints.accessModes' needs ReadWriteMany when 'training.nodes' > 1: "
+                             "every node's pod mounts the run's checkpoint PVC")
+        return self
+
 
 class FusionSpec(_Model):
     """A whole fusion: sources → reward → SFT → WRPO, with paper defaults."""
