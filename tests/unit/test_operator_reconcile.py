@@ -495,6 +495,10 @@ def test_a_stalled_pod_shows_once_then_fails_the_stage_after_the_timeout(owner, 
     assert len(warnings) == 1 and text in warnings[0]
     d = step(kube, minutes=5)  # still stalled: no second Event, the clock keeps running
     assert len([r for _, r, _ in kube.events if r == "StageStalled"]) == 1 and d.requeue == 300
+    kube.objects[("Job", owner)]["status"] = {"failed": 1}  # the status changes for another reason
+    step(kube, minutes=0)
+    assert status_of(kube, "prepare")["retries"] == 1
+    assert len([r for _, r, _ in kube.events if r == "StageStalled"]) == 1  # the same cause: still one
     step(kube, minutes=6)
     status = kube.run["status"]
     assert status["phase"] == "Failed" and f"Stalled for more than 600s: {text}" in status["message"]
