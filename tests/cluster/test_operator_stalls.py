@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from operator_harness import create_run, events, get_run, patch_run, tiny_spec, wait, wait_phase
+from operator_harness import create_run, events, get_run, patch_run, tiny_spec, wait, wait_events, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 QUOTA_CLASS = "wrpo-test-quota"
@@ -95,11 +95,13 @@ def test_fixing_the_image_of_a_stalled_stage_replaces_its_children_and_the_run_g
     status = get_run(custom, ns, "fix")["status"]
     assert status["phase"] == "Running" and status["stages"][0]["stall"]["reason"] == "ImagePullBackOff"
     old = batch.read_namespaced_job("fix-prepare", ns).metadata.uid
-    fixed = patch_run(custom, ns, "fix", {"spec": {"cluster": {"runtimeImage": "ghcr.io/wrpo/wrpo-runtime:0.1.0-cpu"}}})
-    status = wait_phase(custom, ns, "fix", ["Succeeded", "Failed"], 300, operator, fixed["metadata"]["generation"])
-    assert status["phase"] == "Succeeded", status
-    reasons = [r for _, r, _ in events(core, ns, "fix")]
-    assert reasons.count("StageStalled") == 1 and "StallCleared" in reasons
+    patch_run(custom, ns, "fix", {"spec": {"cluster": {"runtimeImage": "ghcr.io/wrpo/wrpo-runtime:0.1.0-cpu"}}})
+    wait(lambda: get_run(custom, ns, "fix")["status"]["stages"][0]["state"] == "Succeeded", 120,
+         "prepare Succeeded with the fixed image", operator)
+    status = get_run(custom, ns, "fix")["status"]
+    assert status["phase"] == "Running" and status["stage"] == "sample-sources"
+    reasons = [r for _, r, _ in wait_events(core, ns, "fix", {"StallCleared"}, 30, operator)]
+    assert reasons.count("StageStalled") == 1
     assert batch.read_namespaced_job("fix-prepare", ns).metadata.uid != old  # replaced, not patched
 
 
@@ -119,5 +121,6 @@ def test_a_child_the_apiserver_refuses_fails_the_stage_at_once(operator, apis, r
     # the user fixes the spec: the stage runs again
     fixed = patch_run(custom, ns, "refused", {"spec": {"cluster": {"pods": {"small": {"volumeMounts": []}}}}})
     generation = fixed["metadata"]["generation"]
-    assert wait_phase(custom, ns, "refused", ["Succeeded", "Failed"], 300, operator, generation)["phase"] == \
-        "Succeeded"
+    wait(lambda: (get_run(custom, ns, "refused")["status"]["observedGeneration"] == generation
+                  and get_run(custom, ns, "refused")["status"]["stages"][0]["state"] == "Succeeded"), 120,
+         "prepare Succeeded once fixed", operator)
