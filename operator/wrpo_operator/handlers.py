@@ -1,10 +1,14 @@
 """kopf registration only (docs/architecture.md, "Operator"; docs/operator.md, "Reconcile"): watch-event
 handlers feed the controller's cache and wake the run concerned; the controller's workers reconcile.
 
-Only `on.event` handlers are registered — no create/update/resume handlers, no timers, no daemons — so kopf
-keeps no state in the FusionRuns (no annotations) and adds no finalizer: a run deleted while no operator
-runs is deleted at once, and garbage collection removes its children. The children's watches are filtered
-on the apiserver by the `fusion.wrpo.io/run` label, the Events' by `type=Warning`.
+Only `on.event` and `index` handlers are registered — no create/update/resume handlers, no timers, no
+daemons — so kopf keeps no state in the FusionRuns (no annotations) and adds no finalizer: a run deleted
+while no operator runs is deleted at once, and garbage collection removes its children. The children's
+watches are filtered on the apiserver by the `fusion.wrpo.io/run` label, the Events' by `type=Warning`.
+
+The `index` handlers put every object into the cache as kopf lists and watches it; kopf holds every
+`on.event` handler back until the initial lists of all indexed kinds are done, so no run is reconciled
+(and nothing created twice) before the cache holds all of its children.
 """
 
 from __future__ import annotations
@@ -94,6 +98,20 @@ async def child_event(event: dict[str, Any], **_: Any) -> None:
         STATE["controller"].child_event(event.get("type"), _plain(event["object"]))
 
 
+async def remember(body: kopf.Body, **_: Any) -> None:
+    """Index handler: into the cache, as kopf lists and watches (nothing is kept in kopf's index)."""
+    if "controller" in STATE:
+        STATE["controller"].cache.put(_plain(body))
+
+
+async def remember_run(body: kopf.Body, **_: Any) -> None:
+    if "controller" in STATE:
+        STATE["controller"].cache.put_run(_plain(body))
+
+
+kopf.index(GROUP, VERSION, PLURAL, id="cache-fusionruns")(remember_run)
 for _group, _version, _plural in (*CHILDREN, PODS):
+    kopf.index(_group, _version, _plural, labels={LABEL_RUN: kopf.PRESENT}, id=f"cache-{_plural}")(remember)
     kopf.on.event(_group, _version, _plural, labels={LABEL_RUN: kopf.PRESENT}, id=f"watch-{_plural}")(child_event)
+kopf.index(*EVENTS, id="cache-warnings")(remember)
 kopf.on.event(*EVENTS, id="watch-warnings")(child_event)

@@ -29,8 +29,6 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "FusionRun": (f"/apis/{GROUP}/{VERSION}", PLURAL),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),  # leader election
 }
-#: Kinds of children the operator creates (and watches, labelled with fusion.wrpo.io/run).
-CHILD_KINDS = ("ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "Job", "PyTorchJob")
 
 
 class ApiError(Exception):
@@ -83,19 +81,6 @@ class Kube:
         if resp.status >= 400:
             raise ApiError(resp.status, resp.reason or "", text)
         return json.loads(text) if text else {}
-
-    def list(self, kind: str, namespace: str, selector: str) -> list[Obj]:
-        """Objects of `kind` matching a label selector; [] when the kind is not served (no CRD)."""
-        try:
-            items = self.request("list", kind, "GET", self._path(kind, namespace),
-                                 query=[("labelSelector", selector)])["items"]
-        except ApiError as e:
-            if e.status == 404:
-                return []
-            raise
-        for item in items:  # a list's items carry no kind
-            item.setdefault("kind", kind)
-        return items
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         try:

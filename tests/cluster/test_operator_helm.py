@@ -25,7 +25,7 @@ def test_helm_install_and_the_operator_becomes_ready(helm_install, k8s_namespace
     assert release.status["info"]["status"] == "deployed"
     apps = client.AppsV1Api(k8s_api_client)
     dep = apps.read_namespaced_deployment("wrpo-operator", k8s_namespace)
-    assert dep.status.available_replicas == 1 and dep.spec.strategy.type == "Recreate"
+    assert dep.status.available_replicas == 1 and dep.spec.strategy.type == "RollingUpdate"  # leader election
     rbac = client.RbacAuthorizationV1Api(k8s_api_client)
     assert rbac.read_namespaced_role("wrpo-operator", k8s_namespace).rules
     ext = client.ApiextensionsV1Api(k8s_api_client)

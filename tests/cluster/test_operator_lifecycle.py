@@ -26,12 +26,14 @@ from operator_harness import (
 from wrpo_operator import GROUP, LABEL_RUN, PLURAL, QUEUE_LABEL, VERSION
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+#: The sampling Job's pods stay Running for two minutes (kwok): the run waits in sample-sources.
+SLOW_SAMPLING = {"sampling": {"annotations": {"wrpo.test/run-duration": "120s"}}}
 
 
 def test_a_run_deleted_while_no_operator_runs_is_gone_with_its_children(operator, apis, run_namespace):
     custom, _, _, core = apis
     ns = run_namespace
-    create_run(custom, ns, "orphan", tiny_spec(podAnnotations={"wrpo.test/run-duration": "60s"}))
+    create_run(custom, ns, "orphan", tiny_spec(pods=SLOW_SAMPLING))
     wait(lambda: children(apis, ns, "orphan")["Deployment"], 120, "vLLM Deployments", operator)
     run = get_run(custom, ns, "orphan")
     assert not run["metadata"].get("finalizers")  # kopf adds none: only watch handlers are registered
@@ -56,7 +58,7 @@ def test_immutable_fields_are_refused_by_the_apiserver_naming_the_field(operator
 
     custom = apis[0]
     ns = run_namespace
-    create_run(custom, ns, "fixed", tiny_spec(podAnnotations={"wrpo.test/run-duration": "60s"}))
+    create_run(custom, ns, "fixed", tiny_spec(pods=SLOW_SAMPLING))
     for patch, text in (
         ({"spec": {"storage": {"runUri": "s3://wrpo/runs/elsewhere"}}}, "spec.storage.runUri"),
         ({"spec": {"storage": {"runUri": None}}}, "spec.storage.runUri"),
@@ -76,7 +78,7 @@ def test_immutable_fields_are_refused_by_the_apiserver_naming_the_field(operator
 def test_a_cluster_change_replaces_the_unfinished_stages_children(operator, apis, run_namespace):
     custom, batch, apps, _ = apis
     ns = run_namespace
-    create_run(custom, ns, "move", tiny_spec(podAnnotations={"wrpo.test/run-duration": "120s"}))
+    create_run(custom, ns, "move", tiny_spec(pods=SLOW_SAMPLING))
     wait(lambda: (get_run(custom, ns, "move").get("status") or {}).get("stage") == "sample-sources", 180,
          "stage sample-sources", operator)
     wait(lambda: len(children(apis, ns, "move")["Deployment"]) == 2, 60, "the vLLM Deployments", operator)

@@ -138,10 +138,26 @@ def test_configmap_and_emptydir_volumes_are_materialised_and_mount_paths_rewritt
 def test_unsupported_volumes_are_refused(runner, fake, tmp_path):
     from kubernetes import client
 
-    pvc = client.V1Volume(name="m", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
-        claim_name="models"))
-    with pytest.raises(ValueError, match="only emptyDir"):
-        runner._volumes(make_pod([], volumes=[pvc]), tmp_path)
+    host = client.V1Volume(name="m", host_path=client.V1HostPathVolumeSource(path="/models"))
+    with pytest.raises(ValueError, match="only emptyDir, ephemeral, persistentVolumeClaim"):
+        runner._volumes(make_pod([], volumes=[host]), tmp_path)
+
+
+def test_a_claim_is_one_folder_that_outlives_the_pod_and_nested_mounts_link_into_it(runner, fake, tmp_path):
+    from kubernetes import client
+
+    pvc = client.V1Volume(name="ck", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
+        claim_name="run-checkpoints"))
+    scratch = client.V1Volume(name="scratch", ephemeral=client.V1EphemeralVolumeSource())
+    first = runner._volumes(make_pod([], volumes=[pvc, scratch]), tmp_path / "a")
+    again = runner._volumes(make_pod([], volumes=[pvc, scratch]), tmp_path / "b")
+    assert first["ck"] == again["ck"] and first["scratch"] != again["scratch"]  # a claim outlives a pod
+    c = client.V1Container(name="c", image="i", volume_mounts=[
+        client.V1VolumeMount(name="scratch", mount_path="/work"),
+        client.V1VolumeMount(name="ck", mount_path="/work/run/scratch")])
+    mounts = runner._mounts(c, first)
+    (first["ck"] / "checkpoint-1").mkdir()
+    assert (mounts["/work"] / "run" / "scratch" / "checkpoint-1").is_dir()  # through the link
 
 
 def test_optional_secret_references_to_missing_things_stay_unset(runner, fake):
