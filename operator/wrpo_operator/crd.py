@@ -76,8 +76,14 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
     }],
     ("RewardSpec", "_needs"): [{
         "rule": f"{_or_default(RewardSpec, 'type', 'type')} == 'remote' "
-        f"? ({_set('endpoint')} || {_set('model')}) : {_set('model')}",
-        "message": "reward: type 'remote' needs 'endpoint' (or 'model'); other types need 'model'",
+        f"? ({_set('endpoint')} || {_set('model')}) : ({_or_default(RewardSpec, 'type', 'type')} == 'judge' "
+        f"? {_set('judge')} : {_set('model')})",
+        "message": "reward: type 'remote' needs 'endpoint' (or 'model'); type 'judge' needs 'judge'; "
+        "other types need 'model'",
+    }],
+    ("JudgeSpec", "_one_of"): [{
+        "rule": f"{_set('model')} != {_set('endpoint')}",
+        "message": "a judge needs exactly one of 'model' and 'endpoint'",
     }],
     ("WRPOSpec", "_lengths"): [{
         "rule": f"{_or_default(WRPOSpec, 'max_prompt_length', 'maxPromptLength')} < "

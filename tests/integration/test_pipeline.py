@@ -82,7 +82,7 @@ def test_a_kill_in_any_stage_loses_only_that_stage(killed_and_resumed):
         assert earlier_untouched, f"a kill in {name} changed an earlier committed stage"
         assert left_outputs, f"{name} wrote nothing before the kill: the test would prove nothing"
     # the run after the last crash redoes only the stage that was in flight
-    assert final["stages"] == {**{n: "skipped" for n in STAGE_NAMES[:-1]}, "wrpo": "done"}
+    assert final["stages"] == {**{n: "skipped" for n in STAGE_NAMES[:-1]}, STAGE_NAMES[-1]: "done"}
     assert (run / "wrpo" / "model" / "model.safetensors").exists()
     rows = [json.loads(x) for x in (run / "wrpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -110,7 +110,7 @@ def test_a_spec_change_reruns_only_the_dependent_stages(killed_and_resumed, tmp_
     changed.write_text(yaml.safe_dump(data))
     result = last_json(wrpo("run", str(changed), "--run-uri", str(run), workdir=wd))
     rerun = [n for n, status in result["stages"].items() if status == "done"]
-    assert rerun == ["ref-logps", "wrpo"]
+    assert rerun == ["ref-logps", "wrpo", "eval"]
     after = manifests(run)
     assert all(after[n] == before[n] for n in STAGE_NAMES if n not in rerun)
     assert all(after[n] != before[n] for n in rerun)

@@ -158,9 +158,10 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     kube.add_run(tiny_spec())
     reconciles = walk(kube)
     status = kube.run["status"]
-    assert status["phase"] == "Succeeded" and status["progress"] == "10/10" and status.get("stage") is None
+    all_stages = f"{len(STAGE_NAMES)}/{len(STAGE_NAMES)}"
+    assert status["phase"] == "Succeeded" and status["progress"] == all_stages and status.get("stage") is None
     assert status["outputUri"] == "s3://b/runs/demo/wrpo/model/"
-    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * 10
+    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * len(STAGE_NAMES)
     assert all(s["outputUri"] == f"s3://b/runs/demo/{s['name']}/" for s in status["stages"])
     conds = {c["type"]: c["status"] for c in status["conditions"]}
     assert conds == {"Ready": "True", "Progressing": "False", "Succeeded": "True", "Failed": "False",
@@ -168,17 +169,18 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
     # GPUs are freed as soon as a sampling stage commits; finished Jobs stay for their logs.
     assert kube.kinds("Deployment") == [] and kube.kinds("Service") == []
-    assert len(kube.kinds("Job")) == 8 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]
+    assert len(kube.kinds("Job")) == 9 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]
     for obj in kube.objects.values():
         if obj["kind"] != "FusionRun":
             assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
             assert obj["metadata"]["labels"][LABEL_RUN] == NAME
     reasons = [r for _, r, _ in kube.events]
-    assert reasons.count("StageSucceeded") == 10 and reasons[-1] == "RunSucceeded"
-    assert reconciles == 13  # one per stage, one more for each of the two vLLM waits, one to finish
+    assert reasons.count("StageSucceeded") == len(STAGE_NAMES) and reasons[-1] == "RunSucceeded"
+    assert reconciles == 14  # one per stage, one more for each of the two vLLM waits, one to finish
     # every creation happened exactly once
-    # CM, Deployment + Service for llama and for the SFT target, ten runners
-    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + 10
+    # CM, Deployment + Service for llama and for the SFT target, a runner per stage (no eval prompts: no
+    # eval servers)
+    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + len(STAGE_NAMES)
 
 
 def test_reconcile_is_idempotent_and_quiet_when_nothing_changed():
@@ -258,7 +260,7 @@ def test_a_spec_change_reruns_only_the_stages_that_depend_on_it():
     run["metadata"]["generation"] = 2
     step(kube)
     states = {s["name"]: s["state"] for s in kube.run["status"]["stages"]}
-    assert [n for n, s in states.items() if s != "Succeeded"] == ["ref-logps", "wrpo"]
+    assert [n for n, s in states.items() if s != "Succeeded"] == ["ref-logps", "wrpo", "eval"]
     assert kube.run["status"]["phase"] == "Running" and kube.run["status"]["stage"] == "ref-logps"
     # the old ref-logps Job (older hash) is replaced, not reused
     assert "demo-ref-logps" not in kube.kinds("Job")

@@ -93,11 +93,36 @@ class SourceSpec(_Model):
         return self
 
 
+class JudgeSpec(_Model):
+    """An LLM judge in the MT-Bench style (docs/eval.md): a model served by vLLM like a source (`model`), or an
+    external OpenAI-compatible `endpoint`, never both. Its prompts are the templates in wrpo/data/judge_templates."""
+
+    model: str | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
+    endpoint: EndpointSpec | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
+    served_name: str = Field(default="judge", pattern=DNS_LABEL, max_length=63,
+                             description="Name the vLLM server serves `model` as.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="vLLM tensor-parallel size (GPUs).")
+    max_model_len: int | None = Field(default=None, ge=128, description="vLLM --max-model-len.")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+    max_tokens: int = Field(default=512, ge=1, description="Tokens of one verdict (reasoning + the [[...]] verdict).")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy verdicts.")
+    constrained: bool = Field(
+        default=False, description="Constrain the verdict to the template's format with vLLM structured outputs "
+        "(a regex); for small local judges. External APIs usually do not support it.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> JudgeSpec:
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("a judge needs exactly one of 'model' and 'endpoint'")
+        return self
+
+
 class RewardSpec(_Model):
     """The reward model that scores every response (the paper: ArmoRM-Llama3-8B-v0.1)."""
 
-    type: Literal["sequence-classification", "armorm", "remote"] = Field(
-        default="armorm", description="In-process HF classifier, ArmoRM custom code, or a vLLM /pooling endpoint."
+    type: Literal["sequence-classification", "armorm", "remote", "judge"] = Field(
+        default="armorm", description="In-process HF classifier, ArmoRM custom code, a vLLM /pooling endpoint, or "
+        "`judge`: the 1-10 grade of the LLM judge in `reward.judge` (docs/eval.md)."
     )
     model: str | None = Field(default="RLHFlow/ArmoRM-Llama3-8B-v0.1", description="Model folder/URI/hub id.")
     endpoint: str | None = Field(default=None, pattern=r"^https?://", description="Base URL for type=remote.")
@@ -105,12 +130,16 @@ class RewardSpec(_Model):
     batch_size: int = Field(default=8, ge=1, description="Pairs per forward pass.")
     served_name: str = Field(default="reward", pattern=DNS_LABEL, max_length=63,
                              description="vLLM served name for type=remote.")
+    judge: JudgeSpec | None = Field(default=None, description="The LLM judge whose grade is the reward (type=judge).")
 
     @model_validator(mode="after")
     def _needs(self) -> RewardSpec:
         if self.type == "remote" and not self.endpoint and not self.model:
             raise ValueError("type 'remote' needs 'endpoint' (or 'model' for a locally served pooling model)")
-        if self.type != "remote" and not self.model:
+        if self.type == "judge":
+            if self.judge is None:
+                raise ValueError("type 'judge' needs 'judge' (a judge model or endpoint)")
+        elif self.type != "remote" and not self.model:
             raise ValueError(f"type '{self.type}' needs 'model'")
         return self
 
@@ -211,6 +240,27 @@ class TrainingSpec(_Model):
     save_steps: int = Field(default=500, ge=1, description="Checkpoint every this many optimizer steps.")
 
 
+class EvalSpec(_Model):
+    """The eval stage (docs/eval.md): the original target, Target-SFT and the fused model answer the same
+    prompts; the reward model and an optional LLM judge compare them (the paper's Table 2)."""
+
+    prompts: str | None = Field(
+        default=None, description="Question file (JSONL or JSON, local or s3://): prompt records, AlpacaEval "
+        "(`instruction`), Arena-Hard or MT-Bench (`turns`, multi-turn) questions. Default: the held-out eval "
+        "split (`dataset.evalSize`).")
+    max_prompts: int | None = Field(default=None, ge=1, description="Use only the first this many prompts.")
+    max_tokens: int = Field(default=1024, ge=1, description="Maximum new tokens per answer (each turn).")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy answers.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling p (when temperature > 0).")
+    seed: int = Field(default=42, description="Sampling seed sent to the servers.")
+    reward_model: bool = Field(default=True, description="Judge by the run's reward model (`reward`).")
+    judge: JudgeSpec | None = Field(default=None, description="An LLM judge: pairwise (both orders) and 1-10 grades.")
+    pairwise: bool = Field(default=True, description="LLM judge: pairwise comparisons against the target and SFT.")
+    single: bool = Field(default=True, description="LLM judge: MT-Bench-style 1-10 grade of every answer.")
+    bootstrap: int = Field(default=1000, ge=100, description="Bootstrap resamples for the 95% confidence intervals.")
+    shard_size: int = Field(default=64, ge=1, description="Prompts per committed shard (a killed eval resumes).")
+
+
 class StorageSpec(_Model):
     """Where the run directory lives (a folder or s3://bucket/prefix) and how to reach S3."""
 
@@ -269,7 +319,7 @@ class ClusterSpec(_Model):
 
 
 class FusionSpec(_Model):
-    """A whole fusion: sources → reward → SFT → WRPO, with paper defaults."""
+    """A whole fusion: sources → reward → SFT → WRPO → eval, with paper defaults."""
 
     target: TargetSpec
     sources: list[SourceSpec] = Field(min_length=1, max_length=64, description="The source LLMs (paper: ten, 9B–236B).")
@@ -279,6 +329,7 @@ class FusionSpec(_Model):
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
     sft: SFTSpec = Field(default_factory=SFTSpec)
     wrpo: WRPOSpec = Field(default_factory=WRPOSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="The eval stage: did the fusion help?")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
@@ -368,6 +419,10 @@ def resolve_paths(spec: FusionSpec, base: Path) -> FusionSpec:
     for src in data["sources"]:
         src["model"] = fix(src["model"])
     data["reward"]["model"] = fix(data["reward"]["model"])
+    for judge in (data["reward"]["judge"], data["eval"]["judge"]):
+        if judge:
+            judge["model"] = fix(judge["model"])
+    data["eval"]["prompts"] = fix(data["eval"]["prompts"])
     data["dataset"]["uri"] = fix(data["dataset"]["uri"])
     if data["storage"]["run_uri"]:
         data["storage"]["run_uri"] = fix(data["storage"]["run_uri"])
