@@ -225,6 +225,8 @@ def build_crd() -> dict[str, Any]:
         {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Current stage."},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
          "description": "Committed stages / all stages."},
+        {"name": "Fused-vs-Target", "type": "number", "jsonPath": ".status.eval.fusedVsTarget",
+         "description": "Reward-model win rate (%) of the fused model against the original target (eval stage)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Output", "type": "string", "jsonPath": ".status.outputUri", "priority": 1,
          "description": "Where the fused model lands."},

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from wrpo.cli import data, engine, pipeline
+from wrpo.cli import data, engine, eval, pipeline
 from wrpo.errors import WrpoError
 
 app = typer.Typer(
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for group in (engine, data, pipeline):
+for group in (engine, data, pipeline, eval):
     group.register(app)
 
 
