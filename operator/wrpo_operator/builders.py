@@ -115,11 +115,9 @@ def _s3_env(spec: FusionSpec) -> list[Obj]:
 
 def _api_key_env(endpoints: list[EndpointSpec]) -> list[Obj]:
     """API keys of external endpoints, from their Secrets (key `api-key`) into the named env vars."""
-    return [
-        {"name": e.api_key_env, "valueFrom": {"secretKeyRef": {"name": e.api_key_secret, "key": "api-key"}}}
-        for e in endpoints
-        if e.api_key_secret and e.api_key_env
-    ]
+    refs = {e.api_key_env: e.api_key_secret for e in endpoints if e.api_key_secret and e.api_key_env}
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": "api-key"}}}
+            for env, secret in refs.items()]
 
 
 def _resources(res: StageResources, gpus: int | None = None) -> Obj:
