@@ -143,3 +143,44 @@ def test_results_count_judge_outcomes_and_grades():
     assert judge["win_rate"] == pytest.approx(2.5 / 3)  # win, win, inconsistent = tie
     assert res["models"]["fused"]["judge_score"] == {"mean": 7.0, "n": 3, "unparsed": 1}
     assert "rm" not in res["comparisons"]["fused_vs_target"]
+
+
+def test_the_eval_stage_judges_in_shards_and_a_rerun_asks_nothing_again(standin, tmp_path):
+    """`llm_judge` of the eval stage with an endpoint judge (the stand-in): single grades of every turn and
+    both orders of every comparison, committed shard by shard; a rerun reuses the committed shards."""
+    from wrpo.eval.stages import COMPARISONS, llm_judge
+    from wrpo.pipeline.rundir import RunDir
+    from wrpo.pipeline.runtime import context_for
+    from wrpo.pipeline.spec import parse_spec
+
+    spec = parse_spec({"target": {"model": "t"}, "sources": [{"name": "a", "model": "m"}],
+                       "dataset": {"uri": "p.jsonl", "evalSize": 3},
+                       "eval": {"shardSize": 2, "judge": {"endpoint": {"url": standin.base_url, "model": "j"}}}})
+    prompts = [EvalPrompt("p0", [{"role": "user", "content": "Q0"}], ["follow-up"]),
+               EvalPrompt("p1", [{"role": "user", "content": "Q1"}]),
+               EvalPrompt("p2", [{"role": "user", "content": "Q2"}])]
+    answers = {role: [{"prompt_id": p.prompt_id, "answers": [f"{role} answer"] * p.turns} for p in prompts]
+               for role in ("target", "sft", "fused")}
+
+    def reply(body):
+        text = body["messages"][-1]["content"]
+        if "[Assistant A]" not in text:
+            return "Rating: [[8]]" if "fused answer" in text.split("[Answer to grade]")[1] else "Rating: [[3]]"
+        return "[[A]]" if "fused" in _shown(body, "A") else "[[B]]" if "fused" in _shown(body, "B") else "[[C]]"
+
+    standin.reply = reply
+    ctx = context_for(spec, RunDir(str(tmp_path / "run")), "eval")
+    verdicts, _ = llm_judge(ctx, prompts, answers)
+    asked = len(standin.bodies)
+    assert asked == 3 * 4 + 2 * len(COMPARISONS) * 3  # 4 turns per model, both orders of 3 comparisons
+    grades = {(v["model"], v["prompt_id"], v["turn"]): v["value"] for v in verdicts if v["kind"] == "single"}
+    assert grades[("fused", "p0", 2)] == 8.0 and grades[("target", "p0", 2)] == 3.0 and len(grades) == 12
+    outcomes = {(v["model"], v["baseline"], v["prompt_id"]): v["outcome"] for v in verdicts if v["kind"] == "pairwise"}
+    assert {outcomes[("fused", "target", p.prompt_id)] for p in prompts} == {"win"}
+    assert {outcomes[("sft", "target", p.prompt_id)] for p in prompts} == {"tie"}
+    assert all(len(v["verdicts"]) == 2 and v["verdicts"][0]["raw"] for v in verdicts if v["kind"] == "pairwise")
+    again, _ = llm_judge(ctx, prompts, answers)
+    assert again == verdicts and len(standin.bodies) == asked  # every shard was committed: nothing re-asked
+    answers["fused"][1]["answers"] = ["a changed answer"]  # new answers: the verdicts are made again
+    llm_judge(ctx, prompts, answers)
+    assert len(standin.bodies) > asked
