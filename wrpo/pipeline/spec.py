@@ -49,6 +49,8 @@ class TargetSpec(_Model):
     served_name: str = Field(default="target", pattern=DNS_LABEL, max_length=63,
                              description="Name the vLLM server serves it as.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor-parallel size for sample-target.")
+    replicas: int = Field(default=1, ge=1, le=64,
+                          description="Data-parallel vLLM replicas of Target-SFT for sample-target.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
 
 
@@ -81,6 +83,8 @@ class SourceSpec(_Model):
     model: str | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
     endpoint: EndpointSpec | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="vLLM tensor-parallel size (GPUs).")
+    replicas: int = Field(default=1, ge=1, le=64,
+                          description="Data-parallel vLLM replicas; requests are spread across them.")
     max_model_len: int | None = Field(default=None, ge=128, description="vLLM --max-model-len.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vLLM GPU memory share.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
