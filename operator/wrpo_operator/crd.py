@@ -63,6 +63,11 @@ def _set(field: str) -> str:
     return f"has(self.{field})"
 
 
+#: GPUs of one model's servers: `cluster.vllm.gpus` (else the tensor-parallel size) × replicas.
+_SERVER_GPUS = ("((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus"
+                " : (has({s}.tensorParallelSize) ? {s}.tensorParallelSize : 1))"
+                " * (has({s}.replicas) ? {s}.replicas : 1)")
+
 #: The CEL twin of every pydantic cross-field validator, keyed by (model title, validator name).
 CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
     ("SourceSpec", "_one_of"): [{
@@ -95,6 +100,17 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "on": "sources",  # a field validator: the rule sits on the list itself
         "rule": "self.all(x, self.exists_one(y, y.name == x.name))",
         "message": "source names must be unique",
+    }],
+    ("FusionSpec", "_fits_the_gpu_budget"): [{
+        "rule": "!has(self.cluster) || !has(self.cluster.gpuBudget) || ("
+        f"self.sources.all(s, !has(s.model) || {_SERVER_GPUS.format(s='s')} <= self.cluster.gpuBudget)"
+        f" && (!has(self.target) || {_SERVER_GPUS.format(s='self.target')} <= self.cluster.gpuBudget)"
+        " && (!has(self.cluster.training) ? 8 : (has(self.cluster.training.gpus) ? self.cluster.training.gpus : 0)"
+        " * (has(self.cluster.training.nodes) ? self.cluster.training.nodes : 1)) <= self.cluster.gpuBudget"
+        " && (!has(self.cluster.scoring) ? 1 : (has(self.cluster.scoring.gpus) ? self.cluster.scoring.gpus : 0))"
+        " <= self.cluster.gpuBudget)",
+        "message": "cluster.gpuBudget is smaller than what one server or job needs",
+        "fieldPath": ".cluster.gpuBudget",
     }],
     ("FusionSpec", "_names_distinct"): [{
         "rule": "!self.sources.exists(s, s.name == "

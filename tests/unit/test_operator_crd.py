@@ -101,7 +101,8 @@ def test_cel_rules_sit_on_their_models():
     s = _schema()
     spec = s["properties"]["spec"]
     assert "exists_one" in spec["properties"]["sources"]["x-kubernetes-validations"][0]["rule"]
-    assert spec["x-kubernetes-validations"][0]["fieldPath"] == ".target.servedName"
+    paths = {r.get("fieldPath") for r in spec["x-kubernetes-validations"]}
+    assert {".target.servedName", ".cluster.gpuBudget"} <= paths
     assert spec["properties"]["sources"]["items"]["x-kubernetes-validations"][0]["message"].startswith(
         "a source needs exactly one")
     assert spec["properties"]["wrpo"]["x-kubernetes-validations"][0]["fieldPath"] == ".maxPromptLength"

@@ -43,6 +43,16 @@ def _parse_endpoints(values: list[str]) -> dict[str, str]:
     return out
 
 
+def _parse_shard(value: str | None) -> tuple[int, int]:
+    """`I/K` (e.g. `$(JOB_COMPLETION_INDEX)/4` expanded by the kubelet) → (I, K)."""
+    if value is None:
+        return (0, 1)
+    index, sep, count = value.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(count) >= 1):
+        raise WrpoError(f"--shard expects I/K with 0 <= I < K, got '{value}'")
+    return int(index), int(count)
+
+
 def run(
     spec: str = typer.Argument(..., help=SPEC_HELP),
     run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://); "
@@ -74,8 +84,11 @@ def stage_cmd(
     reward_endpoint: str | None = typer.Option(None, help="URL of a running reward pooling server."),
     workdir: str | None = typer.Option(None, help="Local scratch folder (downloads, checkpoints)."),
     force: bool = typer.Option(False, help="Re-run even if committed for this spec."),
+    unit: list[str] = typer.Option([], "--unit", help="Run only this unit (a source name; repeatable)."),
+    shard: str | None = typer.Option(None, help="I/K: run part I of K of each unit (an Indexed Job's pod)."),
 ) -> None:
-    """Run one stage (what the local runner and the operator's pods execute)."""
+    """Run one stage (what the local runner and the operator's pods execute). Exit 0 also when other
+    units or shards are still missing (status "partial"): they commit the stage when they finish."""
     from wrpo.pipeline.context import StageOptions
     from wrpo.pipeline.plan import stage
     from wrpo.pipeline.runtime import open_run, run_stage
@@ -85,10 +98,12 @@ def stage_cmd(
     except KeyError as e:
         raise WrpoError(str(e.args[0])) from None
     the_spec = _load(spec)
-    opts = StageOptions(_parse_endpoints(endpoint), target_endpoint, reward_endpoint, workdir, force)
+    opts = StageOptions(_parse_endpoints(endpoint), target_endpoint, reward_endpoint, workdir, force,
+                        units=unit or None, shard=_parse_shard(shard))
     result = run_stage(the_spec, open_run(the_spec, run_uri), name, opts)
     Console(stderr=True).print(f"{name}: {result.status} ({result.seconds:.1f}s) -> {result.uri}")
-    line = json.dumps({"stage": name, "status": result.status, "summary": result.summary}, default=str)
+    line = json.dumps({"stage": name, "status": result.status, "units": result.units, "summary": result.summary},
+                      default=str)
     print(line)
     write_termination_message(line)
 
@@ -109,7 +124,7 @@ def write_termination_message(line: str) -> None:
         return
     data = line.encode()
     if len(data) > TERMINATION_LIMIT:  # keep it valid JSON: drop the summary rather than cut it
-        data = json.dumps({k: v for k, v in json.loads(line).items() if k != "summary"}).encode()
+        data = json.dumps({k: v for k, v in json.loads(line).items() if k not in ("summary", "units")}).encode()
     with contextlib.suppress(OSError):  # a read-only or odd file must not fail a committed stage
         path.write_bytes(data)
 

@@ -113,12 +113,19 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class ChatClient:
-    """Async client of an OpenAI-compatible `/chat/completions` endpoint (use as `async with`)."""
+    """Async client of an OpenAI-compatible `/chat/completions` endpoint (use as `async with`).
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, concurrency: int = 32,
-                 timeout_s: float = 600.0, max_retries: int = 8, backoff_max_s: float = 30.0,
-                 backoff_initial_s: float = 0.5, path: str = "/chat/completions"):
-        self.url = base_url.rstrip("/") + path
+    Given several base URLs (the replicas of one model), each request goes to the replica with the
+    fewest requests in flight, and a retry may go to another one."""
+
+    def __init__(self, base_url: str | Sequence[str], model: str, api_key: str | None = None,
+                 concurrency: int = 32, timeout_s: float = 600.0, max_retries: int = 8,
+                 backoff_max_s: float = 30.0, backoff_initial_s: float = 0.5, path: str = "/chat/completions"):
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.urls = [u.rstrip("/") + path for u in urls]
+        self.url = self.urls[0] if len(self.urls) == 1 else f"{self.urls[0]} (+{len(self.urls) - 1} replicas)"
+        self.in_flight = [0] * len(self.urls)
+        self.sent = [0] * len(self.urls)  # requests per replica
         self.model = model
         self._api_key = api_key
         self.concurrency, self.timeout_s = concurrency, timeout_s
@@ -180,9 +187,19 @@ class ChatClient:
                                     f"({type(e).__name__}: {e})") from None
         raise AssertionError("unreachable")
 
+    def _replica(self) -> int:
+        """The replica with the fewest requests in flight (the least used so far on a tie)."""
+        return min(range(len(self.urls)), key=lambda i: (self.in_flight[i], self.sent[i]))
+
     async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
         self.requests += 1
-        resp = await self._client.post(self.url, json=body)
+        i = self._replica()
+        self.in_flight[i] += 1
+        self.sent[i] += 1
+        try:
+            resp = await self._client.post(self.urls[i], json=body)
+        finally:
+            self.in_flight[i] -= 1
         if resp.status_code in RETRY_STATUS:
             raise RetryableStatus(resp.status_code, _retry_after(resp.headers.get("retry-after")), resp.text)
         if resp.status_code >= 400:

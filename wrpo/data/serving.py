@@ -61,7 +61,7 @@ class VLLMServer:
                  extra_args: Sequence[str] = (), max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  startup_timeout_s: float = 600.0, log_path: str | Path | None = None,
-                 aliases: Sequence[str] = ()):
+                 aliases: Sequence[str] = (), extra_env: dict[str, str] | None = None):
         self.model, self.served_name, self.runner = model, served_name, runner
         self.aliases = list(aliases)
         self.python = python or vllm_python()
@@ -71,6 +71,7 @@ class VLLMServer:
         self.extra_args, self.max_model_len = list(extra_args), max_model_len
         self.tensor_parallel_size, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
         self.startup_timeout_s = startup_timeout_s
+        self.extra_env = dict(extra_env or {})  # e.g. CUDA_VISIBLE_DEVICES of one replica
         if log_path is None:
             log_path = Path(tempfile.mkdtemp(prefix="wrpo-vllm-")) / "vllm.log"
         self.log_path = Path(log_path)
@@ -111,6 +112,7 @@ class VLLMServer:
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
+        env.update(self.extra_env)
         return env
 
     def start(self) -> VLLMServer:

@@ -49,6 +49,8 @@ class TargetSpec(_Model):
     served_name: str = Field(default="target", pattern=DNS_LABEL, max_length=63,
                              description="Name the vLLM server serves it as.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor-parallel size for sample-target.")
+    replicas: int = Field(default=1, ge=1, le=64,
+                          description="Data-parallel vLLM replicas of Target-SFT for sample-target.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
 
 
@@ -81,6 +83,8 @@ class SourceSpec(_Model):
     model: str | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
     endpoint: EndpointSpec | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="vLLM tensor-parallel size (GPUs).")
+    replicas: int = Field(default=1, ge=1, le=64,
+                          description="Data-parallel vLLM replicas; requests are spread across them.")
     max_model_len: int | None = Field(default=None, ge=128, description="vLLM --max-model-len.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vLLM GPU memory share.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
@@ -281,6 +285,9 @@ class StageResources(_Model):
     memory: str = Field(default="8Gi", description="Memory request.")
     nodes: int = Field(default=1, ge=1, description="Nodes (PyTorchJob: Master + nodes-1 Workers).")
     procs_per_node: int = Field(default=1, ge=1, description="torchrun --nproc-per-node.")
+    parallelism: int = Field(default=1, ge=1, le=1024, description=(
+        "Scoring and reference log-probs: shards run as an Indexed Job of this many pods at once, each "
+        "shard committed on its own (capped by cluster.gpuBudget)."))
 
 
 class VLLMResources(_Model):
@@ -297,6 +304,9 @@ class VLLMResources(_Model):
 class ClusterSpec(_Model):
     """Cluster-only settings; `wrpo run` ignores them."""
 
+    gpu_budget: int | None = Field(default=None, ge=1, description=(
+        "Most nvidia.com/gpu the run's servers and jobs hold at once: source units run as a sliding window "
+        "under it (unset: every source's server at once)."))
     runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", description="Image running `wrpo stage`.")
     vllm_image: str = Field(default="vllm/vllm-openai:v0.11.0", description="Image of the vLLM Deployments.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent")
@@ -349,6 +359,28 @@ class FusionSpec(_Model):
         names = [s.name for s in self.sources]
         if self.target.served_name in names:
             raise ValueError(f"target.servedName '{self.target.served_name}' collides with a source name")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_the_gpu_budget(self) -> FusionSpec:
+        """Every single server or job must fit in `cluster.gpuBudget`, or the run could never progress."""
+        c = self.cluster
+        if c.gpu_budget is None:
+            return self
+
+        def server(tp: int, replicas: int) -> int:
+            return (tp if c.vllm.gpus is None else c.vllm.gpus) * replicas
+
+        needs = [(f"sources[{i}] ({s.name}): tensorParallelSize × replicas", server(s.tensor_parallel_size, s.replicas))
+                 for i, s in enumerate(self.sources) if s.model]
+        needs += [("target: tensorParallelSize × replicas",
+                   server(self.target.tensor_parallel_size, self.target.replicas)),
+                  ("cluster.training: gpus × nodes", c.training.gpus * c.training.nodes),
+                  ("cluster.scoring.gpus", c.scoring.gpus)]
+        over = [f"{what} needs {n} GPUs" for what, n in needs if n > c.gpu_budget]
+        if over:
+            raise ValueError(f"cluster.gpuBudget {c.gpu_budget} is smaller than what one server or job needs: "
+                             + "; ".join(over))
         return self
 
     def section_hash(self, *sections: str) -> str:
