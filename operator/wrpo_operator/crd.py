@@ -68,6 +68,10 @@ _SERVER_GPUS = ("((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self
                 " : (has({s}.tensorParallelSize) ? {s}.tensorParallelSize : 1))"
                 " * (has({s}.replicas) ? {s}.replicas : 1)")
 
+#: GPUs of one unreplicated server (a judge, the reward model's pooling server, whose tensorParallelSize is 1).
+_JUDGE_GPUS = ("((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus"
+               " : (has({j}.tensorParallelSize) ? {j}.tensorParallelSize : 1))")
+
 #: The CEL twin of every pydantic cross-field validator, keyed by (model title, validator name).
 CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
     ("SourceSpec", "_one_of"): [{
@@ -110,6 +114,24 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         " && (!has(self.cluster.scoring) ? 1 : (has(self.cluster.scoring.gpus) ? self.cluster.scoring.gpus : 0))"
         " <= self.cluster.gpuBudget)",
         "message": "cluster.gpuBudget is smaller than what one server or job needs",
+        "fieldPath": ".cluster.gpuBudget",
+    }],
+    ("FusionSpec", "_eval_fits_the_gpu_budget"): [{
+        "rule": "!has(self.cluster) || !has(self.cluster.gpuBudget)"
+        " || ((!has(self.eval) || !has(self.eval.prompts))"
+        " && (!has(self.dataset.evalSize) || self.dataset.evalSize == 0))"
+        f" || 3 * {_SERVER_GPUS.format(s='self.target')}"
+        " + (!has(self.cluster.scoring) ? 1 : (has(self.cluster.scoring.gpus) ? self.cluster.scoring.gpus : 0))"
+        f" + ((has(self.eval) && has(self.eval.judge) && has(self.eval.judge.model))"
+        f" ? {_JUDGE_GPUS.format(j='self.eval.judge')} : 0)"
+        " + ((has(self.eval) && has(self.eval.rewardModel) && !self.eval.rewardModel) || !has(self.reward) ? 0"
+        " : ((has(self.reward.type) && self.reward.type == 'remote' && !has(self.reward.endpoint))"
+        " ? ((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus : 1)"
+        " : ((has(self.reward.type) && self.reward.type == 'judge' && has(self.reward.judge)"
+        f" && has(self.reward.judge.model)) ? {_JUDGE_GPUS.format(j='self.reward.judge')} : 0)))"
+        " <= self.cluster.gpuBudget",
+        "message": "cluster.gpuBudget is smaller than the GPUs the eval stage holds at once (3 × the target's "
+        "servers, a local judge, a served reward model, cluster.scoring.gpus)",
         "fieldPath": ".cluster.gpuBudget",
     }],
     ("FusionSpec", "_names_distinct"): [{

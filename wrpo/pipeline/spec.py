@@ -383,6 +383,34 @@ class FusionSpec(_Model):
                              + "; ".join(over))
         return self
 
+    @model_validator(mode="after")
+    def _eval_fits_the_gpu_budget(self) -> FusionSpec:
+        """The eval stage's servers run side by side (target, Target-SFT, fused, a local judge, a served reward
+        model) beside its scoring job: together they must fit in `cluster.gpuBudget` (docs/eval.md)."""
+        c, ev = self.cluster, self.eval
+        if c.gpu_budget is None or (ev.prompts is None and self.dataset.eval_size == 0):
+            return self
+
+        def server(tp: int, replicas: int = 1) -> int:
+            return (tp if c.vllm.gpus is None else c.vllm.gpus) * replicas
+
+        parts = [("target, Target-SFT and fused: 3 × tensorParallelSize × replicas",
+                  3 * server(self.target.tensor_parallel_size, self.target.replicas)),
+                 ("cluster.scoring.gpus", c.scoring.gpus)]
+        if ev.judge is not None and ev.judge.model:
+            parts.append(("eval.judge", server(ev.judge.tensor_parallel_size)))
+        r = self.reward
+        if ev.reward_model and r.type == "remote" and r.endpoint is None:
+            parts.append(("the reward model's pooling server", server(1)))
+        if ev.reward_model and r.type == "judge" and r.judge is not None and r.judge.model:
+            parts.append(("reward.judge", server(r.judge.tensor_parallel_size)))
+        need = sum(n for _, n in parts)
+        if need > c.gpu_budget:
+            raise ValueError(f"cluster.gpuBudget {c.gpu_budget} is smaller than the {need} GPUs the eval stage holds "
+                             "at once (" + ", ".join(f"{what}: {n}" for what, n in parts) + "); raise the budget, "
+                             "or set eval.rewardModel/eval.judge or dataset.evalSize to fit")
+        return self
+
     def section_hash(self, *sections: str) -> str:
         """sha256 over the named top-level sections (for per-stage invalidation)."""
         data = self.model_dump(mode="json", by_alias=True)
