@@ -69,3 +69,14 @@ def test_the_judge_reward_grades_through_the_server(judge_server):
     scores = scorer.score([(d.context, d.answers[0]) for d in DIALOGUES])
     assert scorer.unparsed == 0 and all(1.0 <= s.value <= 10.0 for s in scores)
     assert [s.value for s in scores] == [parse_grade(v["raw"]) for v in scorer.verdicts]
+
+
+def test_expected_grades_from_the_servers_logprobs(judge_server):
+    """With `expected_grade` the grade is weighed over the grade token's alternatives: not just the digit."""
+    async def both(judge: Judge):
+        judge.expected_grade = True
+        return await asyncio.gather(*(judge.grade(d.turn(0)) for d in DIALOGUES))
+
+    for v in _judge(judge_server, both):
+        assert v.written == parse_grade(v.raw) and 1.0 <= v.value <= 10.0
+        assert v.value != v.written  # a tiny model is never that sure of one digit

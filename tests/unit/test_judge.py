@@ -184,3 +184,20 @@ def test_the_eval_stage_judges_in_shards_and_a_rerun_asks_nothing_again(standin,
     answers["fused"][1]["answers"] = ["a changed answer"]  # new answers: the verdicts are made again
     llm_judge(ctx, prompts, answers)
     assert len(standin.bodies) > asked
+
+
+def test_expected_grade_weighs_the_grade_tokens_alternatives():
+    import math
+
+    from wrpo.data.judge import expected_grade
+
+    def tok(text, alts=None):
+        top = [{"token": t, "logprob": math.log(p) if p else -9999.0} for t, p in (alts or {}).items()]
+        return {"token": text, "logprob": 0.0, "top_logprobs": top}
+
+    content = [tok("Fine"), tok(" [3]"), tok(". Rating:"), tok(" [["),
+               tok("7", {"7": 0.5, "8": 0.3, "x": 0.15, "11": 0.04, "2": 0.0}), tok("]]")]
+    # only the token after "[[" counts; alternatives that are not grades 1-10 (or masked) are left out:
+    # (7 × .5 + 8 × .3) / (.5 + .3) = 7.375
+    assert expected_grade(content) == pytest.approx(7.375)
+    assert expected_grade([tok("Rating: [["), tok("x")]) is None and expected_grade(None) is None

@@ -12,13 +12,17 @@ Parsing is strict: a verdict counts only when the text holds exactly one distinc
 asked for; anything else (no verdict, two different ones, a grade outside 1-10, an empty answer) is
 `None` and is counted as unparsed by the callers, never guessed. Every raw verdict text is returned so
 callers can store it. With `constrained=True` the request carries a vLLM structured-outputs regex that
-forces the format (for small local judges).
+forces the format (for small local judges). With `expected_grade=True` a grade is the probability-weighted
+mean over the grade token's alternatives (the server's `top_logprobs`, as in G-Eval) instead of the digit
+written: finer-grained, so a small judge's grades tie less often; without logprobs in the reply the
+written grade stands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import string
 from collections.abc import Sequence
@@ -96,6 +100,25 @@ def parse_grade(text: str | None) -> float | None:
     return value if 1.0 <= value <= 10.0 else None
 
 
+def expected_grade(content: list[dict[str, Any]] | None) -> float | None:
+    """The probability-weighted grade at the grade token of an OpenAI `logprobs.content` list: the first
+    token after `[[` that is a whole number 1-10, its `top_logprobs` alternatives that are whole numbers
+    1-10 renormalised. None when there is no such token."""
+    text = ""
+    for tok in content or []:
+        piece = tok.get("token", "")
+        if text.rstrip().endswith("[[") and piece.strip().isdigit() and 1 <= int(piece.strip()) <= 10:
+            weights: dict[int, float] = {}
+            for alt in tok.get("top_logprobs") or [tok]:
+                value = alt.get("token", "").strip()
+                if value.isdigit() and 1 <= int(value) <= 10 and alt.get("logprob", -1e9) > -1e4:
+                    weights[int(value)] = weights.get(int(value), 0.0) + math.exp(alt["logprob"])
+            total = sum(weights.values())
+            return sum(v * w for v, w in weights.items()) / total if total > 0 else None
+        text += piece
+    return None
+
+
 def combine(first: PairVerdict | None, second: PairVerdict | None) -> Outcome:
     """The outcome for the model shown as A in the first order and as B in the second."""
     if first is None or second is None:
@@ -161,10 +184,12 @@ class Verdict:
     value: Any
     finish_reason: str | None = None
     error: str | None = None  # the request failed for good (counted as unparsed)
+    written: float | None = None  # the grade written in `raw` when `value` is the expected grade
 
     def to_json(self) -> dict[str, Any]:
         out = {"raw": self.raw, "value": self.value, "finish_reason": self.finish_reason}
-        return out | ({"error": self.error} if self.error else {})
+        return out | ({"error": self.error} if self.error else {}) | (
+            {"written": self.written} if self.written is not None else {})
 
 
 @dataclass
@@ -178,14 +203,16 @@ class Judge:
     seed: int = 42
     constrained: bool = False
     templates: str | None = None
+    expected_grade: bool = False
     calls: int = field(default=0, init=False)
 
     def _regex(self, verdict: str) -> str:
         room = max(0, self.max_tokens - 12)  # a token is at least one character: the verdict always fits
         return f"[^\\[\\]]{{0,{room}}}{verdict}"
 
-    async def ask(self, messages: list[dict[str, str]], regex: str) -> tuple[str, str | None]:
-        """The judge's text and finish reason for one request."""
+    async def ask(self, messages: list[dict[str, str]], regex: str,
+                  logprobs: bool = False) -> tuple[str, str | None, list[dict[str, Any]] | None]:
+        """The judge's text, finish reason and (when asked for and given) its tokens' logprobs."""
         from wrpo.data.sampling import SamplingParams
 
         self.calls += 1
@@ -195,29 +222,39 @@ class Judge:
                                     "seed": self.seed}
             if self.constrained:
                 body["structured_outputs"] = {"regex": regex}
+            if logprobs:
+                body |= {"logprobs": True, "top_logprobs": 20}
             data = await self.backend.post(body)
             choice = (data.get("choices") or [{}])[0]
-            return (choice.get("message") or {}).get("content") or "", choice.get("finish_reason")
+            content = ((choice.get("logprobs") or {}).get("content")) if logprobs else None
+            return (choice.get("message") or {}).get("content") or "", choice.get("finish_reason"), content
         params = SamplingParams(n=1, temperature=self.temperature, top_p=1.0, max_tokens=self.max_tokens,
                                 seed=self.seed)
         got = await self.backend.complete(messages, params, 1, self.seed)
-        return (got.responses or [""])[0], (got.finish_reasons or [None])[0]
+        return (got.responses or [""])[0], (got.finish_reasons or [None])[0], None
 
-    async def _verdict(self, messages: list[dict[str, str]], regex: str, parse: Any) -> Verdict:
+    async def _verdict(self, messages: list[dict[str, str]], regex: str, parse: Any,
+                       expected: bool = False) -> Verdict:
         from wrpo.data.sampling import SamplingError
 
         try:
-            raw, reason = await self.ask(messages, regex)
+            raw, reason, tokens = await self.ask(messages, regex, expected)
         except SamplingError as e:  # a request that failed for good is an unparsed verdict, with its reason
             return Verdict("", None, None, str(e)[:500])
-        return Verdict(raw, parse(raw), reason)
+        value = parse(raw)
+        if expected and value is not None:  # only a verdict in the format has a grade token to weigh
+            weighted = expected_grade(tokens)
+            if weighted is not None:
+                return Verdict(raw, weighted, reason, written=value)
+        return Verdict(raw, value, reason)
 
     async def grade(self, dialogue: Dialogue) -> Verdict:
         """MT-Bench-style 1-10 grade of the last answer of `dialogue`."""
         if not dialogue.answers[-1].strip():
             return Verdict("", None, None, "empty answer: not sent to the judge")
         messages = load_template("single", self.templates).messages(**single_values(dialogue))
-        return await self._verdict(messages, self._regex(r"Rating: \[\[([1-9]|10)\]\]"), parse_grade)
+        return await self._verdict(messages, self._regex(r"Rating: \[\[([1-9]|10)\]\]"), parse_grade,
+                                   self.expected_grade)
 
     async def compare(self, a: Dialogue, b: Dialogue) -> Verdict:
         """Which of two answers to the same dialogue is better: A, B or C (tie)."""

@@ -256,10 +256,11 @@ class JudgeScorer:
     `backend` is a ChatClient (or any ChatBackend); `verdicts` keeps every raw verdict in scoring order."""
 
     def __init__(self, backend: Any, name: str, max_tokens: int = 512, temperature: float = 0.0, seed: int = 42,
-                 constrained: bool = False):
+                 constrained: bool = False, expected_grade: bool = False):
         self.name = name
         self.backend = backend
-        self.options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, constrained=constrained)
+        self.options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, constrained=constrained,
+                            expected_grade=expected_grade)
         self.verdicts: list[dict[str, Any]] = []
         self.unparsed = 0
 

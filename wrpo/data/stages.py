@@ -207,7 +207,7 @@ def reward_scorer(ctx: StageContext) -> Iterator[Any]:
                 as backend:
             j = r.judge
             yield JudgeScorer(backend, j.endpoint.model if j.endpoint else j.model, j.max_tokens, j.temperature,
-                              spec.sampling.seed, j.constrained)
+                              spec.sampling.seed, j.constrained, j.expected_grade)
         return
     model = ctx.work.model(r.model, S3Options.from_spec(spec.storage)) if r.model else None
     if r.type == "remote":

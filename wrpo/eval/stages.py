@@ -118,7 +118,8 @@ def _judge(ctx: StageContext) -> Iterator[Judge]:
     j = ctx.spec.eval.judge
     served = [s for s in servers(ctx.spec, ctx.name, ctx.run.uri) if s.source == "judge"]
     with judge_backend(ctx, j, served) as backend:
-        yield Judge(backend, j.max_tokens, j.temperature, ctx.spec.eval.seed, j.constrained)
+        yield Judge(backend, j.max_tokens, j.temperature, ctx.spec.eval.seed, j.constrained,
+                    expected_grade=j.expected_grade)
 
 
 def llm_judge(ctx: StageContext, prompts: list[EvalPrompt], answers: dict[str, list[dict[str, Any]]]

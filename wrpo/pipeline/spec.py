@@ -113,6 +113,9 @@ class JudgeSpec(_Model):
     constrained: bool = Field(
         default=False, description="Constrain the verdict to the template's format with vLLM structured outputs "
         "(a regex); for small local judges. External APIs usually do not support it.")
+    expected_grade: bool = Field(
+        default=False, description="A grade is the probability-weighted mean over the grade token's "
+        "alternatives (logprobs, as in G-Eval) rather than the digit written: fewer ties from small judges.")
 
     @model_validator(mode="after")
     def _one_of(self) -> JudgeSpec:
