@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from wrpo.errors import WrpoError
 from wrpo.pipeline.plan import STAGE_NAMES
@@ -18,29 +19,45 @@ experiment_app = typer.Typer(help="Fidelity experiments from the paper.", no_arg
 SPEC_HELP = "FusionSpec YAML (or a FusionRun manifest), a local path or s3:// URI."
 
 
-def _load(spec_path: str):
-    from wrpo.pipeline.spec import load_spec, parse_spec
+def _say(text: str | Text) -> None:
+    """A status line on stderr, never read as rich markup (paths and URIs may hold brackets)."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(text, markup=False)
+
+
+def _load(spec_path: str, cluster: bool | None = None):
+    """The spec at a local path or s3:// URI, through the one strict loader (docs/spec.md, "Validation")."""
+    from wrpo.pipeline.spec import load_spec, load_spec_text
 
     if spec_path.startswith("s3://"):
-        import yaml
-
+        from wrpo.records import decode_text
         from wrpo.storage import read_uri_bytes
 
-        data = yaml.safe_load(read_uri_bytes(spec_path))
-        if isinstance(data, dict) and data.get("kind") == "FusionRun":
-            data = data.get("spec")
-        return parse_spec(data, spec_path)
-    return load_spec(spec_path)
+        return load_spec_text(decode_text(read_uri_bytes(spec_path), spec_path), spec_path, None, cluster)
+    return load_spec(spec_path, cluster)
 
 
 def _parse_endpoints(values: list[str]) -> dict[str, str]:
+    from wrpo.pipeline.checks import HTTP_URL_RE, full, has_credentials
+
     out = {}
     for v in values:
         name, sep, url = v.partition("=")
         if not sep or not name or not url.startswith(("http://", "https://")):
             raise WrpoError(f"--endpoint expects SOURCE=http(s)://host:port/v1, got '{v}'")
+        if has_credentials(url) or not full(HTTP_URL_RE)(url):
+            raise WrpoError(f"--endpoint {name}: the URL must be http(s)://host[:port][/path], without "
+                            "credentials, query or fragment")
         out[name] = url
     return out
+
+
+def _stage_range(start: str | None, until: str | None) -> None:
+    from wrpo.pipeline.plan import select_range
+
+    try:
+        select_range(start, until)
+    except (KeyError, ValueError) as e:
+        raise WrpoError(str(e.args[0])) from None
 
 
 def run(
@@ -56,6 +73,7 @@ def run(
     from wrpo.pipeline.context import StageOptions
     from wrpo.pipeline.runner import run_pipeline
 
+    _stage_range(start, until)
     report = run_pipeline(_load(spec), run_uri, start, until,
                           StageOptions(endpoints=_parse_endpoints(endpoint), force=force))
     print(json.dumps({"run_uri": report.run_uri, "seconds": round(report.seconds, 1),
@@ -87,7 +105,7 @@ def stage_cmd(
     the_spec = _load(spec)
     opts = StageOptions(_parse_endpoints(endpoint), target_endpoint, reward_endpoint, workdir, force)
     result = run_stage(the_spec, open_run(the_spec, run_uri), name, opts)
-    Console(stderr=True).print(f"{name}: {result.status} ({result.seconds:.1f}s) -> {result.uri}")
+    _say(f"{name}: {result.status} ({result.seconds:.1f}s) -> {result.uri}")
     print(json.dumps({"stage": name, "status": result.status, "summary": result.summary}, default=str))
 
 
@@ -112,12 +130,17 @@ def spec_docs() -> None:
 
 
 @spec_app.command("validate")
-def spec_validate(spec: str = typer.Argument(..., help=SPEC_HELP)) -> None:
-    """Validate SPEC and print its stage hashes."""
+def spec_validate(
+    spec: str = typer.Argument(..., help=SPEC_HELP),
+    cluster: bool = typer.Option(False, "--cluster", help="Also the rules of a FusionRun (an s3:// run "
+                                 "directory, batches that fit cluster.training); on for FusionRun manifests."),
+) -> None:
+    """Validate SPEC as `wrpo run` and the apiserver would (every problem, one line each) and print its stage
+    hashes; exit 2 if it is invalid."""
     from wrpo.pipeline.plan import stage_hashes
 
-    s = _load(spec)
-    Console(stderr=True).print(f"[green]{spec}: valid[/] ({len(s.sources)} sources)")
+    s = _load(spec, True if cluster else None)
+    _say(Text(f"{spec}: valid ({len(s.sources)} sources)", style="green"))
     for name, h in stage_hashes(s).items():
         print(f"{name:15s} {h[:16]}")
 
@@ -130,7 +153,7 @@ def fetch(
     from wrpo.storage import download_uri_tree
 
     path = download_uri_tree(uri, dest)
-    Console(stderr=True).print(f"fetched {uri} -> {path}")
+    _say(f"fetched {uri} -> {path}")
 
 
 def report(
@@ -174,7 +197,7 @@ def import_gguf(
     from wrpo.models.gguf_import import smollm2_gguf
 
     path = convert(gguf or smollm2_gguf(), out)
-    Console(stderr=True).print(f"model folder: {path}")
+    _say(f"model folder: {path}")
 
 
 def register(app: typer.Typer) -> None:
