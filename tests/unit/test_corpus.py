@@ -110,3 +110,16 @@ def test_bom_and_crlf_prompt_files_are_read_like_plain_ones(capsys, tmp_path):
         splits[name] = [(run / "prepare" / f"{s}.jsonl").read_text() for s in ("sft", "po", "eval")]
     assert splits["plain"] == splits["windows"]
     assert all(splits["plain"]) and "café" in splits["plain"][0] + splits["plain"][1]
+
+
+@pytest.mark.parametrize("args", [["run", "SPEC", "--run-uri", "gs://b/runs/x"], ["stage", "prepare", "--spec", "SPEC",
+                                                                                "--run-uri", "s3://"],
+                                  ["report", "ftp://host/runs/x"]])
+def test_a_run_uri_on_the_command_line_is_checked_like_storage_run_uri(capsys, tmp_path, monkeypatch, args):
+    """`--run-uri gs://...` used to become the local folder ./gs:/..."""
+    monkeypatch.chdir(tmp_path)
+    args = [str(ROOT / "valid-spec.yaml") if a == "SPEC" else a for a in args]
+    code, err, _ = cli(capsys, *args)
+    uri = next(a for a in args if "://" in a)
+    assert (code, err) == (2, [f"error: run URI '{uri}': must be a local path or s3://bucket/prefix (no other scheme)"])
+    assert list(tmp_path.iterdir()) == []

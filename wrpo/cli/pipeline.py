@@ -51,6 +51,21 @@ def _parse_endpoints(values: list[str]) -> dict[str, str]:
     return out
 
 
+def run_uri_option(value: str | None) -> str | None:
+    """`--run-uri` / a run URI argument: a local path or s3://bucket/prefix, as `storage.runUri` (a gs://
+    URI used to become a local folder ./gs:)."""
+    if value is None:
+        return value
+    from pydantic import TypeAdapter, ValidationError
+
+    from wrpo.pipeline.checks import StorageUri
+
+    try:
+        return TypeAdapter(StorageUri).validate_python(value)
+    except ValidationError as e:
+        raise WrpoError(f"run URI '{value}': {e.errors()[0]['msg']}") from None
+
+
 def _stage_range(start: str | None, until: str | None) -> None:
     from wrpo.pipeline.plan import select_range
 
@@ -63,7 +78,7 @@ def _stage_range(start: str | None, until: str | None) -> None:
 def run(
     spec: str = typer.Argument(..., help=SPEC_HELP),
     run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://); "
-                                       "default: storage.runUri of the spec."),
+                                       "default: storage.runUri of the spec.", callback=run_uri_option),
     start: str | None = typer.Option(None, "--from", help=f"First stage ({', '.join(STAGE_NAMES)})."),
     until: str | None = typer.Option(None, "--until", help="Last stage to run."),
     endpoint: list[str] = typer.Option([], "--endpoint", help="SOURCE=URL of an already-running server."),
@@ -86,7 +101,8 @@ def run(
 def stage_cmd(
     name: str = typer.Argument(..., help=f"One of: {', '.join(STAGE_NAMES)}."),
     spec: str = typer.Option(..., "--spec", help=SPEC_HELP),
-    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://)."),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://).",
+                                       callback=run_uri_option),
     endpoint: list[str] = typer.Option([], "--endpoint", help="SOURCE=URL of a running source server."),
     target_endpoint: str | None = typer.Option(None, help="URL of a running server of the SFT target."),
     reward_endpoint: str | None = typer.Option(None, help="URL of a running reward pooling server."),
@@ -157,7 +173,7 @@ def fetch(
 
 
 def report(
-    run_uri: str = typer.Argument(..., help="Run directory (folder or s3://)."),
+    run_uri: str = typer.Argument(..., help="Run directory (folder or s3://).", callback=run_uri_option),
     out: Path | None = typer.Option(None, "--out", help="Folder for the PNGs and summary.md "
                                     "(default: <run>/report, or ./report-<name> for s3 runs)."),
     s3_endpoint: str | None = typer.Option(
@@ -176,7 +192,8 @@ def report(
 @experiment_app.command("margins")
 def experiment_margins(
     spec: str = typer.Argument(..., help=SPEC_HELP),
-    run_uri: str | None = typer.Option(None, "--run-uri", help="Run with committed build-pairs/ref-logps."),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run with committed build-pairs/ref-logps.",
+                                       callback=run_uri_option),
     out: Path = typer.Option(Path("margins-experiment"), "--out", help="Output folder."),
     steps: int = typer.Option(40, help="Optimizer steps of each of the three trainings."),
     learning_rate: float | None = typer.Option(None, help="Override the spec's WRPO learning rate."),
