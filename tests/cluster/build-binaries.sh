@@ -223,6 +223,7 @@ import (
 	"github.com/coredns/coredns/core/dnsserver"
 	"github.com/coredns/coredns/coremain"
 
+	_ "github.com/coredns/coredns/plugin/bind"
 	_ "github.com/coredns/coredns/plugin/cache"
 	_ "github.com/coredns/coredns/plugin/errors"
 	_ "github.com/coredns/coredns/plugin/health"
@@ -233,13 +234,38 @@ import (
 
 func init() {
 	// Plugin order within a server block (CoreDNS's own list, cut to these plugins).
-	dnsserver.Directives = []string{"log", "health", "ready", "errors", "cache", "kubernetes"}
+	dnsserver.Directives = []string{"bind", "log", "health", "ready", "errors", "cache", "kubernetes"}
 }
 
 func main() { coremain.Run() }
 EOF
   (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -ldflags "${LDFLAGS_BASE}" \
-    -o "${OUT}/coredns-${COREDNS_VERSION}" .)
+    -o "${OUT}/coredns-${COREDNS_VERSION}-bind" .)
+}
+
+# The pod sandbox's process: waits for SIGTERM/SIGINT (k8s_node.py wraps it into the sandbox image).
+build_pause() {
+  local dir
+  dir="$(wrapper_module pause "module wrpo.local/pause
+
+go 1.26")"
+  cat >"${dir}/main.go" <<'EOF'
+// Command pause holds a pod's namespaces until it is told to stop.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGINT, syscall.SIGTERM)
+	<-stop
+}
+EOF
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -ldflags "${LDFLAGS_BASE}" -o "${OUT}/pause" .)
 }
 
 total_start=${SECONDS}
@@ -251,8 +277,9 @@ step training-operator training-operator training-operator-local "${LOCAL_STAMP}
   training-operator-crds -- build_training_operator
 step kubernetes kube-apiserver kube-controller-manager kube-scheduler -- build_kubernetes
 step node kubelet kube-proxy -- build_node
-step coredns "coredns-${COREDNS_VERSION}" -- build_coredns
-ln -sfn "coredns-${COREDNS_VERSION}" "${OUT}/coredns"
+step coredns "coredns-${COREDNS_VERSION}-bind" -- build_coredns
+step pause pause -- build_pause
+ln -sfn "coredns-${COREDNS_VERSION}-bind" "${OUT}/coredns"
 log "all binaries ready in $((SECONDS - total_start))s"
 
 cat >"${OUT}/versions.env" <<EOF

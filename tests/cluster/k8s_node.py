@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from k8s_harness import Cluster, free_port, stop_process, tail, wait_for, write_kubeconfig
+from k8s_harness import Cluster, free_port, stop_process, tail, wait_for, write_kubeconfig  # noqa: F401 (wait_for: for tests)
 
 NODE_NAME = "wrpo-node-0"
 BRIDGE = "wrpo-br0"
@@ -97,6 +97,12 @@ def _kube_chains() -> set[tuple[str, str, str]]:
     return out
 
 
+def _cgroup_parents() -> list[Path]:
+    """The cgroup folders containerd's CRI puts containers under (cgroup v1: one per controller)."""
+    return [p for p in Path("/sys/fs/cgroup").glob("*/k8s.io") if p.is_dir()] + \
+        [p for p in [Path("/sys/fs/cgroup/k8s.io")] if p.is_dir()]
+
+
 def pause_archive(pause_binary: Path, out: Path, name: str = PAUSE_IMAGE) -> Path:
     """A one-file docker-archive image (the sandbox image) holding the static pause binary."""
     layer = io.BytesIO()
@@ -136,6 +142,7 @@ class Node:
     logs: dict[str, Path] = field(default_factory=dict)
     restore_sysctls: dict[str, str] = field(default_factory=dict)
     chains_before: set = field(default_factory=set)
+    cgroups_before: set = field(default_factory=set)
     timings: dict[str, float] = field(default_factory=dict)
     bridge_created: bool = False
 
@@ -187,6 +194,7 @@ class Node:
         t0 = time.monotonic()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.chains_before = _kube_chains()
+        self.cgroups_before = set(_cgroup_parents())
         for name in SYSCTLS:
             with contextlib.suppress(OSError):
                 self.restore_sysctls[name] = _sysctl_path(name).read_text().strip()
@@ -410,6 +418,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 os.kill(pid, signal.SIGKILL)
         attempt("unmount", self._unmount)
         attempt("iptables", self._remove_new_chains)
+        attempt("cgroups", self._remove_new_cgroups)
         for name, value in self.restore_sysctls.items():
             path = _sysctl_path(name)
             with contextlib.suppress(OSError):
@@ -458,6 +467,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 if ln.split()[4].startswith(roots)]
         if left:
             raise RuntimeError(f"still mounted: {left}")
+
+    def _remove_new_cgroups(self) -> None:
+        """The `k8s.io` cgroup parents the containers were put under (each controller), once empty."""
+        for parent in set(_cgroup_parents()) - self.cgroups_before:
+            for d in sorted((p for p in parent.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                d.rmdir()
+            parent.rmdir()
 
     def _remove_new_chains(self) -> None:
         new = _kube_chains() - self.chains_before

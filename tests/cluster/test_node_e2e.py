@@ -128,6 +128,51 @@ def pod_latencies(pods) -> list[dict]:
     return out
 
 
+def test_a_service_name_resolves_and_routes_to_a_pod_on_the_real_node(real_node, k8s_namespace, k8s_api_client):
+    """The network pieces stage pods rely on: CoreDNS answers `<svc>.<ns>.svc`, kube-proxy routes the
+    ClusterIP to the serving pod, and a Job's exit code and log come back through the kubelet."""
+    from kubernetes import client
+
+    node, ns = real_node, k8s_namespace
+    image = k8s_node.image_names(ROOT)["operator"]  # the smallest image with a Python
+    apps, batch, core = client.AppsV1Api(k8s_api_client), client.BatchV1Api(k8s_api_client), \
+        client.CoreV1Api(k8s_api_client)
+    pod_spec = {"nodeSelector": {"kubernetes.io/hostname": node.name}, "enableServiceLinks": False}
+    server = {"name": "web", "image": image, "imagePullPolicy": "Never",
+              "command": ["python", "-c", "import http.server, socketserver\n"
+                          "class H(http.server.BaseHTTPRequestHandler):\n"
+                          "    def do_GET(self):\n"
+                          "        self.send_response(200); self.end_headers(); self.wfile.write(b'hello from the node')\n"
+                          "socketserver.TCPServer(('0.0.0.0', 8080), H).serve_forever()\n"],
+              "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}
+    apps.create_namespaced_deployment(ns, {
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {**pod_spec, "containers": [server]}}}})
+    core.create_namespaced_service(ns, {"metadata": {"name": "web"},
+                                        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+    probe = f"import urllib.request; print(urllib.request.urlopen('http://web.{ns}.svc/', timeout=5).read().decode())"
+    batch.create_namespaced_job(ns, {
+        "metadata": {"name": "client"},
+        "spec": {"backoffLimit": 6, "template": {"spec": {
+            **pod_spec, "restartPolicy": "Never",
+            "containers": [{"name": "client", "image": image, "imagePullPolicy": "Never",
+                            "command": ["python", "-c", probe]}]}}}})
+
+    def job_done():
+        status = batch.read_namespaced_job_status("client", ns).status
+        return status.succeeded or (status.failed or 0) > 6
+
+    k8s_node.wait_for("the client Job", job_done, 180)
+    assert batch.read_namespaced_job_status("client", ns).status.succeeded == 1
+    pods = core.list_namespaced_pod(ns, label_selector="job-name=client").items
+    done = [p for p in pods if p.status.phase == "Succeeded"]
+    assert done and done[0].spec.node_name == node.name
+    assert "hello from the node" in core.read_namespaced_pod_log(done[0].metadata.name, ns)
+    print("\nSERVICE ROUTING:", json.dumps({"client_attempts": len(pods), "latencies": pod_latencies(pods)}))
+
+
 def test_tiny_fusion_on_the_real_node_in_the_built_images(
         real_node, bridge_weed, k8s_namespace, helm_install, service_account, tiny_models,
         k8s_api_client, tmp_path):
