@@ -65,7 +65,8 @@ wrpo --help >/dev/null
 python -c "import torch, transformers, deepspeed, wrpo.cli; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"transformers\", transformers.__version__, \"deepspeed\", deepspeed.__version__)"
 wrpo tiny-models /tmp/models --pretrain-steps 0 >/dev/null
 wrpo sft --model /tmp/models/target --data /data/sft.jsonl --output-dir /tmp/sft --max-steps 1 \
-  --batch-size 2 --per-device-batch-size 2 --max-length 64 --no-gradient-checkpointing --precision fp32
+  --batch-size 2 --per-device-batch-size 2 --max-length 128 --max-prompt-length 64 \
+  --no-gradient-checkpointing --precision fp32
 test -s /tmp/sft/model/model.safetensors && echo "one SFT step: model saved"
 '
     ;;
