@@ -23,8 +23,8 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import subprocess
 import tarfile

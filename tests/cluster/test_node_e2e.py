@@ -142,7 +142,8 @@ def test_a_service_name_resolves_and_routes_to_a_pod_on_the_real_node(real_node,
               "command": ["python", "-c", "import http.server, socketserver\n"
                           "class H(http.server.BaseHTTPRequestHandler):\n"
                           "    def do_GET(self):\n"
-                          "        self.send_response(200); self.end_headers(); self.wfile.write(b'hello from the node')\n"
+                          "        self.send_response(200); self.end_headers()\n"
+                          "        self.wfile.write(b'hello from the node')\n"
                           "socketserver.TCPServer(('0.0.0.0', 8080), H).serve_forever()\n"],
               "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}
     apps.create_namespaced_deployment(ns, {
@@ -150,8 +151,8 @@ def test_a_service_name_resolves_and_routes_to_a_pod_on_the_real_node(real_node,
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
                  "template": {"metadata": {"labels": {"app": "web"}},
                               "spec": {**pod_spec, "containers": [server]}}}})
-    core.create_namespaced_service(ns, {"metadata": {"name": "web"},
-                                        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+    ports = [{"port": 80, "targetPort": 8080}]
+    core.create_namespaced_service(ns, {"metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}, "ports": ports}})
     probe = f"import urllib.request; print(urllib.request.urlopen('http://web.{ns}.svc/', timeout=5).read().decode())"
     batch.create_namespaced_job(ns, {
         "metadata": {"name": "client"},

