@@ -152,7 +152,8 @@ def test_a_service_name_resolves_and_routes_to_a_pod_on_the_real_node(real_node,
                  "template": {"metadata": {"labels": {"app": "web"}},
                               "spec": {**pod_spec, "containers": [server]}}}})
     ports = [{"port": 80, "targetPort": 8080}]
-    core.create_namespaced_service(ns, {"metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}, "ports": ports}})
+    core.create_namespaced_service(ns, {"metadata": {"name": "web"},
+                                        "spec": {"selector": {"app": "web"}, "ports": ports}})
     probe = f"import urllib.request; print(urllib.request.urlopen('http://web.{ns}.svc/', timeout=5).read().decode())"
     batch.create_namespaced_job(ns, {
         "metadata": {"name": "client"},
