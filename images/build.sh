@@ -9,6 +9,7 @@
 #   images/build.sh --all            also the GPU vLLM image (vllm from PyPI on the same torch layer)
 #   images/build.sh --oci            also one OCI archive per image
 #   images/build.sh --no-smoke       skip the smoke tests
+#   images/build.sh --no-archive     write no archive (the images stay in podman's storage)
 #   images/build.sh TARGET...        only these targets (operator runtime runtime-cpu vllm-cpu vllm)
 #
 # The last line printed is `WRPO_IMAGE_ARCHIVE=<path>`. Settings (environment):
@@ -53,13 +54,14 @@ DEFAULT_TARGETS=(operator runtime runtime-cpu vllm-cpu)
 log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-targets=() oci=0 smoke=1 list=0
+targets=() oci=0 smoke=1 list=0 archive_out=1
 for arg in "$@"; do
   case "${arg}" in
     --list) list=1 ;;
     --all) targets=("${ORDER[@]}") ;;
     --oci) oci=1 ;;
     --no-smoke) smoke=0 ;;
+    --no-archive) archive_out=0 ;;
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option ${arg} (see --help)" ;;
     *) [[ -n "${IMAGE[${arg}]:-}" ]] || die "unknown target '${arg}' (one of: ${ORDER[*]})"
@@ -153,6 +155,10 @@ for t in "${ORDER[@]}"; do
   size="$(podman image inspect --format '{{.Size}}' "${IMAGE[${t}]}")"
   log "size ${t}: $((size / 1000000)) MB  ${IMAGE[${t}]}"
 done
+if [[ "${archive_out}" == 0 ]]; then
+  log "done in $((SECONDS - total_start))s (no archive)"
+  exit 0
+fi
 archive="${IMAGE_CACHE}/wrpo-images-${VERSION}.tar"
 start=${SECONDS}
 rm -f "${archive}.tmp"

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from k8s_harness import Cluster, free_port, stop_process, tail, wait_for, write_kubeconfig  # noqa: F401 (wait_for: for tests)
+from k8s_harness import (  # noqa: F401 - wait_for is for the tests
+    SERVICE_CLUSTER_IP_RANGE,
+    Cluster,
+    free_port,
+    stop_process,
+    tail,
+    wait_for,
+    write_kubeconfig,
+)
 
 NODE_NAME = "wrpo-node-0"
 BRIDGE = "wrpo-br0"
@@ -221,8 +229,6 @@ class Node:
         _sysctl_path("net/ipv4/ip_forward").write_text("1")
         cni = self.work_dir / "cni"
         (cni / "net.d").mkdir(parents=True, exist_ok=True)
-        from k8s_harness import SERVICE_CLUSTER_IP_RANGE
-
         conflist = {
             "cniVersion": "1.0.0", "name": "wrpo-node",
             "plugins": [{
@@ -368,8 +374,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             self._wait("kubelet", f"node {self.name} Ready", ready, timeout)
 
     def _kube_proxy(self) -> None:
-        from k8s_harness import SERVICE_CLUSTER_IP_RANGE
-
+        """kube-proxy in iptables mode for the apiserver's Service range (SERVICE_CLUSTER_IP_RANGE)."""
         healthz, metrics = free_port(), free_port()
         config = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
@@ -389,7 +394,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self._start("kube-proxy", [self.bin_dir / "kube-proxy", f"--config={path}", "--v=1"])
         self._wait("kube-proxy", "kube-proxy /healthz",
                    lambda: _get(f"http://127.0.0.1:{healthz}/healthz"), 60)
-        assert SERVICE_CLUSTER_IP_RANGE  # the range kube-proxy routes: the apiserver's
 
     # -- stop -------------------------------------------------------------------------------------
 
