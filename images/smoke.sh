@@ -10,7 +10,8 @@
 #                 one SFT optimizer step runs (on the CPU) and saves the model
 #   vllm-cpu      `vllm serve` serves a tiny model (written by RUNTIME_CPU_IMAGE) and answers one chat
 #                 request
-#   vllm          the GPU build: `vllm --version` and `vllm serve --help=all` (no GPU needed)
+#   vllm          the GPU build: `vllm --version` and `vllm serve --help=all` list the builders' flags
+#                 (no GPU needed)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "${HERE}")"
@@ -106,9 +107,13 @@ finally:
 '
     ;;
   vllm)
-    "${run[@]}" "${image}" --version
-    "${run[@]}" "${image}" serve --help=all >"${scratch}/help.txt"
-    grep -q -- "--tensor-parallel-size" "${scratch}/help.txt"
+    # The CUDA build on a machine without a GPU: vLLM cannot infer a device while it builds its argument
+    # parser, so the CPU platform is named for these two commands (they only print).
+    "${run[@]}" -e VLLM_TARGET_DEVICE=cpu "${image}" --version
+    "${run[@]}" -e VLLM_TARGET_DEVICE=cpu "${image}" serve --help=all >"${scratch}/help.txt"
+    for flag in --served-model-name --tensor-parallel-size --gpu-memory-utilization --max-model-len --runner; do
+      grep -q -- "${flag}" "${scratch}/help.txt" || { log "vllm serve has no ${flag}"; exit 1; }
+    done
     ;;
   *) log "unknown target"; exit 2 ;;
 esac

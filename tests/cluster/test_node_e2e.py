@@ -11,10 +11,12 @@ times and every pod's start latency (created → scheduled → container started
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import statistics
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -197,12 +199,13 @@ def test_tiny_fusion_on_the_real_node_in_the_built_images(
     operator = Operator(service_account(ns, RELEASE, create=False), ns, tmp_path / "operator.log").start()
     spec = node_spec(server, node, images)
     t0 = time.monotonic()
+    watcher = PodWatcher(core, ns, f"{LABEL_RUN}=tiny").start()  # the vLLM pods go with their stage
     try:
         create_run(custom, ns, "tiny", spec)
         try:
             status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 1800, operator)
         finally:
-            pods = core.list_namespaced_pod(ns, label_selector=f"{LABEL_RUN}=tiny").items
+            pods = watcher.stop()
             _dump_pods(core, ns, pods, tmp_path / "pods")
         elapsed = time.monotonic() - t0
         assert status["phase"] == "Succeeded", (status, f"pod logs in {tmp_path / 'pods'}", node.log_tails())
@@ -232,6 +235,36 @@ def test_tiny_fusion_on_the_real_node_in_the_built_images(
     print("\nREAL NODE RUN:", json.dumps(report))
     out = Path(os.environ.get("WRPO_REPORT_DIR", tmp_path))
     (out / "real-node-run.json").write_text(json.dumps(report, indent=1))
+
+
+class PodWatcher:
+    """Every pod of a label selector seen during a run, in its last state seen (the operator deletes a
+    stage's vLLM Deployments when the stage ends)."""
+
+    def __init__(self, core, namespace: str, selector: str, interval: float = 1.0):
+        self.core, self.namespace, self.selector, self.interval = core, namespace, selector, interval
+        self.pods: dict[str, object] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PodWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                for pod in self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items:
+                    self.pods[pod.metadata.uid] = pod
+            self._stop.wait(self.interval)
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join(10)
+        with contextlib.suppress(Exception):
+            for pod in self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items:
+                self.pods[pod.metadata.uid] = pod
+        return sorted(self.pods.values(), key=lambda p: p.metadata.creation_timestamp)
 
 
 def _seconds(stage: dict) -> float:
