@@ -10,6 +10,7 @@
 #
 # Usage: tests/cluster/build-binaries.sh            # build what is missing
 #        WRPO_K8S_VERSION=v1.34.4 tests/cluster/build-binaries.sh
+#        WRPO_NODE_BINARIES=0 tests/cluster/build-binaries.sh   # without kubelet, kube-proxy, CoreDNS
 set -euo pipefail
 
 K8S_VERSION="${WRPO_K8S_VERSION:-v1.35.4}"
@@ -276,10 +277,13 @@ step helm helm -- build_helm
 step training-operator training-operator training-operator-local "${LOCAL_STAMP}" \
   training-operator-crds -- build_training_operator
 step kubernetes kube-apiserver kube-controller-manager kube-scheduler -- build_kubernetes
-step node kubelet kube-proxy -- build_node
-step coredns "coredns-${COREDNS_VERSION}-bind" -- build_coredns
-step pause pause -- build_pause
-ln -sfn "coredns-${COREDNS_VERSION}-bind" "${OUT}/coredns"
+# The real node's binaries; WRPO_NODE_BINARIES=0 skips them (scripts/test.sh: its tests do not use them).
+if [[ "${WRPO_NODE_BINARIES:-1}" == 1 ]]; then
+  step node kubelet kube-proxy -- build_node
+  step coredns "coredns-${COREDNS_VERSION}-bind" -- build_coredns
+  step pause pause -- build_pause
+  ln -sfn "coredns-${COREDNS_VERSION}-bind" "${OUT}/coredns"
+fi
 log "all binaries ready in $((SECONDS - total_start))s"
 
 cat >"${OUT}/versions.env" <<EOF
