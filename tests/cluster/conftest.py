@@ -189,6 +189,10 @@ def real_node(k8s_cluster, tmp_path_factory):
     missing = k8s_node.missing_prerequisites(k8s_cluster.bin_dir)
     if not archive.is_file():
         missing.append(f"{archive} (bash images/build.sh)")
+    else:
+        names = k8s_node.image_names(root)
+        tags = k8s_node.archive_tags(archive)
+        missing += [f"{names[t]} in {archive}" for t in ("operator", "runtime-cpu", "vllm-cpu") if names[t] not in tags]
     if missing:
         message = f"the real node needs: {', '.join(missing)}"
         if required:
