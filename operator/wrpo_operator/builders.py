@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import yaml
-
 from wrpo.pipeline.plan import Server, external_endpoints, servers
 from wrpo.pipeline.plan import stage as plan_stage
-from wrpo.pipeline.spec import EndpointSpec, FusionSpec, StageResources, VLLMResources
+from wrpo.pipeline.spec import EndpointSpec, FusionSpec, StageResources, VLLMResources, dump_spec_yaml
 from wrpo_operator import (
     API_VERSION,
     FIELD_MANAGER,
@@ -85,7 +83,7 @@ def spec_configmap_name(run_name: str) -> str:
 
 def build_spec_configmap(run_name: str, namespace: str, spec: FusionSpec) -> Obj:
     """The FusionSpec as /etc/wrpo/spec.yaml for every stage pod (camelCase, defaults filled in)."""
-    text = yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+    text = dump_spec_yaml(spec)  # read back by the pods' strict loader: ambiguous words quoted ('n': 5)
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": spec_configmap_name(run_name), "namespace": namespace,

@@ -16,7 +16,7 @@ from typing import Any
 
 from wrpo.errors import SpecError
 from wrpo.pipeline.plan import BY_NAME, STAGE_NAMES, stage_hashes
-from wrpo.pipeline.spec import FusionSpec, parse_spec
+from wrpo.pipeline.spec import FusionSpec, cluster_problems, parse_spec, problem_lines
 from wrpo_operator import LABEL_RUN, LABEL_STAGE, LABEL_STAGE_HASH
 from wrpo_operator.builders import (
     Obj,
@@ -71,15 +71,12 @@ class Decision:
 
 
 def check_cluster_spec(spec: FusionSpec, source: str) -> None:
-    """Rules that only the cluster needs (the local runner has defaults for these)."""
-    problems = []
-    if not spec.storage.run_uri:
-        problems.append("storage.runUri: a FusionRun needs a run directory (s3://bucket/prefix)")
-    for s in spec.sources:
-        if s.endpoint and s.endpoint.api_key_secret and not s.endpoint.api_key_env:
-            problems.append(f"sources[{s.name}].endpoint.apiKeySecret needs apiKeyEnv (the variable to set)")
+    """The cluster-only rules (wrpo.pipeline.spec.CLUSTER_RULES: an s3:// run directory, batches that fit
+    cluster.training, no relative paths). The CRD's CEL twins refuse such a FusionRun at admission; this
+    catches one admitted under an older CRD."""
+    problems = cluster_problems(spec)
     if problems:
-        raise SpecError("\n".join(f"{source}: {p}" for p in problems))
+        raise SpecError("\n".join(problem_lines(problems, source)))
 
 
 def _key(obj: Obj) -> Key:

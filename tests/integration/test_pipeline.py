@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from wrpo.pipeline.plan import STAGE_NAMES
+from wrpo.pipeline.strict_yaml import dump_yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def make_spec(tiny_models: Path, path: Path, **patch) -> Path:
     spec["storage"].pop("runUri")
     for section, values in patch.items():
         spec[section].update(values)
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(dump_yaml(spec))  # quotes the key 'n' (a bare n: is refused as a YAML 1.1 boolean)
     return path
 
 
@@ -107,7 +108,7 @@ def test_a_spec_change_reruns_only_the_dependent_stages(killed_and_resumed, tmp_
     data = yaml.safe_load(spec.read_text())
     data["wrpo"]["beta"] = 0.2
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(data))
+    changed.write_text(dump_yaml(data))
     result = last_json(wrpo("run", str(changed), "--run-uri", str(run), workdir=wd))
     rerun = [n for n, status in result["stages"].items() if status == "done"]
     assert rerun == ["ref-logps", "wrpo", "eval"]

@@ -24,7 +24,7 @@ def spec(**over):
 def test_judge_needs_exactly_one_of_model_and_endpoint():
     with pytest.raises(SpecError, match=r"eval.judge: a judge needs exactly one of 'model' and 'endpoint'"):
         spec(eval={"judge": {}})
-    with pytest.raises(SpecError, match=r"reward: type 'judge' needs 'judge'"):
+    with pytest.raises(SpecError, match=r"reward.judge: type 'judge' needs 'judge'"):
         spec(reward={"type": "judge"})
     with pytest.raises(SpecError, match=r"reward.judge.endpoint: 'apiKeySecret' needs 'apiKeyEnv'"):
         spec(reward={"type": "judge", "judge": {"endpoint": {"url": "https://x/v1", "model": "m",

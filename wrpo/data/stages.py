@@ -49,7 +49,7 @@ def read_prompts(run: RunDir, splits: Sequence[str] = SPLITS) -> list[PromptReco
 
 def prepare(ctx: StageContext) -> dict[str, Any]:
     """Load, normalise, deduplicate and split the prompt dataset into sft/po/eval.jsonl."""
-    from wrpo.data.prepare import load_rows, normalise, split_prompts
+    from wrpo.data.prepare import check_splits, load_rows, normalise, split_prompts
 
     ds = ctx.spec.dataset
     rows = load_rows(ds.uri, ds.format, S3Options.from_spec(ctx.spec.storage))
@@ -58,6 +58,7 @@ def prepare(ctx: StageContext) -> dict[str, Any]:
         raise DataError(ds.uri, f"no usable prompts ({report.dropped_empty} empty, "
                         f"{report.dropped_duplicates} duplicates)")
     split = split_prompts(prompts, ds.sft_fraction, ds.eval_size, ds.seed)
+    check_splits(split, ds.uri, ds.sft_fraction, ds.eval_size, report)  # before anything is written
     for name in SPLITS:
         ctx.out.put_text(f"{name}.jsonl", dump_jsonl(getattr(split, name)))
     return {"rows": report.rows, "prompts": report.kept, "sft": len(split.sft), "po": len(split.po),
