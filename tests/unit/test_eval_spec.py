@@ -26,7 +26,7 @@ def test_judge_needs_exactly_one_of_model_and_endpoint():
         spec(eval={"judge": {}})
     with pytest.raises(SpecError, match=r"reward.judge: type 'judge' needs 'judge'"):
         spec(reward={"type": "judge"})
-    with pytest.raises(SpecError, match=r"reward.judge.endpoint: 'apiKeySecret' needs 'apiKeyEnv'"):
+    with pytest.raises(SpecError, match=r"reward.judge.endpoint.apiKeyEnv: 'apiKeySecret' needs 'apiKeyEnv'"):
         spec(reward={"type": "judge", "judge": {"endpoint": {"url": "https://x/v1", "model": "m",
                                                               "apiKeySecret": "s"}}})
 
