@@ -102,7 +102,8 @@ def test_the_eval_stages_gpu_budget_rule_is_the_apiservers_too(k8s_api_client, k
         spec = {"target": {"model": "t", "tensorParallelSize": 2}, "sources": [{"name": "a", "model": "m"}],
                 "dataset": {"uri": "p.jsonl", "evalSize": 4}, "eval": {"judge": {"model": "j",
                                                                                 "tensorParallelSize": judge_tp}},
-                "cluster": {"gpuBudget": budget, "training": {"gpus": 4}}}
+                "storage": {"runUri": "s3://bucket/runs/budget"}, "cluster": {"gpuBudget": budget,
+                                                                             "training": {"gpus": 4}}}
         return {"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun",
                 "metadata": {"name": "budget", "namespace": k8s_namespace}, "spec": spec}
 
