@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from wrpo.pipeline.plan import Server, servers
+from wrpo.pipeline.plan import Server, external_endpoints, servers
 from wrpo.pipeline.plan import stage as plan_stage
-from wrpo.pipeline.spec import FusionSpec, SourceSpec, StageResources, VLLMResources, dump_spec_yaml
+from wrpo.pipeline.spec import EndpointSpec, FusionSpec, StageResources, VLLMResources, dump_spec_yaml
 from wrpo_operator import (
     API_VERSION,
     FIELD_MANAGER,
@@ -111,14 +111,11 @@ def _s3_env(spec: FusionSpec) -> list[Obj]:
     return env
 
 
-def _api_key_env(sources: list[SourceSpec]) -> list[Obj]:
+def _api_key_env(endpoints: list[EndpointSpec]) -> list[Obj]:
     """API keys of external endpoints, from their Secrets (key `api-key`) into the named env vars."""
-    return [
-        {"name": s.endpoint.api_key_env,
-         "valueFrom": {"secretKeyRef": {"name": s.endpoint.api_key_secret, "key": "api-key"}}}
-        for s in sources
-        if s.endpoint and s.endpoint.api_key_secret and s.endpoint.api_key_env
-    ]
+    refs = {e.api_key_env: e.api_key_secret for e in endpoints if e.api_key_secret and e.api_key_env}
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": "api-key"}}}
+            for env, secret in refs.items()]
 
 
 def _resources(res: StageResources, gpus: int | None = None) -> Obj:
@@ -316,8 +313,7 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
         volumes.append(vol)
         mounts.append(mount)
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
-    if plan_stage(stage).servers == "sources":  # external endpoints' keys, from their Secrets
-        env += _api_key_env(list(spec.sources))
+    env += _api_key_env(external_endpoints(spec, stage))  # external endpoints' keys, from their Secrets
     container = _runtime_container(spec, container_name, command, env, mounts,
                                    _resources(stage_resources(spec, stage)))
     if ports:

@@ -28,6 +28,7 @@ from wrpo.pipeline.spec import (
     TYPE_VALIDATORS,
     DatasetSpec,
     FusionSpec,
+    RewardSpec,
     SFTSpec,
     WRPOSpec,
     spec_json_schema,
@@ -116,6 +117,10 @@ _IN_GROUPS = "self.selection.sourceGroups.exists(g, g == s.name || (has(s.group)
 _SELECTED = f"({_HAS_GROUPS} ? size(self.sources.filter(s, {_IN_GROUPS})) : size(self.sources))"
 _KEYED = "has(self.apiKeyEnv) || has(self.apiKeyFile) || has(self.apiKeySecret)"
 
+#: GPUs of one unreplicated server (a judge, the reward model's pooling server, whose tensorParallelSize is 1).
+_JUDGE_GPUS = ("((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus"
+               " : (has({j}.tensorParallelSize) ? {j}.tensorParallelSize : 1))")
+
 #: The CEL twin of every pydantic cross-field validator, keyed by (model title, validator name).
 CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
     ("SourceSpec", "_one_of"): [{
@@ -126,6 +131,10 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "rule": f"!{_set('apiKeySecret')} || {_set('apiKeyEnv')}",
         "message": "'apiKeySecret' needs 'apiKeyEnv': the variable the Secret's key is exposed as",
         "fieldPath": ".apiKeyEnv",
+    }],
+    ("JudgeSpec", "_one_of"): [{
+        "rule": f"{_set('model')} != {_set('endpoint')}",
+        "message": "a judge needs exactly one of 'model' and 'endpoint'",
     }],
     ("EndpointSpec", "_one_key_source"): [{
         "rule": f"!({_set('apiKeyEnv')} && {_set('apiKeyFile')})",
@@ -140,8 +149,9 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "fieldPath": ".url",
     }],
     ("RewardSpec", "_needs"): [{
-        "rule": _set("model"),
-        "message": "reward: every type needs 'model' (a remote scorer tokenises with it)",
+        "rule": f"{get(RewardSpec, 'type')} == 'judge' ? {_set('judge')} : {_set('model')}",
+        "message": "reward: type 'judge' needs 'judge'; every other type needs 'model' (a remote scorer "
+        "tokenises with it)",
         "fieldPath": ".model",
     }],
     ("DatasetSpec", "_sizes"): [{
@@ -170,6 +180,24 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         " && (!has(self.cluster.scoring) ? 1 : (has(self.cluster.scoring.gpus) ? self.cluster.scoring.gpus : 0))"
         " <= self.cluster.gpuBudget)",
         "message": "cluster.gpuBudget is smaller than what one server or job needs",
+        "fieldPath": ".cluster.gpuBudget",
+    }],
+    ("FusionSpec", "_eval_fits_the_gpu_budget"): [{
+        "rule": "!has(self.cluster) || !has(self.cluster.gpuBudget)"
+        " || ((!has(self.eval) || !has(self.eval.prompts))"
+        " && (!has(self.dataset.evalSize) || self.dataset.evalSize == 0))"
+        f" || 3 * {_SERVER_GPUS.format(s='self.target')}"
+        " + (!has(self.cluster.scoring) ? 1 : (has(self.cluster.scoring.gpus) ? self.cluster.scoring.gpus : 0))"
+        f" + ((has(self.eval) && has(self.eval.judge) && has(self.eval.judge.model))"
+        f" ? {_JUDGE_GPUS.format(j='self.eval.judge')} : 0)"
+        " + ((has(self.eval) && has(self.eval.rewardModel) && !self.eval.rewardModel) || !has(self.reward) ? 0"
+        " : ((has(self.reward.type) && self.reward.type == 'remote' && !has(self.reward.endpoint))"
+        " ? ((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus : 1)"
+        " : ((has(self.reward.type) && self.reward.type == 'judge' && has(self.reward.judge)"
+        f" && has(self.reward.judge.model)) ? {_JUDGE_GPUS.format(j='self.reward.judge')} : 0)))"
+        " <= self.cluster.gpuBudget",
+        "message": "cluster.gpuBudget is smaller than the GPUs the eval stage holds at once (3 × the target's "
+        "servers, a local judge, a served reward model, cluster.scoring.gpus)",
         "fieldPath": ".cluster.gpuBudget",
     }],
     ("FusionSpec", "_names_distinct"): [{
@@ -363,6 +391,8 @@ def build_crd() -> dict[str, Any]:
         {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Current stage."},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
          "description": "Committed stages / all stages."},
+        {"name": "Fused-vs-Target", "type": "number", "jsonPath": ".status.eval.fusedVsTarget",
+         "description": "Reward-model win rate (%) of the fused model against the original target (eval stage)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Output", "type": "string", "jsonPath": ".status.outputUri", "priority": 1,
          "description": "Where the fused model lands."},

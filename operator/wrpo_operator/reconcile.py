@@ -33,6 +33,7 @@ from wrpo_operator.status import (
     HASH_PREFIX,
     deployment_ready,
     derive_conditions,
+    eval_summary,
     job_state,
     parse_time,
     timestamp,
@@ -279,6 +280,7 @@ def reconcile(run: Obj, kube: Kube, now: datetime | None = None, settings: Setti
         kube.delete(kind, ns, child)
     # 5. status, only if it changed; Events on transitions
     old = run.get("status") or {}
+    _eval_status(kube, name, ns, old, d.status)
     if _without_none(d.status) != _without_none(old):
         kube.merge_patch("FusionRun", ns, name, {"status": d.status}, sub="status")
         for etype, reason, message in transitions(old, d.status):
@@ -288,6 +290,21 @@ def reconcile(run: Obj, kube: Kube, now: datetime | None = None, settings: Setti
     if d.delete_run:
         kube.delete("FusionRun", ns, name)
     return d
+
+
+def _eval_status(kube: Kube, name: str, ns: str, old: Obj, status: Obj) -> None:
+    """status.eval: kept while the eval stage's hash is unchanged, else read once from its pods' termination
+    message after it succeeded (docs/operator.md, "Status")."""
+    entry = next((s for s in status["stages"] if s["name"] == "eval"), None)
+    if entry is None or entry["state"] != "Succeeded":
+        return
+    if (old.get("eval") or {}).get("hash") == entry["hash"]:
+        status["eval"] = old["eval"]
+        return
+    selector = f"{LABEL_RUN}={name},{LABEL_STAGE}=eval,{LABEL_STAGE_HASH}={entry['hash']}"
+    found = eval_summary(kube.list("Pod", ns, selector), entry["hash"])
+    if found is not None:
+        status["eval"] = found
 
 
 def _controlled_by_other(obj: Obj, uid: str) -> bool:

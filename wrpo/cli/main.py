@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
-from wrpo.cli import data, engine, pipeline
+from wrpo.cli import data, engine, eval, pipeline
 from wrpo.errors import WrpoError
 
 app = typer.Typer(
@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for group in (engine, data, pipeline):
+for group in (engine, data, pipeline, eval):
     group.register(app)
 
 

@@ -136,8 +136,31 @@ def stage_cmd(
                         units=unit or None, shard=_parse_shard(shard))
     result = run_stage(the_spec, open_run(the_spec, run_uri), name, opts)
     _say(f"{name}: {result.status} ({result.seconds:.1f}s) -> {result.uri}")
-    print(json.dumps({"stage": name, "status": result.status, "units": result.units, "summary": result.summary},
-                     default=str))
+    line = json.dumps({"stage": name, "status": result.status, "units": result.units, "summary": result.summary},
+                      default=str)
+    print(line)
+    write_termination_message(line)
+
+
+TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default terminationMessagePath
+TERMINATION_LIMIT = 4096  # bytes the kubelet keeps of a termination message
+
+
+def write_termination_message(line: str) -> None:
+    """In a pod, the stage's summary becomes the container's termination message, which the operator reads
+    into the FusionRun's status (docs/operator.md, "Status"). `$WRPO_TERMINATION_LOG` overrides the path;
+    outside a pod (no such file) nothing is written."""
+    import contextlib
+    import os
+
+    path = Path(os.environ.get("WRPO_TERMINATION_LOG") or TERMINATION_LOG)
+    if not path.exists():
+        return
+    data = line.encode()
+    if len(data) > TERMINATION_LIMIT:  # keep it valid JSON: drop the summary rather than cut it
+        data = json.dumps({k: v for k, v in json.loads(line).items() if k not in ("summary", "units")}).encode()
+    with contextlib.suppress(OSError):  # a read-only or odd file must not fail a committed stage
+        path.write_bytes(data)
 
 
 @spec_app.command("schema")

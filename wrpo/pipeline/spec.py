@@ -179,11 +179,39 @@ class SourceSpec(_Model):
         return self
 
 
+class JudgeSpec(_Model):
+    """An LLM judge in the MT-Bench style (docs/eval.md): a model served by vLLM like a source (`model`), or an
+    external OpenAI-compatible `endpoint`, never both. Its prompts are the templates in wrpo/data/judge_templates."""
+
+    model: str | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
+    endpoint: EndpointSpec | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
+    served_name: str = Field(default="judge", pattern=DNS_LABEL, max_length=63,
+                             description="Name the vLLM server serves `model` as.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="vLLM tensor-parallel size (GPUs).")
+    max_model_len: int | None = Field(default=None, ge=128, description="vLLM --max-model-len.")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+    max_tokens: int = Field(default=512, ge=1, description="Tokens of one verdict (reasoning + the [[...]] verdict).")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy verdicts.")
+    constrained: bool = Field(
+        default=False, description="Constrain the verdict to the template's format with vLLM structured outputs "
+        "(a regex); for small local judges. External APIs usually do not support it.")
+    expected_grade: bool = Field(
+        default=False, description="A grade is the probability-weighted mean over the grade token's "
+        "alternatives (logprobs, as in G-Eval) rather than the digit written: fewer ties from small judges.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> JudgeSpec:
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("a judge needs exactly one of 'model' and 'endpoint'")
+        return self
+
+
 class RewardSpec(_Model):
     """The reward model that scores every response (the paper: ArmoRM-Llama3-8B-v0.1)."""
 
-    type: Literal["sequence-classification", "armorm", "remote"] = Field(
-        default="armorm", description="In-process HF classifier, ArmoRM custom code, or a vLLM /pooling endpoint."
+    type: Literal["sequence-classification", "armorm", "remote", "judge"] = Field(
+        default="armorm", description="In-process HF classifier, ArmoRM custom code, a vLLM /pooling endpoint, or "
+        "`judge`: the 1-10 grade of the LLM judge in `reward.judge` (docs/eval.md)."
     )
     model: ModelUri | None = Field(
         default="RLHFlow/ArmoRM-Llama3-8B-v0.1", description="Model folder/URI/hub id (type remote: its "
@@ -192,10 +220,14 @@ class RewardSpec(_Model):
     max_length: int = Field(default=4096, ge=16, description="Tokens per (prompt, response) pair; longer is cut.")
     batch_size: int = Field(default=8, ge=1, description="Pairs per forward pass.")
     served_name: DnsLabel = Field(default="reward", max_length=63, description="vLLM served name for type=remote.")
+    judge: JudgeSpec | None = Field(default=None, description="The LLM judge whose grade is the reward (type=judge).")
 
     @model_validator(mode="after")
     def _needs(self) -> RewardSpec:
-        if not self.model:
+        if self.type == "judge":
+            if self.judge is None:
+                raise problems("RewardSpec", [(("judge",), "type 'judge' needs 'judge' (a judge model or endpoint)")])
+        elif not self.model:
             raise problems("RewardSpec", [(("model",), f"type '{self.type}' needs 'model' (a remote scorer "
                                            "tokenises with it)")])
         return self
@@ -338,6 +370,27 @@ class TrainingSpec(_Model):
     save_steps: int = Field(default=500, ge=1, description="Checkpoint every this many optimizer steps.")
 
 
+class EvalSpec(_Model):
+    """The eval stage (docs/eval.md): the original target, Target-SFT and the fused model answer the same
+    prompts; the reward model and an optional LLM judge compare them (the paper's Table 2)."""
+
+    prompts: str | None = Field(
+        default=None, description="Question file (JSONL or JSON, local or s3://): prompt records, AlpacaEval "
+        "(`instruction`), Arena-Hard or MT-Bench (`turns`, multi-turn) questions. Default: the held-out eval "
+        "split (`dataset.evalSize`).")
+    max_prompts: int | None = Field(default=None, ge=1, description="Use only the first this many prompts.")
+    max_tokens: int = Field(default=1024, ge=1, description="Maximum new tokens per answer (each turn).")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy answers.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling p (when temperature > 0).")
+    seed: int = Field(default=42, description="Sampling seed sent to the servers.")
+    reward_model: bool = Field(default=True, description="Judge by the run's reward model (`reward`).")
+    judge: JudgeSpec | None = Field(default=None, description="An LLM judge: pairwise (both orders) and 1-10 grades.")
+    pairwise: bool = Field(default=True, description="LLM judge: pairwise comparisons against the target and SFT.")
+    single: bool = Field(default=True, description="LLM judge: MT-Bench-style 1-10 grade of every answer.")
+    bootstrap: int = Field(default=1000, ge=100, description="Bootstrap resamples for the 95% confidence intervals.")
+    shard_size: int = Field(default=64, ge=1, description="Prompts per committed shard (a killed eval resumes).")
+
+
 class StorageSpec(_Model):
     """Where the run directory lives (a folder or s3://bucket/prefix) and how to reach S3."""
 
@@ -406,7 +459,7 @@ class ClusterSpec(_Model):
 
 
 class FusionSpec(_Model):
-    """A whole fusion: sources → reward → SFT → WRPO, with paper defaults."""
+    """A whole fusion: sources → reward → SFT → WRPO → eval, with paper defaults."""
 
     target: TargetSpec
     sources: list[SourceSpec] = Field(min_length=1, max_length=64, description="The source LLMs (paper: ten, 9B–236B).")
@@ -416,6 +469,7 @@ class FusionSpec(_Model):
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
     sft: SFTSpec = Field(default_factory=SFTSpec)
     wrpo: WRPOSpec = Field(default_factory=WRPOSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="The eval stage: did the fusion help?")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
@@ -502,6 +556,34 @@ class FusionSpec(_Model):
         if over:
             raise problems("FusionSpec", [(("cluster", "gpuBudget"), f"cluster.gpuBudget {c.gpu_budget} is smaller "
                                            "than what one server or job needs: " + "; ".join(over))])
+        return self
+
+    @model_validator(mode="after")
+    def _eval_fits_the_gpu_budget(self) -> FusionSpec:
+        """The eval stage's servers run side by side (target, Target-SFT, fused, a local judge, a served reward
+        model) beside its scoring job: together they must fit in `cluster.gpuBudget` (docs/eval.md)."""
+        c, ev = self.cluster, self.eval
+        if c.gpu_budget is None or (ev.prompts is None and self.dataset.eval_size == 0):
+            return self
+
+        def server(tp: int, replicas: int = 1) -> int:
+            return (tp if c.vllm.gpus is None else c.vllm.gpus) * replicas
+
+        parts = [("target, Target-SFT and fused: 3 × tensorParallelSize × replicas",
+                  3 * server(self.target.tensor_parallel_size, self.target.replicas)),
+                 ("cluster.scoring.gpus", c.scoring.gpus)]
+        if ev.judge is not None and ev.judge.model:
+            parts.append(("eval.judge", server(ev.judge.tensor_parallel_size)))
+        r = self.reward
+        if ev.reward_model and r.type == "remote" and r.endpoint is None:
+            parts.append(("the reward model's pooling server", server(1)))
+        if ev.reward_model and r.type == "judge" and r.judge is not None and r.judge.model:
+            parts.append(("reward.judge", server(r.judge.tensor_parallel_size)))
+        need = sum(n for _, n in parts)
+        if need > c.gpu_budget:
+            raise ValueError(f"cluster.gpuBudget {c.gpu_budget} is smaller than the {need} GPUs the eval stage holds "
+                             "at once (" + ", ".join(f"{what}: {n}" for what, n in parts) + "); raise the budget, "
+                             "or set eval.rewardModel/eval.judge or dataset.evalSize to fit")
         return self
 
     def section_hash(self, *sections: str) -> str:
@@ -756,6 +838,10 @@ def resolve_paths(spec: FusionSpec, base: Path) -> FusionSpec:
     for src in data["sources"]:
         src["model"] = fix(src["model"])
     data["reward"]["model"] = fix(data["reward"]["model"])
+    for judge in (data["reward"]["judge"], data["eval"]["judge"]):
+        if judge:
+            judge["model"] = fix(judge["model"])
+    data["eval"]["prompts"] = fix(data["eval"]["prompts"])
     data["dataset"]["uri"] = fix(data["dataset"]["uri"])
     if data["storage"]["runUri"]:
         data["storage"]["runUri"] = fix(data["storage"]["runUri"])
