@@ -18,11 +18,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from wrpo.pipeline.plan import Server, servers
+from wrpo.pipeline.plan import Server, external_endpoints, servers
 from wrpo.pipeline.plan import stage as plan_stage
-from wrpo.pipeline.spec import EnvVar, FusionSpec, PodSettings, SourceSpec, StageResources, VLLMResources, VolumeSpec
+from wrpo.pipeline.spec import (
+    EndpointSpec,
+    EnvVar,
+    FusionSpec,
+    PodSettings,
+    StageResources,
+    VLLMResources,
+    VolumeSpec,
+)
+from wrpo.pipeline.strict_yaml import dump_yaml
 from wrpo.pipeline.workdir import Workdir
 from wrpo_operator import (
     API_VERSION,
@@ -47,7 +54,6 @@ MODELS_DIR = "/models"
 WORK_DIR = "/work"  # the scratch volume: WRPO_WORKDIR (docs/architecture.md, "Workdir"), HF_HOME, HOME
 RUN_AS = 1000  # the runtime image's user; the vLLM image runs as it too
 Obj = dict[str, Any]
-_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's when PyYAML has it
 
 #: Pod and container security contexts of the `restricted` Pod Security Standard.
 POD_SECURITY: Obj = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
@@ -144,7 +150,8 @@ def spec_text(spec: FusionSpec) -> str:
 @functools.lru_cache(maxsize=256)
 def _yaml_of(spec_json: str) -> str:
     # reconcile builds the spec ConfigMap on every pass: dump each spec once (YAML emitting is slow)
-    return yaml.dump(json.loads(spec_json), Dumper=_DUMPER, sort_keys=False)
+    # read back by the pods' strict loader: ambiguous words quoted ('n': 5), as `dump_spec_yaml` writes it
+    return dump_yaml(json.loads(spec_json))
 
 
 def spec_hash(spec: FusionSpec) -> str:
@@ -211,14 +218,11 @@ def _common_env(spec: FusionSpec, component: str) -> list[Obj]:
     return env + _env(spec.cluster.env) + _env(_settings(spec, component).env)
 
 
-def _api_key_env(sources: list[SourceSpec]) -> list[Obj]:
+def _api_key_env(endpoints: list[EndpointSpec]) -> list[Obj]:
     """API keys of external endpoints, from their Secrets (key `api-key`) into the named env vars."""
-    return [
-        {"name": s.endpoint.api_key_env,
-         "valueFrom": {"secretKeyRef": {"name": s.endpoint.api_key_secret, "key": "api-key"}}}
-        for s in sources
-        if s.endpoint and s.endpoint.api_key_secret and s.endpoint.api_key_env
-    ]
+    refs = {e.api_key_env: e.api_key_secret for e in endpoints if e.api_key_secret and e.api_key_env}
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": "api-key"}}}
+            for env, secret in refs.items()]
 
 
 def _resources(res: StageResources, gpus: int | None = None) -> Obj:
@@ -513,8 +517,7 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
                         "persistentVolumeClaim": {"claimName": checkpoints_pvc_name(run_name)}})
         mounts.append({"name": "checkpoints", "mountPath": checkpoints_mount_path(run_uri)})
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
-    if plan_stage(stage).servers == "sources":  # external endpoints' keys, from their Secrets
-        env += _api_key_env(list(spec.sources))
+    env += _api_key_env(external_endpoints(spec, stage))  # external endpoints' keys, from their Secrets
     container = _runtime_container(spec, component, container_name, command, env, [*mounts, *own.volume_mounts],
                                    _resources(stage_resources(spec, stage)))
     if ports:

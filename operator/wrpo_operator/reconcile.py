@@ -18,7 +18,7 @@ from typing import Any
 
 from wrpo.errors import SpecError
 from wrpo.pipeline.plan import STAGE_NAMES, stage_hashes
-from wrpo.pipeline.spec import FusionSpec, parse_spec
+from wrpo.pipeline.spec import FusionSpec, cluster_problems, parse_spec, problem_lines
 from wrpo_operator import (
     LABEL_COMPONENT,
     LABEL_RUN,
@@ -54,6 +54,7 @@ from wrpo_operator.status import (
     HASH_PREFIX,
     deployment_ready,
     derive_conditions,
+    eval_summary,
     job_state,
     parse_time,
     timestamp,
@@ -97,15 +98,12 @@ class Decision:
 
 
 def check_cluster_spec(spec: FusionSpec, source: str) -> None:
-    """Rules that only the cluster needs (the local runner has defaults for these)."""
-    problems = []
-    if not spec.storage.run_uri:
-        problems.append("storage.runUri: a FusionRun needs a run directory (s3://bucket/prefix)")
-    for s in spec.sources:
-        if s.endpoint and s.endpoint.api_key_secret and not s.endpoint.api_key_env:
-            problems.append(f"sources[{s.name}].endpoint.apiKeySecret needs apiKeyEnv (the variable to set)")
+    """The cluster-only rules (wrpo.pipeline.spec.CLUSTER_RULES: an s3:// run directory, batches that fit
+    cluster.training, no relative paths). The CRD's CEL twins refuse such a FusionRun at admission; this
+    catches one admitted under an older CRD."""
+    problems = cluster_problems(spec)
     if problems:
-        raise SpecError("\n".join(f"{source}: {p}" for p in problems))
+        raise SpecError("\n".join(problem_lines(problems, source)))
 
 
 def _key(obj: Obj) -> Key:
@@ -483,6 +481,7 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
     for kind, child in d.delete:
         kube.delete(kind, ns, child)
     old = run.get("status") or {}
+    _eval_status(observed.pods, old, d.status)
     if _comparable(d.status) != _comparable(old):
         written.append(kube.merge_patch("FusionRun", ns, name, {"status": _nulls_for_removed(old, d.status)},
                                         sub="status"))
@@ -497,6 +496,22 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
 def _nulls_for_removed(old: Obj, new: Obj) -> Obj:
     """A merge patch removes a top-level field only when it says null (e.g. outputUri once a run re-runs)."""
     return {**{k: None for k in old if k not in new or new[k] is None}, **new}
+
+
+def _eval_status(pods: list[Obj], old: Obj, status: Obj) -> None:
+    """status.eval: kept while the eval stage's hash is unchanged, else read once from its pods' termination
+    message after it succeeded (docs/operator.md, "Status"); the pods come from the watch cache."""
+    entry = next((s for s in status["stages"] if s["name"] == "eval"), None)
+    if entry is None or entry["state"] != "Succeeded":
+        return
+    if (old.get("eval") or {}).get("hash") == entry["hash"]:
+        status["eval"] = old["eval"]
+        return
+    mine = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_STAGE) == "eval"
+            and p["metadata"]["labels"].get(LABEL_STAGE_HASH) == entry["hash"]]
+    found = eval_summary(mine, entry["hash"])
+    if found is not None:
+        status["eval"] = found
 
 
 def _controlled_by_other(obj: Obj, uid: str) -> bool:

@@ -47,7 +47,8 @@ SCRIPT = textwrap.dedent("""
     from wrpo.pipeline.spec import FusionSpec
     spec = FusionSpec.model_validate_json(open(sys.argv[1]).read())
     run = RunDir(sys.argv[2])
-    sample_sources(context_for(spec, run, "sample-sources", StageOptions(endpoints={"src-a": sys.argv[3]})))
+    sample_sources(context_for(spec, run, "sample-sources", StageOptions(endpoints={"src-a": sys.argv[3]}),
+                               unit="src-a"))
 """)
 
 
@@ -82,10 +83,10 @@ def test_killed_sampling_resumes_without_rerequesting_committed_shards(tmp_path)
         asked_before = len(server.requests)
 
         summary = sample_sources(context_for(spec, run, "sample-sources",
-                                             StageOptions(endpoints={"src-a": server.base_url})))
+                                             StageOptions(endpoints={"src-a": server.base_url}), unit="src-a"))
     finally:
         server.stop()
-    assert summary["src-a"]["shards_reused"] == len(committed)
+    assert summary["shards_reused"] == len(committed)
     asked_after = Counter(f"p{int(r.prompt.split()[-1]):02d}" for r in server.requests[asked_before:])
     for pid in done_prompts:
         assert asked_after[pid] == 0, f"{pid} was asked again"

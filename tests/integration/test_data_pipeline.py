@@ -88,10 +88,14 @@ def test_scores_in_process_equal_vllm_pooling(pipeline):
 
     spec, run, servers, work = pipeline
     spec = spec.model_copy(update={"reward": spec.reward.model_copy(update={"type": "remote"})})
-    ctx = context_for(spec, run, "score-sources",
-                      StageOptions(reward_endpoint=servers.reward.root_url, workdir=str(work)))
-    out = ctx.out = run.stage("score-sources-remote").writer()
-    summary = score_sources(ctx)
+    out = run.stage("score-sources-remote").writer()
+    summary = {}
+    for src in ("source-qwen", "source-llama"):
+        ctx = context_for(spec, run, "score-sources",
+                          StageOptions(reward_endpoint=servers.reward.root_url, workdir=str(work)), unit=src)
+        ctx.out = out
+        with ctx.resources:
+            summary[src] = score_sources(ctx)
     assert summary["source-qwen"]["answers"] == 16 * N
     for src in ("source-qwen", "source-llama"):
         local = records(run, "score-sources", f"{src}.jsonl", ScoreRecord)

@@ -69,9 +69,9 @@ EXPECTED = {
     "new": ("Progressing", "Waiting for the operator to observe the latest spec"),
     "lagging": ("Progressing", "Waiting for the operator to observe the latest spec"),
     "Pending": ("Progressing", "waiting to start"),
-    "Running": ("Progressing", "stage prepare (0/10): stage prepare running"),
-    "Queued": ("Progressing", "stage prepare (0/10): held by Kueue (queue gpus)"),
-    "Stalled": ("Degraded", "stage prepare (0/10): stalled: ImagePullBackOff: pod demo-prepare-p container stage: "
+    "Running": ("Progressing", "stage prepare (0/11): stage prepare running"),
+    "Queued": ("Progressing", "stage prepare (0/11): held by Kueue (queue gpus)"),
+    "Stalled": ("Degraded", "stage prepare (0/11): stalled: ImagePullBackOff: pod demo-prepare-p container stage: "
                             'Back-off pulling image "nope:1"'),
     "Suspended": ("Suspended", "suspended before stage prepare"),
     "Succeeded": ("Healthy", "fused model at s3://b/runs/demo/wrpo/model/"),

@@ -13,7 +13,7 @@ import pytest
 
 from wrpo.errors import SpecError
 from wrpo.pipeline.plan import STAGE_NAMES
-from wrpo_operator import LABEL_RUN, LABEL_RUN_UID, LABEL_STAGE, LABEL_TEMPLATE_HASH, QUEUE_LABEL
+from wrpo_operator import LABEL_RUN, LABEL_RUN_UID, LABEL_STAGE, LABEL_STAGE_HASH, LABEL_TEMPLATE_HASH, QUEUE_LABEL
 from wrpo_operator.cache import Cache
 from wrpo_operator.kube import ApiError
 from wrpo_operator.reconcile import Settings, reconcile
@@ -195,9 +195,10 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     kube.add_run(tiny_spec())
     reconciles = walk(kube)
     status = kube.run["status"]
-    assert status["phase"] == "Succeeded" and status["progress"] == "10/10" and status.get("stage") is None
+    all_stages = f"{len(STAGE_NAMES)}/{len(STAGE_NAMES)}"
+    assert status["phase"] == "Succeeded" and status["progress"] == all_stages and status.get("stage") is None
     assert status["outputUri"] == "s3://b/runs/demo/wrpo/model/"
-    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * 10
+    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * len(STAGE_NAMES)
     assert all(s["outputUri"] == f"s3://b/runs/demo/{s['name']}/" for s in status["stages"])
     conds = {c["type"]: c["status"] for c in status["conditions"]}
     assert conds == {"Ready": "True", "Progressing": "False", "Succeeded": "True", "Failed": "False",
@@ -207,17 +208,18 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     # PVC goes once the run succeeded.
     assert kube.kinds("Deployment") == [] and kube.kinds("Service") == []
     assert kube.kinds("PersistentVolumeClaim") == []
-    assert len(kube.kinds("Job")) == 8 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]
+    assert len(kube.kinds("Job")) == 9 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]
     for obj in kube.objects.values():
         if obj["kind"] != "FusionRun":
             assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
             assert obj["metadata"]["labels"][LABEL_RUN] == NAME and obj["metadata"]["labels"][LABEL_RUN_UID] == UID
     reasons = [r for _, r, _ in kube.events]
-    assert reasons.count("StageSucceeded") == 10 and reasons[-1] == "RunSucceeded"
-    assert reconciles == 13  # one per stage, one more for each of the two vLLM waits, one to finish
+    assert reasons.count("StageSucceeded") == len(STAGE_NAMES) and reasons[-1] == "RunSucceeded"
+    assert reconciles == 14  # one per stage, one more for each of the two vLLM waits, one to finish
     # every creation happened exactly once: CM, Deployment + Service for llama and for the SFT target, the
-    # checkpoint PVC, ten runners; nothing was ever listed (the watches feed the cache)
-    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + 1 + 10
+    # checkpoint PVC, a runner per stage (no eval prompts: no eval servers); nothing was ever listed (the
+    # watches feed the cache)
+    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + 1 + len(STAGE_NAMES)
     assert not [c for c in kube.calls if c[0] == "list"]
 
 
@@ -302,7 +304,7 @@ def test_a_spec_change_reruns_only_the_stages_that_depend_on_it_and_outputuri_wa
     step(kube)
     status = kube.run["status"]
     states = {s["name"]: s["state"] for s in status["stages"]}
-    assert [n for n, s in states.items() if s != "Succeeded"] == ["ref-logps", "wrpo"]
+    assert [n for n, s in states.items() if s != "Succeeded"] == ["ref-logps", "wrpo", "eval"]
     assert status["phase"] == "Running" and status["stage"] == "ref-logps"
     assert "outputUri" not in status  # the model of the old spec is not this spec's model
     # the old ref-logps Job (older hash) is replaced, not reused
@@ -704,3 +706,48 @@ def test_an_admission_plugin_that_does_not_know_the_kind_yet_is_retried():
     with pytest.raises(ApiError, match="no matches for kind"):
         step(kube)
     assert "status" not in kube.run  # nothing recorded: the controller retries with back-off
+
+
+def _terminated(message: str, code: int = 0) -> dict:
+    return {"containerStatuses": [{"name": "stage", "state": {"terminated": {"exitCode": code, "message": message}}}]}
+
+
+def _eval_pod(message: str, code: int = 0, stage_hash: str = "") -> dict:
+    labels = {LABEL_RUN: NAME, "fusion.wrpo.io/stage": "eval", "fusion.wrpo.io/stage-hash": stage_hash}
+    return {"kind": "Pod", "metadata": {"name": f"{NAME}-eval-x{code}", "namespace": NS, "labels": labels},
+            "status": _terminated(message, code)}
+
+
+def test_the_eval_summary_comes_from_the_eval_pods_termination_message():
+    import json
+
+    from wrpo_operator.status import eval_summary
+
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    for stage in STAGE_NAMES[:-1]:  # every stage before eval
+        step(kube)
+        if kube.kinds("Deployment") and ("Job", f"{NAME}-{stage}") not in kube.objects:
+            kube.make_available()
+            step(kube)
+        kube.finish(*runner_of(kube, stage))
+    step(kube)
+    eval_hash = next(s["hash"] for s in kube.run["status"]["stages"] if s["name"] == "eval")
+    line = json.dumps({"stage": "eval", "status": "done",
+                       "summary": {"prompts": 8, "fused_vs_target": 62.5, "fused_vs_sft": 55.0,
+                                   "lc_fused_vs_target": 58.1, "sft_vs_target": 51.0}})
+    old = kube.add_pod(f"{NAME}-eval", "a-old", _terminated(line.replace("62.5", "10.0")))
+    old["metadata"]["labels"][LABEL_STAGE_HASH] = "0" * 16  # an older hash
+    kube.add_pod(f"{NAME}-eval", "failed", _terminated("Traceback ...", 1))
+    kube.add_pod(f"{NAME}-eval", "ok", _terminated(line))
+    kube.finish(*runner_of(kube, "eval"))
+    step(kube)
+    status = kube.run["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["eval"] == {"prompts": 8, "fusedVsTarget": 62.5, "fusedVsSft": 55.0, "lcFusedVsTarget": 58.1,
+                              "hash": eval_hash}
+    kube.calls.clear()
+    step(kube, minutes=0)  # known for this hash: not read again, status unchanged
+    assert ("patch/status", "FusionRun") not in kube.calls
+    # messages that are not a summary give no summary (never a guess)
+    assert eval_summary([_eval_pod("not json", 0), _eval_pod(line, 137)], "h") is None

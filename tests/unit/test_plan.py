@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from wrpo.pipeline.plan import STAGE_NAMES, STAGES, select_range, stage_hashes
+from wrpo.pipeline.plan import STAGE_NAMES, STAGES, plan_hashes, select_range, stage_hashes
 from wrpo.pipeline.spec import parse_spec
 
 BASE = {
@@ -37,12 +37,16 @@ def test_graph_is_ordered_and_closed():
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"wrpo": {"beta": 0.1}}, ["ref-logps", "wrpo"]),
+        ({"wrpo": {"beta": 0.1}}, ["ref-logps", "wrpo", "eval"]),
         ({"sft": {"learningRate": 1e-5}},
-         ["sft", "sample-target", "score-target", "build-pairs", "ref-logps", "wrpo"]),
+         ["sft", "sample-target", "score-target", "build-pairs", "ref-logps", "wrpo", "eval"]),
         ({"selection": {"minRewardGap": 0.5}},
-         ["select-sources", "sft", "sample-target", "score-target", "build-pairs", "ref-logps", "wrpo"]),
+         ["select-sources", "sft", "sample-target", "score-target", "build-pairs", "ref-logps", "wrpo", "eval"]),
+        ({"eval": {"maxTokens": 64, "judge": {"model": "j"}}}, ["eval"]),
+        ({"eval": {"shardSize": 4}}, []),
         ({"sampling": {"concurrency": 4, "requestTimeoutS": 5}}, []),
+        ({"target": {"model": "t", "replicas": 4}}, []),
+        ({"sources": [{"name": "a", "model": "m", "replicas": 3}, {"name": "b", "model": "n"}]}, []),
         ({"cluster": {"nodeSelector": {"gpu": "a100"}}}, []),
         ({"storage": {"runUri": "s3://b/r"}}, []),
         ({"dataset": {"seed": 7}}, list(STAGE_NAMES)),
@@ -63,3 +67,57 @@ def test_select_range():
         select_range("sfx", None)
     with pytest.raises(ValueError):
         select_range("wrpo", "prepare")
+
+
+def unit_changes(before: dict, after: dict) -> dict[str, list[str]]:
+    """stage -> the units whose hash differs (or is new) between two specs."""
+    a, b = plan_hashes(parse_spec(before)).units, plan_hashes(parse_spec(after)).units
+    return {stage: sorted(u for u in b[stage] if a[stage].get(u) != b[stage][u]) for stage in b}
+
+
+def test_changing_one_source_changes_only_its_units():
+    data = copy.deepcopy(BASE)
+    data["sources"][1]["model"] = "n2"
+    assert unit_changes(BASE, data) == {"sample-sources": ["b"], "score-sources": ["b"]}
+    assert changed({"sources": data["sources"]})[:3] == ["sample-sources", "score-sources", "select-sources"]
+
+
+def test_adding_a_source_adds_its_units_and_keeps_the_others():
+    data = copy.deepcopy(BASE)
+    data["sources"].append({"name": "c", "model": "o"})
+    assert unit_changes(BASE, data) == {"sample-sources": ["c"], "score-sources": ["c"]}
+
+
+@pytest.mark.parametrize(("patch", "units"), [
+    ({"sampling": {"n": 3}}, ["a", "b"]),  # every source is sampled again
+    ({"reward": {"maxLength": 1024}}, []),  # sampling units keep their hash; scoring redoes all
+])
+def test_stage_wide_sections_change_every_unit_of_the_stages_that_read_them(patch, units):
+    data = copy.deepcopy(BASE)
+    for section, values in patch.items():
+        data.setdefault(section, {}).update(values)
+    got = unit_changes(BASE, data)
+    assert got["sample-sources"] == units
+    assert got["score-sources"] == ["a", "b"]
+
+
+def test_a_new_optional_field_at_its_default_changes_no_hash():
+    """What an operator upgrade that adds a field does to a running FusionRun: nothing."""
+    from pydantic import Field, create_model
+
+    from wrpo.pipeline import spec as spec_module
+
+    sampling = create_model("SamplingV2", __base__=spec_module.SamplingSpec,
+                            min_p=(float, Field(default=0.0, description="a field of a later release")))
+    fusion = create_model("FusionV2", __base__=spec_module.FusionSpec,
+                          sampling=(sampling, Field(default_factory=sampling)))
+    old, new = parse_spec(BASE), fusion.model_validate(BASE)
+    assert new.sampling.min_p == 0.0
+    assert plan_hashes(new) == plan_hashes(old)
+    assert stage_hashes(fusion.model_validate({**BASE, "sampling": {"minP": 0.05}})) != stage_hashes(old)
+
+
+def test_a_value_written_at_its_default_is_the_same_spec():
+    data = copy.deepcopy(BASE)
+    data["sampling"] = {"n": 5, "temperature": 0.8}  # the paper's defaults, written out
+    assert stage_hashes(parse_spec(data)) == stage_hashes(parse_spec(BASE))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -48,7 +49,7 @@ def read_prompts(run: RunDir, splits: Sequence[str] = SPLITS) -> list[PromptReco
 
 def prepare(ctx: StageContext) -> dict[str, Any]:
     """Load, normalise, deduplicate and split the prompt dataset into sft/po/eval.jsonl."""
-    from wrpo.data.prepare import load_rows, normalise, split_prompts
+    from wrpo.data.prepare import check_splits, load_rows, normalise, split_prompts
 
     ds = ctx.spec.dataset
     rows = load_rows(ds.uri, ds.format, S3Options.from_spec(ctx.spec.storage))
@@ -57,6 +58,7 @@ def prepare(ctx: StageContext) -> dict[str, Any]:
         raise DataError(ds.uri, f"no usable prompts ({report.dropped_empty} empty, "
                         f"{report.dropped_duplicates} duplicates)")
     split = split_prompts(prompts, ds.sft_fraction, ds.eval_size, ds.seed)
+    check_splits(split, ds.uri, ds.sft_fraction, ds.eval_size, report)  # before anything is written
     for name in SPLITS:
         ctx.out.put_text(f"{name}.jsonl", dump_jsonl(getattr(split, name)))
     return {"rows": report.rows, "prompts": report.kept, "sft": len(split.sft), "po": len(split.po),
@@ -75,27 +77,51 @@ def given_endpoint(ctx: StageContext, server: Server) -> str | None:
     return {"target": o.target_endpoint, "reward": o.reward_endpoint}.get(server.key)
 
 
+def replica_devices(server: Server, replica: int) -> dict[str, str]:
+    """The GPUs of one local replica: replica r gets GPUs [r·tp, (r+1)·tp) of those visible."""
+    from wrpo.data.serving import on_gpu
+
+    if server.replicas == 1 or not on_gpu():
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(server.replicas * server.tensor_parallel_size)]
+    tp = server.tensor_parallel_size
+    mine = ids[replica * tp:(replica + 1) * tp]
+    if len(mine) < tp:
+        raise WrpoError(f"{server.served_name}: {server.replicas} replicas × tensor-parallel {tp} need "
+                        f"{server.replicas * tp} GPUs; {len(ids)} are visible")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(mine)}
+
+
 @contextmanager
-def serve(ctx: StageContext, server: Server, model_dir: str | None = None) -> Iterator[str | None]:
-    """The root URL of `server`: a given endpoint, or a local vLLM server started from the plan's
-    description (stopped on exit); None when vLLM is not available here."""
+def serve(ctx: StageContext, server: Server, model_dir: str | None = None) -> Iterator[list[str] | None]:
+    """The root URLs of `server`'s replicas: a given endpoint, or local vLLM servers started from the
+    plan's description (stopped on exit); None when vLLM is not available here."""
     from wrpo.data.serving import VLLMServer, vllm_python
 
     endpoint = given_endpoint(ctx, server)
     if endpoint:
-        yield endpoint.removesuffix("/").removesuffix("/v1")
+        yield [endpoint.removesuffix("/").removesuffix("/v1")]
         return
     if not vllm_python():
         yield None
         return
     path = model_dir or ctx.work.model(server.model, S3Options.from_spec(ctx.spec.storage))
-    with VLLMServer(path, server.served_name, runner=server.runner, max_model_len=server.max_model_len,
-                    tensor_parallel_size=server.tensor_parallel_size,
-                    gpu_memory_utilization=server.gpu_memory_utilization, extra_args=server.args) as srv:
-        yield srv.root_url
+    with ExitStack() as stack:
+        replicas = [VLLMServer(path, server.served_name, runner=server.runner, max_model_len=server.max_model_len,
+                               tensor_parallel_size=server.tensor_parallel_size,
+                               gpu_memory_utilization=server.gpu_memory_utilization, extra_args=server.args,
+                               extra_env=replica_devices(server, r))
+                    for r in range(server.replicas)]
+        for srv in replicas:  # start side by side, then wait for all
+            stack.callback(srv.stop)
+            srv.launch()
+        for srv in replicas:
+            srv.wait_healthy()
+        yield [srv.root_url for srv in replicas]
 
 
-def chat_client(ctx: StageContext, base_url: str, model: str, api_key: str | None = None) -> Any:
+def chat_client(ctx: StageContext, base_url: str | list[str], model: str, api_key: str | None = None) -> Any:
     """An OpenAI-compatible client with the spec's concurrency, timeout and retries."""
     from wrpo.data.sampling import ChatClient
 
@@ -109,9 +135,9 @@ def chat_backend(ctx: StageContext, server: Server, model_dir: str | None = None
     """A ChatBackend for one served model: its server (given or local), or transformers generate."""
     from wrpo.data.sampling import GenerateBackend
 
-    with serve(ctx, server, model_dir) as url:
-        if url is not None:
-            yield chat_client(ctx, f"{url}/v1", server.served_name)
+    with serve(ctx, server, model_dir) as urls:
+        if urls is not None:
+            yield chat_client(ctx, [f"{u}/v1" for u in urls], server.served_name)
             return
         log.warning("vLLM is not available (set WRPO_VLLM_PYTHON); sampling %s with transformers generate, "
                     "one prompt at a time", server.served_name)
@@ -140,21 +166,20 @@ async def _sample(backend: Any, prompts: Sequence[PromptRecord], ctx: StageConte
 
 
 def sample_sources(ctx: StageContext) -> dict[str, Any]:
-    """N answers per prompt (all splits) from every source into `<source>.jsonl`, shard by shard."""
+    """One unit: N answers per prompt (all splits) from source `ctx.unit` into `<source>.jsonl`, shard by
+    shard (a killed unit resumes at its first uncommitted shard)."""
     prompts = read_prompts(ctx.run)
-    summary: dict[str, Any] = {"prompts": len(prompts)}
-    served = {s.source: s for s in servers(ctx.spec, ctx.name, ctx.run.uri)}
-    for src in ctx.spec.sources:
-        with ExitStack() as stack:
-            given = ctx.options.endpoints.get(src.name)  # a running server for this source wins
-            if given:
-                backend = chat_client(ctx, given, src.name)
-            elif src.endpoint is not None:
-                backend = external_backend(ctx, src.endpoint)
-            else:
-                backend = stack.enter_context(chat_backend(ctx, served[src.name]))
-            summary[src.name] = asyncio.run(_sample(backend, prompts, ctx, src.name, src.name))
-    return summary
+    src = next(s for s in ctx.spec.sources if s.name == ctx.unit)
+    with ExitStack() as stack:
+        given = ctx.options.endpoints.get(src.name)  # a running server for this source wins
+        if given:
+            backend = chat_client(ctx, given, src.name)
+        elif src.endpoint is not None:
+            backend = external_backend(ctx, src.endpoint)
+        else:
+            (server,) = [s for s in servers(ctx.spec, ctx.name, ctx.run.uri) if s.source == src.name]
+            backend = stack.enter_context(chat_backend(ctx, server))
+        return {"prompts": len(prompts), **asyncio.run(_sample(backend, prompts, ctx, src.name, src.name))}
 
 
 def sample_target(ctx: StageContext) -> dict[str, Any]:
@@ -175,9 +200,16 @@ def sample_target(ctx: StageContext) -> dict[str, Any]:
 @contextmanager
 def reward_scorer(ctx: StageContext) -> Iterator[Any]:
     """The scorer the spec asks for: in-process, an external pooling endpoint, or the plan's reward server."""
-    from wrpo.data.scoring import ArmoRMScorer, RemoteScorer, SequenceClassifierScorer
+    from wrpo.data.scoring import ArmoRMScorer, JudgeScorer, RemoteScorer, SequenceClassifierScorer
 
     r, spec = ctx.spec.reward, ctx.spec
+    if r.type == "judge":
+        with judge_backend(ctx, r.judge, [s for s in servers(spec, ctx.name, ctx.run.uri) if s.key == "reward"]) \
+                as backend:
+            j = r.judge
+            yield JudgeScorer(backend, j.endpoint.model if j.endpoint else j.model, j.max_tokens, j.temperature,
+                              spec.sampling.seed, j.constrained, j.expected_grade)
+        return
     model = ctx.work.model(r.model, S3Options.from_spec(spec.storage)) if r.model else None
     if r.type == "remote":
         if model is None:
@@ -185,10 +217,13 @@ def reward_scorer(ctx: StageContext) -> Iterator[Any]:
         with ExitStack() as stack:
             endpoint = r.endpoint
             for server in servers(spec, ctx.name, ctx.run.uri):  # no endpoint in the spec: serve the model
-                endpoint = stack.enter_context(serve(ctx, server, model))
-                if endpoint is None:
+                if server.key != "reward":
+                    continue
+                urls = stack.enter_context(serve(ctx, server, model))
+                if urls is None:
                     raise WrpoError("reward.type 'remote' without an endpoint needs vLLM to serve reward.model "
                                     "(set WRPO_VLLM_PYTHON)")
+                endpoint = urls[0]
             yield RemoteScorer(endpoint, r.served_name, model, r.max_length, r.batch_size,
                                max_retries=spec.sampling.max_retries)
         return
@@ -197,34 +232,54 @@ def reward_scorer(ctx: StageContext) -> Iterator[Any]:
     yield cls(model, max_length=r.max_length, batch_size=r.batch_size, name=r.model)
 
 
-def _score_file(scorer: Any, ctx: StageContext, stage: str, name: str,
-                prompts: dict[str, PromptRecord]) -> dict[str, Any]:
+@contextmanager
+def judge_backend(ctx: StageContext, judge: Any, served: list[Server]) -> Iterator[Any]:
+    """The backend of an LLM judge (`JudgeSpec`): its external endpoint, or its model's server (`served`,
+    given or started locally; transformers generate without vLLM)."""
+    if judge.endpoint is not None:
+        yield external_backend(ctx, judge.endpoint)
+        return
+    (server,) = served
+    with chat_backend(ctx, server) as backend:
+        yield backend
+
+
+def _score_file(ctx: StageContext, stage: str, name: str, prompts: dict[str, PromptRecord]) -> dict[str, Any]:
+    """Score this shard's share of the sample records in `stage`/`name` into `name` (ScoreRecords in the
+    samples' order). The summary is additive over shards (`answers`, `score_sum`; an LLM judge's
+    `unparsed`), and so is an LLM judge's `<name>.verdicts.jsonl`."""
     from tqdm.auto import tqdm
 
     from wrpo.data.scoring import score_samples
 
-    samples = read_records(ctx.run, stage, name, SampleRecord)
+    samples = ctx.my_part(read_records(ctx.run, stage, name, SampleRecord))
     total = sum(len(s.responses) for s in samples)
+    scorer = ctx.shared("reward", lambda: reward_scorer(ctx))  # loaded once for all units
     with tqdm(total=total, desc=f"score {name}", unit="answer") as bar:
         scores = score_samples(scorer, samples, prompts, progress=bar.update)
     ctx.out.put_text(name, dump_jsonl(scores))
-    flat = [v for s in scores for v in s.scores]
-    return {"answers": total, "mean": sum(flat) / len(flat) if flat else None}
+    summary = {"answers": total, "score_sum": sum(v for s in scores for v in s.scores)}
+    verdicts = getattr(scorer, "verdicts", None)
+    if verdicts is not None:  # an LLM judge: every raw verdict, in the order the answers were scored
+        keys = [{"prompt_id": s.prompt_id, "model": s.model, "response": j} for s in samples
+                for j in range(len(s.responses))]
+        mine = verdicts[len(verdicts) - total:]
+        ctx.out.put_text(name.removesuffix(".jsonl") + ".verdicts.jsonl",
+                         dump_jsonl(k | v for k, v in zip(keys, mine, strict=True)))
+        summary["unparsed"] = sum(v["value"] is None for v in mine)
+    return summary
 
 
 def score_sources(ctx: StageContext) -> dict[str, Any]:
-    """Reward of every source answer into `<source>.jsonl` (ScoreRecords)."""
+    """One unit: the reward of every answer of source `ctx.unit` into `<source>.jsonl`."""
     prompts = {p.prompt_id: p for p in read_prompts(ctx.run)}
-    with reward_scorer(ctx) as scorer:
-        return {src.name: _score_file(scorer, ctx, "sample-sources", f"{src.name}.jsonl", prompts)
-                for src in ctx.spec.sources}
+    return _score_file(ctx, "sample-sources", f"{ctx.unit}.jsonl", prompts)
 
 
 def score_target(ctx: StageContext) -> dict[str, Any]:
     """Reward of every Target-SFT answer into `target.jsonl`."""
     prompts = {p.prompt_id: p for p in read_prompts(ctx.run, ("po", "eval"))}
-    with reward_scorer(ctx) as scorer:
-        return _score_file(scorer, ctx, "sample-target", "target.jsonl", prompts)
+    return _score_file(ctx, "sample-target", "target.jsonl", prompts)
 
 
 # ---------------------------------------------------------------------------------------------- selection

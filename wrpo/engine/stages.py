@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from wrpo.pipeline.context import StageContext, is_rank_zero
+from wrpo.pipeline.plan import target_model_uri
 from wrpo.pipeline.rundir import RunDir
 from wrpo.pipeline.spec import FusionSpec
 from wrpo.pipeline.workdir import Workdir
@@ -77,7 +78,8 @@ def sft(ctx: StageContext) -> dict[str, Any]:
 
 
 def ref_logps(ctx: StageContext) -> dict[str, Any]:
-    """log πref(y|x) of Target-SFT for every response of the train and eval quadruples, once."""
+    """log πref(y|x) of Target-SFT for every response of the train and eval quadruples, once. Sharded
+    (`--shard i/K`), it computes this shard's share of each split; the parts concatenate to the whole."""
     from wrpo.engine.ref_logps import compute_reference_logps
 
     spec, out = ctx.spec, ctx.out
@@ -89,15 +91,20 @@ def ref_logps(ctx: StageContext) -> dict[str, Any]:
     scratch = ctx.work.scratch(ctx.name, ctx.hash)
     w = spec.wrpo
     for split in ("train", "eval"):
-        data = pairs / f"{split}.jsonl"
-        records = sum(1 for line in data.read_text().splitlines() if line.strip())
+        lines = [line for line in (pairs / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        data = scratch / f"{split}.jsonl"
+        data.write_text("".join(line + "\n" for line in ctx.my_part(lines)))
         path = compute_reference_logps(model, data, scratch / f"{split}.ref_logps.jsonl", max_length=w.max_length,
                                        max_prompt_length=w.max_prompt_length,
                                        batch_size=w.per_device_batch_size, precision=spec.training.precision)
-        out.put_file(f"{split}.ref_logps.jsonl", path)
         meta = path.with_name(path.name.removesuffix(".jsonl") + ".meta.json")
+        # the same in every shard: what the values depend on, not where this process kept its copies
+        fields = {k: v for k, v in json.loads(meta.read_text()).items() if k not in ("records", "reference_model")}
+        meta.write_text(json.dumps({**fields, "reference_model": target_model_uri(ctx.run.uri)}, indent=2,
+                                   sort_keys=True) + "\n")
+        out.put_file(f"{split}.ref_logps.jsonl", path)
         out.put_file(f"{split}.ref_logps.meta.json", meta)
-        summary[f"{split}_records"] = records
+        summary[f"{split}_records"] = len(ctx.my_part(lines))
     return summary
 
 
@@ -136,7 +143,17 @@ def wrpo(ctx: StageContext) -> dict[str, Any]:
     if (out_dir / "eval_metrics.json").exists():
         out.put_file("eval_metrics.json", out_dir / "eval_metrics.json")
     out.put_text("logps.jsonl", logp_shift(cfg, data, out_dir / "model", scratch))
-    return _wrpo_summary(result, out_dir / "metrics.jsonl")
+    summary = _wrpo_summary(result, out_dir / "metrics.jsonl")
+    out.put_text("model/README.md", _model_card(ctx, summary))  # the card beside the weights (docs/eval.md)
+    return summary
+
+
+def _model_card(ctx: StageContext, summary: dict[str, Any]) -> str:
+    """The fused model's card: sources and their y_ws shares, reward model, hyper-parameters, hashes."""
+    from wrpo.pipeline.card import model_card
+
+    contributions = json.loads(ctx.run.stage("select-sources").read_text("contributions.json")).get("all")
+    return model_card(ctx.spec, ctx.hashes, contributions, summary)
 
 
 def _wrpo_summary(result: dict[str, Any], metrics: Path) -> dict[str, Any]:

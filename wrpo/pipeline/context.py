@@ -7,8 +7,12 @@ pipeline, CLI) can use these types without import cycles.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from wrpo.pipeline.plan import Stage
@@ -27,6 +31,9 @@ class StageOptions:
     reward_endpoint: str | None = None
     workdir: str | None = None  # local scratch root (model downloads, input copies, checkpoints)
     force: bool = False  # re-run even when committed for this spec
+    units: list[str] | None = None  # run only these units (the operator's per-unit Jobs); None: all
+    shard: tuple[int, int] = (0, 1)  # part i of K of each unit's work (an Indexed Job's pod i)
+    on_unit: Callable[[str, str, float], Any] | None = None  # progress: (unit, "done"|"skipped", seconds)
 
 
 @dataclass
@@ -41,6 +48,16 @@ class StageContext:
     hashes: dict[str, str]  # every stage's hash for this spec
     options: StageOptions
     work: Workdir
+    unit: str = ""  # the unit being run: a source name, or the stage's name for stages of one unit
+    unit_hash: str = ""
+    resources: ExitStack = field(default_factory=ExitStack)  # closed when the invocation ends
+    _shared: dict[str, Any] = field(default_factory=dict)
+
+    def shared(self, key: str, make: Callable[[], AbstractContextManager[T]]) -> T:
+        """One resource per invocation, reused by all its units (e.g. the reward model, loaded once)."""
+        if key not in self._shared:
+            self._shared[key] = self.resources.enter_context(make())
+        return self._shared[key]
 
     @property
     def name(self) -> str:
@@ -49,6 +66,17 @@ class StageContext:
     @property
     def hash(self) -> str:
         return self.hashes[self.stage.name]
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.options.shard
+
+    def my_part(self, items: Sequence[T]) -> list[T]:
+        """This shard's contiguous share of `items` (all of them outside an Indexed Job): the parts of all
+        shards, concatenated in shard order, are `items` again."""
+        i, k = self.options.shard
+        n = len(items)
+        return list(items[n * i // k: n * (i + 1) // k])
 
 
 def is_rank_zero() -> bool:

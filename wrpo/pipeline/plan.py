@@ -9,6 +9,11 @@ operator read these same rows: nothing dispatches on a stage's name.
 A stage's hash covers the spec sections it reads and, recursively, the hashes of the stages it reads.
 A committed stage whose manifest records the same hash is never run again; a spec change re-runs only
 the stages whose hash changed (those that read what changed, and everything downstream of them).
+Stages with `units="sources"` consist of one unit per source, each with its own hash (its source's
+entry, the stage's other sections, the same source's unit of the stage it reads): adding or changing
+one source redoes only that source's units (docs/architecture.md, "Units and shards"). Hashes are
+taken over the values that differ from the defaults, so a release that adds an optional field changes
+no hash (changing a default is a breaking change: bump HASH_VERSION).
 
 Pure and torch-free: the operator imports it.
 """
@@ -23,10 +28,12 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
 
-from wrpo.pipeline.spec import FusionSpec
+from wrpo.pipeline.spec import EndpointSpec, FusionSpec
 
 ResourceClass = Literal["small", "sampling", "scoring", "training"]
-ServerKind = Literal["none", "sources", "target", "reward"]
+ServerKind = Literal["none", "sources", "target", "reward", "eval"]
+UnitKind = Literal["stage", "sources"]
+HASH_VERSION = 2  # part of every hash: bump it when the meaning of a spec value or default changes
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,8 @@ class Stage:
     resources: ResourceClass  # small/sampling: cluster.small; scoring: cluster.scoring; training: PyTorchJob
     servers: ServerKind  # the vLLM servers it needs while it runs (see `servers`)
     outputs: tuple[str, ...]  # the main objects it writes, for humans and the summary table
+    units: UnitKind = "stage"  # "sources": one unit per source, committed and hashed on its own
+    shards: bool = False  # its work splits into shards that commit on their own (`--shard i/K`)
 
     def function(self) -> Callable[..., dict[str, Any]]:
         """The body, imported on first use (the operator never calls it, so never imports torch)."""
@@ -50,14 +59,14 @@ class Stage:
         return self.resources == "training"
 
 
-_DATA, _ENGINE = "wrpo.data.stages", "wrpo.engine.stages"
+_DATA, _ENGINE, _EVAL = "wrpo.data.stages", "wrpo.engine.stages", "wrpo.eval.stages"
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", (), ("dataset",), f"{_DATA}:prepare", "small", "none",
           ("sft.jsonl", "po.jsonl", "eval.jsonl")),
     Stage("sample-sources", ("prepare",), ("sources", "sampling"), f"{_DATA}:sample_sources", "sampling",
-          "sources", ("<source>.jsonl",)),
+          "sources", ("<source>.jsonl",), units="sources"),
     Stage("score-sources", ("sample-sources",), ("reward",), f"{_DATA}:score_sources", "scoring", "reward",
-          ("<source>.jsonl",)),
+          ("<source>.jsonl",), units="sources", shards=True),
     Stage("select-sources", ("score-sources",), ("selection",), f"{_DATA}:select_sources", "small", "none",
           ("sft.jsonl", "chosen_source.jsonl", "contributions.json")),
     Stage("sft", ("select-sources",), ("target", "sft", "training"), f"{_ENGINE}:sft", "training", "none",
@@ -65,13 +74,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("sample-target", ("sft", "prepare"), ("sampling",), f"{_DATA}:sample_target", "sampling", "target",
           ("target.jsonl",)),
     Stage("score-target", ("sample-target",), ("reward",), f"{_DATA}:score_target", "scoring", "reward",
-          ("target.jsonl",)),
+          ("target.jsonl",), shards=True),
     Stage("build-pairs", ("select-sources", "score-target"), ("selection",), f"{_DATA}:build_pairs", "small",
           "none", ("train.jsonl", "eval.jsonl", "stats.json")),
     Stage("ref-logps", ("build-pairs", "sft"), ("wrpo",), f"{_ENGINE}:ref_logps", "scoring", "none",
-          ("train.ref_logps.jsonl", "eval.ref_logps.jsonl")),
+          ("train.ref_logps.jsonl", "eval.ref_logps.jsonl"), shards=True),
     Stage("wrpo", ("build-pairs", "ref-logps", "sft"), ("wrpo", "training"), f"{_ENGINE}:wrpo", "training",
           "none", ("model/", "metrics.jsonl")),
+    Stage("eval", ("prepare", "sft", "wrpo"), ("eval", "reward", "target"), f"{_EVAL}:evaluate", "scoring", "eval",
+          ("results.json", "records.jsonl", "README.md")),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -82,6 +93,9 @@ _OPERATIONAL = {
     "sampling": {"concurrency", "requestTimeoutS", "maxRetries"},
     "training": {"saveSteps"},
     "reward": {"batchSize"},
+    "target": {"replicas"},
+    "source": {"replicas"},  # an entry of `sources`
+    "eval": {"shardSize"},
 }
 
 
@@ -94,32 +108,65 @@ def stage(name: str) -> Stage:
 
 
 def _section_blob(spec_json: dict, section: str) -> object:
-    value = spec_json[section]
+    value = spec_json.get(section, {})
     drop = _OPERATIONAL.get(section)
     if drop and isinstance(value, dict):
         value = {k: v for k, v in value.items() if k not in drop}
     return value
 
 
-def _digest(payload: object) -> str:
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+def _digest(payload: dict[str, Any]) -> str:
+    blob = json.dumps({"v": HASH_VERSION, **payload}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def stage_hashes(spec: FusionSpec) -> dict[str, str]:
-    """sha256 per stage over its spec sections and its inputs' hashes (see module docstring)."""
-    spec_json = spec.model_dump(mode="json", by_alias=True)
+def unit_names(spec: FusionSpec, name: str) -> list[str]:
+    """The units of stage `name`: one per source for `units="sources"`, else the stage itself."""
+    return [s.name for s in spec.sources] if stage(name).units == "sources" else [name]
+
+
+@dataclass(frozen=True)
+class Hashes:
+    """Every stage's hash and, for stages made of units, every unit's hash."""
+
+    stages: dict[str, str]
+    units: dict[str, dict[str, str]]  # stage -> unit -> hash (only stages with units="sources")
+
+
+def plan_hashes(spec: FusionSpec) -> Hashes:
+    """The hashes of every stage and unit of `spec` (see module docstring)."""
+    spec_json = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    sources = {s["name"]: {k: v for k, v in s.items() if k not in _OPERATIONAL["source"]}
+               for s in spec_json.get("sources", [])}
+
+    @cache
+    def unit(name: str, u: str) -> str:
+        st = BY_NAME[name]
+        return _digest({
+            "stage": name, "unit": u, "source": sources.get(u, {}),
+            "sections": {s: _section_blob(spec_json, s) for s in st.sections if s != "sources"},
+            "needs": {n: unit(n, u) if BY_NAME[n].units == "sources" else h(n) for n in st.needs},
+        })
 
     @cache
     def h(name: str) -> str:
         st = BY_NAME[name]
+        if st.units == "sources":
+            return _digest({"stage": name, "units": {u: unit(name, u) for u in unit_names(spec, name)}})
         return _digest({
             "stage": name,
             "sections": {s: _section_blob(spec_json, s) for s in st.sections},
             "needs": {n: h(n) for n in st.needs},
         })
 
-    return {name: h(name) for name in STAGE_NAMES}
+    return Hashes({n: h(n) for n in STAGE_NAMES},
+                  {n: {u: unit(n, u) for u in unit_names(spec, n)} for n in STAGE_NAMES
+                   if BY_NAME[n].units == "sources"})
+
+
+def stage_hashes(spec: FusionSpec) -> dict[str, str]:
+    """sha256 per stage over its spec sections (or units) and its inputs' hashes."""
+    return plan_hashes(spec).stages
 
 
 def select_range(start: str | None, until: str | None) -> list[str]:
@@ -149,6 +196,7 @@ class Server:
     gpu_memory_utilization: float = 0.9
     args: tuple[str, ...] = ()
     source: str | None = None  # the source it serves (sample-sources)
+    replicas: int = 1  # data-parallel copies behind one Service (each with tensor_parallel_size GPUs)
 
 
 def target_model_uri(run_uri: str) -> str:
@@ -156,18 +204,78 @@ def target_model_uri(run_uri: str) -> str:
     return f"{run_uri.rstrip('/')}/sft/model/"
 
 
+def fused_model_uri(run_uri: str) -> str:
+    """Where the fused model is committed in a run directory."""
+    return f"{run_uri.rstrip('/')}/wrpo/model/"
+
+
+#: The models the eval stage compares (docs/eval.md), in table order: role -> where its weights are.
+EVAL_ROLES = ("target", "sft", "fused")
+
+
+def has_eval_prompts(spec: FusionSpec) -> bool:
+    """The eval stage has prompts to answer: a question file, or a held-out eval split."""
+    return spec.eval.prompts is not None or spec.dataset.eval_size > 0
+
+
+def _reward_servers(spec: FusionSpec) -> list[Server]:
+    """The reward model's server: a pooling server (type remote without an endpoint) or the judge model
+    whose grades are the reward (type judge with a model)."""
+    r = spec.reward
+    if r.type == "remote" and r.endpoint is None:
+        return [Server("reward", r.served_name, r.model or "", "pooling", 1, r.max_length)]
+    if r.type == "judge" and r.judge is not None and r.judge.model:
+        j = r.judge
+        return [Server("reward", j.served_name, j.model, "generate", j.tensor_parallel_size, j.max_model_len,
+                       args=tuple(j.vllm_args))]
+    return []
+
+
+def _eval_servers(spec: FusionSpec, run_uri: str) -> list[Server]:
+    """The eval stage's servers: the three compared models (`source` = their role, the --endpoint key),
+    the local LLM judge and the reward model's server, if any."""
+    if not has_eval_prompts(spec):
+        return []
+    t = spec.target
+    models = {"target": t.model, "sft": target_model_uri(run_uri), "fused": fused_model_uri(run_uri)}
+    out = [Server(f"eval-{role}", role, models[role], "generate", t.tensor_parallel_size, args=tuple(t.vllm_args),
+                  source=role, replicas=t.replicas) for role in EVAL_ROLES]
+    j = spec.eval.judge
+    if j is not None and j.model:
+        out.append(Server("judge", j.served_name, j.model, "generate", j.tensor_parallel_size, j.max_model_len,
+                          args=tuple(j.vllm_args), source="judge"))
+    if spec.eval.reward_model:
+        out += _reward_servers(spec)
+    return out
+
+
 def servers(spec: FusionSpec, name: str, run_uri: str) -> list[Server]:
     """The vLLM servers stage `name` needs while it runs (external endpoints need none)."""
     kind = stage(name).servers
     if kind == "sources":
         return [Server(f"src-{s.name}", s.name, s.model, "generate", s.tensor_parallel_size, s.max_model_len,
-                       s.gpu_memory_utilization, tuple(s.vllm_args), source=s.name)
+                       s.gpu_memory_utilization, tuple(s.vllm_args), source=s.name, replicas=s.replicas)
                 for s in spec.sources if s.model]
     if kind == "target":
         t = spec.target
         return [Server("target", t.served_name, target_model_uri(run_uri), "generate", t.tensor_parallel_size,
-                       args=tuple(t.vllm_args))]
-    if kind == "reward" and spec.reward.type == "remote" and spec.reward.endpoint is None:
-        r = spec.reward
-        return [Server("reward", r.served_name, r.model or "", "pooling", 1, r.max_length)]
+                       args=tuple(t.vllm_args), replicas=t.replicas)]
+    if kind == "reward":
+        return _reward_servers(spec)
+    if kind == "eval":
+        return _eval_servers(spec, run_uri)
     return []
+
+
+def external_endpoints(spec: FusionSpec, name: str) -> list[EndpointSpec]:
+    """The external OpenAI-compatible endpoints stage `name` calls (their API keys reach its pod)."""
+    kind = stage(name).servers
+    found: list[EndpointSpec | None] = []
+    if kind == "sources":
+        found = [s.endpoint for s in spec.sources]
+    judge_reward = spec.reward.judge if spec.reward.type == "judge" else None
+    if kind == "reward" or (kind == "eval" and spec.eval.reward_model):
+        found.append(judge_reward.endpoint if judge_reward else None)
+    if kind == "eval" and spec.eval.judge is not None:
+        found.append(spec.eval.judge.endpoint)
+    return [e for e in found if e is not None]

@@ -5,7 +5,15 @@ A run lives under one URI; each stage writes its objects under `<run>/<stage>/` 
 `StageDir`, which refuses an uncommitted stage and checks every object it reads against the manifest.
 Resumable stages (sampling) commit *shards*: the shard object first, then a small `.done` marker naming
 its size, sha256 and a key of what it was made from. A shard without a matching marker is ignored and
-overwritten on the next run. Storage itself (local folders, S3) is `wrpo.storage`.
+overwritten on the next run.
+
+Stages made of units (one per source) commit each unit on its own: its objects, then
+`_units/<unit>.json` naming the unit's hash, objects and summary. A unit's work can be split into K
+parts (an Indexed Job's shards): part i writes under `_parts/<unit>/<hash>/<i>-of-<K>/` and commits with
+a `.done` marker; when all K parts are there the unit's objects are assembled from them (JSONL objects
+concatenated in part order, any other object identical in every part) and the unit commits. The stage
+manifest, written last as always, lists the objects of all its units. See docs/architecture.md,
+"Units and shards". Storage itself (local folders, S3) is `wrpo.storage`.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from wrpo.storage import ObjectNotFound, S3Options, StorageError, open_backend, 
 
 MANIFEST = "_MANIFEST.json"
 SHARDS = "_shards"
+UNITS = "_units"
+PARTS = "_parts"
+_RESERVED = (SHARDS, UNITS, PARTS)
 
 
 def tool_versions() -> dict[str, str]:
@@ -155,12 +166,60 @@ class StageDir:
             raise StorageError(f"{self.uri(info.name)}: shard content does not match its marker")
         return data
 
-    def reset(self, shards: bool = False) -> int:
-        """Drop the manifest (first) and every other object; committed shards survive unless `shards`.
+    # -- units and parts (docs/architecture.md, "Units and shards")
 
-        Returns the number of objects deleted."""
+    def committed_units(self) -> dict[str, dict[str, Any]]:
+        """unit -> its marker, for units whose marker exists and whose objects are all present."""
+        listing = self.backend.list(self.key(""))
+        out: dict[str, dict[str, Any]] = {}
+        for key in listing:
+            if key.startswith(self.key(f"{UNITS}/")) and key.endswith(".json"):
+                marker = json.loads(self.backend.get_bytes(key))
+                if all(listing.get(self.key(n)) == e["size"] for n, e in marker["objects"].items()):
+                    out[marker["unit"]] = marker
+        return out
+
+    def part_prefix(self, unit: str, unit_hash: str, index: int, count: int) -> str:
+        return f"{PARTS}/{unit}/{unit_hash[:16]}/{index}-of-{count}"
+
+    def committed_parts(self, unit: str, unit_hash: str, count: int) -> dict[int, dict[str, Any]]:
+        """index -> marker of the committed parts i-of-`count` of a unit's work for this unit hash."""
+        base = self.key(f"{PARTS}/{unit}/{unit_hash[:16]}/")
+        out = {}
+        for key in self.backend.list(base):
+            if key.endswith(f"-of-{count}.done"):
+                marker = json.loads(self.backend.get_bytes(key))
+                out[int(marker["index"])] = marker
+        return out
+
+    def read_part(self, marker: dict[str, Any], name: str) -> bytes:
+        """One object of a committed part, checked against the part's marker."""
+        entry = marker["objects"][name]
+        key = f"{marker['prefix']}/{name}"
+        data = self.backend.get_bytes(self.key(key))
+        if len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]:
+            raise StorageError(f"{self.uri(key)}: content does not match its part marker")
+        return data
+
+    def reset(self, shards: bool = False, keep_units: dict[str, str] | None = None) -> int:
+        """Drop the manifest (first) and every other object. Survive: committed sampling shards (unless
+        `shards`), and - given `keep_units` (unit -> current hash) - the units committed with their
+        current hash and the parts made for it. Returns the number of objects deleted."""
         self.backend.delete([self.key(MANIFEST)])
-        keys = [k for k in self.backend.list(self.key("")) if shards or f"/{SHARDS}/" not in f"/{k}"]
+        keep: set[str] = set()
+        current = keep_units or {}
+        for unit, marker in self.committed_units().items():
+            if current.get(unit) == marker["hash"]:
+                keep.update(self.key(n) for n in marker["objects"])
+                keep.add(self.key(f"{UNITS}/{unit}.json"))
+        keep_parts = tuple(self.key(f"{PARTS}/{u}/{h[:16]}/") for u, h in current.items())
+
+        def dropped(k: str) -> bool:
+            if k in keep or k.startswith(keep_parts):
+                return False
+            return shards or f"/{SHARDS}/" not in f"/{k}"
+
+        keys = [k for k in self.backend.list(self.key("")) if dropped(k)]
         self.backend.delete(keys)
         return len(keys) + 1
 
@@ -168,23 +227,27 @@ class StageDir:
 class StageWriter:
     """Writes a stage's objects, tracking size and sha256; `commit` writes the manifest last."""
 
-    def __init__(self, stage: StageDir):
+    def __init__(self, stage: StageDir, prefix: str = ""):
         self.stage = stage
         self.run = stage.run
+        self.prefix = prefix  # a part's folder inside the stage ("" for the stage's own objects)
         self._objects: dict[str, dict[str, Any]] = {}
 
     @property
     def written(self) -> dict[str, dict[str, Any]]:
         return dict(self._objects)
 
+    def _object_key(self, name: str) -> str:
+        return self.stage.key(f"{self.prefix}/{name}" if self.prefix else name)
+
     def _check_name(self, name: str) -> None:
-        reserved = name == MANIFEST or name.startswith(f"{SHARDS}/")
+        reserved = name == MANIFEST or name.split("/")[0] in _RESERVED
         if reserved or name.startswith("/") or ".." in name.split("/"):
             raise ValueError(f"invalid object name for a stage: {name!r}")
 
     def put_bytes(self, name: str, data: bytes) -> None:
         self._check_name(name)
-        self.stage.backend.put_bytes(self.stage.key(name), data)
+        self.stage.backend.put_bytes(self._object_key(name), data)
         self._objects[name] = {"size": len(data), "sha256": sha256_bytes(data)}
 
     def put_text(self, name: str, text: str) -> None:
@@ -194,7 +257,7 @@ class StageWriter:
         self._check_name(name)
         path = Path(path)
         size, digest = path.stat().st_size, sha256_file(path)
-        self.stage.backend.put_file(self.stage.key(name), path)
+        self.stage.backend.put_file(self._object_key(name), path)
         self._objects[name] = {"size": size, "sha256": digest}
 
     def put_tree(self, prefix: str, folder: str | Path) -> None:
@@ -215,13 +278,45 @@ class StageWriter:
         self.stage.backend.put_bytes(self.stage.key(f"{name}.done"), json.dumps(marker).encode())
         return info
 
+    def adopt(self, objects: dict[str, dict[str, Any]]) -> None:
+        """List objects committed earlier (by a unit) in this stage's manifest too."""
+        self._objects.update(objects)
+
+    def commit_unit(self, unit: str, unit_hash: str, objects: dict[str, dict[str, Any]],
+                    summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Check the unit's objects are present, then write its marker `_units/<unit>.json`."""
+        self._check_present(objects)
+        marker = {"unit": unit, "hash": unit_hash, "objects": dict(sorted(objects.items())),
+                  "summary": summary or {}, "created": datetime.now(UTC).isoformat(timespec="seconds")}
+        self.stage.backend.put_bytes(self.stage.key(f"{UNITS}/{unit}.json"), json.dumps(marker, indent=2).encode())
+        return marker
+
+    def part(self, unit: str, unit_hash: str, index: int, count: int) -> StageWriter:
+        """A writer for part `index` of `count` of a unit's work (objects under the part's folder)."""
+        return StageWriter(self.stage, self.stage.part_prefix(unit, unit_hash, index, count))
+
+    def commit_part(self, index: int, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A part writer's commit: its `.done` marker, after checking its objects are present."""
+        assert self.prefix, "commit_part is for part writers (StageWriter.part)"
+        listing = self.stage.backend.list(self.stage.key(self.prefix + "/"))
+        for name, entry in self._objects.items():
+            if listing.get(self._object_key(name)) != entry["size"]:
+                raise StorageError(f"{self.stage.uri(self.prefix + '/' + name)}: missing or truncated")
+        marker = {"index": index, "prefix": self.prefix, "objects": dict(sorted(self._objects.items())),
+                  "summary": summary or {}}
+        self.stage.backend.put_bytes(self.stage.key(f"{self.prefix}.done"), json.dumps(marker).encode())
+        return marker
+
+    def _check_present(self, objects: dict[str, dict[str, Any]]) -> None:
+        listing = self.stage.backend.list(self.stage.key(""))
+        for name, entry in objects.items():
+            if listing.get(self.stage.key(name)) != entry["size"]:
+                raise StorageError(f"{self.stage.uri(name)}: missing or truncated; stage not committed")
+
     def commit(self, spec_hash: str, inputs: dict[str, Any] | None = None,
                summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """Check every written object is present with its size, then write `_MANIFEST.json` last."""
-        listing = self.stage.backend.list(self.stage.key(""))
-        for name, entry in self._objects.items():
-            if listing.get(self.stage.key(name)) != entry["size"]:
-                raise StorageError(f"{self.stage.uri(name)}: missing or truncated; stage not committed")
+        self._check_present(self._objects)
         manifest = {
             "stage": self.stage.name,
             "spec_hash": spec_hash,

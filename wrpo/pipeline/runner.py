@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from wrpo.pipeline.context import StageOptions
@@ -39,11 +40,11 @@ def _key_numbers(summary: dict) -> str:
 
 def summary_table(report: RunReport) -> Table:
     """The final table: stage, status, time, output, key numbers."""
-    table = Table(title=f"wrpo run - {report.run_uri}", title_justify="left")
+    table = Table(title=f"wrpo run - {escape(report.run_uri)}", title_justify="left")  # URIs are no markup
     for col in ("stage", "status", "time", "output", "key numbers"):
         table.add_column(col, overflow="fold")
     for r in report.results:
-        table.add_row(r.name, r.status, f"{r.seconds:.1f}s", r.uri, _key_numbers(r.summary))
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}s", escape(r.uri), escape(_key_numbers(r.summary)))
     if report.interrupted_at:
         table.add_row(report.interrupted_at, "[red]interrupted[/]", "", "", "re-run to resume")
     return table
@@ -59,10 +60,15 @@ def run_pipeline(spec: FusionSpec, run_uri: str | None = None, start: str | None
     t0 = time.monotonic()
     names = select_range(start, until)
     _write_spec(run, spec)
+    options = options or StageOptions()
     for name in names:
         console.rule(f"[bold]{name}")
+
+        def unit_done(unit: str, status: str, seconds: float, stage: str = name) -> None:
+            console.print(f"{stage}: unit {unit} {status} in {seconds:.1f}s")
+
         try:
-            result = run_stage(spec, run, name, options)
+            result = run_stage(spec, run, name, replace(options, on_unit=unit_done))
         except KeyboardInterrupt:
             report.interrupted_at = name
             console.print(f"[yellow]interrupted in '{name}': committed stages are intact; "
@@ -70,13 +76,22 @@ def run_pipeline(spec: FusionSpec, run_uri: str | None = None, start: str | None
             break
         report.results.append(result)
         verb = "already committed, skipped" if result.status == "skipped" else f"done in {result.seconds:.1f}s"
-        console.print(f"{name}: {verb}")
+        units = _unit_counts(result.units)
+        console.print(f"{name}: {verb}{units}")
     else:
         if names[-1] == STAGE_NAMES[-1]:
             workdir_of(run, options).clean()  # everything is committed: local copies are not needed
     report.seconds = time.monotonic() - t0
     console.print(summary_table(report))
     return report
+
+
+def _unit_counts(states: dict[str, str]) -> str:
+    """` (units: 1 done, 2 already committed)` for stages made of units."""
+    if len(states) < 2:
+        return ""
+    done = sum(s == "done" for s in states.values())
+    return f" (units: {done} done, {len(states) - done} already committed)"
 
 
 def _write_spec(run: RunDir, spec: FusionSpec) -> None:

@@ -1,0 +1,80 @@
+"""Data-parallel replicas of one model: the client spreads requests across them (fewest in flight
+first) and a failed replica's retry goes to another; locally each replica gets its own GPUs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from openai_standin import StandIn
+
+from wrpo.data.sampling import ChatClient, SamplingParams, sample_group
+from wrpo.pipeline.plan import Server
+from wrpo.pipeline.rundir import RunDir
+from wrpo.records import PromptRecord
+
+PARAMS = SamplingParams(n=1, temperature=0.8, top_p=0.95, max_tokens=8, seed=1, stop=())
+
+
+@pytest.fixture
+def replicas():
+    servers = [StandIn(delay_s=0.05).start(), StandIn(delay_s=0.05).start()]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def sample(urls: list[str], tmp_path, n_prompts: int, **kw):
+    prompts = [PromptRecord(prompt_id=f"p{i}", prompt=[{"role": "user", "content": f"q {i}"}])
+               for i in range(n_prompts)]
+    out = RunDir(str(tmp_path / "run")).stage("s").writer()
+
+    async def go():
+        async with ChatClient(urls, "m", concurrency=4, timeout_s=10, max_retries=3, backoff_initial_s=0.01,
+                              backoff_max_s=0.02, **kw) as c:
+            summary = await sample_group(c, prompts, PARAMS, out, "src", 4, progress=False)
+            return c, summary
+    return asyncio.run(go())
+
+
+def test_requests_are_spread_across_replicas(replicas, tmp_path):
+    client, summary = sample([s.base_url for s in replicas], tmp_path, 16)
+    counts = [len(s.answered()) for s in replicas]
+    assert sum(counts) == 16 and summary["prompts"] == 16
+    assert min(counts) >= 6, f"unbalanced: {counts}"  # least-in-flight keeps both busy
+    assert client.sent == counts
+
+
+def test_a_slow_replica_gets_fewer_requests(tmp_path):
+    slow, fast = StandIn(delay_s=0.4).start(), StandIn(delay_s=0.0).start()
+    try:
+        sample([slow.base_url, fast.base_url], tmp_path, 24)
+        assert len(fast.answered()) > 2 * len(slow.answered()) > 0
+    finally:
+        slow.stop()
+        fast.stop()
+
+
+def test_a_failing_replica_is_retried_on_another(replicas, tmp_path):
+    replicas[0].fail_statuses = [503] * 40  # down for good: every request must end on the other one
+    sample([s.base_url for s in replicas], tmp_path, 8)
+    answered = {r.prompt for s in replicas for r in s.answered()}
+    assert answered == {f"q {i}" for i in range(8)}
+    assert replicas[0].requests and all(r.status == 503 for r in replicas[0].requests)
+
+
+def test_local_replicas_get_disjoint_gpus(monkeypatch):
+    from wrpo.data import serving
+    from wrpo.data.stages import replica_devices
+    from wrpo.errors import WrpoError
+
+    server = Server("src-a", "a", "/m", tensor_parallel_size=2, replicas=3)
+    monkeypatch.setattr(serving, "on_gpu", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5")
+    assert [replica_devices(server, r) for r in range(3)] == [
+        {"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}, {"CUDA_VISIBLE_DEVICES": "4,5"}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    with pytest.raises(WrpoError, match="need 6 GPUs; 4 are visible"):
+        replica_devices(server, 2)
+    monkeypatch.setattr(serving, "on_gpu", lambda: False)
+    assert replica_devices(server, 1) == {}
