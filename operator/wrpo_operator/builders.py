@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from wrpo.pipeline.plan import Server, external_endpoints, servers
+from wrpo.pipeline.plan import Server, external_endpoints, plan_hashes, servers
 from wrpo.pipeline.plan import stage as plan_stage
 from wrpo.pipeline.spec import (
     EndpointSpec,
@@ -44,6 +44,8 @@ from wrpo_operator import (
     LABEL_TEMPLATE_HASH,
     QUEUE_LABEL,
 )
+from wrpo_operator.status import HASH_PREFIX
+from wrpo_operator.window import server_gpus
 
 VLLM_PORT = 8000
 PYTORCHJOB_PORT = 23456
@@ -352,9 +354,15 @@ def _runtime_container(spec: FusionSpec, component: str, name: str, command: lis
 
 
 def stage_command(stage: str, run_uri: str, endpoints: dict[str, str] | None = None,
-                  target_endpoint: str | None = None, reward_endpoint: str | None = None) -> list[str]:
-    """`wrpo stage ...` as the local runner runs it (endpoints of in-cluster servers added)."""
+                  target_endpoint: str | None = None, reward_endpoint: str | None = None,
+                  unit: str | None = None, shards: int = 1) -> list[str]:
+    """`wrpo stage ...` as the local runner runs it (endpoints of in-cluster servers added); one `unit`
+    only, or part `$(JOB_COMPLETION_INDEX)` of `shards` (an Indexed Job's pod: the kubelet expands it)."""
     cmd = ["wrpo", "stage", stage, "--spec", SPEC_FILE, "--run-uri", run_uri]
+    if unit:
+        cmd += ["--unit", unit]
+    if shards > 1:
+        cmd += ["--shard", f"$(JOB_COMPLETION_INDEX)/{shards}"]
     for source, url in sorted((endpoints or {}).items()):
         cmd += ["--endpoint", f"{source}={url}"]
     if target_endpoint:
@@ -492,13 +500,31 @@ def stage_resources(spec: FusionSpec, name: str) -> StageResources:
     return spec.cluster.small  # small stages and the sampling clients (the servers hold the GPUs)
 
 
-def stage_args(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str) -> list[str]:
-    """The stage's `wrpo stage` command with the URLs of the servers its plan row needs."""
-    needed = {s.key: s for s in servers(spec, stage, run_uri)}
+def stage_args(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
+               unit: str | None = None, shards: int = 1, serve: bool = True) -> list[str]:
+    """The stage's `wrpo stage` command with the URLs of the servers its plan row needs (of `unit`'s
+    servers only, for one unit; none with `serve=False`: the commit of a stage whose units are done)."""
+    needed = {s.key: s for s in servers(spec, stage, run_uri) if serve and (unit is None or s.source in (None, unit))}
     endpoints = {s.source: vllm_url(run_name, namespace, s) for s in needed.values() if s.source}
     target = vllm_url(run_name, namespace, needed["target"]) if "target" in needed else None
     reward = vllm_url(run_name, namespace, needed["reward"], v1=False) if "reward" in needed else None
-    return stage_command(stage, run_uri, endpoints, target, reward)
+    return stage_command(stage, run_uri, endpoints, target, reward, unit, shards)
+
+
+def stage_shards(spec: FusionSpec, stage: str) -> int:
+    """Pods of a shardable stage's Indexed Job: `parallelism` of its resource class (1: a plain Job)."""
+    return stage_resources(spec, stage).parallelism if plan_stage(stage).shards else 1
+
+
+def shard_parallelism(spec: FusionSpec, stage: str) -> int:
+    """How many shard pods run at once: all of them, or as many as `cluster.gpuBudget` holds beside the
+    stage's servers."""
+    k, budget = stage_shards(spec, stage), spec.cluster.gpu_budget
+    gpus = stage_resources(spec, stage).gpus
+    if budget is None or not gpus:
+        return k
+    free = budget - server_gpus(spec, servers(spec, stage, ""))
+    return max(1, min(k, free // gpus))
 
 
 def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
@@ -531,20 +557,29 @@ def _runner_labels(run_name: str, spec: FusionSpec, stage: str, stage_hash: str 
 
 
 def build_stage_job(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
-                    stage_hash: str | None = None) -> Obj:
-    """A batch/v1 Job for a small, sampling-client or scoring stage (retried up to backoffLimit). With
-    `cluster.queueName` it is created suspended for Kueue to admit."""
+                    stage_hash: str | None = None, unit: str | None = None, shards: int = 1,
+                    serve: bool = True) -> Obj:
+    """A batch/v1 Job for a small, sampling-client or scoring stage (retried up to backoffLimit); for one
+    `unit` (`<run>-<stage>-<unit>`), or an Indexed Job of `shards` pods, each retried on its own
+    (`backoffLimitPerIndex`). With `cluster.queueName` it is created suspended for Kueue to admit."""
     lab = _runner_labels(run_name, spec, stage, stage_hash)
-    command = stage_args(run_name, namespace, spec, stage, run_uri)
+    if unit:
+        lab["fusion.wrpo.io/unit"] = unit
+    command = stage_args(run_name, namespace, spec, stage, run_uri, unit, shards, serve)
     job_spec: Obj = {
         "backoffLimit": spec.cluster.backoff_limit,
         "completions": 1, "parallelism": 1,
         "template": {"metadata": _template_metadata(spec, stage_component(stage), lab),
                      "spec": _stage_pod(run_name, namespace, spec, stage, run_uri, "stage", command, "Never")},
     }
+    if shards > 1:
+        job_spec.update(completionMode="Indexed", completions=shards,
+                        parallelism=shard_parallelism(spec, stage), backoffLimitPerIndex=spec.cluster.backoff_limit)
+        del job_spec["backoffLimit"]  # a failed shard is retried alone; the Job fails once a shard used up its own
     if spec.cluster.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.cluster.active_deadline_seconds
-    meta: Obj = {"name": child_name(run_name, stage), "namespace": namespace, "labels": dict(lab)}
+    suffix = f"{stage}-{unit}" if unit else f"{stage}-shards" if shards > 1 else stage
+    meta: Obj = {"name": child_name(run_name, suffix), "namespace": namespace, "labels": dict(lab)}
     if spec.cluster.queue_name:
         meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
         job_spec["suspend"] = True
@@ -621,30 +656,87 @@ def build_stage_servers(run_name: str, namespace: str, spec: FusionSpec, stage: 
 
 
 @dataclass
+class UnitChildren:
+    """One unit of a stage whose units have servers of their own (sample-sources: a source): its vLLM
+    Deployment + Service and the Job running `wrpo stage <stage> --unit <unit>`, all labelled with the
+    unit's hash, so a unit committed under an earlier spec (another source added) is still done."""
+
+    name: str
+    hash: str
+    gpus: int  # held by its servers from their creation until they are deleted
+    servers: list[Obj] = field(default_factory=list)
+    runner: Obj = field(default_factory=dict)
+
+
+@dataclass
 class StageChildren:
     """The children of one stage: `servers` (vLLM Deployments and Services) and `volumes` are created at
-    once; each runner once every Deployment in its `after` is Available."""
+    once; each runner once every Deployment in its `after` is Available and every runner in its
+    `after_runners` succeeded. `units`: a sliding window of units under `cluster.gpuBudget` (the
+    operator admits them, `window.admit`), before the runners, which then only commit the stage."""
 
     servers: list[Obj] = field(default_factory=list)
     volumes: list[Obj] = field(default_factory=list)
     runners: list[Obj] = field(default_factory=list)
     after: dict[str, list[str]] = field(default_factory=dict)  # runner name → Deployment names it waits for
+    after_runners: dict[str, list[str]] = field(default_factory=dict)  # runner name → runners to succeed first
+    units: list[UnitChildren] = field(default_factory=list)
 
     def all(self) -> list[Obj]:
-        return [*self.volumes, *self.servers, *self.runners]
+        unit_kids = [o for u in self.units for o in (*u.servers, u.runner)]
+        return [*self.volumes, *self.servers, *unit_kids, *self.runners]
+
+
+def has_server_units(stage: str) -> bool:
+    """A stage whose units each need their own servers (sample-sources): run as a window of units."""
+    row = plan_stage(stage)
+    return row.units == "sources" and row.servers == "sources"
 
 
 def stage_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
                    stage_hash: str | None = None) -> StageChildren:
     """The desired children of `stage` and what each runner waits for, from its plan row alone (no stage
-    is special-cased: `servers`, `distributed` and `resources` say everything)."""
+    is special-cased: `servers`, `units`, `shards`, `distributed` and `resources` say everything)."""
+    if has_server_units(stage):
+        return _unit_children(run_name, namespace, spec, stage, run_uri, stage_hash)
     kids = StageChildren(servers=build_stage_servers(run_name, namespace, spec, stage, run_uri, stage_hash))
     if plan_stage(stage).distributed and spec.cluster.checkpoints.enabled:
         kids.volumes.append(build_checkpoints_pvc(run_name, namespace, spec))
+    deployments = [s["metadata"]["name"] for s in kids.servers if s["kind"] == "Deployment"]
+    shards = stage_shards(spec, stage)
+    if shards > 1:  # an Indexed Job of shards, then a Job that commits the stage from their parts
+        job = build_stage_job(run_name, namespace, spec, stage, run_uri, stage_hash, shards=shards)
+        kids.runners.append(job)
+        kids.after[job["metadata"]["name"]] = deployments
+        commit = build_stage_job(run_name, namespace, spec, stage, run_uri, stage_hash, serve=False)
+        kids.runners.append(commit)
+        kids.after_runners[commit["metadata"]["name"]] = [job["metadata"]["name"]]
+        return kids
     runner = build_stage_runner(run_name, namespace, spec, stage, run_uri, stage_hash)
     kids.runners.append(runner)
-    kids.after[runner["metadata"]["name"]] = [s["metadata"]["name"] for s in kids.servers
-                                              if s["kind"] == "Deployment"]
+    kids.after[runner["metadata"]["name"]] = deployments
+    return kids
+
+
+def _unit_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
+                   stage_hash: str | None) -> StageChildren:
+    unit_hashes = plan_hashes(spec).units[stage]
+    by_source: dict[str, list[Server]] = {}
+    for server in servers(spec, stage, run_uri):
+        by_source.setdefault(server.source or "", []).append(server)
+    kids = StageChildren()
+    for unit, full_hash in unit_hashes.items():
+        h = full_hash[:HASH_PREFIX]
+        own = by_source.get(unit, [])
+        unit_servers = []
+        for server in own:
+            unit_servers += [build_vllm_deployment(run_name, namespace, spec, server, stage, h),
+                             build_vllm_service(run_name, namespace, server, stage, h)]
+        kids.units.append(UnitChildren(unit, h, server_gpus(spec, own), unit_servers,
+                                       build_stage_job(run_name, namespace, spec, stage, run_uri, h, unit=unit)))
+    commit = build_stage_job(run_name, namespace, spec, stage, run_uri, stage_hash, serve=False)
+    kids.runners.append(commit)
+    kids.after[commit["metadata"]["name"]] = []
     return kids
 
 

