@@ -54,13 +54,21 @@ def trim(obj: Obj) -> Obj:
 
 
 def trim_pod(pod: Obj) -> Obj:
-    """What stall detection and the stage's results need of a pod."""
+    """What stall detection, the GPU budget (the containers' GPU requests) and the stage's results need of a
+    pod."""
     meta, spec, status = _meta(pod), pod.get("spec") or {}, pod.get("status") or {}
+    gpu = "nvidia.com/gpu"
+    containers = []
+    for c in spec.get("containers") or []:
+        res = c.get("resources") or {}
+        value = (res.get("requests") or {}).get(gpu) or (res.get("limits") or {}).get(gpu)
+        if value:
+            containers.append({"name": c.get("name"), "resources": {"requests": {gpu: value}}})
     return {
         "kind": "Pod",
         "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels", "deletionTimestamp",
                                           "resourceVersion", "ownerReferences") if k in meta},
-        "spec": {"schedulingGates": spec.get("schedulingGates") or []},
+        "spec": {"schedulingGates": spec.get("schedulingGates") or [], "containers": containers},
         "status": {k: status[k] for k in ("phase", "conditions", "containerStatuses", "initContainerStatuses",
                                           "reason", "message") if k in status},
     }

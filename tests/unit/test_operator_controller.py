@@ -207,11 +207,14 @@ def test_pods_are_trimmed_and_found_by_the_run_uid_label():
     cache.put_run(run)
     pod = {"kind": "Pod", "metadata": {"name": "p", "namespace": NS, "uid": "p1", "managedFields": [{}] * 50,
                                        "labels": {"fusion.wrpo.io/run-uid": UID}},
-           "spec": {"containers": [{"name": "c", "env": [{"name": "A", "value": "x" * 1000}]}]},
+           "spec": {"containers": [{"name": "c", "env": [{"name": "A", "value": "x" * 1000}]},
+                                   {"name": "g", "resources": {"requests": {"cpu": "2", "nvidia.com/gpu": "4"}}}]},
            "status": {"phase": "Pending"}}
     assert cache.put(pod) == [KEY]
     (seen,) = cache.observed(run).pods
-    assert "managedFields" not in seen["metadata"] and "containers" not in seen["spec"]
+    assert "managedFields" not in seen["metadata"]
+    # of the containers only their GPU requests stay (the GPU budget counts them)
+    assert seen["spec"]["containers"] == [{"name": "g", "resources": {"requests": {"nvidia.com/gpu": "4"}}}]
 
 
 # -- the work queue --------------------------------------------------------------------------------------

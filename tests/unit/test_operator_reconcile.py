@@ -8,6 +8,7 @@ import copy
 import itertools
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -785,3 +786,144 @@ def test_the_eval_summary_comes_from_the_eval_pods_termination_message():
     assert ("patch/status", "FusionRun") not in kube.calls
     # messages that are not a summary give no summary (never a guess)
     assert eval_summary([_eval_pod("not json", 0), _eval_pod(line, 137)], "h") is None
+
+
+# -- units under the GPU budget (docs/operator.md, "GPU budget and units") ------------------------------
+
+def paper_spec(budget: int | None, extra: list | None = None) -> dict:
+    """The paper example's ten sources (39 GPUs of servers at once) with training that fits the budget."""
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).parents[2] / "manifests/examples/paper-llama3-8b.yaml").read_text())
+    spec = doc["spec"]
+    spec["storage"] = {"runUri": "s3://b/runs/demo"}
+    spec["sources"] = [*spec["sources"], *(extra or [])]
+    spec["cluster"] = {"gpuBudget": budget, "training": {"gpus": 8, "procsPerNode": 8},
+                       "scoring": {"gpus": 1}} if budget else {"training": {"gpus": 8, "procsPerNode": 8}}
+    return spec
+
+
+def deployment_gpus(kube) -> int:
+    total = 0
+    for name in kube.kinds("Deployment"):
+        dep = kube.objects[("Deployment", name)]
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        total += int(c["resources"]["requests"].get("nvidia.com/gpu", 0)) * dep["spec"]["replicas"]
+    return total
+
+
+def drive_units(kube, peak: list[int]) -> list[str]:
+    """Run sample-sources' units to the end: servers become Available, unit Jobs succeed one per step;
+    returns the units in the order their Jobs were created. `peak` collects the GPUs held after each step."""
+    order = []
+    for _ in range(60):
+        step(kube, minutes=0)
+        peak.append(deployment_gpus(kube))
+        for name in unit_jobs(kube, "sample-sources"):
+            if name not in order:
+                order.append(name)
+        if ("Job", f"{NAME}-sample-sources") in kube.objects:
+            return order
+        kube.make_available()
+        running = [n for n in unit_jobs(kube, "sample-sources")
+                   if "conditions" not in (kube.objects[("Job", n)].get("status") or {})]
+        if running:
+            kube.finish("Job", running[0])
+    raise AssertionError("the units did not finish")
+
+
+def test_ten_sources_under_a_budget_of_8_never_hold_more_than_8_gpus():
+    kube = FakeKube()
+    kube.add_run(paper_spec(8))
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    peak: list[int] = []
+    order = drive_units(kube, peak)
+    assert max(peak) <= 8 and max(peak) == 8  # the budget is used, never exceeded
+    assert len(order) == 10 and kube.kinds("Deployment") == []  # every unit ran; its servers are gone
+    st = status_of(kube, "sample-sources")
+    assert st["units"] == "10/10" and st["state"] == "Running"  # now the commit Job runs
+    commit = kube.objects[("Job", "demo-sample-sources")]
+    command = commit["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--endpoint" not in command and "--unit" not in command  # it only commits the stage
+
+
+def test_without_a_budget_every_source_server_starts_at_once():
+    kube = FakeKube()
+    kube.add_run(paper_spec(None))
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    assert deployment_gpus(kube) == 39 and len(kube.kinds("Deployment")) == 10
+
+
+def test_the_window_reports_units_and_what_waits_for_the_budget():
+    kube = FakeKube()
+    kube.add_run(paper_spec(8))
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    st, status = status_of(kube, "sample-sources"), kube.run["status"]
+    assert st["units"] == "0/10" and status["units"] == "0/10"
+    assert "waiting for the GPU budget (8 GPUs, 0 held)" in st["message"]
+    assert "mistral-large" in st["message"].split("running:")[1].split(";")[0]  # spec order, first fit
+
+
+def test_an_added_source_samples_only_that_source():
+    kube = FakeKube()
+    kube.add_run(paper_spec(8))
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    drive_units(kube, [])
+    kube.finish("Job", "demo-sample-sources")
+    step(kube)
+    assert status_of(kube, "sample-sources")["state"] == "Succeeded"
+    before = {n: kube.objects[("Job", n)]["metadata"]["uid"] for n in unit_jobs(kube, "sample-sources")}
+    run = kube.objects[("FusionRun", NAME)]
+    run["spec"]["sources"].append({"name": "olmo", "model": "/models/olmo", "tensorParallelSize": 2})
+    run["metadata"]["generation"] = 2
+    step(kube)
+    assert status_of(kube, "sample-sources")["state"] in ("Waiting", "Running")
+    assert kube.kinds("Deployment") == ["demo-src-olmo"]  # the only server started
+    assert {n: kube.objects[("Job", n)]["metadata"]["uid"] for n in before} == before  # still done
+    assert status_of(kube, "sample-sources")["units"] == "10/11"
+
+
+def test_servers_of_a_finished_unit_still_shutting_down_hold_their_gpus():
+    kube = FakeKube()
+    kube.add_run(paper_spec(8))
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    assert kube.kinds("Deployment") == ["demo-src-mistral-large"]
+    pod = kube.add_pod("demo-src-mistral-large", "mistral-0", {"phase": "Running"})
+    pod["spec"] = {"containers": [{"name": "vllm", "resources": {"requests": {"nvidia.com/gpu": "8"}}}]}
+    kube.make_available()
+    step(kube)
+    kube.finish("Job", "demo-sample-sources-mistral-large")
+    step(kube)  # the unit is done: its Deployment goes, but its pod still holds 8 GPUs
+    assert kube.kinds("Deployment") == []
+    assert "8 held" in status_of(kube, "sample-sources")["message"]
+    del kube.objects[("Pod", "mistral-0")]
+    step(kube)
+    assert kube.kinds("Deployment")  # the next units start once the pod is gone
+
+
+def test_scoring_shards_run_as_an_indexed_job_then_a_commit_job():
+    from wrpo.pipeline.spec import parse_spec
+    from wrpo_operator import builders as b
+
+    small = [{"name": f"s{i}", "model": f"/models/s{i}"} for i in range(3)]
+    spec = parse_spec(paper_spec(3) | {"sources": small, "cluster": {
+        "gpuBudget": 3, "training": {"gpus": 2, "procsPerNode": 2}, "scoring": {"gpus": 1, "parallelism": 6}}}, "t")
+    kids = b.stage_children(NAME, NS, spec, "score-sources", "s3://b/runs/demo", "h")
+    shards, commit = kids.runners
+    assert shards["spec"]["completionMode"] == "Indexed" and shards["spec"]["completions"] == 6
+    assert shards["spec"]["parallelism"] == 3  # the budget's 3 GPUs, one per shard pod
+    assert shards["spec"]["backoffLimitPerIndex"] == 2 and "backoffLimit" not in shards["spec"]
+    command = shards["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--shard") + 1] == "$(JOB_COMPLETION_INDEX)/6"
+    assert kids.after_runners == {commit["metadata"]["name"]: [shards["metadata"]["name"]]}
+    assert "--shard" not in commit["spec"]["template"]["spec"]["containers"][0]["command"]
+    plain = b.stage_children(NAME, NS, parse_spec(paper_spec(8), "t"), "score-sources", "s3://b/runs/demo", "h")
+    assert len(plain.runners) == 1 and "completionMode" not in plain.runners[0]["spec"]
