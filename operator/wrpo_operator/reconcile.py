@@ -12,6 +12,7 @@ for deadlines (stall timeout, TTL) and for a refused creation that may pass late
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,7 @@ from wrpo_operator.builders import (
     stage_children,
 )
 from wrpo_operator.kube import ApiError, Kube
+from wrpo_operator.runstate import RunState
 from wrpo_operator.stalls import (
     GRACE,
     Stall,
@@ -62,18 +64,22 @@ from wrpo_operator.status import (
 from wrpo_operator.window import UnitNeed, admit
 
 Key = tuple[str, str]  # (kind, name)
+Committed = Callable[[str], set[str]]  # stage → its units committed with their current hash (runstate.py)
 
 
 @dataclass(frozen=True)
 class Settings:
     """`retry`: seconds before creating again what the apiserver refused for a reason that may pass (a
-    ResourceQuota). `from_env` reads WRPO_OPERATOR_RETRY_SECONDS."""
+    ResourceQuota). `read_run_state`: read units' commit markers before starting their servers
+    (runstate.py). `from_env` reads WRPO_OPERATOR_RETRY_SECONDS and WRPO_OPERATOR_READ_RUN_STATE."""
 
     retry: float = 30.0
+    read_run_state: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
-        return cls(retry=float(os.environ.get("WRPO_OPERATOR_RETRY_SECONDS", cls.retry)))
+        return cls(retry=float(os.environ.get("WRPO_OPERATOR_RETRY_SECONDS", cls.retry)),
+                   read_run_state=os.environ.get("WRPO_OPERATOR_READ_RUN_STATE", "true").lower() == "true")
 
 
 @dataclass
@@ -141,7 +147,7 @@ class _Pass:
     """One pass of `decide` over the stages; `stage()` advances the current one."""
 
     def __init__(self, run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settings: Settings,
-                 refused: dict[Key, str]):
+                 refused: dict[Key, str], committed: Committed | None = None):
         meta = run["metadata"]
         self.name, self.ns, self.uid = meta["name"], meta["namespace"], meta.get("uid", "")
         self.spec, self.now, self.settings, self.refused = spec, now, settings, refused
@@ -156,6 +162,7 @@ class _Pass:
         self.drop: set[Key] = set()  # children built from another spec: replaced
         self.d = Decision()
         self._previous: Obj = {}  # the stall the current stage reported before
+        self.committed = committed or (lambda stage: set())
 
     # -- helpers -------------------------------------------------------------------------------------
     def _outdated(self, have: Obj, want: Obj) -> bool:
@@ -286,6 +293,9 @@ class _Pass:
                 self.keep.add(key)
             elif have is not None or any(_key(o) in self.kids for o in u.servers):
                 running.add(u.name)
+        if len(done) + len(running) < len(want.units):  # pending units: committed earlier? (no server then)
+            marked = self.committed(entry["name"])
+            done += [u.name for u in want.units if u.name in marked and u.name not in done and u.name not in running]
         total = len(want.units)
         entry["units"] = f"{len(done)}/{total}"
         if failed:
@@ -431,13 +441,14 @@ class _Pass:
 
 
 def decide(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settings: Settings,
-           refused: dict[Key, str] | None = None) -> Decision:
+           refused: dict[Key, str] | None = None, committed: Committed | None = None) -> Decision:
     """The pure core of a reconcile. `refused`: children whose creation the apiserver refused in this
-    reconcile, with its message (a quota refusal stalls the stage; anything else fails it at once)."""
+    reconcile, with its message (a quota refusal stalls the stage; anything else fails it at once).
+    `committed`: the units of a stage already committed in the run directory (none if not given)."""
     meta = run["metadata"]
     name, ns, generation = meta["name"], meta["namespace"], meta.get("generation", 1)
     old = run.get("status") or {}
-    p = _Pass(run, spec, observed, now, settings, refused or {})
+    p = _Pass(run, spec, observed, now, settings, refused or {}, committed)
     hashes = {k: v[:HASH_PREFIX] for k, v in stage_hashes(spec).items()}
     stages = _stage_entries(old, hashes)
     cm = build_spec_configmap(name, ns, spec)
@@ -538,6 +549,9 @@ def _comparable(status: Obj) -> Obj:
     return status
 
 
+#: The operator's memo of units committed in run directories (Settings.read_run_state).
+RUN_STATE = RunState()
+
 #: HTTP statuses of a refused creation that retrying the same request cannot fix.
 NOT_RETRYABLE = (400, 403, 404, 422)
 
@@ -550,7 +564,7 @@ def retryable(e: ApiError) -> bool:
 
 
 def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = None,
-              settings: Settings | None = None, post_event: Any = None) -> Decision:
+              settings: Settings | None = None, post_event: Any = None, run_state: RunState | None = None) -> Decision:
     """Bring the children of one FusionRun in line with its spec and status; returns the decision.
     `post_event(run, type, reason, message, time)` posts an Event (default: `kube.event`, at once; the
     controller hands them to a background poster so that a burst of new runs is not slowed by them).
@@ -571,7 +585,9 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
             written.append(child)
         children.append(child)
     observed = Observed(children, observed.pods, observed.events)
-    d = decide(run, spec, observed, now, settings)
+    state = run_state if run_state is not None else (RUN_STATE if settings.read_run_state else None)
+    committed = (lambda stage: state.committed(uid, spec, stage)) if state is not None else None
+    d = decide(run, spec, observed, now, settings, committed=committed)
     have = {_key(c) for c in children}
     refused: dict[Key, str] = {}
     for obj in d.create:
@@ -589,7 +605,7 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
         observed = Observed([*children, *(w for w in written if _key(w) not in have)], observed.pods,
                             observed.events)
         if refused:  # decide again: the stage fails (or stalls, for a quota) with the apiserver's message
-            d = decide(run, spec, observed, now, settings, refused)
+            d = decide(run, spec, observed, now, settings, refused, committed)
     for kind, child in d.delete:
         kube.delete(kind, ns, child)
     old = run.get("status") or {}

@@ -188,3 +188,18 @@ def test_plain_rbac_matches_the_chart():
 def test_chart_crd_is_the_generated_one():
     assert (CHART / "crds" / "fusionruns.fusion.wrpo.io.yaml").read_text() == (
         MANIFESTS / "crd" / "fusionruns.fusion.wrpo.io.yaml").read_text()
+
+
+def test_the_run_state_read_uses_the_operators_own_credentials():
+    """runState: on by default without credentials (a pod role); a Secret of the release namespace as
+    references only; off on request."""
+    def env(*sets):
+        (dep,) = [d for d in render(*sets) if d["kind"] == "Deployment"]
+        return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    default = env()
+    assert default["WRPO_OPERATOR_READ_RUN_STATE"]["value"] == "true" and "AWS_ACCESS_KEY_ID" not in default
+    with_secret = env("runState.credentialsSecret=s3-read")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert with_secret[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-read", "key": key}
+    assert env("runState.enabled=false")["WRPO_OPERATOR_READ_RUN_STATE"]["value"] == "false"

@@ -927,3 +927,42 @@ def test_scoring_shards_run_as_an_indexed_job_then_a_commit_job():
     assert "--shard" not in commit["spec"]["template"]["spec"]["containers"][0]["command"]
     plain = b.stage_children(NAME, NS, parse_spec(paper_spec(8), "t"), "score-sources", "s3://b/runs/demo", "h")
     assert len(plain.runners) == 1 and "completionMode" not in plain.runners[0]["spec"]
+
+
+def test_a_unit_committed_in_the_run_directory_gets_no_server():
+    """An earlier FusionRun on the same runUri committed two units: the operator reads their markers
+    (runstate.RunState) and starts servers only for the others."""
+    from wrpo_operator.runstate import RunState
+
+    reads = []
+
+    def read(spec, stage):
+        reads.append(stage)
+        return {"mistral-large", "qwen2-72b"}
+
+    state = RunState(read)
+    kube = FakeKube()
+    kube.add_run(paper_spec(8))
+    for _ in range(3):
+        reconcile(kube.run, kube.observed(), kube, now=T0, run_state=state)
+        kube.finish("Job", "demo-prepare")
+    assert "demo-src-mistral-large" not in kube.kinds("Deployment") and "demo-src-qwen2-72b" not in kube.kinds(
+        "Deployment")
+    assert "demo-src-gemma-2-27b" in kube.kinds("Deployment")
+    assert status_of(kube, "sample-sources")["units"] == "2/10"
+    assert reads == ["sample-sources"]  # once per stage hash, not per reconcile
+
+
+def test_a_failed_run_state_read_falls_back_to_the_jobs():
+    from wrpo_operator.runstate import RunState
+
+    def read(spec, stage):
+        raise OSError("no route to the endpoint")
+
+    kube = FakeKube()
+    kube.add_run(paper_spec(8))
+    for _ in range(3):
+        reconcile(kube.run, kube.observed(), kube, now=T0, run_state=RunState(read))
+        kube.finish("Job", "demo-prepare")
+    assert kube.kinds("Deployment") == ["demo-src-mistral-large"]
+    assert status_of(kube, "sample-sources")["units"] == "0/10"
