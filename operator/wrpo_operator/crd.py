@@ -433,11 +433,12 @@ def build_crd() -> dict[str, Any]:
         {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Current stage."},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
          "description": "Committed stages / all stages."},
+        {"name": "Units", "type": "string", "jsonPath": ".status.units",
+         "description": "The current stage's units done / all (sample-sources: one per source)."},
         {"name": "Fused-vs-Target", "type": "number", "jsonPath": ".status.eval.fusedVsTarget",
          "description": "Reward-model win rate (%) of the fused model against the original target (eval stage)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-        {"name": "Units", "type": "string", "jsonPath": ".status.units", "priority": 1,
-         "description": "The current stage's units done / all (sample-sources: one per source)."},
+
         {"name": "Output", "type": "string", "jsonPath": ".status.outputUri", "priority": 1,
          "description": "Where the fused model lands."},
     ]

@@ -44,7 +44,7 @@ def test_identity_and_printer_columns():
     (v,) = s["versions"]
     assert v["name"] == "v1alpha1" and v["subresources"] == {"status": {}}
     cols = [c["name"] for c in v["additionalPrinterColumns"]]
-    assert cols[:5] == ["Phase", "Stage", "Progress", "Fused-vs-Target", "Age"]
+    assert cols[:6] == ["Phase", "Stage", "Progress", "Units", "Fused-vs-Target", "Age"]
 
 
 def _walk(node, path="$"):
