@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -93,13 +94,16 @@ def training_arguments(cfg: TrainCommon, has_eval: bool) -> Any:
 
 
 def last_checkpoint(cfg: TrainCommon) -> str | None:
-    """The newest checkpoint to resume from, if resuming is on and one exists."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint to resume from, if resuming is on and one exists. A pod killed while
+    saving leaves a `checkpoint-N` without `trainer_state.json` (the Trainer writes it after the weights
+    and optimizer): resuming from it would fail on every restart, so it is skipped."""
     folder = cfg.output_dir / "checkpoints"
     if not cfg.resume or not folder.is_dir():
         return None
-    return get_last_checkpoint(str(folder))
+    steps = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    complete = [p for _, p in steps if (p / "trainer_state.json").is_file()]
+    return str(complete[-1]) if complete else None
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> Path:
