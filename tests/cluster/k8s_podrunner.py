@@ -193,7 +193,7 @@ class PodRunner:
         container = pod.spec.containers[0]
         # per pod UID: a new pod with the same name (a recreated PyTorchJob replica) starts with empty
         # emptyDir and ephemeral volumes, as on a node; only PersistentVolumeClaims carry over
-        workdir = self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}_{pod.metadata.uid[:8]}.work"
+        workdir = self._workdir(pod)
         workdir.mkdir(parents=True, exist_ok=True)
         local = LocalPod(
             namespace=pod.metadata.namespace, name=pod.metadata.name, uid=pod.metadata.uid, ip=ip,
@@ -213,10 +213,14 @@ class PodRunner:
         local.readiness = self._probe(container.readiness_probe, ip)
         self._next_step(local)
 
+    def _workdir(self, pod) -> Path:
+        """The pod's own folder (per UID: a re-created pod of the same name starts empty)."""
+        return self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}_{pod.metadata.uid[:8]}.work"
+
     def _step(self, pod, container, ip: str, volumes: dict[str, Path]) -> Step:
         mounts = self._mounts(container, volumes)
         env = self._environment(pod, container, ip, mounts)
-        log_file = self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}.work" / "termination-log"
+        log_file = self._workdir(pod) / "termination-log"  # = LocalPod.termination_log, read when it exits
         log_file.parent.mkdir(parents=True, exist_ok=True)
         log_file.touch()  # the kubelet's /dev/termination-log: an empty file the container may write
         env["WRPO_TERMINATION_LOG"] = str(log_file)

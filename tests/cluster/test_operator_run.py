@@ -31,7 +31,10 @@ def test_tiny_run_walks_the_stages_in_order_and_succeeds(operator, apis, run_nam
     conds = {c["type"]: c["status"] for c in status["conditions"]}
     assert conds["Ready"] == "True" and conds["Succeeded"] == "True" and conds["Progressing"] == "False"
     kids = children(apis, run_namespace, "tiny")
-    assert len(kids["Job"]) == len(STAGE_NAMES) - 2 and len(kids["PyTorchJob"]) == 2 and len(kids["ConfigMap"]) == 1
+    # a Job per stage but the two training stages (PyTorchJobs), and one per source unit of sample-sources
+    units = len(tiny_spec()["sources"])
+    assert len(kids["Job"]) == len(STAGE_NAMES) - 2 + units and len(kids["PyTorchJob"]) == 2
+    assert len(kids["ConfigMap"]) == 1
     assert kids["Deployment"] == [] and kids["Service"] == []  # GPUs freed after each sampling stage
     # in order: each runner was created after the previous stage completed
     stages = status["stages"]
@@ -85,7 +88,7 @@ def test_operator_restart_mid_run_finishes_without_duplicates(operator, apis, ru
     status = wait_phase(custom, run_namespace, "restart", ["Succeeded", "Failed"], 300, operator)
     assert status["phase"] == "Succeeded"
     kids = children(apis, run_namespace, "restart")
-    assert len(kids["Job"]) == len(STAGE_NAMES) - 2 and len(kids["PyTorchJob"]) == 2
+    assert len(kids["Job"]) == len(STAGE_NAMES) - 2 + len(tiny_spec()["sources"]) and len(kids["PyTorchJob"]) == 2
     for job in kids["Job"]:
         pods = core.list_namespaced_pod(run_namespace, label_selector=f"job-name={job['metadata']['name']}")
         assert len(pods.items) == 1, job["metadata"]["name"]  # no stage ran twice

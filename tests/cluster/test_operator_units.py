@@ -43,13 +43,13 @@ class GpuSampler(threading.Thread):
 
     def __init__(self, core, apps, ns: str, run: str):
         super().__init__(daemon=True)
-        self.core, self.apps, self.ns, self.run = core, apps, ns, run
+        self.core, self.apps, self.ns, self.run_name = core, apps, ns, run
         self.peak_pods = self.peak_deployments = self.samples = 0
         self.servers_seen: set[str] = set()
         self.stop = threading.Event()
 
     def run(self) -> None:  # noqa: D102 - threading.Thread
-        sel = f"fusion.wrpo.io/run={self.run}"
+        sel = f"fusion.wrpo.io/run={self.run_name}"
         while not self.stop.is_set():
             pods = self.core.list_namespaced_pod(self.ns, label_selector=sel).items
             live = sum(_gpus(c) for p in pods if p.status.phase in ("Pending", "Running") for c in p.spec.containers)
