@@ -288,8 +288,9 @@ IMMUTABLE_RULES: dict[tuple[str, str | None], list[dict[str, str]]] = {
         "fieldPath": ".runUri", "reason": "FieldValueForbidden",
     }],
     ("FusionSpec", "sources"): [{
-        "rule": "self.map(s, s.name) == oldSelf.map(s, s.name)",
-        "message": "the source names are immutable: samples are stored under them (create a new FusionRun)",
+        "rule": "oldSelf.all(o, self.exists(s, s.name == o.name))",
+        "message": "the source names are immutable: samples are stored under them; sources may be added, "
+                   "not renamed or removed (create a new FusionRun)",
         "reason": "FieldValueForbidden",
     }],
 }

@@ -64,15 +64,17 @@ def test_immutable_fields_are_refused_by_the_apiserver_naming_the_field(operator
         ({"spec": {"storage": {"runUri": None}}}, "spec.storage.runUri"),
         ({"spec": {"sources": [{"name": "llama2", "model": "s3://wrpo/models/source-llama"},
                                {"name": "qwen", "model": "s3://wrpo/models/source-qwen"}]}}, "spec.sources"),
+        ({"spec": {"sources": [{"name": "qwen", "model": "s3://wrpo/models/source-qwen"}]}}, "spec.sources"),
     ):
         with pytest.raises(ApiException) as e:
             patch_run(custom, ns, "fixed", patch)
         assert e.value.status == 422 and text in e.value.body and "immutable" in e.value.body, e.value.body
-    # what may change still does
+    # what may change still does: a source's settings, and a source added (a unit of its own)
     patched = patch_run(custom, ns, "fixed", {"spec": {"sources": [
         {"name": "llama", "model": "s3://wrpo/models/source-llama", "maxModelLen": 512},
-        {"name": "qwen", "model": "s3://wrpo/models/source-qwen"}]}})
-    assert patched["spec"]["sources"][0]["maxModelLen"] == 512
+        {"name": "qwen", "model": "s3://wrpo/models/source-qwen"},
+        {"name": "phi", "model": "s3://wrpo/models/source-qwen"}]}})
+    assert patched["spec"]["sources"][0]["maxModelLen"] == 512 and len(patched["spec"]["sources"]) == 3
 
 
 def test_a_cluster_change_replaces_the_unfinished_stages_children(operator, apis, run_namespace):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def budget_spec() -> dict:
                      small={"cpu": "100m", "memory": "128Mi"},
                      scoring={"gpus": 1, "parallelism": 3, "cpu": "100m", "memory": "128Mi"},
                      training={"gpus": 1, "procsPerNode": 1, "cpu": "100m", "memory": "128Mi"},
-                     pods={"scoring": {"annotations": {"wrpo.test/run-duration": "4s"}}})
+                     pods={"scoring": {"annotations": {"wrpo.test/run-duration": "8s"}}})
     spec["sources"] = paper_sources()
     return spec
 
@@ -70,7 +71,7 @@ def test_ten_sources_run_under_a_budget_of_8_and_an_added_source_runs_alone(oper
     sampler = GpuSampler(core, apps, run_namespace, "budget")
     sampler.start()
     create_run(custom, run_namespace, "budget", budget_spec())
-    killed = _kill_one_shard(core, run_namespace, "budget", operator)
+    killed, killed_at = _kill_one_shard(core, run_namespace, "budget", operator)
     status = wait_phase(custom, run_namespace, "budget", ["Succeeded", "Failed"], 420, operator)
     sampler.stop.set()
     sampler.join()
@@ -88,10 +89,10 @@ def test_ten_sources_run_under_a_budget_of_8_and_an_added_source_runs_alone(oper
     shards = next(j for j in kids["Job"] if j["metadata"]["name"] == "budget-score-sources-shards")
     assert shards["spec"]["completion_mode"] == "Indexed" and shards["status"]["succeeded"] == 3
     pods = core.list_namespaced_pod(run_namespace, label_selector="job-name=budget-score-sources-shards").items
-    per_index = {}
-    for p in pods:
-        per_index.setdefault(p.metadata.annotations[INDEX], []).append(p.metadata.name)
-    assert len(per_index[killed]) == 2 and all(len(v) == 1 for k, v in per_index.items() if k != killed), per_index
+    by_index = {p.metadata.annotations[INDEX]: p for p in pods}
+    assert sorted(by_index) == ["0", "1", "2"] and len(pods) == 3
+    assert by_index["1"].metadata.name != killed and by_index["1"].metadata.creation_timestamp >= killed_at
+    assert all(by_index[i].metadata.creation_timestamp <= killed_at for i in ("0", "2"))  # not run again
 
     # an 11th source: only its unit samples (one server), the ten stay done
     before = {j["metadata"]["name"]: j["metadata"]["uid"] for j in units}
@@ -111,13 +112,15 @@ def test_ten_sources_run_under_a_budget_of_8_and_an_added_source_runs_alone(oper
     assert {k: units[k] for k in before} == before and "budget-sample-sources-olmo" in units
 
 
-def _kill_one_shard(core, ns: str, run: str, operator) -> str:
-    """Delete the running pod of shard 1 of score-sources' Indexed Job; returns its index."""
+def _kill_one_shard(core, ns: str, run: str, operator):
+    """Delete the running pod of shard 1 of score-sources' Indexed Job once all three run; returns its name
+    and when it was deleted."""
     def running_shard():
         pods = core.list_namespaced_pod(ns, label_selector=f"job-name={run}-score-sources-shards").items
-        return next((p for p in pods if p.metadata.annotations.get(INDEX) == "1" and p.status.phase == "Running"),
-                    None)
+        if sum(p.status.phase == "Running" for p in pods) < 3:
+            return None
+        return next(p for p in pods if p.metadata.annotations.get(INDEX) == "1")
 
-    pod = wait(running_shard, 300, "shard 1 of score-sources running", operator, interval=0.2)
+    pod = wait(running_shard, 300, "the three shards of score-sources running", operator, interval=0.2)
     core.delete_namespaced_pod(pod.metadata.name, ns, grace_period_seconds=0)
-    return "1"
+    return pod.metadata.name, datetime.now(UTC).replace(microsecond=0)
