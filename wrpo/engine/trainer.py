@@ -196,6 +196,8 @@ class TrainingJob:
 
 def run_training(cfg: TrainCommon, job: TrainingJob) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.data`; write model/, metrics.jsonl, checkpoints/ (and eval_metrics.json)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     from wrpo.engine.common import last_checkpoint, load_causal_lm, load_tokenizer, save_final, training_arguments
 
     tok = load_tokenizer(cfg.model)
@@ -218,5 +220,6 @@ def run_training(cfg: TrainCommon, job: TrainingJob) -> dict[str, Any]:
             (cfg.output_dir / "eval_metrics.json").write_text(json.dumps(summary["eval"], indent=2) + "\n")
     summary["model"] = str(save_final(trainer, tok, cfg.output_dir))
     summary["metrics"] = str(metrics)
+    unset_hf_deepspeed_config()  # models loaded later in this process (the stage's log-prob shift) are whole
     summary["layout"] = getattr(trainer.data_collator, "layout", None)
     return summary
