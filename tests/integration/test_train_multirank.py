@@ -72,10 +72,12 @@ def _weights(model_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def wrpo_data(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from wrpo.engine.ref_logps import compute_reference_logps
+
     folder = tmp_path_factory.mktemp("multirank-wrpo")
     data = folder / "train.jsonl"
     data.write_text("".join(x + "\n" for x in (EXAMPLES / "quadruples.jsonl").read_text().splitlines()[:16]))
-    _wrpo_cli("ref-logps", "--model", str(tiny_models / "target"), "--data", str(data), *LIMITS)
+    compute_reference_logps(tiny_models / "target", data, max_length=160, max_prompt_length=80)
     return data
 
 
@@ -88,12 +90,18 @@ def _train_args(kind: str, tiny_models: Path, data: Path, out: Path, extra: tupl
 
 @pytest.fixture(scope="module")
 def single(tiny_models: Path, wrpo_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The single-process runs (no DeepSpeed) every multi-rank run is compared with."""
+    """The single-process runs (no DeepSpeed, in this process) every multi-rank run is compared with:
+    the same options as the command lines, parsed by the same CLI."""
+    from typer.testing import CliRunner
+
+    from wrpo.cli.main import app
+
     folder = tmp_path_factory.mktemp("multirank-single")
     runs = {}
     for kind, data in (("wrpo", wrpo_data), ("sft", EXAMPLES / "sft.jsonl")):
         out = folder / kind
-        _wrpo_cli(*_train_args(kind, tiny_models, data, out, ()))
+        result = CliRunner().invoke(app, _train_args(kind, tiny_models, data, out, ()))
+        assert result.exit_code == 0, result.output
         runs[kind] = out
     return runs
 
