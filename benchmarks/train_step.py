@@ -9,8 +9,9 @@ Prints one JSON line:
 plus the first two from process CPU time (`cpu_time_vs_trl_dpo`, `..._by_cpu_time`) and from the fastest
 timed step (`fastest_step_vs_trl_dpo`): on a machine shared with other work, wall time also measures the
 neighbours (the load average at the end is printed); per contender, wall and process-CPU seconds per step
-(median, and the fastest), response tokens, peak RSS, the gradient-checkpointing setting; the same pair with checkpointing off on both sides (`gc_off`); the pair on
-prompts as long as the responses (`prompt_equals_response`); and each ratio's physical ceiling.
+(median, and the fastest), response tokens, peak RSS, the gradient-checkpointing setting; the same pair
+with checkpointing off on both sides (`gc_off`); the pair on prompts as long as the responses
+(`prompt_equals_response`); and each ratio's physical ceiling.
 
 The workload (UltraFeedback-like): prompts of `--prompt` tokens, the three responses (y_ws, y_wt, y_l) of
 exactly `--response` tokens each; DPO contenders train on (y_wt, y_l). The model is compute-bound on a

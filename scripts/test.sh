@@ -14,7 +14,8 @@ echo "test.sh: main environment $py ($((SECONDS - t0)) s)"
 export WRPO_VLLM_PYTHON="$(bash scripts/setup-vllm-env.sh | tail -n1)"
 echo "test.sh: vLLM environment $WRPO_VLLM_PYTHON ($((SECONDS - t0)) s)"
 
-k8s_line="$(bash tests/cluster/build-binaries.sh | tail -n1)"
+# Without the real node's binaries: its tests run in scripts/test-images.sh (docs/images.md "Cost").
+k8s_line="$(WRPO_NODE_BINARIES=0 bash tests/cluster/build-binaries.sh | tail -n1)"
 export WRPO_K8S_BIN="${k8s_line#WRPO_K8S_BIN=}"
 echo "test.sh: Kubernetes binaries $WRPO_K8S_BIN ($((SECONDS - t0)) s)"
 

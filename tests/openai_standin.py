@@ -1,8 +1,9 @@
 """A STAND-IN OpenAI-compatible server (aiohttp, 127.0.0.1) for fault tests of the sampling client.
 
-It is not vLLM: it answers `/v1/chat/completions` with deterministic texts, and can be told to fail
-(500/429), to be slow, or to return fewer choices than asked. Every request is logged (prompt text, n,
-seed, Authorization header) so tests can check that nothing was asked twice. The happy path of the data
+It is not vLLM: it answers `/v1/chat/completions` with deterministic texts (or what `reply` makes of
+the request: scripted judge verdicts), and can be told to fail (500/429), to be slow, or to return
+fewer choices than asked. Every request is logged (prompt text, n, seed, Authorization header) so
+tests can check that nothing was asked twice. The happy path of the data
 pipeline is tested against a real vLLM server (tests/integration).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,8 @@ class StandIn:
     delay_s: float = 0.0
     max_choices: int | None = None
     retry_after: str | None = None
+    reply: Callable[[dict[str, Any]], str] | None = None  # the answer text for a request body (judge tests)
+    bodies: list[dict[str, Any]] = field(default_factory=list)  # every request body, in order
     requests: list[Request] = field(default_factory=list)
     port: int = 0
 
@@ -44,6 +48,7 @@ class StandIn:
         from aiohttp import web
 
         body = await request.json()
+        self.bodies.append(body)
         prompt = body["messages"][-1]["content"]
         status = self.fail_statuses.pop(0) if self.fail_statuses else 200
         self.requests.append(Request(prompt, body.get("n", 1), body.get("seed"),
@@ -55,8 +60,10 @@ class StandIn:
             return web.json_response({"error": {"message": "stand-in failure"}}, status=status,
                                      headers=headers)
         n = body.get("n", 1) if self.max_choices is None else min(self.max_choices, body.get("n", 1))
-        choices = [{"index": i,
-                    "message": {"role": "assistant", "content": f"answer {body.get('seed')}-{i} to {prompt}"},
+        def text(i: int) -> str:
+            return self.reply(body) if self.reply else f"answer {body.get('seed')}-{i} to {prompt}"
+
+        choices = [{"index": i, "message": {"role": "assistant", "content": text(i)},
                     "finish_reason": "stop" if i % 2 == 0 else "length"} for i in range(n)]
         return web.json_response({"id": "x", "object": "chat.completion", "model": "standin-model",
                                   "choices": choices})

@@ -1,7 +1,9 @@
 """The JSONL records that stages exchange (see docs/architecture.md, "Records"). Field names are a contract.
 
 Every reader goes through `parse_jsonl`, so malformed input always stops with the file, the line and
-the field named, before anything is written or trained.
+the field named, before anything is written or trained. Bytes from users' files go through
+`decode_text` first: UTF-8 with or without a byte-order mark, any line ending; anything else is an
+error naming the file, the line and the byte offset.
 """
 
 from __future__ import annotations
@@ -132,20 +134,87 @@ def _field_path(err: dict[str, Any]) -> str:
     return ".".join(str(p) for p in err.get("loc", ())) or "<record>"
 
 
-def load_object(text: str, source: str, line: int) -> dict[str, Any]:
-    """One JSONL line as a JSON object; DataError(source, line) when it is not one."""
+_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+         b"\xfe\xff": "UTF-16"}
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """UTF-8 text of a user's file: a byte-order mark is dropped; other encodings are a DataError naming
+    the line and the byte offset of the first byte that is not UTF-8."""
+    for bom, name in _BOMS.items():
+        if data.startswith(bom):
+            raise DataError(source, f"is {name} (byte-order mark {bom.hex(' ').upper()}); save it as UTF-8")
     try:
-        obj = json.loads(text)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(source, f"is not UTF-8: byte 0x{data[e.start]:02X} at byte offset {e.start} (column "
+                        f"{e.start - line_start + 1} of the line); save the file as UTF-8", line) from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def load_object(text: str, source: str, line: int) -> dict[str, Any]:
+    """One JSONL line as a JSON object; DataError(source, line) when it is not one (or repeats a key)."""
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise DataError(source, f"duplicate key '{e.args[0]}' in one object", line) from None
     except json.JSONDecodeError as e:
-        raise DataError(source, f"malformed JSON ({e.msg} at column {e.colno})", line) from None
+        hint = "; the file looks like one JSON document, not JSON Lines (one object per line)" \
+            if line == 1 and text.lstrip().startswith("[") else ""
+        raise DataError(source, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}){hint}",
+                        line) from None
     if not isinstance(obj, dict):
-        raise DataError(source, f"expected a JSON object, got {type(obj).__name__}", line)
+        raise DataError(source, f"expected a JSON object, got {json_kind(obj)}", line)
     return obj
+
+
+def json_kind(value: Any) -> str:
+    """`a string`, `an array`, ... : what a JSON value is, in JSON's words (for messages)."""
+    return {list: "an array", dict: "an object", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def json_value(value: Any) -> str:
+    """A JSON value as written in JSON (true, null, "text", NaN), cut to 60 characters, for messages."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validation_message(err: Any) -> str:
+    """A pydantic error of a record field in plain words, with what was found where that helps."""
+    if err["type"] == "missing":
+        return "is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "Input should be an object"
+    if err["type"].endswith("_type") or err["type"] == "literal_error":
+        msg += f", got {json_value(err.get('input'))}"
+    return msg
+
+
+def lines_of(text: str) -> list[str]:
+    """JSONL lines: split at '\n' only ('\r\n' too), never inside a JSON string at U+2028 or U+0085 as
+    `str.splitlines` would."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def iter_objects(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSONL document."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines_of(text), start=1):
         if line.strip():
             yield number, load_object(line, source, number)
 
@@ -157,8 +226,7 @@ def parse_line(text: str, model: type[R], source: str, line: int) -> R:
         return model.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        raise DataError(source, msg, line, _field_path(err)) from None
+        raise DataError(source, validation_message(err), line, _field_path(err)) from None
 
 
 def iter_jsonl(lines: Iterable[str], model: type[R], source: str) -> Iterator[tuple[int, R]]:
@@ -172,7 +240,7 @@ def parse_jsonl(text: str, model: type[R], source: str, unique_ids: bool = True)
     """Parse a whole JSONL document. With `unique_ids`, a repeated prompt_id (per model) is an error."""
     records: list[R] = []
     seen: dict[tuple[str, str], int] = {}
-    for number, rec in iter_jsonl(text.splitlines(), model, source):
+    for number, rec in iter_jsonl(lines_of(text), model, source):
         key = (getattr(rec, "prompt_id", ""), getattr(rec, "model", ""))
         if unique_ids and key in seen:
             raise DataError(source, f"duplicate prompt_id '{key[0]}' (first on line {seen[key]})",

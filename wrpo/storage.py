@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -49,6 +49,10 @@ class S3Options:
     retry_mode: str = "standard"
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
+    # Explicit keys (the operator reads them from the run's Secret); None: boto3's standard chain.
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_spec(cls, storage: Any) -> S3Options:
@@ -175,7 +179,10 @@ class S3Backend:
             connect_timeout=options.connect_timeout_s, read_timeout=options.read_timeout_s,
             region_name=options.region,
         )
-        self.client = boto3.client("s3", endpoint_url=options.endpoint_url, config=config)
+        self.client = boto3.client("s3", endpoint_url=options.endpoint_url, config=config,
+                                   aws_access_key_id=options.access_key_id,
+                                   aws_secret_access_key=options.secret_access_key,
+                                   aws_session_token=options.session_token)
         self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
                                        multipart_chunksize=MULTIPART_THRESHOLD)
 

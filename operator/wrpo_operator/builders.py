@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import yaml
-
-from wrpo.pipeline.plan import Server, servers
+from wrpo.pipeline.plan import Server, external_endpoints, servers
 from wrpo.pipeline.plan import stage as plan_stage
-from wrpo.pipeline.spec import FusionSpec, SourceSpec, StageResources, VLLMResources
+from wrpo.pipeline.spec import EndpointSpec, FusionSpec, StageResources, VLLMResources, dump_spec_yaml
 from wrpo_operator import (
     API_VERSION,
     FIELD_MANAGER,
@@ -85,7 +83,7 @@ def spec_configmap_name(run_name: str) -> str:
 
 def build_spec_configmap(run_name: str, namespace: str, spec: FusionSpec) -> Obj:
     """The FusionSpec as /etc/wrpo/spec.yaml for every stage pod (camelCase, defaults filled in)."""
-    text = yaml.safe_dump(spec.model_dump(mode="json", by_alias=True), sort_keys=False)
+    text = dump_spec_yaml(spec)  # read back by the pods' strict loader: ambiguous words quoted ('n': 5)
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": spec_configmap_name(run_name), "namespace": namespace,
@@ -113,14 +111,11 @@ def _s3_env(spec: FusionSpec) -> list[Obj]:
     return env
 
 
-def _api_key_env(sources: list[SourceSpec]) -> list[Obj]:
+def _api_key_env(endpoints: list[EndpointSpec]) -> list[Obj]:
     """API keys of external endpoints, from their Secrets (key `api-key`) into the named env vars."""
-    return [
-        {"name": s.endpoint.api_key_env,
-         "valueFrom": {"secretKeyRef": {"name": s.endpoint.api_key_secret, "key": "api-key"}}}
-        for s in sources
-        if s.endpoint and s.endpoint.api_key_secret and s.endpoint.api_key_env
-    ]
+    refs = {e.api_key_env: e.api_key_secret for e in endpoints if e.api_key_secret and e.api_key_env}
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": "api-key"}}}
+            for env, secret in refs.items()]
 
 
 def _resources(res: StageResources, gpus: int | None = None) -> Obj:
@@ -318,8 +313,7 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
         volumes.append(vol)
         mounts.append(mount)
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
-    if plan_stage(stage).servers == "sources":  # external endpoints' keys, from their Secrets
-        env += _api_key_env(list(spec.sources))
+    env += _api_key_env(external_endpoints(spec, stage))  # external endpoints' keys, from their Secrets
     container = _runtime_container(spec, container_name, command, env, mounts,
                                    _resources(stage_resources(spec, stage)))
     if ports:

@@ -4,9 +4,11 @@
 schemas are generated, never hand-written (docs/architecture.md, "One source, generated copies"). The
 generator turns pydantic's JSON schema into a structural OpenAPI v3 schema: `$defs` inlined, `anyOf [X, null]`
 → `nullable: true`, numeric `exclusiveMinimum` → OpenAPI 3.0's boolean form, `additionalProperties: true`
-(free-form dicts such as tolerations) → `x-kubernetes-preserve-unknown-fields`. The pydantic cross-field
-validators have CEL twins below (`CEL_RULES`); a unit test fails when a validator has no twin or the files
-drift."""
+(free-form dicts such as tolerations) → `x-kubernetes-preserve-unknown-fields`. Field constraints bring their
+CEL rules along in the JSON schema (`wrpo.pipeline.checks.Check`); the pydantic cross-field validators have CEL
+twins below (`CEL_RULES`), and so do the cluster-only rules (`CLUSTER_CEL`, on `.spec`). Unit tests fail when a
+validator or cluster rule has no twin or the files drift; tests/cluster/test_spec_corpus.py feeds the same
+wrong specs to `wrpo spec validate` and to the apiserver (docs/spec.md, "Validation")."""
 
 from __future__ import annotations
 
@@ -19,8 +21,19 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
-from wrpo.pipeline.spec import FusionSpec, RewardSpec, WRPOSpec, spec_json_schema
+from wrpo.pipeline.checks import LOOPBACK_URL_RE, S3_URI_RE, cel_matches
+from wrpo.pipeline.spec import (
+    TYPE_VALIDATORS,
+    DatasetSpec,
+    FusionSpec,
+    RewardSpec,
+    SFTSpec,
+    WRPOSpec,
+    spec_json_schema,
+    unwrap_optional,
+)
 from wrpo_operator import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from wrpo_operator.status import FusionRunStatus
 
@@ -44,17 +57,41 @@ CLUSTER_BOUNDS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def _default(model: type[BaseModel], field: str) -> Any:
-    return model.model_fields[field].default
-
-
 def _cel_value(v: Any) -> str:
-    return f"'{v}'" if isinstance(v, str) else str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    return f"'{v}'" if isinstance(v, str) else repr(v)
 
 
-def _or_default(model: type[BaseModel], field: str, alias: str) -> str:
-    """`self.x` or, when absent, the model's default (the apiserver defaults first; this is a guard)."""
-    return f"(has(self.{alias}) ? self.{alias} : {_cel_value(_default(model, field))})"
+def _field(model: type[BaseModel], alias: str) -> tuple[str, Any]:
+    for name, f in model.model_fields.items():
+        if (f.alias or name) == alias:
+            return name, f
+    raise KeyError(f"{model.__name__} has no field '{alias}'")
+
+
+def _attr(obj: Any, chain: list[str]) -> Any:
+    for alias in chain:
+        obj = getattr(obj, _field(type(obj), alias)[0])
+    return obj
+
+
+def get(model: type[BaseModel], path: str, expr: str = "self") -> str:
+    """CEL for the value at dotted camelCase `path` under `expr` (an object of `model`), or pydantic's
+    default where the apiserver has none. The apiserver fills in leaf defaults of present objects, but an
+    absent section (a pydantic default_factory) stays absent: CEL then uses the factory's value, e.g.
+    cluster.training.procsPerNode is 8 without cluster.training and 1 inside a cluster.training that
+    omits it. has() is false for an absent field and for an explicit null, as pydantic's None."""
+    key, *rest = path.split(".")
+    name, field = _field(model, key)
+    sub = f"{expr}.{key}"
+    absent = field.get_default(call_default_factory=True)
+    present = get(unwrap_optional(field.annotation), ".".join(rest), sub) if rest else sub
+    if absent is PydanticUndefined:  # a required field: the schema guarantees it
+        return present
+    return f"(has({sub}) ? {present} : {_cel_value(_attr(absent, rest))})"
 
 
 def _set(field: str) -> str:
@@ -68,6 +105,22 @@ _SERVER_GPUS = ("((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self
                 " : (has({s}.tensorParallelSize) ? {s}.tensorParallelSize : 1))"
                 " * (has({s}.replicas) ? {s}.replicas : 1)")
 
+
+def _batch_rule(model: type[BaseModel]) -> dict[str, str]:
+    return {"rule": f"{get(model, 'batchSize')} % {get(model, 'perDeviceBatchSize')} == 0",
+            "message": "batchSize must be a multiple of perDeviceBatchSize (gradient accumulation makes up the rest)",
+            "fieldPath": ".batchSize"}
+
+
+_HAS_GROUPS = "has(self.selection) && has(self.selection.sourceGroups)"
+_IN_GROUPS = "self.selection.sourceGroups.exists(g, g == s.name || (has(s.group) && s.group == g))"
+_SELECTED = f"({_HAS_GROUPS} ? size(self.sources.filter(s, {_IN_GROUPS})) : size(self.sources))"
+_KEYED = "has(self.apiKeyEnv) || has(self.apiKeyFile) || has(self.apiKeySecret)"
+
+#: GPUs of one unreplicated server (a judge, the reward model's pooling server, whose tensorParallelSize is 1).
+_JUDGE_GPUS = ("((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus"
+               " : (has({j}.tensorParallelSize) ? {j}.tensorParallelSize : 1))")
+
 #: The CEL twin of every pydantic cross-field validator, keyed by (model title, validator name).
 CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
     ("SourceSpec", "_one_of"): [{
@@ -79,14 +132,37 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "message": "'apiKeySecret' needs 'apiKeyEnv': the variable the Secret's key is exposed as",
         "fieldPath": ".apiKeyEnv",
     }],
-    ("RewardSpec", "_needs"): [{
-        "rule": f"{_or_default(RewardSpec, 'type', 'type')} == 'remote' "
-        f"? ({_set('endpoint')} || {_set('model')}) : {_set('model')}",
-        "message": "reward: type 'remote' needs 'endpoint' (or 'model'); other types need 'model'",
+    ("JudgeSpec", "_one_of"): [{
+        "rule": f"{_set('model')} != {_set('endpoint')}",
+        "message": "a judge needs exactly one of 'model' and 'endpoint'",
     }],
+    ("EndpointSpec", "_one_key_source"): [{
+        "rule": f"!({_set('apiKeyEnv')} && {_set('apiKeyFile')})",
+        "message": "set one of 'apiKeyEnv' and 'apiKeyFile', not both",
+        "fieldPath": ".apiKeyFile",
+    }],
+    ("EndpointSpec", "_key_over_https"): [{
+        "rule": f"!({_KEYED}) || !self.url.startsWith('http://') || (has(self.allowHttp) && self.allowHttp) "
+        f"|| {cel_matches(LOOPBACK_URL_RE, 'self.url')}",
+        "message": "an API key is sent only over https:// (or to a loopback host); set allowHttp: true to send it "
+        "over plain http",
+        "fieldPath": ".url",
+    }],
+    ("RewardSpec", "_needs"): [{
+        "rule": f"{get(RewardSpec, 'type')} == 'judge' ? {_set('judge')} : {_set('model')}",
+        "message": "reward: type 'judge' needs 'judge'; every other type needs 'model' (a remote scorer "
+        "tokenises with it)",
+        "fieldPath": ".model",
+    }],
+    ("DatasetSpec", "_sizes"): [{
+        "rule": f"!{_set('maxPrompts')} || {get(DatasetSpec, 'evalSize')} < self.maxPrompts",
+        "message": "evalSize must be smaller than maxPrompts: the splits would be empty",
+        "fieldPath": ".evalSize",
+    }],
+    ("SFTSpec", "_batch_multiple"): [_batch_rule(SFTSpec)],
+    ("WRPOSpec", "_batch_multiple"): [_batch_rule(WRPOSpec)],
     ("WRPOSpec", "_lengths"): [{
-        "rule": f"{_or_default(WRPOSpec, 'max_prompt_length', 'maxPromptLength')} < "
-        f"{_or_default(WRPOSpec, 'max_length', 'maxLength')}",
+        "rule": f"{get(WRPOSpec, 'maxPromptLength')} < {get(WRPOSpec, 'maxLength')}",
         "message": "'maxPromptLength' must be smaller than 'maxLength'",
         "fieldPath": ".maxPromptLength",
     }],
@@ -106,12 +182,89 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "message": "cluster.gpuBudget is smaller than what one server or job needs",
         "fieldPath": ".cluster.gpuBudget",
     }],
+    ("FusionSpec", "_eval_fits_the_gpu_budget"): [{
+        "rule": "!has(self.cluster) || !has(self.cluster.gpuBudget)"
+        " || ((!has(self.eval) || !has(self.eval.prompts))"
+        " && (!has(self.dataset.evalSize) || self.dataset.evalSize == 0))"
+        f" || 3 * {_SERVER_GPUS.format(s='self.target')}"
+        " + (!has(self.cluster.scoring) ? 1 : (has(self.cluster.scoring.gpus) ? self.cluster.scoring.gpus : 0))"
+        f" + ((has(self.eval) && has(self.eval.judge) && has(self.eval.judge.model))"
+        f" ? {_JUDGE_GPUS.format(j='self.eval.judge')} : 0)"
+        " + ((has(self.eval) && has(self.eval.rewardModel) && !self.eval.rewardModel) || !has(self.reward) ? 0"
+        " : ((has(self.reward.type) && self.reward.type == 'remote' && !has(self.reward.endpoint))"
+        " ? ((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus : 1)"
+        " : ((has(self.reward.type) && self.reward.type == 'judge' && has(self.reward.judge)"
+        f" && has(self.reward.judge.model)) ? {_JUDGE_GPUS.format(j='self.reward.judge')} : 0)))"
+        " <= self.cluster.gpuBudget",
+        "message": "cluster.gpuBudget is smaller than the GPUs the eval stage holds at once (3 × the target's "
+        "servers, a local judge, a served reward model, cluster.scoring.gpus)",
+        "fieldPath": ".cluster.gpuBudget",
+    }],
     ("FusionSpec", "_names_distinct"): [{
-        "rule": "!self.sources.exists(s, s.name == "
-        "(has(self.target.servedName) ? self.target.servedName : 'target'))",
+        "rule": f"!self.sources.exists(s, s.name == {get(FusionSpec, 'target.servedName')})",
         "message": "target.servedName collides with a source name",
         "fieldPath": ".target.servedName",
     }],
+    ("FusionSpec", "_selection"): [
+        {"rule": f"!({_HAS_GROUPS}) || self.selection.sourceGroups.all(g, "
+         "self.sources.exists(s, s.name == g || (has(s.group) && s.group == g)))",
+         "message": "every entry of selection.sourceGroups must name a source or a source group",
+         "fieldPath": ".selection.sourceGroups"},
+        {"rule": f"{get(FusionSpec, 'selection.sourceRank')} <= {_SELECTED}",
+         "message": "selection.sourceRank exceeds the number of selected sources",
+         "fieldPath": ".selection.sourceRank"},
+        {"rule": f"{_SELECTED} == 0 || {get(FusionSpec, 'selection.topKSources')} <= "
+         f"{get(FusionSpec, 'sampling.n')} * {_SELECTED}",
+         "message": "selection.topKSources exceeds the source answers per prompt (sampling.n × selected sources)",
+         "fieldPath": ".selection.topKSources"},
+        *({"rule": f"!{get(FusionSpec, f'{a}.rejectedSource')} || {get(FusionSpec, f'{b}.rejectedSource')}",
+           "message": "selection.rejectedSource and wrpo.rejectedSource must be equal: selection keeps y_ls exactly "
+           "when WRPO's Eq. 9 term trains on it",
+           "fieldPath": f".{a}.rejectedSource"} for a, b in (("selection", "wrpo"), ("wrpo", "selection"))),
+    ],
+    ("FusionSpec", "_serving_lengths"): [{
+        "rule": f"self.sources.all(s, !has(s.maxModelLen) || s.maxModelLen > {get(FusionSpec, 'sampling.maxTokens')})",
+        "message": "sources[].maxModelLen must exceed sampling.maxTokens: the prompt and the answer share the context",
+        "fieldPath": ".sources",
+    }],
+}
+
+
+def _devices() -> str:
+    return f"{get(FusionSpec, 'cluster.training.nodes')} * {get(FusionSpec, 'cluster.training.procsPerNode')}"
+
+
+def _fits(section: str) -> dict[str, str]:
+    return {"rule": f"{get(FusionSpec, f'{section}.batchSize')} % ({get(FusionSpec, f'{section}.perDeviceBatchSize')}"
+            f" * {_devices()}) == 0",
+            "message": f"{section}.batchSize must be a multiple of perDeviceBatchSize × the training devices "
+            "(cluster.training.nodes × procsPerNode)",
+            "fieldPath": f".{section}.batchSize"}
+
+
+def _not_relative(expr: str) -> str:
+    return f"!({expr}.startsWith('./') || {expr}.startsWith('../'))"
+
+
+_RELATIVE = "a relative path means nothing in a pod: use s3://bucket/prefix, an absolute path (cluster.modelsPvc) " \
+    "or a hub id"
+
+#: The CEL twin of every rule in wrpo.pipeline.spec.CLUSTER_RULES, on `.spec`.
+CLUSTER_CEL: dict[str, list[dict[str, str]]] = {
+    "run_on_s3": [{
+        "rule": f"has(self.storage) && has(self.storage.runUri) && {cel_matches(S3_URI_RE, 'self.storage.runUri')}",
+        "message": "a FusionRun needs an s3://bucket/prefix run directory (its pods share no local disk)",
+        "fieldPath": ".storage.runUri",
+    }],
+    "batches_fit_devices": [_fits("sft"), _fits("wrpo")],
+    "no_relative_paths": [
+        {"rule": _not_relative("self.target.model"), "message": _RELATIVE, "fieldPath": ".target.model"},
+        {"rule": f"self.sources.all(s, !has(s.model) || {_not_relative('s.model')})", "message": _RELATIVE,
+         "fieldPath": ".sources"},
+        {"rule": f"!has(self.reward) || !has(self.reward.model) || {_not_relative('self.reward.model')}",
+         "message": _RELATIVE, "fieldPath": ".reward.model"},
+        {"rule": _not_relative("self.dataset.uri"), "message": _RELATIVE, "fieldPath": ".dataset.uri"},
+    ],
 }
 
 #: Rules on the whole object (only metadata.name is visible to CEL there).
@@ -133,7 +286,8 @@ def pydantic_validators(model: type[BaseModel] = FusionSpec) -> set[tuple[str, s
         seen.add(m)
         decorators = m.__pydantic_decorators__
         for name in [*decorators.model_validators, *decorators.field_validators]:
-            found.add((m.__name__, name))
+            if name not in TYPE_VALIDATORS:
+                found.add((m.__name__, name))
         for f in m.model_fields.values():
             for t in _model_types(f.annotation):
                 walk(t)
@@ -216,6 +370,8 @@ def status_schema() -> dict[str, Any]:
 def build_crd() -> dict[str, Any]:
     """The CustomResourceDefinition of FusionRun, as a dict."""
     spec = structural(spec_json_schema())
+    spec.setdefault("x-kubernetes-validations", []).extend(
+        {"reason": "FieldValueInvalid", **r} for rules in CLUSTER_CEL.values() for r in rules)
     spec["description"] = "A FusionSpec (wrpo/pipeline/spec.py): the whole fusion pipeline of this run."
     root = {
         "type": "object",
@@ -235,6 +391,8 @@ def build_crd() -> dict[str, Any]:
         {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Current stage."},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
          "description": "Committed stages / all stages."},
+        {"name": "Fused-vs-Target", "type": "number", "jsonPath": ".status.eval.fusedVsTarget",
+         "description": "Reward-model win rate (%) of the fused model against the original target (eval stage)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Output", "type": "string", "jsonPath": ".status.outputUri", "priority": 1,
          "description": "Where the fused model lands."},

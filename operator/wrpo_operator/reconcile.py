@@ -16,7 +16,7 @@ from typing import Any
 
 from wrpo.errors import SpecError
 from wrpo.pipeline.plan import BY_NAME, STAGE_NAMES, stage_hashes
-from wrpo.pipeline.spec import FusionSpec, parse_spec
+from wrpo.pipeline.spec import FusionSpec, cluster_problems, parse_spec, problem_lines
 from wrpo_operator import LABEL_RUN, LABEL_STAGE, LABEL_STAGE_HASH
 from wrpo_operator.builders import (
     Obj,
@@ -33,6 +33,7 @@ from wrpo_operator.status import (
     HASH_PREFIX,
     deployment_ready,
     derive_conditions,
+    eval_summary,
     job_state,
     parse_time,
     timestamp,
@@ -70,15 +71,12 @@ class Decision:
 
 
 def check_cluster_spec(spec: FusionSpec, source: str) -> None:
-    """Rules that only the cluster needs (the local runner has defaults for these)."""
-    problems = []
-    if not spec.storage.run_uri:
-        problems.append("storage.runUri: a FusionRun needs a run directory (s3://bucket/prefix)")
-    for s in spec.sources:
-        if s.endpoint and s.endpoint.api_key_secret and not s.endpoint.api_key_env:
-            problems.append(f"sources[{s.name}].endpoint.apiKeySecret needs apiKeyEnv (the variable to set)")
+    """The cluster-only rules (wrpo.pipeline.spec.CLUSTER_RULES: an s3:// run directory, batches that fit
+    cluster.training, no relative paths). The CRD's CEL twins refuse such a FusionRun at admission; this
+    catches one admitted under an older CRD."""
+    problems = cluster_problems(spec)
     if problems:
-        raise SpecError("\n".join(f"{source}: {p}" for p in problems))
+        raise SpecError("\n".join(problem_lines(problems, source)))
 
 
 def _key(obj: Obj) -> Key:
@@ -282,6 +280,7 @@ def reconcile(run: Obj, kube: Kube, now: datetime | None = None, settings: Setti
         kube.delete(kind, ns, child)
     # 5. status, only if it changed; Events on transitions
     old = run.get("status") or {}
+    _eval_status(kube, name, ns, old, d.status)
     if _without_none(d.status) != _without_none(old):
         kube.merge_patch("FusionRun", ns, name, {"status": d.status}, sub="status")
         for etype, reason, message in transitions(old, d.status):
@@ -291,6 +290,21 @@ def reconcile(run: Obj, kube: Kube, now: datetime | None = None, settings: Setti
     if d.delete_run:
         kube.delete("FusionRun", ns, name)
     return d
+
+
+def _eval_status(kube: Kube, name: str, ns: str, old: Obj, status: Obj) -> None:
+    """status.eval: kept while the eval stage's hash is unchanged, else read once from its pods' termination
+    message after it succeeded (docs/operator.md, "Status")."""
+    entry = next((s for s in status["stages"] if s["name"] == "eval"), None)
+    if entry is None or entry["state"] != "Succeeded":
+        return
+    if (old.get("eval") or {}).get("hash") == entry["hash"]:
+        status["eval"] = old["eval"]
+        return
+    selector = f"{LABEL_RUN}={name},{LABEL_STAGE}=eval,{LABEL_STAGE_HASH}={entry['hash']}"
+    found = eval_summary(kube.list("Pod", ns, selector), entry["hash"])
+    if found is not None:
+        status["eval"] = found
 
 
 def _controlled_by_other(obj: Obj, uid: str) -> bool:

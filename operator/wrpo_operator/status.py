@@ -49,6 +49,18 @@ class StageStatus(_Status):
     retries: int = Field(default=0, description="Failed pods so far (retried up to cluster.backoffLimit).")
 
 
+class EvalSummary(_Status):
+    """The eval stage's key figures (win rates in %), from its pod's termination message (docs/eval.md)."""
+
+    prompts: int | None = Field(default=None, description="Evaluation prompts answered.")
+    fused_vs_target: float | None = Field(default=None, description="Reward-model win rate of the fused model "
+                                          "against the original target (%).")
+    fused_vs_sft: float | None = Field(default=None, description="Reward-model win rate against Target-SFT (%).")
+    lc_fused_vs_target: float | None = Field(default=None, description="Length-controlled win rate (%).")
+    judge_fused_vs_target: float | None = Field(default=None, description="LLM-judge win rate against the target (%).")
+    hash: str | None = Field(default=None, description="Prefix of the eval stage hash these figures belong to.")
+
+
 class FusionRunStatus(_Status):
     """Observed state of a FusionRun."""
 
@@ -62,6 +74,7 @@ class FusionRunStatus(_Status):
     start_time: Timestamp | None = Field(default=None, description="When the first stage started.")
     completion_time: Timestamp | None = Field(default=None, description="When the run succeeded or failed.")
     stages: list[StageStatus] = Field(default_factory=list, description="Every stage in pipeline order.")
+    eval: EvalSummary | None = Field(default=None, description="Did the fusion help? The eval stage's summary.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, ...")
 
 
@@ -145,3 +158,27 @@ def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str
             phase, "Resumed" if prev_phase == "Suspended" else "Running")
         events.append((kind, reason, new.get("message") or f"run is {phase}"))
     return events
+
+
+#: summary key of `wrpo stage eval` → status.eval field
+_EVAL_KEYS = {"prompts": "prompts", "fused_vs_target": "fusedVsTarget", "fused_vs_sft": "fusedVsSft",
+              "lc_fused_vs_target": "lcFusedVsTarget", "judge_fused_vs_target": "judgeFusedVsTarget"}
+
+
+def eval_summary(pods: list[dict[str, Any]], stage_hash: str) -> dict[str, Any] | None:
+    """status.eval from the eval stage's pods: the termination message (`wrpo stage` writes its JSON line
+    there) of a container that exited 0; None when no such message can be read."""
+    import json
+
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            done = ((cs.get("state") or {}).get("terminated")) or {}
+            if done.get("exitCode") != 0 or not done.get("message"):
+                continue
+            try:
+                summary = json.loads(done["message"]).get("summary") or {}
+            except (ValueError, AttributeError):
+                continue
+            out = {_EVAL_KEYS[k]: v for k, v in summary.items() if k in _EVAL_KEYS and isinstance(v, int | float)}
+            return {**out, "hash": stage_hash}
+    return None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the binaries of a real Kubernetes control plane (no kubelet) from the Go module proxy:
+# Build the binaries of a real Kubernetes control plane from the Go module proxy:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, helm and the Kubeflow
-# training-operator (plus its CRD YAMLs). Everything is cached outside the repo under
+# training-operator (plus its CRD YAMLs), and of a real node for tests/cluster/k8s_node.py:
+# kubelet, kube-proxy and CoreDNS. Everything is cached outside the repo under
 #   ${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}/<version-key>/
 # and a re-run with the same versions does nothing. The last line printed is
 #   WRPO_K8S_BIN=<dir>
@@ -9,6 +10,7 @@
 #
 # Usage: tests/cluster/build-binaries.sh            # build what is missing
 #        WRPO_K8S_VERSION=v1.34.4 tests/cluster/build-binaries.sh
+#        WRPO_NODE_BINARIES=0 tests/cluster/build-binaries.sh   # without kubelet, kube-proxy, CoreDNS
 set -euo pipefail
 
 K8S_VERSION="${WRPO_K8S_VERSION:-v1.35.4}"
@@ -16,6 +18,9 @@ ETCD_VERSION="${WRPO_ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${WRPO_KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${WRPO_HELM_VERSION:-v3.22.0}"
 TRAINING_OPERATOR_VERSION="${WRPO_TRAINING_OPERATOR_VERSION:-v1.9.4}"
+# Not in the cache key below (adding the node kept existing control-plane caches): its binary is
+# named coredns-<version>, so a new version is a new build.
+COREDNS_VERSION="${WRPO_COREDNS_VERSION:-v1.15.0}"
 
 export PATH="/usr/local/go/bin:${PATH}"
 command -v go >/dev/null || { echo "build-binaries: 'go' not found (need Go >= 1.26)" >&2; exit 1; }
@@ -189,6 +194,81 @@ require ${mod} ${TRAINING_OPERATOR_VERSION}")"
   mv "${OUT}/training-operator-crds.tmp" "${OUT}/training-operator-crds"
 }
 
+# -- the node (tests/cluster/k8s_node.py): kubelet and kube-proxy from the same wrapper module and
+# with the same version stamp as the control plane, and CoreDNS with the few plugins the node uses.
+
+build_node() {
+  [[ -f "${WORK}/kubernetes/go.mod" ]] || build_kubernetes  # the module (cheap with a warm cache)
+  local minor="${K8S_VERSION#v1.}"
+  minor="${minor%%.*}"
+  local v="k8s.io/component-base/version"
+  local ldflags="${LDFLAGS_BASE} -X ${v}.gitVersion=${K8S_VERSION} -X ${v}.gitMajor=1"
+  ldflags+=" -X ${v}.gitMinor=${minor} -X ${v}.gitTreeState=clean"
+  ldflags+=" -X ${v}.buildDate=1970-01-01T00:00:00Z"
+  (cd "${WORK}/kubernetes" && run go build "${BUILD_FLAGS[@]}" -ldflags "${ldflags}" -o "${OUT}/" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
+}
+
+build_coredns() {
+  local dir
+  dir="$(wrapper_module "coredns-${COREDNS_VERSION}" "module wrpo.local/coredns
+
+go 1.26
+
+require github.com/coredns/coredns ${COREDNS_VERSION}")"
+  cat >"${dir}/main.go" <<'EOF'
+// Command coredns is CoreDNS with only the plugins the node harness's Corefile uses.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func init() {
+	// Plugin order within a server block (CoreDNS's own list, cut to these plugins).
+	dnsserver.Directives = []string{"bind", "log", "health", "ready", "errors", "cache", "kubernetes"}
+}
+
+func main() { coremain.Run() }
+EOF
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -ldflags "${LDFLAGS_BASE}" \
+    -o "${OUT}/coredns-${COREDNS_VERSION}-bind" .)
+}
+
+# The pod sandbox's process: waits for SIGTERM/SIGINT (k8s_node.py wraps it into the sandbox image).
+build_pause() {
+  local dir
+  dir="$(wrapper_module pause "module wrpo.local/pause
+
+go 1.26")"
+  cat >"${dir}/main.go" <<'EOF'
+// Command pause holds a pod's namespaces until it is told to stop.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGINT, syscall.SIGTERM)
+	<-stop
+}
+EOF
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -ldflags "${LDFLAGS_BASE}" -o "${OUT}/pause" .)
+}
+
 total_start=${SECONDS}
 log "go ${GO_VERSION}, ${JOBS} parallel jobs, output ${OUT}"
 step etcd etcd -- build_etcd
@@ -197,6 +277,13 @@ step helm helm -- build_helm
 step training-operator training-operator training-operator-local "${LOCAL_STAMP}" \
   training-operator-crds -- build_training_operator
 step kubernetes kube-apiserver kube-controller-manager kube-scheduler -- build_kubernetes
+# The real node's binaries; WRPO_NODE_BINARIES=0 skips them (scripts/test.sh: its tests do not use them).
+if [[ "${WRPO_NODE_BINARIES:-1}" == 1 ]]; then
+  step node kubelet kube-proxy -- build_node
+  step coredns "coredns-${COREDNS_VERSION}-bind" -- build_coredns
+  step pause pause -- build_pause
+  ln -sfn "coredns-${COREDNS_VERSION}-bind" "${OUT}/coredns"
+fi
 log "all binaries ready in $((SECONDS - total_start))s"
 
 cat >"${OUT}/versions.env" <<EOF
@@ -205,6 +292,7 @@ ETCD_VERSION=${ETCD_VERSION}
 KWOK_VERSION=${KWOK_VERSION}
 HELM_VERSION=${HELM_VERSION}
 TRAINING_OPERATOR_VERSION=${TRAINING_OPERATOR_VERSION}
+COREDNS_VERSION=${COREDNS_VERSION}
 GO_VERSION=${GO_VERSION}
 EOF
 echo "WRPO_K8S_BIN=${OUT}" >"${OUT}/env"

@@ -171,3 +171,37 @@ def pod_runner(k8s_cluster, tmp_path):
         _RUNNERS.remove(runner)
     for api in clients:
         api.close()
+
+
+@pytest.fixture(scope="session")
+def real_node(k8s_cluster, tmp_path_factory):
+    """A real kubelet node beside the kwok nodes (k8s_node.py) with the images of images/build.sh
+    imported. Runs only when asked (WRPO_NODE_E2E=1, set by scripts/test-images.sh): skips otherwise,
+    and fails instead of skipping when WRPO_REQUIRE_NODE=1. The host is restored afterwards; a
+    teardown that could not restore something fails the session's last test."""
+    import k8s_node
+
+    required = os.environ.get("WRPO_REQUIRE_NODE") == "1"
+    if not (required or os.environ.get("WRPO_NODE_E2E") == "1"):
+        pytest.skip("the real-node tests run with WRPO_NODE_E2E=1 (scripts/test-images.sh)")
+    root = Path(__file__).resolve().parents[2]
+    archive = k8s_node.image_archive(root)
+    missing = k8s_node.missing_prerequisites(k8s_cluster.bin_dir)
+    if not archive.is_file():
+        missing.append(f"{archive} (bash images/build.sh)")
+    else:
+        names = k8s_node.image_names(root)
+        tags = k8s_node.archive_tags(archive)
+        missing += [f"{names[t]} in {archive}" for t in ("operator", "runtime-cpu", "vllm-cpu") if names[t] not in tags]
+    if missing:
+        message = f"the real node needs: {', '.join(missing)}"
+        if required:
+            pytest.fail(f"WRPO_REQUIRE_NODE=1 but {message}", pytrace=False)
+        pytest.skip(message)
+    cache = Path(os.environ.get("WRPO_CACHE", Path.home() / ".cache" / "wrpo"))
+    node = k8s_node.start_node(k8s_cluster, tmp_path_factory.mktemp("node"), cache / "node" / "containerd",
+                               [archive])
+    print(f"\nreal node {node.name} ready: {node.timings}")
+    yield node
+    problems = node.stop()
+    assert not problems, f"the host was not fully restored: {problems}"

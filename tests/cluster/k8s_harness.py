@@ -324,6 +324,9 @@ def _start_etcd_and_apiserver(cluster: Cluster, timeout: float) -> tuple[Path, P
                       "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"),
     )
     admin = ca.issue("admin", "/O=system:masters/CN=wrpo-admin", client=True)
+    # How the apiserver reaches a real kubelet (k8s_node.py) for logs, exec and port-forward.
+    kubelet_client = ca.issue("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+                              client=True)
     sa_key, sa_pub = pki / "sa.key", pki / "sa.pub"
     _openssl("genrsa", "-out", sa_key, "2048")
     _openssl("rsa", "-in", sa_key, "-pubout", "-out", sa_pub)
@@ -355,6 +358,8 @@ def _start_etcd_and_apiserver(cluster: Cluster, timeout: float) -> tuple[Path, P
         "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
         "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         "--authorization-mode=Node,RBAC",
+        f"--kubelet-client-certificate={kubelet_client[0]}", f"--kubelet-client-key={kubelet_client[1]}",
+        f"--kubelet-certificate-authority={ca.cert}", "--kubelet-preferred-address-types=InternalIP,Hostname",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={sa_pub}", f"--service-account-signing-key-file={sa_key}",
         f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",

@@ -9,8 +9,10 @@ instance S3 endpoints of a local SeaweedFS). Each pod gets its own loopback addr
 are rewritten to the address and target port of a local pod the Service selects (or to the
 `host_map` entry given for it). The runner writes pod status through the status subresource:
 Running (Ready after the readiness probe passes), then Succeeded or Failed with the exit code in
-containerStatuses. Pods with restartPolicy Always (Deployments) are restarted when their process
-exits and killed when the pod is deleted. Output goes to `<log_dir>/<namespace>_<pod>.log`.
+containerStatuses, and as message what the container wrote to its termination log (a file that
+`$WRPO_TERMINATION_LOG` names, as the kubelet's /dev/termination-log) or else the tail of its log.
+Pods with restartPolicy Always (Deployments) are restarted when their process exits and killed when
+the pod is deleted. Output goes to `<log_dir>/<namespace>_<pod>.log`.
 
 Init containers run one after another before the main container, as a kubelet runs them. Volumes
 become folders of the pod's work folder: an emptyDir is an empty one (shared by the pod's
@@ -89,6 +91,11 @@ class LocalPod:
     ready: bool = False
     finished: bool = False
     started_at: str = ""
+
+    @property
+    def termination_log(self) -> Path:
+        """The container's terminationMessagePath (`$WRPO_TERMINATION_LOG` points wrpo's `stage` at it)."""
+        return self.workdir / "termination-log"
 
 
 @dataclass
@@ -235,6 +242,9 @@ class PodRunner:
     def _step(self, pod, container, ip: str, volumes: dict[str, Path]) -> Step:
         mounts = self._mounts(container, volumes)
         env = self._environment(pod, container, ip, mounts)
+        log_file = self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}.work" / "termination-log"
+        log_file.touch()  # the kubelet's /dev/termination-log: an empty file the container may write
+        env["WRPO_TERMINATION_LOG"] = str(log_file)
         return Step(container.name, self._argv(container, env, ip, mounts), env)
 
     def _next_step(self, local: LocalPod) -> None:
@@ -280,7 +290,8 @@ class PodRunner:
                 self._patch_status(local, image, running=True, ready=True)
             return
         reason = "Completed" if code == 0 else "Error"
-        self._set_terminated(local, code, reason, tail(local.log, 20)[-1000:], image)
+        written = local.termination_log.read_text() if local.termination_log.exists() else ""
+        self._set_terminated(local, code, reason, written or tail(local.log, 20)[-1000:], image)
 
     def _supervise_init(self, local: LocalPod, code: int | None) -> None:
         """An init container that succeeded hands over to the next; a failed one fails the pod

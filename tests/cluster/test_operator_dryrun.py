@@ -32,7 +32,8 @@ def rich_spec():
                                          "apiKeyEnv": "API_KEY", "apiKeySecret": "api-key"}},
         ],
         "reward": {"type": "remote", "model": "/models/rm"},
-        "dataset": {"uri": "s3://bucket/data/prompts.jsonl"},
+        "dataset": {"uri": "s3://bucket/data/prompts.jsonl", "evalSize": 8},
+        "eval": {"judge": {"model": "/models/judge"}},
         "storage": {"runUri": URI, "s3Endpoint": "http://s3.local:8333", "credentialsSecret": "s3-creds",
                     "s3Region": "us-east-1"},
         "cluster": {"modelsPvc": "models", "tolerations": [{"key": "gpu", "operator": "Exists"}],
@@ -91,3 +92,25 @@ def test_examples_pass_server_side_dry_run(k8s_api_client, k8s_namespace, crd_in
     created = Kube(k8s_api_client).create(doc, dry_run=True)
     # the apiserver's defaults equal pydantic's: the stored spec parses to the same FusionSpec
     assert parse_spec(created["spec"]) == parse_spec(doc["spec"])
+
+
+def test_the_eval_stages_gpu_budget_rule_is_the_apiservers_too(k8s_api_client, k8s_namespace, crd_installed):
+    """The CEL twin of `_eval_fits_the_gpu_budget` rejects what pydantic rejects and admits what it admits."""
+    from wrpo.errors import SpecError
+
+    def run(budget: int, judge_tp: int) -> dict:
+        spec = {"target": {"model": "t", "tensorParallelSize": 2}, "sources": [{"name": "a", "model": "m"}],
+                "dataset": {"uri": "p.jsonl", "evalSize": 4}, "eval": {"judge": {"model": "j",
+                                                                                "tensorParallelSize": judge_tp}},
+                "storage": {"runUri": "s3://bucket/runs/budget"}, "cluster": {"gpuBudget": budget,
+                                                                             "training": {"gpus": 4}}}
+        return {"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun",
+                "metadata": {"name": "budget", "namespace": k8s_namespace}, "spec": spec}
+
+    kube = Kube(k8s_api_client)
+    kube.create(run(9, 2), dry_run=True)  # 3 × 2 + judge 2 + scoring 1 = 9
+    parse_spec(run(9, 2)["spec"])
+    with pytest.raises(ApiError, match="GPUs the eval stage holds at once"):
+        kube.create(run(8, 2), dry_run=True)
+    with pytest.raises(SpecError, match="GPUs the eval stage holds at once"):
+        parse_spec(run(8, 2)["spec"])

@@ -56,7 +56,7 @@ INVALID = [
     ("alpha", _with("spec.wrpo.alpha", 1.5), ["spec.wrpo.alpha"]),
     ("prompt-length", _with("spec.wrpo.maxPromptLength", 256), ["spec.wrpo.maxPromptLength"]),
     ("served-name", _with("spec.target.servedName", "llama"), ["spec.target.servedName", "collides"]),
-    ("reward", _with("spec.reward", {"type": "armorm", "model": None}), ["spec.reward", "other types need 'model'"]),
+    ("reward", _with("spec.reward", {"type": "armorm", "model": None}), ["spec.reward.model", "needs 'model'"]),
     ("bad-enum", _with("spec.training.deepspeedStage", 1), ["spec.training.deepspeedStage"]),
     ("source-name", _with("spec.sources.0.name", "Not_A_Label"), ["spec.sources[0].name"]),
     ("run-name", _with("metadata.name", "9-starts-with-digit"), ["DNS-1035"]),

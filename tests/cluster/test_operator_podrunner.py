@@ -81,6 +81,7 @@ def tiny_spec(tiny_models: Path, server) -> dict:
     spec["sampling"].update(n=2, maxTokens=12)
     spec["sft"].update(maxSteps=2)
     spec["wrpo"].update(maxSteps=2)
+    spec["eval"] = {"maxTokens": 12}
     spec["storage"].update(runUri=f"s3://{server.bucket}/runs/tiny", s3Endpoint=server.endpoint_url)
     spec["cluster"]["activeDeadlineSeconds"] = 900
     return spec
@@ -135,7 +136,13 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
     # every stage pod really ran: the vLLM servers, both trainings under torchrun, the target's weights
     # fetched by the init container
     ran = " ".join(p.name for p in runner.pods.values())
-    assert all(f"tiny-{k}" in ran for k in ("src-llama", "src-qwen", "target", "sft-master", "wrpo-master"))
+    assert all(f"tiny-{k}" in ran for k in ("src-llama", "src-qwen", "target", "sft-master", "wrpo-master",
+                                            "eval-target", "eval-sft", "eval-fused"))
+    # the eval stage's summary, read from its pod's termination message, is in the status (kubectl get fr)
+    results = json.loads(_object(server, key, secret, "runs/tiny/eval/results.json"))
+    assert status["eval"]["prompts"] == results["prompts"] == 4
+    fused = results["comparisons"]["fused_vs_target"]["rm"]["win_rate"]
+    assert status["eval"]["fusedVsTarget"] == round(100 * fused, 1)
     target_log = runner.logs(_pod(runner, "tiny-target"))
     assert "'fetch', 's3://" in target_log and "Application startup complete" in target_log
     report = {"seconds": round(elapsed), "pods": len(runner.pods), "reconciles": reconciles,
@@ -150,6 +157,14 @@ def _seconds(stage: dict) -> float:
 
 def _pod(runner, prefix: str) -> str:
     return next(name for name in runner.pods if name.startswith(prefix))
+
+
+def _object(server, key: str, secret: str, name: str) -> bytes:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=server.endpoint_url, aws_access_key_id=key,
+                      aws_secret_access_key=secret, region_name="us-east-1")
+    return s3.get_object(Bucket=server.bucket, Key=name)["Body"].read()
 
 
 def _objects(server, key: str, secret: str, prefix: str) -> set[str]:

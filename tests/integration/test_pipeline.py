@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from wrpo.pipeline.plan import STAGE_NAMES
+from wrpo.pipeline.strict_yaml import dump_yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def make_spec(tiny_models: Path, path: Path, **patch) -> Path:
     spec["storage"].pop("runUri")
     for section, values in patch.items():
         spec[section].update(values)
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(dump_yaml(spec))  # quotes the key 'n' (a bare n: is refused as a YAML 1.1 boolean)
     return path
 
 
@@ -82,7 +83,7 @@ def test_a_kill_in_any_stage_loses_only_that_stage(killed_and_resumed):
         assert earlier_untouched, f"a kill in {name} changed an earlier committed stage"
         assert left_outputs, f"{name} wrote nothing before the kill: the test would prove nothing"
     # the run after the last crash redoes only the stage that was in flight
-    assert final["stages"] == {**{n: "skipped" for n in STAGE_NAMES[:-1]}, "wrpo": "done"}
+    assert final["stages"] == {**{n: "skipped" for n in STAGE_NAMES[:-1]}, STAGE_NAMES[-1]: "done"}
     assert (run / "wrpo" / "model" / "model.safetensors").exists()
     rows = [json.loads(x) for x in (run / "wrpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -107,10 +108,10 @@ def test_a_spec_change_reruns_only_the_dependent_stages(killed_and_resumed, tmp_
     data = yaml.safe_load(spec.read_text())
     data["wrpo"]["beta"] = 0.2
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(data))
+    changed.write_text(dump_yaml(data))
     result = last_json(wrpo("run", str(changed), "--run-uri", str(run), workdir=wd))
     rerun = [n for n, status in result["stages"].items() if status == "done"]
-    assert rerun == ["ref-logps", "wrpo"]
+    assert rerun == ["ref-logps", "wrpo", "eval"]
     after = manifests(run)
     assert all(after[n] == before[n] for n in STAGE_NAMES if n not in rerun)
     assert all(after[n] != before[n] for n in rerun)
@@ -129,6 +130,48 @@ def test_report_renders_the_plots(killed_and_resumed, tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| llama |" in summary and "| qwen |" in summary
     assert "![reward_dynamics](reward_dynamics.png)" in summary
+
+
+def test_eval_stage_judges_target_sft_and_fused_and_the_report_shows_the_table(killed_and_resumed, tmp_path):
+    """The eval stage's figures follow from its per-prompt records; the report and the card carry the table."""
+    import matplotlib.image as mpimg
+
+    from wrpo.eval.stats import bootstrap_ci
+    from wrpo.pipeline.card import parse_front_matter
+
+    _, run, wd, *_ = killed_and_resumed
+    results = json.loads((run / "eval" / "results.json").read_text())
+    records = [json.loads(x) for x in (run / "eval" / "records.jsonl").read_text().splitlines()]
+    prepared = [json.loads(x)["prompt_id"] for x in (run / "prepare" / "eval.jsonl").read_text().splitlines()]
+    assert results["prompts"] == len(records) == len(prepared) > 0
+    assert [r["prompt_id"] for r in records] == prepared
+    for model, baseline in (("sft", "target"), ("fused", "target"), ("fused", "sft")):
+        rm = results["comparisons"][f"{model}_vs_{baseline}"]["rm"]
+        pts = [1.0 if r["rewards"][model] > r["rewards"][baseline] else
+               0.5 if r["rewards"][model] == r["rewards"][baseline] else 0.0 for r in records]
+        assert rm["win_rate"] == pytest.approx(sum(pts) / len(pts)) and rm["n"] == len(pts)
+        assert rm["ci"] == pytest.approx(list(bootstrap_ci(pts, 1000, 42)))
+        assert 0.0 <= rm["lc_win_rate"] <= 1.0
+    lengths = [sum(len(a) for a in r["answers"]["fused"]) for r in records]
+    assert results["models"]["fused"]["mean_length"] == pytest.approx(sum(lengths) / len(lengths))
+    manifest = json.loads((run / "eval" / "_MANIFEST.json").read_text())
+    assert manifest["summary"]["fused_vs_target"] == round(100 * results["comparisons"]["fused_vs_target"]["rm"]
+                                                           ["win_rate"], 1)
+    proc = wrpo("report", str(run), "--out", str(tmp_path), workdir=wd)
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Evaluation (cf. paper Table 2)" in summary and "![eval](eval.png)" in summary
+    for row in ("| target | 50.0 (baseline) |", "| Target-SFT |", "| fused (WRPO) |"):
+        assert row in summary
+    assert mpimg.imread(tmp_path / "eval.png")[..., :3].std() > 0.05
+    # the cards: the wrpo stage's beside the weights, the eval stage's with the table; export ships the latter
+    for card in (run / "wrpo" / "model" / "README.md", run / "eval" / "README.md"):
+        text = card.read_text()
+        assert parse_front_matter(text)["base_model"] == "target"
+        assert "| llama | `source-llama` |" in text and "| qwen | `source-qwen` |" in text
+    assert "| fused (WRPO) |" in (run / "eval" / "README.md").read_text()
+    exported = last_json(wrpo("export", str(run), str(tmp_path / "export"), workdir=wd))
+    assert exported["card"] == "eval" and (tmp_path / "export" / "model.safetensors").exists()
 
 
 def test_the_series_drawn_are_the_expected_ones(tmp_path):

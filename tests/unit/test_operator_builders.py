@@ -240,3 +240,39 @@ def test_every_stage_pod_mounts_the_spec_and_runs_as_non_root(spec, stage):
         c = pod["containers"][0]
         assert c["securityContext"]["runAsNonRoot"] is True
         assert c["image"] == spec.cluster.runtime_image
+
+
+def test_eval_stage_serves_three_models_and_a_local_judge_and_passes_their_endpoints():
+    spec = make_spec(dataset={"uri": "s3://bucket/data/prompts.jsonl", "evalSize": 16},
+                     eval={"judge": {"model": "s3://bucket/models/judge", "tensorParallelSize": 2}})
+    children = b.build_stage_servers(RUN, NS, spec, "eval", URI, "h")
+    deployments = {d["metadata"]["name"]: d for d in children if d["kind"] == "Deployment"}
+    assert sorted(deployments) == ["demo-eval-fused", "demo-eval-sft", "demo-eval-target", "demo-judge"]
+    assert [s["metadata"]["name"] for s in children if s["kind"] == "Service"] == sorted(deployments, key=list(
+        deployments).index)
+    args = {n: d["spec"]["template"]["spec"]["containers"][0]["args"] for n, d in deployments.items()}
+    inits = {n: d["spec"]["template"]["spec"].get("initContainers", []) for n, d in deployments.items()}
+    assert inits["demo-eval-fused"][0]["command"][2] == f"{URI}/wrpo/model/"  # fetched from the run
+    assert inits["demo-eval-sft"][0]["command"][2] == f"{URI}/sft/model/"
+    assert inits["demo-eval-target"][0]["command"][2] == "s3://bucket/models/target"
+    assert args["demo-judge"][args["demo-judge"].index("--tensor-parallel-size") + 1] == "2"
+    job = b.build_stage_runner(RUN, NS, spec, "eval", URI, "h")
+    command = _container(job)["command"]
+    for role, child in (("target", "eval-target"), ("sft", "eval-sft"), ("fused", "eval-fused"), ("judge", "judge")):
+        assert f"{role}=http://demo-{child}.team-a.svc:8000/v1" in command
+    assert job["kind"] == "Job" and _container(job)["resources"]["requests"]["nvidia.com/gpu"] == "1"  # scoring
+
+
+def test_eval_stage_gets_an_endpoint_judges_key_and_no_servers_without_prompts():
+    judge = {"endpoint": {"url": "https://judge.example.com/v1", "model": "big", "apiKeyEnv": "JUDGE_KEY",
+                          "apiKeySecret": "judge-key"}}
+    spec = make_spec(eval={"judge": judge, "prompts": "s3://bucket/mt_bench.jsonl"})
+    env = {e["name"]: e for e in _container(b.build_stage_runner(RUN, NS, spec, "eval", URI, "h"))["env"]}
+    assert env["JUDGE_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "judge-key", "key": "api-key"}
+    assert "API_KEY" not in env  # the sources' keys stay with the sampling stage
+    assert len(b.build_stage_servers(RUN, NS, spec, "eval", URI, "h")) == 6  # no server for an endpoint judge
+    assert b.build_stage_servers(RUN, NS, make_spec(), "eval", URI, "h") == []  # no eval prompts: no servers
+    reward_judge = make_spec(reward={"type": "judge", "judge": judge})
+    score_env = {e["name"] for e in _container(b.build_stage_runner(RUN, NS, reward_judge, "score-sources", URI,
+                                                                    "h"))["env"]}
+    assert "JUDGE_KEY" in score_env and b.build_stage_servers(RUN, NS, reward_judge, "score-sources", URI, "h") == []

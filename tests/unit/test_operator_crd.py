@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from wrpo.pipeline.spec import FusionSpec
+from wrpo.pipeline.spec import CLUSTER_RULES, FusionSpec
 from wrpo_operator import crd
 
 ROOT = crd.ROOT
@@ -44,7 +44,7 @@ def test_identity_and_printer_columns():
     (v,) = s["versions"]
     assert v["name"] == "v1alpha1" and v["subresources"] == {"status": {}}
     cols = [c["name"] for c in v["additionalPrinterColumns"]]
-    assert cols[:4] == ["Phase", "Stage", "Progress", "Age"]
+    assert cols[:5] == ["Phase", "Stage", "Progress", "Fused-vs-Target", "Age"]
 
 
 def _walk(node, path="$"):
@@ -93,20 +93,49 @@ def test_paper_defaults_and_bounds_reach_the_schema():
 
 
 def test_every_pydantic_cross_field_rule_has_a_cel_twin():
-    """A new model_validator in wrpo/pipeline/spec.py needs a CEL rule in wrpo_operator.crd.CEL_RULES."""
+    """A new model_validator in wrpo/pipeline/spec.py needs a CEL rule in wrpo_operator.crd.CEL_RULES, and a
+    new cluster rule (spec.CLUSTER_RULES) one in crd.CLUSTER_CEL. (tests/cluster/test_spec_corpus.py checks
+    that the twins refuse the same specs.)"""
     assert crd.pydantic_validators(FusionSpec) == set(crd.CEL_RULES)
+    assert set(CLUSTER_RULES) == set(crd.CLUSTER_CEL)
+
+
+def _rules(node) -> list[dict]:
+    return node.get("x-kubernetes-validations", [])
 
 
 def test_cel_rules_sit_on_their_models():
     s = _schema()
     spec = s["properties"]["spec"]
-    assert "exists_one" in spec["properties"]["sources"]["x-kubernetes-validations"][0]["rule"]
-    paths = {r.get("fieldPath") for r in spec["x-kubernetes-validations"]}
-    assert {".target.servedName", ".cluster.gpuBudget"} <= paths
-    assert spec["properties"]["sources"]["items"]["x-kubernetes-validations"][0]["message"].startswith(
-        "a source needs exactly one")
-    assert spec["properties"]["wrpo"]["x-kubernetes-validations"][0]["fieldPath"] == ".maxPromptLength"
-    assert "metadata.name" in s["x-kubernetes-validations"][0]["rule"]
+    assert "exists_one" in _rules(spec["properties"]["sources"])[0]["rule"]
+    paths = [r.get("fieldPath") for r in _rules(spec)]
+    assert {".target.servedName", ".selection.sourceRank", ".storage.runUri", ".sft.batchSize",
+            ".cluster.gpuBudget"} <= set(paths)
+    assert _rules(spec["properties"]["sources"]["items"])[0]["message"].startswith("a source needs exactly one")
+    assert {r.get("fieldPath") for r in _rules(spec["properties"]["wrpo"])} == {".maxPromptLength", ".batchSize"}
+    assert "metadata.name" in _rules(s)[0]["rule"]
+    assert all(r["reason"] == "FieldValueInvalid" for r in _rules(spec))
+
+
+def test_field_checks_reach_the_crd():
+    spec = _schema()["properties"]["spec"]["properties"]
+    memory = spec["cluster"]["properties"]["vllm"]["properties"]["memory"]
+    assert "isQuantity(self)" in _rules(memory)[0]["rule"] and memory["maxLength"] == 64
+    run_uri = spec["storage"]["properties"]["runUri"]
+    assert run_uri["nullable"] and run_uri["maxLength"] == 1024 and len(_rules(run_uri)) == 2
+    assert "must not contain credentials" in _rules(run_uri)[0]["message"]
+
+
+def test_cel_reads_pydantic_defaults_where_the_apiserver_has_none():
+    """An absent section keeps its default_factory's values (cluster.training: 8 processes); a present one
+    gets leaf defaults from the schema (a cluster.training that omits procsPerNode: 1)."""
+    expr = crd.get(FusionSpec, "cluster.training.procsPerNode")
+    assert expr == ("(has(self.cluster) ? (has(self.cluster.training) ? (has(self.cluster.training.procsPerNode) "
+                    "? self.cluster.training.procsPerNode : 1) : 8) : 8)")
+    assert crd.get(FusionSpec, "target.servedName") == (
+        "(has(self.target.servedName) ? self.target.servedName : 'target')")  # target is required
+    assert crd.get(FusionSpec, "wrpo.rejectedSource") == (
+        "(has(self.wrpo) ? (has(self.wrpo.rejectedSource) ? self.wrpo.rejectedSource : false) : false)")
 
 
 def test_status_schema_comes_from_the_status_model():

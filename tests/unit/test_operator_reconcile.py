@@ -51,9 +51,9 @@ class FakeKube:
 
     def list(self, kind, namespace, selector):
         self.calls[("list", kind)] += 1
-        k, v = selector.split("=")
+        wanted = dict(term.split("=") for term in selector.split(","))
         return [copy.deepcopy(o) for (kk, _), o in sorted(self.objects.items())
-                if kk == kind and o["metadata"].get("labels", {}).get(k) == v]
+                if kk == kind and all(o["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())]
 
     def get(self, kind, namespace, name):
         self.calls[("get", kind)] += 1
@@ -158,9 +158,10 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     kube.add_run(tiny_spec())
     reconciles = walk(kube)
     status = kube.run["status"]
-    assert status["phase"] == "Succeeded" and status["progress"] == "10/10" and status.get("stage") is None
+    all_stages = f"{len(STAGE_NAMES)}/{len(STAGE_NAMES)}"
+    assert status["phase"] == "Succeeded" and status["progress"] == all_stages and status.get("stage") is None
     assert status["outputUri"] == "s3://b/runs/demo/wrpo/model/"
-    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * 10
+    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * len(STAGE_NAMES)
     assert all(s["outputUri"] == f"s3://b/runs/demo/{s['name']}/" for s in status["stages"])
     conds = {c["type"]: c["status"] for c in status["conditions"]}
     assert conds == {"Ready": "True", "Progressing": "False", "Succeeded": "True", "Failed": "False",
@@ -168,17 +169,18 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
     # GPUs are freed as soon as a sampling stage commits; finished Jobs stay for their logs.
     assert kube.kinds("Deployment") == [] and kube.kinds("Service") == []
-    assert len(kube.kinds("Job")) == 8 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]
+    assert len(kube.kinds("Job")) == 9 and kube.kinds("PyTorchJob") == ["demo-sft", "demo-wrpo"]
     for obj in kube.objects.values():
         if obj["kind"] != "FusionRun":
             assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
             assert obj["metadata"]["labels"][LABEL_RUN] == NAME
     reasons = [r for _, r, _ in kube.events]
-    assert reasons.count("StageSucceeded") == 10 and reasons[-1] == "RunSucceeded"
-    assert reconciles == 13  # one per stage, one more for each of the two vLLM waits, one to finish
+    assert reasons.count("StageSucceeded") == len(STAGE_NAMES) and reasons[-1] == "RunSucceeded"
+    assert reconciles == 14  # one per stage, one more for each of the two vLLM waits, one to finish
     # every creation happened exactly once
-    # CM, Deployment + Service for llama and for the SFT target, ten runners
-    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + 10
+    # CM, Deployment + Service for llama and for the SFT target, a runner per stage (no eval prompts: no
+    # eval servers)
+    assert set(kube.created.values()) == {1} and len(kube.created) == 1 + 2 + 2 + len(STAGE_NAMES)
 
 
 def test_reconcile_is_idempotent_and_quiet_when_nothing_changed():
@@ -258,7 +260,7 @@ def test_a_spec_change_reruns_only_the_stages_that_depend_on_it():
     run["metadata"]["generation"] = 2
     step(kube)
     states = {s["name"]: s["state"] for s in kube.run["status"]["stages"]}
-    assert [n for n, s in states.items() if s != "Succeeded"] == ["ref-logps", "wrpo"]
+    assert [n for n, s in states.items() if s != "Succeeded"] == ["ref-logps", "wrpo", "eval"]
     assert kube.run["status"]["phase"] == "Running" and kube.run["status"]["stage"] == "ref-logps"
     # the old ref-logps Job (older hash) is replaced, not reused
     assert "demo-ref-logps" not in kube.kinds("Job")
@@ -329,3 +331,43 @@ def test_a_stage_that_finished_unwatched_still_gets_its_started_event():
     assert reasons == ["StageStarted", "StageSucceeded"]
     again = transitions(new, new)
     assert again == []
+
+
+def _eval_pod(message: str, code: int = 0, stage_hash: str = "") -> dict:
+    labels = {LABEL_RUN: NAME, "fusion.wrpo.io/stage": "eval", "fusion.wrpo.io/stage-hash": stage_hash}
+    return {"kind": "Pod", "metadata": {"name": f"{NAME}-eval-x{code}", "namespace": NS, "labels": labels},
+            "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": code, "message": message}}}]}}
+
+
+def test_the_eval_summary_comes_from_the_eval_pods_termination_message():
+    import json
+
+    from wrpo_operator.status import eval_summary
+
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    for stage in STAGE_NAMES[:-1]:  # every stage before eval
+        step(kube)
+        if kube.kinds("Deployment") and ("Job", f"{NAME}-{stage}") not in kube.objects:
+            kube.make_available()
+            step(kube)
+        kube.finish(*runner_of(kube, stage))
+    step(kube)
+    eval_hash = next(s["hash"] for s in kube.run["status"]["stages"] if s["name"] == "eval")
+    line = json.dumps({"stage": "eval", "status": "done",
+                       "summary": {"prompts": 8, "fused_vs_target": 62.5, "fused_vs_sft": 55.0,
+                                   "lc_fused_vs_target": 58.1, "sft_vs_target": 51.0}})
+    kube.objects[("Pod", "a-old")] = _eval_pod(line.replace("62.5", "10.0"), 0, "0" * 16)  # an older hash
+    kube.objects[("Pod", "failed")] = _eval_pod("Traceback ...", 1, eval_hash)
+    kube.objects[("Pod", "ok")] = _eval_pod(line, 0, eval_hash)
+    kube.finish(*runner_of(kube, "eval"))
+    step(kube)
+    status = kube.run["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["eval"] == {"prompts": 8, "fusedVsTarget": 62.5, "fusedVsSft": 55.0, "lcFusedVsTarget": 58.1,
+                              "hash": eval_hash}
+    kube.calls.clear()
+    step(kube, minutes=0)  # known for this hash: not read again, status unchanged
+    assert ("list", "Pod") not in kube.calls and ("patch/status", "FusionRun") not in kube.calls
+    # messages that are not a summary give no summary (never a guess)
+    assert eval_summary([_eval_pod("not json", 0), _eval_pod(line, 137)], "h") is None

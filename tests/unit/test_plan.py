@@ -37,11 +37,13 @@ def test_graph_is_ordered_and_closed():
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"wrpo": {"beta": 0.1}}, ["ref-logps", "wrpo"]),
+        ({"wrpo": {"beta": 0.1}}, ["ref-logps", "wrpo", "eval"]),
         ({"sft": {"learningRate": 1e-5}},
-         ["sft", "sample-target", "score-target", "build-pairs", "ref-logps", "wrpo"]),
+         ["sft", "sample-target", "score-target", "build-pairs", "ref-logps", "wrpo", "eval"]),
         ({"selection": {"minRewardGap": 0.5}},
-         ["select-sources", "sft", "sample-target", "score-target", "build-pairs", "ref-logps", "wrpo"]),
+         ["select-sources", "sft", "sample-target", "score-target", "build-pairs", "ref-logps", "wrpo", "eval"]),
+        ({"eval": {"maxTokens": 64, "judge": {"model": "j"}}}, ["eval"]),
+        ({"eval": {"shardSize": 4}}, []),
         ({"sampling": {"concurrency": 4, "requestTimeoutS": 5}}, []),
         ({"target": {"model": "t", "replicas": 4}}, []),
         ({"sources": [{"name": "a", "model": "m", "replicas": 3}, {"name": "b", "model": "n"}]}, []),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wrpo.data.prepare import detect_format, load_rows, normalise, split_prompts
+from wrpo.data.prepare import PrepareReport, check_splits, detect_format, load_rows, normalise, split_prompts
 from wrpo.errors import DataError
 from wrpo.records import PromptRecord
 
@@ -51,11 +51,11 @@ def test_last_message_not_from_user_is_an_error():
 
 
 def test_bad_roles_and_types_name_the_field():
-    with pytest.raises(DataError, match=r"prompt.0.role"):
+    with pytest.raises(DataError, match=r"field 'prompt\[0\].role' Input should be .*, got \"robot\""):
         normalise(rows({"prompt": [{"role": "robot", "content": "q"}]}), "d.jsonl")
-    with pytest.raises(DataError, match="missing prompt field 'question'"):
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'question' is missing \(dataset.promptField"):
         normalise(rows({"prompt": "q"}), "d.jsonl", prompt_field="question")
-    with pytest.raises(DataError, match="expected a string or a list"):
+    with pytest.raises(DataError, match="expected a string or a list of messages, got a number"):
         normalise(rows({"prompt": 3}), "d.jsonl")
 
 
@@ -120,3 +120,59 @@ def test_parquet_and_datasets_folder(tmp_path):
         detect_format(str(tmp_path / "nope.txt"))
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     assert [r for _, r in load_rows(str(tmp_path / "d.jsonl"))] == data
+
+
+def _write(tmp_path, name: str, data: bytes) -> str:
+    (tmp_path / name).write_bytes(data)
+    return str(tmp_path / name)
+
+
+def test_utf8_with_a_byte_order_mark_and_crlf_is_read(tmp_path):
+    text = '{"prompt_id": "a", "prompt": "caf\u00e9"}\n{"prompt_id": "b", "prompt": "x"}\n'
+    plain = list(load_rows(_write(tmp_path, "plain.jsonl", text.encode())))
+    for name, data in (("bom.jsonl", b"\xef\xbb\xbf" + text.encode()),
+                       ("crlf.jsonl", text.replace("\n", "\r\n").encode()),
+                       ("both.jsonl", b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())):
+        assert list(load_rows(_write(tmp_path, name, data))) == plain, name
+    assert plain[0] == (1, {"prompt_id": "a", "prompt": "café"})
+
+
+def test_a_line_separator_inside_a_json_string_is_not_a_line_break(tmp_path):
+    """JSON allows U+2028 and U+0085 raw inside strings (json.dumps(ensure_ascii=False) writes them);
+    str.splitlines() split the line there and the row became malformed."""
+    rows_ = [{"prompt_id": "a", "prompt": "one\u2028two\x85three"}, {"prompt_id": "b", "prompt": "x"}]
+    path = _write(tmp_path, "d.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_).encode())
+    assert [r for _, r in load_rows(path)] == rows_
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b'{"prompt": "a"}\n{"prompt": "caf' + b"\xe9" + b'"}\n',
+     r"d.jsonl:2: is not UTF-8: byte 0xE9 at byte offset 31 \(column 16 of the line\); save the file as UTF-8"),
+    ('{"prompt": "a"}\n'.encode("utf-16"), r"d.jsonl: is UTF-16 \(byte-order mark FF FE\); save it as UTF-8"),
+    ('{"prompt": "a"}\n'.encode("utf-32"), r"d.jsonl: is UTF-32"),
+    (b'{"prompt": "a", "prompt": "b"}\n', r"d.jsonl:1: duplicate key 'prompt' in one object"),
+    (b'[{"prompt": "a"},\n{"prompt": "b"}]\n', r"d.jsonl:1: malformed JSON .*looks like one JSON document"),
+])
+def test_undecodable_files_name_file_line_and_offset(tmp_path, data, message):
+    with pytest.raises(DataError, match=message):
+        list(load_rows(_write(tmp_path, "d.jsonl", data)))
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"d.parquet: not a readable Parquet file"):
+        load_rows(_write(tmp_path, "d.parquet", b'{"prompt": "a"}\n'))
+
+
+def test_empty_splits_are_refused_with_the_counts():
+    prompts = make(12)
+    report = PrepareReport(rows=13, kept=12, dropped_duplicates=1)
+    check_splits(split_prompts(prompts, 0.5, 2, 3), "d.jsonl", 0.5, 2, report)  # all three splits filled
+    with pytest.raises(DataError) as e:
+        check_splits(split_prompts(prompts, 0.01, 0, 3), "d.jsonl", 0.01, 0, report)
+    assert str(e.value) == ("d.jsonl: 12 prompts (of 13 rows; 0 empty, 1 duplicates, 0 over maxPrompts) split into "
+                            "sft=0, po=12, eval=0 by dataset.sftFraction 0.01 and dataset.evalSize 0: the SFT split "
+                            "is empty; add prompts or change dataset.sftFraction / dataset.evalSize")
+    with pytest.raises(DataError, match=r"po=0, eval=\d+ .*: the preference \(po\) split is empty"):
+        check_splits(split_prompts(prompts, 0.5, 12, 3), "d.jsonl", 0.5, 12, report)
+    with pytest.raises(DataError, match=r"the preference \(po\) and eval splits are empty"):
+        check_splits(split_prompts(prompts, 0.99, 3, 3), "d.jsonl", 0.99, 3, report)

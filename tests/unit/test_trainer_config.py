@@ -48,7 +48,8 @@ def _spec(**sections) -> FusionSpec:
 
 
 def test_non_default_spec_values_reach_the_trainer(tmp_path: Path):
-    spec = _spec(sft={"learningRate": 1e-5, "epochs": 2, "batchSize": 16, "perDeviceBatchSize": 4, "maxLength": 512,
+    spec = _spec(selection={"rejectedSource": True},
+                 sft={"learningRate": 1e-5, "epochs": 2, "batchSize": 16, "perDeviceBatchSize": 4, "maxLength": 512,
                       "warmupRatio": 0.2, "lrScheduler": "linear", "completionOnly": False, "packing": True,
                       "maxSteps": 7},
                  wrpo={"objective": "ipo", "beta": 0.2, "gamma": 0.3, "tau": 0.4, "labelSmoothing": 0.1,

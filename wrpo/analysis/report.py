@@ -3,7 +3,8 @@
 - reward_dynamics.png: α, the hybrid- and on-policy reward margins and accuracies per step (paper Fig. 3)
 - contributions.png: share of y_ws per source model (paper Table 1)
 - logp_shift.png: the target's average log-probs of y_ws, y_wt and y_l before and after WRPO (Fig. 1)
-- summary.md: stages, key numbers and the plots
+- eval.png: win rates of Target-SFT and the fused model with their CIs (the eval stage, docs/eval.md)
+- summary.md: stages, key numbers, the eval table (the paper's Table 2 layout) and the plots
 Only committed stages are read; a missing one leaves its plot out and says so in the summary.
 """
 
@@ -125,7 +126,13 @@ def write_report(run_uri: str, out: Path | None = None, s3=None) -> list[Path]:
     if logps:
         plot_logp_shift(logps, out / "logp_shift.png")
         written.append(out / "logp_shift.png")
-    (out / "summary.md").write_text(_summary(run_uri, manifests, metrics, contrib, logps, written))
+    results = _try(lambda: json.loads(run.stage("eval").read_text("results.json")))
+    if results and results.get("comparisons"):
+        from wrpo.eval.table import plot_eval
+
+        plot_eval(results, out / "eval.png")
+        written.append(out / "eval.png")
+    (out / "summary.md").write_text(_summary(run_uri, manifests, metrics, contrib, logps, written, results))
     written.append(out / "summary.md")
     return written
 
@@ -138,7 +145,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _summary(run_uri, manifests, metrics, contrib, logps, images) -> str:
+def _summary(run_uri, manifests, metrics, contrib, logps, images, results=None) -> str:
     lines = [f"# WRPO run report\n\nRun: `{run_uri}`\n", "## Stages\n", "| stage | committed | key numbers |",
              "|---|---|---|"]
     for name, m in manifests.items():
@@ -165,5 +172,9 @@ def _summary(run_uri, manifests, metrics, contrib, logps, images) -> str:
             before = _mean([r["before"][key] for r in logps if "before" in r])
             after = _mean([r["after"][key] for r in logps if "after" in r])
             lines.append(f"| {label} | {_fmt(before)} | {_fmt(after)} |")
+    if results is not None:
+        from wrpo.eval.table import table_markdown
+
+        lines += ["", "## Evaluation (cf. paper Table 2)", "", table_markdown(results).rstrip()]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images if p.suffix == ".png"]
     return "\n".join(lines) + "\n"

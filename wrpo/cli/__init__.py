@@ -7,8 +7,8 @@ serving; `engine.py`: tiny-models/sft/ref-logps/train) and prints user errors wi
 from __future__ import annotations
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (`wrpo`)."""
     from wrpo.cli.main import main as run
 
-    run()
+    run(argv)

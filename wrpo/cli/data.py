@@ -12,6 +12,8 @@ from pathlib import Path
 
 import typer
 
+from wrpo.cli.pipeline import run_uri_option
+
 data_app = typer.Typer(help="Data-pipeline helpers: vLLM batch files, local serving.", no_args_is_help=True)
 SPLITS_HELP = "Prepared splits to include, comma-separated (sources: sft,po,eval; target: po,eval)."
 
@@ -29,7 +31,8 @@ def batch_input(
     spec: str = typer.Argument(..., help="FusionSpec YAML."),
     model: str = typer.Option(..., help="Model name the batch server serves (e.g. the source name)."),
     out: Path = typer.Option(..., help="Where to write the requests JSONL."),
-    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (default: storage.runUri)."),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (default: storage.runUri).",
+                                       callback=run_uri_option),
     splits: str = typer.Option("sft,po,eval", help=SPLITS_HELP),
 ) -> None:
     """Write a vLLM run-batch input file (one chat-completions request per prepared prompt, n=N)."""
@@ -49,7 +52,8 @@ def batch_output(
     results: Path = typer.Option(..., help="The run-batch output JSONL."),
     name: str = typer.Option(..., help="Source name recorded as the records' model."),
     out: Path = typer.Option(..., help="Where to write the sample records JSONL."),
-    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (default: storage.runUri)."),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (default: storage.runUri).",
+                                       callback=run_uri_option),
     splits: str = typer.Option("sft,po,eval", help=SPLITS_HELP),
 ) -> None:
     """Convert run-batch results to sample records, in prompt order; every prompt must have a result."""

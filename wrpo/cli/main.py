@@ -1,14 +1,20 @@
-"""The `wrpo` typer app: wires the command groups and turns user errors (WrpoError, pydantic validation
-of specs) into a one-line message and exit code 2."""
+"""The `wrpo` typer app: wires the command groups and turns user errors (WrpoError, pydantic validation)
+into plain lines on stderr, `error: <one problem>` each, and exit code 2 — never a traceback.
+
+Messages are printed as text, never as rich markup: a pattern such as `[a-z0-9]` or a value containing
+`[/x]` in a message is shown as it is (docs/spec.md, "Validation").
+"""
 
 from __future__ import annotations
 
 import sys
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.text import Text
 
-from wrpo.cli import data, engine, pipeline
+from wrpo.cli import data, engine, eval, pipeline
 from wrpo.errors import WrpoError
 
 app = typer.Typer(
@@ -18,16 +24,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for group in (engine, data, pipeline):
+for group in (engine, data, pipeline, eval):
     group.register(app)
 
 
-def main() -> None:
-    """Console-script entry point."""
+def error_lines(e: Exception) -> list[str]:
+    """The problems of a user error, one per line."""
+    if isinstance(e, ValidationError):
+        return [f"{'.'.join(str(p) for p in err['loc']) or '<input>'}: {err['msg']}" for err in e.errors()]
+    return str(e).splitlines() or [type(e).__name__]
+
+
+def print_error(e: Exception) -> None:
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    for line in error_lines(e):
+        console.print(Text.assemble(("error: ", "bold red"), line), markup=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point; `argv` (default: sys.argv[1:]) for calling it in-process."""
     try:
-        app()
-    except WrpoError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        app(args=argv)
+    except (WrpoError, ValidationError) as e:
+        print_error(e)
         sys.exit(2)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from wrpo.errors import WrpoError
 from wrpo.pipeline.plan import STAGE_NAMES
@@ -18,27 +19,34 @@ experiment_app = typer.Typer(help="Fidelity experiments from the paper.", no_arg
 SPEC_HELP = "FusionSpec YAML (or a FusionRun manifest), a local path or s3:// URI."
 
 
-def _load(spec_path: str):
-    from wrpo.pipeline.spec import load_spec, parse_spec
+def _say(text: str | Text) -> None:
+    """A status line on stderr, never read as rich markup (paths and URIs may hold brackets)."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(text, markup=False)
+
+
+def _load(spec_path: str, cluster: bool | None = None):
+    """The spec at a local path or s3:// URI, through the one strict loader (docs/spec.md, "Validation")."""
+    from wrpo.pipeline.spec import load_spec, load_spec_text
 
     if spec_path.startswith("s3://"):
-        import yaml
-
+        from wrpo.records import decode_text
         from wrpo.storage import read_uri_bytes
 
-        data = yaml.safe_load(read_uri_bytes(spec_path))
-        if isinstance(data, dict) and data.get("kind") == "FusionRun":
-            data = data.get("spec")
-        return parse_spec(data, spec_path)
-    return load_spec(spec_path)
+        return load_spec_text(decode_text(read_uri_bytes(spec_path), spec_path), spec_path, None, cluster)
+    return load_spec(spec_path, cluster)
 
 
 def _parse_endpoints(values: list[str]) -> dict[str, str]:
+    from wrpo.pipeline.checks import HTTP_URL_RE, full, has_credentials
+
     out = {}
     for v in values:
         name, sep, url = v.partition("=")
         if not sep or not name or not url.startswith(("http://", "https://")):
             raise WrpoError(f"--endpoint expects SOURCE=http(s)://host:port/v1, got '{v}'")
+        if has_credentials(url) or not full(HTTP_URL_RE)(url):
+            raise WrpoError(f"--endpoint {name}: the URL must be http(s)://host[:port][/path], without "
+                            "credentials, query or fragment")
         out[name] = url
     return out
 
@@ -53,10 +61,34 @@ def _parse_shard(value: str | None) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def run_uri_option(value: str | None) -> str | None:
+    """`--run-uri` / a run URI argument: a local path or s3://bucket/prefix, as `storage.runUri` (a gs://
+    URI used to become a local folder ./gs:)."""
+    if value is None:
+        return value
+    from pydantic import TypeAdapter, ValidationError
+
+    from wrpo.pipeline.checks import StorageUri
+
+    try:
+        return TypeAdapter(StorageUri).validate_python(value)
+    except ValidationError as e:
+        raise WrpoError(f"run URI '{value}': {e.errors()[0]['msg']}") from None
+
+
+def _stage_range(start: str | None, until: str | None) -> None:
+    from wrpo.pipeline.plan import select_range
+
+    try:
+        select_range(start, until)
+    except (KeyError, ValueError) as e:
+        raise WrpoError(str(e.args[0])) from None
+
+
 def run(
     spec: str = typer.Argument(..., help=SPEC_HELP),
     run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://); "
-                                       "default: storage.runUri of the spec."),
+                                       "default: storage.runUri of the spec.", callback=run_uri_option),
     start: str | None = typer.Option(None, "--from", help=f"First stage ({', '.join(STAGE_NAMES)})."),
     until: str | None = typer.Option(None, "--until", help="Last stage to run."),
     endpoint: list[str] = typer.Option([], "--endpoint", help="SOURCE=URL of an already-running server."),
@@ -66,6 +98,7 @@ def run(
     from wrpo.pipeline.context import StageOptions
     from wrpo.pipeline.runner import run_pipeline
 
+    _stage_range(start, until)
     report = run_pipeline(_load(spec), run_uri, start, until,
                           StageOptions(endpoints=_parse_endpoints(endpoint), force=force))
     print(json.dumps({"run_uri": report.run_uri, "seconds": round(report.seconds, 1),
@@ -78,7 +111,8 @@ def run(
 def stage_cmd(
     name: str = typer.Argument(..., help=f"One of: {', '.join(STAGE_NAMES)}."),
     spec: str = typer.Option(..., "--spec", help=SPEC_HELP),
-    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://)."),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run directory (folder or s3://).",
+                                       callback=run_uri_option),
     endpoint: list[str] = typer.Option([], "--endpoint", help="SOURCE=URL of a running source server."),
     target_endpoint: str | None = typer.Option(None, help="URL of a running server of the SFT target."),
     reward_endpoint: str | None = typer.Option(None, help="URL of a running reward pooling server."),
@@ -101,9 +135,32 @@ def stage_cmd(
     opts = StageOptions(_parse_endpoints(endpoint), target_endpoint, reward_endpoint, workdir, force,
                         units=unit or None, shard=_parse_shard(shard))
     result = run_stage(the_spec, open_run(the_spec, run_uri), name, opts)
-    Console(stderr=True).print(f"{name}: {result.status} ({result.seconds:.1f}s) -> {result.uri}")
-    print(json.dumps({"stage": name, "status": result.status, "units": result.units, "summary": result.summary},
-                     default=str))
+    _say(f"{name}: {result.status} ({result.seconds:.1f}s) -> {result.uri}")
+    line = json.dumps({"stage": name, "status": result.status, "units": result.units, "summary": result.summary},
+                      default=str)
+    print(line)
+    write_termination_message(line)
+
+
+TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default terminationMessagePath
+TERMINATION_LIMIT = 4096  # bytes the kubelet keeps of a termination message
+
+
+def write_termination_message(line: str) -> None:
+    """In a pod, the stage's summary becomes the container's termination message, which the operator reads
+    into the FusionRun's status (docs/operator.md, "Status"). `$WRPO_TERMINATION_LOG` overrides the path;
+    outside a pod (no such file) nothing is written."""
+    import contextlib
+    import os
+
+    path = Path(os.environ.get("WRPO_TERMINATION_LOG") or TERMINATION_LOG)
+    if not path.exists():
+        return
+    data = line.encode()
+    if len(data) > TERMINATION_LIMIT:  # keep it valid JSON: drop the summary rather than cut it
+        data = json.dumps({k: v for k, v in json.loads(line).items() if k not in ("summary", "units")}).encode()
+    with contextlib.suppress(OSError):  # a read-only or odd file must not fail a committed stage
+        path.write_bytes(data)
 
 
 @spec_app.command("schema")
@@ -127,12 +184,17 @@ def spec_docs() -> None:
 
 
 @spec_app.command("validate")
-def spec_validate(spec: str = typer.Argument(..., help=SPEC_HELP)) -> None:
-    """Validate SPEC and print its stage hashes."""
+def spec_validate(
+    spec: str = typer.Argument(..., help=SPEC_HELP),
+    cluster: bool = typer.Option(False, "--cluster", help="Also the rules of a FusionRun (an s3:// run "
+                                 "directory, batches that fit cluster.training); on for FusionRun manifests."),
+) -> None:
+    """Validate SPEC as `wrpo run` and the apiserver would (every problem, one line each) and print its stage
+    hashes; exit 2 if it is invalid."""
     from wrpo.pipeline.plan import stage_hashes
 
-    s = _load(spec)
-    Console(stderr=True).print(f"[green]{spec}: valid[/] ({len(s.sources)} sources)")
+    s = _load(spec, True if cluster else None)
+    _say(Text(f"{spec}: valid ({len(s.sources)} sources)", style="green"))
     for name, h in stage_hashes(s).items():
         print(f"{name:15s} {h[:16]}")
 
@@ -145,11 +207,11 @@ def fetch(
     from wrpo.storage import download_uri_tree
 
     path = download_uri_tree(uri, dest)
-    Console(stderr=True).print(f"fetched {uri} -> {path}")
+    _say(f"fetched {uri} -> {path}")
 
 
 def report(
-    run_uri: str = typer.Argument(..., help="Run directory (folder or s3://)."),
+    run_uri: str = typer.Argument(..., help="Run directory (folder or s3://).", callback=run_uri_option),
     out: Path | None = typer.Option(None, "--out", help="Folder for the PNGs and summary.md "
                                     "(default: <run>/report, or ./report-<name> for s3 runs)."),
     s3_endpoint: str | None = typer.Option(
@@ -168,7 +230,8 @@ def report(
 @experiment_app.command("margins")
 def experiment_margins(
     spec: str = typer.Argument(..., help=SPEC_HELP),
-    run_uri: str | None = typer.Option(None, "--run-uri", help="Run with committed build-pairs/ref-logps."),
+    run_uri: str | None = typer.Option(None, "--run-uri", help="Run with committed build-pairs/ref-logps.",
+                                       callback=run_uri_option),
     out: Path = typer.Option(Path("margins-experiment"), "--out", help="Output folder."),
     steps: int = typer.Option(40, help="Optimizer steps of each of the three trainings."),
     learning_rate: float | None = typer.Option(None, help="Override the spec's WRPO learning rate."),
@@ -189,7 +252,7 @@ def import_gguf(
     from wrpo.models.gguf_import import smollm2_gguf
 
     path = convert(gguf or smollm2_gguf(), out)
-    Console(stderr=True).print(f"model folder: {path}")
+    _say(f"model folder: {path}")
 
 
 def register(app: typer.Typer) -> None:

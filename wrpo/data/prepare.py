@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from wrpo.errors import DataError
-from wrpo.records import Message, PromptRecord, iter_objects
+from wrpo.records import Message, PromptRecord, decode_text, iter_objects, json_kind, json_value, validation_message
 from wrpo.storage import S3Options, download_uri_tree, read_uri_bytes
 
 
@@ -66,16 +66,21 @@ Rows = Iterable[tuple[int, dict[str, Any]]]
 def load_rows(uri: str, fmt: str = "auto", s3: S3Options | None = None) -> Rows:
     """(row number, row) pairs from a JSONL/Parquet file or a `datasets` folder, local or on S3.
 
-    JSONL rows are numbered by line, so errors name the file and line."""
+    JSONL is read as UTF-8 with or without a byte-order mark and with any line ending; rows are numbered
+    by line, so errors name the file and line (and the byte offset of bytes that are not UTF-8)."""
     fmt = detect_format(uri, fmt)
     if fmt == "jsonl":
-        return _jsonl_rows(uri, read_uri_bytes(uri, s3).decode("utf-8"))
+        return _jsonl_rows(uri, decode_text(read_uri_bytes(uri, s3), uri))
     if fmt == "parquet":
         import io
 
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(read_uri_bytes(uri, s3)))
+        try:
+            table = pq.read_table(io.BytesIO(read_uri_bytes(uri, s3)))
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(uri, f"not a readable Parquet file ({e})") from None
         return enumerate(table.to_pylist(), start=1)
     return _hf_rows(uri, s3)
 
@@ -89,7 +94,11 @@ def _hf_rows(uri: str, s3: S3Options | None) -> Iterable[tuple[int, dict[str, An
 
     with tempfile.TemporaryDirectory(prefix="wrpo-ds-") as tmp:
         local = download_uri_tree(uri, Path(tmp), s3) if uri.startswith("s3://") else Path(uri)
-        ds = datasets.load_from_disk(str(local))
+        try:
+            ds = datasets.load_from_disk(str(local))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise DataError(uri, f"not a `datasets` folder saved with save_to_disk ({e}); set dataset.format "
+                            "for a JSONL or Parquet file") from None
         if isinstance(ds, datasets.DatasetDict):
             split = "train" if "train" in ds else next(iter(ds))
             ds = ds[split]
@@ -109,7 +118,7 @@ def prompt_messages(value: Any, source: str, row: int, field_name: str) -> list[
     if isinstance(value, str):
         return [Message(role="user", content=value)]
     if not isinstance(value, list):
-        raise DataError(source, f"expected a string or a list of messages, got {type(value).__name__}",
+        raise DataError(source, f"expected a string or a list of messages, got {json_kind(value)}",
                         row, field_name)
     if not value:
         return None
@@ -120,7 +129,7 @@ def prompt_messages(value: Any, source: str, row: int, field_name: str) -> list[
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
-            raise DataError(source, err["msg"], row, f"{field_name}.{i}.{loc}".rstrip(".")) from None
+            raise DataError(source, validation_message(err), row, f"{field_name}[{i}].{loc}".rstrip(".")) from None
     if messages[-1].role != "user":
         raise DataError(source, f"the last message must come from the user, not '{messages[-1].role}'",
                         row, field_name)
@@ -149,7 +158,8 @@ def normalise(rows: Iterable[tuple[int, dict[str, Any]]], source: str, prompt_fi
     for row_no, row in rows:
         report.rows += 1
         if prompt_field not in row:
-            raise DataError(source, f"missing prompt field '{prompt_field}'", row_no, prompt_field)
+            raise DataError(source, "is missing (dataset.promptField names the field that holds the prompt)",
+                            row_no, prompt_field)
         messages = prompt_messages(row[prompt_field], source, row_no, prompt_field)
         if messages is None:
             report.dropped_empty += 1
@@ -181,7 +191,7 @@ def _row_id(row: dict[str, Any], id_field: str | None, fallback: str, source: st
         return fallback
     value = row[id_field]
     if not isinstance(value, str | int) or isinstance(value, bool) or not str(value).strip():
-        raise DataError(source, f"prompt id must be a non-empty string or integer, got {value!r}",
+        raise DataError(source, f"must be a non-empty string or integer (dataset.idField), got {json_value(value)}",
                         row_no, id_field)
     return str(value)
 
@@ -205,3 +215,20 @@ def split_prompts(prompts: Sequence[PromptRecord], sft_fraction: float, eval_siz
     eval_ids = {p.prompt_id for p in by_eval_hash[:eval_size]}
     return Split(sft=sft, po=[p for p in po if p.prompt_id not in eval_ids],
                  eval=[p for p in po if p.prompt_id in eval_ids])
+
+
+def check_splits(split: Split, source: str, sft_fraction: float, eval_size: int, report: PrepareReport) -> None:
+    """Refuse a split the spec asked for (SFT and preference always, eval with evalSize > 0) that came out
+    empty, naming the counts, before anything is written: a later stage would fail on it, or train on
+    nothing. (Eval prompts come out of the preference split, so eval is short only when that is empty.)"""
+    asked = [("SFT", len(split.sft)), ("preference (po)", len(split.po))]
+    if eval_size:
+        asked.append(("eval", len(split.eval)))
+    empty = [name for name, n in asked if n == 0]
+    if empty:
+        raise DataError(source, f"{report.kept} prompts (of {report.rows} rows; {report.dropped_empty} empty, "
+                        f"{report.dropped_duplicates} duplicates, {report.dropped_over_max} over maxPrompts) split "
+                        f"into sft={len(split.sft)}, po={len(split.po)}, eval={len(split.eval)} by "
+                        f"dataset.sftFraction {sft_fraction:g} and dataset.evalSize {eval_size}: the "
+                        f"{' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty; add prompts or "
+                        "change dataset.sftFraction / dataset.evalSize")

@@ -6,7 +6,9 @@ timeouts, and tenacity retries with jittered exponential backoff on 429, 5xx and
 (honouring Retry-After). A server that returns fewer than N choices is asked again for the rest.
 `sample_group` runs one model over a prompt list and commits its output shard by shard, so an interrupted
 stage resumes without re-asking any prompt of a committed shard. API keys come from an environment
-variable or a mounted file and are never logged or put in error messages.
+variable or a mounted file and are never logged or put in error messages: a provider's error body is
+cut to 200 characters and scrubbed of the key and of anything that looks like one (`scrub`), and URLs
+in messages lose credentials and query strings (docs/spec.md, "Secrets").
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,11 +27,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from wrpo.errors import WrpoError
+from wrpo.pipeline.checks import redact_url
 from wrpo.pipeline.rundir import StageWriter
 from wrpo.records import PromptRecord, SampleRecord, dump_jsonl, parse_jsonl
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+REPLICA_COOLDOWN_S = 10.0  # a replica that failed is avoided this long while another one is healthy
 TOP_UPS = 2  # extra requests when a server returns fewer than N choices
 
 
@@ -97,11 +103,34 @@ def resolve_api_key(api_key_env: str | None = None, api_key_file: str | None = N
 # ---------------------------------------------------------------------------------------------- HTTP client
 
 
+BODY_LIMIT = 200  # characters of a provider's error body kept in a message
+_KEYLIKE = (  # (what to keep)(the secret)
+    re.compile(r"(?i)(\b(?:bearer|basic)\s+)[^\s\"',;]+"),  # Authorization header values
+    re.compile(r"(?i)([\"']?\b(?:api[_-]?key|x-api-key|access[_-]?token|token|secret|password|authorization|key)"
+               r"[\"']?\s*[:=]\s*[\"']?)(?!(?:bearer|basic)\s|\*\*\*)[^\s\"',;&}]+"),  # key=..., "token": "..."
+    re.compile(r"()\b(?:sk|pk|rk|hf|ghp|gho|glpat|xox[abpr])[-_][A-Za-z0-9_\-]{8,}"),  # well-known key prefixes
+    re.compile(r"()[A-Za-z0-9+/_\-]{32,}={0,2}"),  # long opaque tokens
+)
+
+
+def scrub(text: str, secrets: tuple[str | None, ...] = (), limit: int = BODY_LIMIT) -> str:
+    """`text` (a provider's error body) cut to `limit` characters, with the known `secrets` and anything
+    that looks like a key replaced by `***`."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    for pattern in _KEYLIKE:
+        text = pattern.sub(lambda m: m.group(1) + "***", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class RetryableStatus(Exception):
-    """An HTTP status worth retrying (429, 5xx); carries the server's Retry-After, if any."""
+    """An HTTP status worth retrying (429, 5xx); carries the server's Retry-After, if any. The body is
+    already scrubbed (`scrub`)."""
 
     def __init__(self, status: int, retry_after: float | None, body: str):
-        super().__init__(f"HTTP {status}: {body[:200]}")
+        super().__init__(f"HTTP {status}: {body}")
         self.status, self.retry_after = status, retry_after
 
 
@@ -123,9 +152,11 @@ class ChatClient:
                  backoff_max_s: float = 30.0, backoff_initial_s: float = 0.5, path: str = "/chat/completions"):
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         self.urls = [u.rstrip("/") + path for u in urls]
-        self.url = self.urls[0] if len(self.urls) == 1 else f"{self.urls[0]} (+{len(self.urls) - 1} replicas)"
+        more = f" (+{len(self.urls) - 1} replicas)" if len(self.urls) > 1 else ""
+        self.shown_url = redact_url(self.urls[0]) + more  # for messages: no credentials, no query string
         self.in_flight = [0] * len(self.urls)
         self.sent = [0] * len(self.urls)  # requests per replica
+        self.failed_until = [0.0] * len(self.urls)  # monotonic time until which a replica is avoided
         self.model = model
         self._api_key = api_key
         self.concurrency, self.timeout_s = concurrency, timeout_s
@@ -137,7 +168,7 @@ class ChatClient:
         self.retries = 0
 
     def __repr__(self) -> str:  # never shows the key
-        return f"ChatClient(url={self.url!r}, model={self.model!r})"
+        return f"ChatClient(url={self.shown_url!r}, model={self.model!r})"
 
     async def __aenter__(self) -> ChatClient:
         import httpx
@@ -163,7 +194,7 @@ class ChatClient:
     def _before_sleep(self, state: Any) -> None:
         self.retries += 1
         err = state.outcome.exception()
-        log.warning("retrying %s (attempt %d): %s", self.url, state.attempt_number, type(err).__name__
+        log.warning("retrying %s (attempt %d): %s", self.shown_url, state.attempt_number, type(err).__name__
                     if not isinstance(err, RetryableStatus) else f"HTTP {err.status}")
 
     async def post(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -183,28 +214,40 @@ class ChatClient:
                     with attempt:
                         return await self._post_once(body)
             except (httpx.TransportError, RetryableStatus) as e:
-                raise SamplingError(f"{self.url}: giving up after {self.max_retries + 1} attempts "
+                raise SamplingError(f"{self.shown_url}: giving up after {self.max_retries + 1} attempts "
                                     f"({type(e).__name__}: {e})") from None
         raise AssertionError("unreachable")
 
     def _replica(self) -> int:
-        """The replica with the fewest requests in flight (the least used so far on a tie)."""
-        return min(range(len(self.urls)), key=lambda i: (self.in_flight[i], self.sent[i]))
+        """The replica with the fewest requests in flight (the least used so far on a tie), skipping
+        replicas that failed within the last few seconds while another one is healthy (a replica that
+        fails fast would otherwise attract every request)."""
+        now = time.monotonic()
+        return min(range(len(self.urls)),
+                   key=lambda i: (self.failed_until[i] > now, self.in_flight[i], self.sent[i]))
 
     async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
         self.requests += 1
         i = self._replica()
         self.in_flight[i] += 1
         self.sent[i] += 1
         try:
             resp = await self._client.post(self.urls[i], json=body)
+        except httpx.TransportError:
+            self.failed_until[i] = time.monotonic() + REPLICA_COOLDOWN_S
+            raise
         finally:
             self.in_flight[i] -= 1
+        if resp.status_code in RETRY_STATUS and resp.status_code != 429:
+            self.failed_until[i] = time.monotonic() + REPLICA_COOLDOWN_S
         if resp.status_code in RETRY_STATUS:
-            raise RetryableStatus(resp.status_code, _retry_after(resp.headers.get("retry-after")), resp.text)
+            raise RetryableStatus(resp.status_code, _retry_after(resp.headers.get("retry-after")),
+                                  scrub(resp.text, (self._api_key,)))
         if resp.status_code >= 400:
-            raise SamplingError(f"{self.url}: HTTP {resp.status_code} for model '{self.model}': "
-                                f"{resp.text[:500]}")
+            raise SamplingError(f"{self.shown_url}: HTTP {resp.status_code} for model '{self.model}': "
+                                f"{scrub(resp.text, (self._api_key,))}")
         return resp.json()
 
     async def complete(self, messages: list[dict[str, str]], params: SamplingParams, n: int,

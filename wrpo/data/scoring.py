@@ -9,6 +9,9 @@ detail. Backends:
   before the first pad token, so padding must be on the right with a pad id that never occurs in text.
 - `RemoteScorer`: a vLLM server started with `--runner pooling`; we send the same token ids we would use
   in-process to `/pooling` with `use_activation: false`, so the scores are the raw logits.
+- `JudgeScorer` (`reward.type: judge`): the 1-10 grade of an LLM judge (`wrpo.data.judge`, MT-Bench style).
+  An answer whose verdict cannot be parsed scores 0, below every graded answer (so it is never chosen over
+  one), and is counted; the raw verdicts are kept for the stage to store (docs/eval.md).
 
 `score_samples` scores whole sample records and stops on a NaN/inf score with the prompt_id named.
 """
@@ -239,6 +242,44 @@ class RemoteScorer:
                 for batch in batches:
                     group.create_task(run(batch))
         return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------- LLM judge
+
+
+UNPARSED_GRADE = 0.0  # below the judge's 1-10 scale: an ungradable answer ranks last
+
+
+class JudgeScorer:
+    """Reward = the LLM judge's single-answer grade (1-10); an unparsed verdict scores `UNPARSED_GRADE`.
+
+    `backend` is a ChatClient (or any ChatBackend); `verdicts` keeps every raw verdict in scoring order."""
+
+    def __init__(self, backend: Any, name: str, max_tokens: int = 512, temperature: float = 0.0, seed: int = 42,
+                 constrained: bool = False, expected_grade: bool = False):
+        self.name = name
+        self.backend = backend
+        self.options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, constrained=constrained,
+                            expected_grade=expected_grade)
+        self.verdicts: list[dict[str, Any]] = []
+        self.unparsed = 0
+
+    def score(self, pairs: Sequence[tuple[Messages, str]]) -> list[Score]:
+        return asyncio.run(self._score(pairs))
+
+    async def _score(self, pairs: Sequence[tuple[Messages, str]]) -> list[Score]:
+        from wrpo.data.judge import Dialogue, Judge
+
+        async with self.backend:
+            judge = Judge(self.backend, **self.options)
+            verdicts = await asyncio.gather(*(judge.grade(Dialogue(m, (), (r,))) for m, r in pairs))
+        out = []
+        for v in verdicts:
+            self.verdicts.append(v.to_json())
+            if v.value is None:
+                self.unparsed += 1
+            out.append(Score(UNPARSED_GRADE if v.value is None else float(v.value)))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- records

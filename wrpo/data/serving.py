@@ -3,6 +3,11 @@
 vLLM usually lives in its own virtual environment (its CPU wheel pins its own torch build): the python
 that runs it is `$WRPO_VLLM_PYTHON`, or this interpreter if it can import vllm. `VLLMServer` starts the
 server on a free port, waits for `/health`, and stops it by PID (TERM, then KILL) on exit.
+
+The server gets an explicit environment (`server_environment`): what Python, the accelerators, vLLM and
+the Hugging Face libraries read, and nothing else, so API keys of external sources and S3 credentials
+in our environment never reach it (docs/spec.md, "Secrets"). `WRPO_VLLM_ENV_PASS` names extra variables
+to pass (comma-separated).
 """
 
 from __future__ import annotations
@@ -50,6 +55,25 @@ def on_gpu() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return False
     return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+#: Variables a local vLLM server may see: by exact name, and by prefix.
+PASSED_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "PWD",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED",
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",  # downloading the (gated) model the server serves
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+})
+PASSED_PREFIXES = ("LC_", "VLLM_", "CUDA_", "NVIDIA_", "NCCL_", "ROCR_", "HIP_", "TORCH", "PYTORCH_", "OMP_",
+                   "KMP_", "MKL_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "XDG_", "TRITON_")
+
+
+def server_environment(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The part of `env` a vLLM subprocess may see (PASSED_NAMES, PASSED_PREFIXES and `WRPO_VLLM_ENV_PASS`)."""
+    extra = {n.strip() for n in env.get("WRPO_VLLM_ENV_PASS", "").split(",") if n.strip()}
+    return {k: v for k, v in env.items() if k in PASSED_NAMES or k in extra or k.startswith(PASSED_PREFIXES)}
 
 
 class VLLMServer:
@@ -106,7 +130,7 @@ class VLLMServer:
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = server_environment(os.environ)
         env.setdefault("VLLM_HOST_IP", HOST)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")

@@ -49,7 +49,7 @@ def read_prompts(run: RunDir, splits: Sequence[str] = SPLITS) -> list[PromptReco
 
 def prepare(ctx: StageContext) -> dict[str, Any]:
     """Load, normalise, deduplicate and split the prompt dataset into sft/po/eval.jsonl."""
-    from wrpo.data.prepare import load_rows, normalise, split_prompts
+    from wrpo.data.prepare import check_splits, load_rows, normalise, split_prompts
 
     ds = ctx.spec.dataset
     rows = load_rows(ds.uri, ds.format, S3Options.from_spec(ctx.spec.storage))
@@ -58,6 +58,7 @@ def prepare(ctx: StageContext) -> dict[str, Any]:
         raise DataError(ds.uri, f"no usable prompts ({report.dropped_empty} empty, "
                         f"{report.dropped_duplicates} duplicates)")
     split = split_prompts(prompts, ds.sft_fraction, ds.eval_size, ds.seed)
+    check_splits(split, ds.uri, ds.sft_fraction, ds.eval_size, report)  # before anything is written
     for name in SPLITS:
         ctx.out.put_text(f"{name}.jsonl", dump_jsonl(getattr(split, name)))
     return {"rows": report.rows, "prompts": report.kept, "sft": len(split.sft), "po": len(split.po),
@@ -199,9 +200,16 @@ def sample_target(ctx: StageContext) -> dict[str, Any]:
 @contextmanager
 def reward_scorer(ctx: StageContext) -> Iterator[Any]:
     """The scorer the spec asks for: in-process, an external pooling endpoint, or the plan's reward server."""
-    from wrpo.data.scoring import ArmoRMScorer, RemoteScorer, SequenceClassifierScorer
+    from wrpo.data.scoring import ArmoRMScorer, JudgeScorer, RemoteScorer, SequenceClassifierScorer
 
     r, spec = ctx.spec.reward, ctx.spec
+    if r.type == "judge":
+        with judge_backend(ctx, r.judge, [s for s in servers(spec, ctx.name, ctx.run.uri) if s.key == "reward"]) \
+                as backend:
+            j = r.judge
+            yield JudgeScorer(backend, j.endpoint.model if j.endpoint else j.model, j.max_tokens, j.temperature,
+                              spec.sampling.seed, j.constrained, j.expected_grade)
+        return
     model = ctx.work.model(r.model, S3Options.from_spec(spec.storage)) if r.model else None
     if r.type == "remote":
         if model is None:
@@ -209,6 +217,8 @@ def reward_scorer(ctx: StageContext) -> Iterator[Any]:
         with ExitStack() as stack:
             endpoint = r.endpoint
             for server in servers(spec, ctx.name, ctx.run.uri):  # no endpoint in the spec: serve the model
+                if server.key != "reward":
+                    continue
                 urls = stack.enter_context(serve(ctx, server, model))
                 if urls is None:
                     raise WrpoError("reward.type 'remote' without an endpoint needs vLLM to serve reward.model "
@@ -222,9 +232,22 @@ def reward_scorer(ctx: StageContext) -> Iterator[Any]:
     yield cls(model, max_length=r.max_length, batch_size=r.batch_size, name=r.model)
 
 
+@contextmanager
+def judge_backend(ctx: StageContext, judge: Any, served: list[Server]) -> Iterator[Any]:
+    """The backend of an LLM judge (`JudgeSpec`): its external endpoint, or its model's server (`served`,
+    given or started locally; transformers generate without vLLM)."""
+    if judge.endpoint is not None:
+        yield external_backend(ctx, judge.endpoint)
+        return
+    (server,) = served
+    with chat_backend(ctx, server) as backend:
+        yield backend
+
+
 def _score_file(ctx: StageContext, stage: str, name: str, prompts: dict[str, PromptRecord]) -> dict[str, Any]:
     """Score this shard's share of the sample records in `stage`/`name` into `name` (ScoreRecords in the
-    samples' order). The summary is additive over shards (`answers`, `score_sum`)."""
+    samples' order). The summary is additive over shards (`answers`, `score_sum`; an LLM judge's
+    `unparsed`), and so is an LLM judge's `<name>.verdicts.jsonl`."""
     from tqdm.auto import tqdm
 
     from wrpo.data.scoring import score_samples
@@ -235,7 +258,16 @@ def _score_file(ctx: StageContext, stage: str, name: str, prompts: dict[str, Pro
     with tqdm(total=total, desc=f"score {name}", unit="answer") as bar:
         scores = score_samples(scorer, samples, prompts, progress=bar.update)
     ctx.out.put_text(name, dump_jsonl(scores))
-    return {"answers": total, "score_sum": sum(v for s in scores for v in s.scores)}
+    summary = {"answers": total, "score_sum": sum(v for s in scores for v in s.scores)}
+    verdicts = getattr(scorer, "verdicts", None)
+    if verdicts is not None:  # an LLM judge: every raw verdict, in the order the answers were scored
+        keys = [{"prompt_id": s.prompt_id, "model": s.model, "response": j} for s in samples
+                for j in range(len(s.responses))]
+        mine = verdicts[len(verdicts) - total:]
+        ctx.out.put_text(name.removesuffix(".jsonl") + ".verdicts.jsonl",
+                         dump_jsonl(k | v for k, v in zip(keys, mine, strict=True)))
+        summary["unparsed"] = sum(v["value"] is None for v in mine)
+    return summary
 
 
 def score_sources(ctx: StageContext) -> dict[str, Any]:

@@ -138,7 +138,17 @@ def wrpo(ctx: StageContext) -> dict[str, Any]:
     if (out_dir / "eval_metrics.json").exists():
         out.put_file("eval_metrics.json", out_dir / "eval_metrics.json")
     out.put_text("logps.jsonl", logp_shift(cfg, data, out_dir / "model", scratch))
-    return _wrpo_summary(result, out_dir / "metrics.jsonl")
+    summary = _wrpo_summary(result, out_dir / "metrics.jsonl")
+    out.put_text("model/README.md", _model_card(ctx, summary))  # the card beside the weights (docs/eval.md)
+    return summary
+
+
+def _model_card(ctx: StageContext, summary: dict[str, Any]) -> str:
+    """The fused model's card: sources and their y_ws shares, reward model, hyper-parameters, hashes."""
+    from wrpo.pipeline.card import model_card
+
+    contributions = json.loads(ctx.run.stage("select-sources").read_text("contributions.json")).get("all")
+    return model_card(ctx.spec, ctx.hashes, contributions, summary)
 
 
 def _wrpo_summary(result: dict[str, Any], metrics: Path) -> dict[str, Any]:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
 
-from wrpo.pipeline.spec import FusionSpec
+from wrpo.pipeline.spec import EndpointSpec, FusionSpec
 
 ResourceClass = Literal["small", "sampling", "scoring", "training"]
-ServerKind = Literal["none", "sources", "target", "reward"]
+ServerKind = Literal["none", "sources", "target", "reward", "eval"]
 UnitKind = Literal["stage", "sources"]
 HASH_VERSION = 2  # part of every hash: bump it when the meaning of a spec value or default changes
 
@@ -59,7 +59,7 @@ class Stage:
         return self.resources == "training"
 
 
-_DATA, _ENGINE = "wrpo.data.stages", "wrpo.engine.stages"
+_DATA, _ENGINE, _EVAL = "wrpo.data.stages", "wrpo.engine.stages", "wrpo.eval.stages"
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", (), ("dataset",), f"{_DATA}:prepare", "small", "none",
           ("sft.jsonl", "po.jsonl", "eval.jsonl")),
@@ -81,6 +81,8 @@ STAGES: tuple[Stage, ...] = (
           ("train.ref_logps.jsonl", "eval.ref_logps.jsonl"), shards=True),
     Stage("wrpo", ("build-pairs", "ref-logps", "sft"), ("wrpo", "training"), f"{_ENGINE}:wrpo", "training",
           "none", ("model/", "metrics.jsonl")),
+    Stage("eval", ("prepare", "sft", "wrpo"), ("eval", "reward", "target"), f"{_EVAL}:evaluate", "scoring", "eval",
+          ("results.json", "records.jsonl", "README.md")),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -93,6 +95,7 @@ _OPERATIONAL = {
     "reward": {"batchSize"},
     "target": {"replicas"},
     "source": {"replicas"},  # an entry of `sources`
+    "eval": {"shardSize"},
 }
 
 
@@ -201,6 +204,51 @@ def target_model_uri(run_uri: str) -> str:
     return f"{run_uri.rstrip('/')}/sft/model/"
 
 
+def fused_model_uri(run_uri: str) -> str:
+    """Where the fused model is committed in a run directory."""
+    return f"{run_uri.rstrip('/')}/wrpo/model/"
+
+
+#: The models the eval stage compares (docs/eval.md), in table order: role -> where its weights are.
+EVAL_ROLES = ("target", "sft", "fused")
+
+
+def has_eval_prompts(spec: FusionSpec) -> bool:
+    """The eval stage has prompts to answer: a question file, or a held-out eval split."""
+    return spec.eval.prompts is not None or spec.dataset.eval_size > 0
+
+
+def _reward_servers(spec: FusionSpec) -> list[Server]:
+    """The reward model's server: a pooling server (type remote without an endpoint) or the judge model
+    whose grades are the reward (type judge with a model)."""
+    r = spec.reward
+    if r.type == "remote" and r.endpoint is None:
+        return [Server("reward", r.served_name, r.model or "", "pooling", 1, r.max_length)]
+    if r.type == "judge" and r.judge is not None and r.judge.model:
+        j = r.judge
+        return [Server("reward", j.served_name, j.model, "generate", j.tensor_parallel_size, j.max_model_len,
+                       args=tuple(j.vllm_args))]
+    return []
+
+
+def _eval_servers(spec: FusionSpec, run_uri: str) -> list[Server]:
+    """The eval stage's servers: the three compared models (`source` = their role, the --endpoint key),
+    the local LLM judge and the reward model's server, if any."""
+    if not has_eval_prompts(spec):
+        return []
+    t = spec.target
+    models = {"target": t.model, "sft": target_model_uri(run_uri), "fused": fused_model_uri(run_uri)}
+    out = [Server(f"eval-{role}", role, models[role], "generate", t.tensor_parallel_size, args=tuple(t.vllm_args),
+                  source=role, replicas=t.replicas) for role in EVAL_ROLES]
+    j = spec.eval.judge
+    if j is not None and j.model:
+        out.append(Server("judge", j.served_name, j.model, "generate", j.tensor_parallel_size, j.max_model_len,
+                          args=tuple(j.vllm_args), source="judge"))
+    if spec.eval.reward_model:
+        out += _reward_servers(spec)
+    return out
+
+
 def servers(spec: FusionSpec, name: str, run_uri: str) -> list[Server]:
     """The vLLM servers stage `name` needs while it runs (external endpoints need none)."""
     kind = stage(name).servers
@@ -212,7 +260,22 @@ def servers(spec: FusionSpec, name: str, run_uri: str) -> list[Server]:
         t = spec.target
         return [Server("target", t.served_name, target_model_uri(run_uri), "generate", t.tensor_parallel_size,
                        args=tuple(t.vllm_args), replicas=t.replicas)]
-    if kind == "reward" and spec.reward.type == "remote" and spec.reward.endpoint is None:
-        r = spec.reward
-        return [Server("reward", r.served_name, r.model or "", "pooling", 1, r.max_length)]
+    if kind == "reward":
+        return _reward_servers(spec)
+    if kind == "eval":
+        return _eval_servers(spec, run_uri)
     return []
+
+
+def external_endpoints(spec: FusionSpec, name: str) -> list[EndpointSpec]:
+    """The external OpenAI-compatible endpoints stage `name` calls (their API keys reach its pod)."""
+    kind = stage(name).servers
+    found: list[EndpointSpec | None] = []
+    if kind == "sources":
+        found = [s.endpoint for s in spec.sources]
+    judge_reward = spec.reward.judge if spec.reward.type == "judge" else None
+    if kind == "reward" or (kind == "eval" and spec.eval.reward_model):
+        found.append(judge_reward.endpoint if judge_reward else None)
+    if kind == "eval" and spec.eval.judge is not None:
+        found.append(spec.eval.judge.endpoint)
+    return [e for e in found if e is not None]

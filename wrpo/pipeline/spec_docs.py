@@ -6,16 +6,75 @@ import json
 import types
 import typing
 
+import annotated_types as at
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from wrpo.pipeline.spec import FusionSpec
+from wrpo.pipeline.checks import Check
+from wrpo.pipeline.spec import CLUSTER_RULES, FusionSpec
 
 HEADER = """# FusionSpec reference
 
 Generated from `wrpo/pipeline/spec.py` by `wrpo spec docs > docs/spec.md`; do not edit by hand.
 Keys are camelCase; the same document is the `.spec` of a `FusionRun`. Defaults are the paper's.
+
+## Validation
+
+One strict parser reads every spec: `wrpo spec validate`, `wrpo run`, `wrpo stage` in the cluster's
+pods and the operator; the FusionRun CRD (generated from the same models) refuses the same specs at
+admission, with the same messages where a CEL rule can say it. A spec means the same thing everywhere:
+
+- **No type coercion.** `"5"` is not a number, `"yes"` not a boolean, `2` not a string (`cpu: "2"`).
+  A whole number written as a float (`5.0`) is the integer 5, as on the apiserver. Numbers are finite.
+- **camelCase keys only.** An unknown key is an error; a snake_case key names its camelCase spelling,
+  a misspelt one the closest key.
+- **YAML that every parser reads alike.** Duplicate keys are errors. Unquoted `y n yes no on off` (any
+  case) are refused as keys and values: kubectl and helm (YAML 1.1) read the key `n:` as `false` and the
+  value `yes` as `true`, YAML 1.2 tools read strings; quote them (`'n': 4`) or write `true`/`false`.
+  Numbers with a leading zero (`010`: 8 or 10?), `0o`/`0b` prefixes or `_` separators are refused too,
+  and so are tags other than `!!str !!int !!float !!bool !!null`.
+- **Field checks** (the "rules" column below): Kubernetes quantities (`isQuantity`), object names (DNS
+  labels and subdomains), environment variable names, label and annotation keys, and URIs: `runUri` and
+  `dataset.uri` are local paths or `s3://bucket/prefix`; models are also hub ids (`org/name`); nothing
+  else (`gs://`, `https://`, `s3://` without a bucket) and never credentials (`user:password@`).
+  Endpoints are `http(s)://host[:port][/path]` without query or fragment.
+- **Cross-field rules** a stage would otherwise trip over hours later: a global `batchSize` that
+  `perDeviceBatchSize` divides; `wrpo.maxPromptLength < wrpo.maxLength`; every `selection.sourceGroups`
+  entry names a source or a group; `selection.sourceRank` at most the selected sources;
+  `selection.topKSources` at most `sampling.n` × the selected sources; `selection.rejectedSource` equal to
+  `wrpo.rejectedSource`; a source's `maxModelLen` above `sampling.maxTokens`; `dataset.evalSize` below
+  `dataset.maxPrompts`; `sampling.n` ≥ 2 and `sampling.temperature` > 0 (y_wt and y_l are the best and
+  worst of N different answers); 0 < `dataset.sftFraction` < 1; every reward type has a `model`.
+- **The cluster's rules** apply to FusionRun manifests (`wrpo spec validate run.yaml`, `wrpo run
+  run.yaml`), to `wrpo spec validate --cluster` and on the apiserver: RULES.
+
+Every problem is reported at once, one line each, naming the file, the line and the field path
+(`fusion.yaml:23: sampling.n: Input should be greater than or equal to 2`); the command exits with code
+2 and never prints a traceback. Messages are printed as text: brackets in them are not markup.
+
+Prompt files are read as UTF-8 with or without a byte-order mark and with any line ending; other
+encodings are an error naming the file, the line and the byte offset. `prepare` refuses to commit an
+empty SFT, preference or (with `evalSize`) eval split and names the counts. `tests/corpus/` holds the
+wrong specs and prompt files with the message each must produce; the tests run them through the CLI
+and, for specs, through the harness apiserver.
+
+## Secrets
+
+Credentials never go into a spec: URIs with `user:password@` are refused, and endpoint keys come from
+`apiKeyEnv`, `apiKeyFile` or (on the cluster) `apiKeySecret`. A key is sent only over `https://` or to a
+loopback host, unless the endpoint sets `allowHttp: true` (e.g. an in-cluster Service). A provider's error
+body reaches messages cut to 200 characters, with the key and anything that looks like one replaced by
+`***`; URLs in messages lose credentials and query strings. A local vLLM server process gets an explicit
+environment (Python, accelerator, vLLM and Hugging Face variables; `WRPO_VLLM_ENV_PASS` adds names), so
+our API keys and S3 credentials never reach it.
 """
+
+_CLUSTER_RULE_WORDS = {
+    "run_on_s3": "`storage.runUri` is `s3://bucket/prefix` (the pods share no local disk)",
+    "batches_fit_devices": "`sft.batchSize` and `wrpo.batchSize` are multiples of `perDeviceBatchSize` × "
+    "`cluster.training.nodes` × `procsPerNode`",
+    "no_relative_paths": "no `./` or `../` paths for models and the dataset",
+}
 
 
 def _type_name(annotation) -> str:
@@ -43,6 +102,34 @@ def _default(field) -> str:
     return f"`{json.dumps(value)}`" if not isinstance(value, float) else f"`{value:.6g}`"
 
 
+def _metadata(annotation) -> list:
+    """Constraint metadata inside an annotation (Annotated, also under Optional)."""
+    out = []
+    if typing.get_origin(annotation) is typing.Annotated:
+        out += list(annotation.__metadata__)
+        for m in annotation.__metadata__:
+            out += list(getattr(m, "metadata", []))
+    for arg in typing.get_args(annotation):
+        out += _metadata(arg)
+    return out
+
+
+def _rules(field) -> str:
+    bounds = {at.Ge: ("≥", "ge"), at.Gt: (">", "gt"), at.Le: ("≤", "le"), at.Lt: ("<", "lt")}
+    out: list[str] = []
+    for m in [*field.metadata, *_metadata(field.annotation)]:
+        for kind, (sign, attr) in bounds.items():
+            if isinstance(m, kind):
+                out.append(f"{sign} {getattr(m, attr)}")
+        if isinstance(m, at.MinLen) and m.min_length > 0:
+            out.append(f"at least {m.min_length} long")
+        if isinstance(m, at.MaxLen):
+            out.append(f"at most {m.max_length} long")
+        if isinstance(m, Check):
+            out.append(m.message)
+    return "; ".join(dict.fromkeys(out)).replace("|", "/")
+
+
 def _models(model: type[BaseModel], seen: list[type[BaseModel]]) -> None:
     if model in seen:
         return
@@ -55,16 +142,17 @@ def _models(model: type[BaseModel], seen: list[type[BaseModel]]) -> None:
 
 
 def spec_markdown() -> str:
-    """One table per model: key, type, default, description."""
+    """The validation rules, then one table per model: key, type, default, rules, description."""
     models: list[type[BaseModel]] = []
     _models(FusionSpec, models)
-    out = [HEADER]
+    rules = "; ".join(_CLUSTER_RULE_WORDS.get(name, name) for name in CLUSTER_RULES)
+    out = [HEADER.replace("RULES", rules)]
     for model in models:
         out += [f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",
-                "| key | type | default | description |", "|---|---|---|---|"]
+                "| key | type | default | rules | description |", "|---|---|---|---|---|"]
         for name, field in model.model_fields.items():
             key = field.alias or name
-            out.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | "
+            out.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {_rules(field)} | "
                        f"{(field.description or '').replace('|', '/')} |")
         out.append("")
     return "\n".join(out)

