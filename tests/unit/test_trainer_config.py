@@ -66,3 +66,17 @@ def test_non_default_spec_values_reach_the_trainer(tmp_path: Path):
         for name, value in section:
             assert getattr(cfg, name) == value, name
     assert wrpo.top_k_sources == spec.selection.top_k_sources
+
+
+def test_a_trainer_that_sees_fewer_processes_than_the_launcher_started_refuses_to_train():
+    """What accelerate reports for DeepSpeed on a CPU accelerator when no process group could be adopted:
+    one process where torchrun started two. Training would run every rank on the same examples."""
+    from types import SimpleNamespace
+
+    from wrpo.engine.common import _adopt_launcher_world
+    from wrpo.engine.config import ConfigError
+
+    args = SimpleNamespace(world_size=1, deepspeed="zero3.json", distributed_state=None)
+    with pytest.raises(ConfigError, match="launcher started 2 processes .* trainer sees 1"):
+        _adopt_launcher_world(args, 2)
+    _adopt_launcher_world(SimpleNamespace(world_size=2, deepspeed=None), 2)  # agreeing: nothing to say
