@@ -243,6 +243,7 @@ class PodRunner:
         mounts = self._mounts(container, volumes)
         env = self._environment(pod, container, ip, mounts)
         log_file = self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}.work" / "termination-log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
         log_file.touch()  # the kubelet's /dev/termination-log: an empty file the container may write
         env["WRPO_TERMINATION_LOG"] = str(log_file)
         return Step(container.name, self._argv(container, env, ip, mounts), env)
