@@ -5,9 +5,10 @@ PET_* variables) and executed by the pod runner as two local `torchrun` processe
 the master Service and train under DeepSpeed ZeRO-3 on its CPU accelerator. The stage must commit a model
 equal to one process training on the same global batches.
 
-The stages before `wrpo` are committed by the test (the tiny target as Target-SFT, 16 example quadruples
-as build-pairs); `ref-logps` runs for real. The run directory is a local folder: the pods are local
-processes. Needs the control plane (tests/cluster/build-binaries.sh); about two minutes on 2 cores.
+The stages before `wrpo` are committed by the test (select-sources' contributions for the model card, the
+tiny target as Target-SFT, 16 example quadruples as build-pairs); `ref-logps` runs for real. The run
+directory is a local folder: the pods are local processes. Needs the control plane
+(tests/cluster/build-binaries.sh); about two minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ def _spec(tiny_models: Path, run_uri: str):
 
 
 def _prepare(spec, run, workdir: Path) -> None:
-    """Commit sft (the tiny target) and build-pairs (16 quadruples, 4 for eval) for this spec; run ref-logps."""
+    """Commit select-sources (its contributions only), sft (the tiny target) and build-pairs (16 quadruples,
+    4 for eval) for this spec; run ref-logps."""
     from wrpo.pipeline.context import StageOptions
     from wrpo.pipeline.plan import stage_hashes
     from wrpo.pipeline.runtime import run_stage
 
     hashes = stage_hashes(spec)
+    select = run.stage("select-sources").writer()  # the wrpo stage's model card reads its contributions
+    select.put_text("contributions.json", json.dumps({"sources": ["qwen"], "all": {"shares": {"qwen": 1.0}}}) + "\n")
+    select.commit(hashes["select-sources"])
     sft = run.stage("sft").writer()
     sft.put_tree("model", Path(spec.target.model))
     sft.commit(hashes["sft"])

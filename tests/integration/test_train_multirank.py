@@ -43,7 +43,7 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-def _wrpo_cli(*args: str, nproc: int | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+def _wrpo_cli(*args: str, nproc: int | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
     """`python -m wrpo.cli ARGS`, under torchrun with `nproc` ranks when given."""
     launch = [sys.executable]
     if nproc:
