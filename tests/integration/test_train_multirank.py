@@ -5,13 +5,15 @@ The ranks see records of different response lengths and the log-prob chunk is 8 
 number of LM-head chunks differs: under ZeRO-3 every chunk is a gathered call, and a rank that made fewer
 would stall or mismatch the others' collectives. What must hold (docs/training.md, "Distributed"):
 the loss of steps 1–3 and the final weights equal a single-process run with the same global batch
-(accumulation making up the missing rank), and rank 0 alone writes metrics.jsonl (one line per step).
+(accumulation making up the missing rank), rank 0 alone writes metrics.jsonl (one line per step), and
+under ZeRO-3 every rank loads its partition of each model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +42,7 @@ def _free_port() -> int:
 def _env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "GLOO_SOCKET_IFNAME": "lo", "TOKENIZERS_PARALLELISM": "false",
+            "TRANSFORMERS_VERBOSITY": "info",  # from_pretrained says when it loads ZeRO-3 partitions (below)
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -49,13 +52,16 @@ def _wrpo_cli(*args: str, nproc: int | None = None, timeout: int = 420) -> subpr
     if nproc:
         launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
                    "--master-port", str(_free_port())]
+    # a session of its own: a hang (collective mismatch) is ended rank by rank, not just the launcher
+    proc = subprocess.Popen([*launch, "-m", "wrpo.cli", *args], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run([*launch, "-m", "wrpo.cli", *args], env=_env(), capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s (a collective mismatch hangs):\n{out[-2000:]}\n{err[-4000:]}")
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return proc
 
@@ -124,7 +130,12 @@ def test_two_ranks_equal_one_process(kind, stage, extra, tiny_models, wrpo_data,
 
     data = wrpo_data if kind == "wrpo" else EXAMPLES / "sft.jsonl"
     out = tmp_path / "out"
-    _wrpo_cli(*_train_args(kind, tiny_models, data, out, ("--deepspeed-stage", str(stage), *extra)), nproc=2)
+    proc = _wrpo_cli(*_train_args(kind, tiny_models, data, out, ("--deepspeed-stage", str(stage), *extra)), nproc=2)
+    # ZeRO-3: each rank loads its partition of the policy, which needs the DeepSpeed config registered before
+    # from_pretrained (docs/training.md, "Distributed and GPU"); the on-the-fly reference is loaded the same
+    # way once the Trainer exists, when it has turned rank 1's log level down to warnings: one line more
+    loads = (2 + ("on-the-fly" in extra)) if stage == 3 else 0
+    assert proc.stderr.count("Detected DeepSpeed ZeRO-3: activating zero.init() for this model") == loads
     ours, reference = _metrics(out), _metrics(single[kind])
     first = {m["step"]: m for m in reversed(ours)}  # the losses first: they say more than a doubled line
     assert [first[s]["loss"] for s in (1, 2, 3)] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
