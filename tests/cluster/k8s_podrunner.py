@@ -45,7 +45,18 @@ from pathlib import Path
 
 from k8s_harness import stop_process, tail
 
-DEFAULT_COMMAND_MAP = {"python": [sys.executable], "python3": [sys.executable]}
+
+def _shell(argv: list[str]) -> list[str]:
+    """`sh` as is, except the training-operator's init container of PyTorchJob workers (`nslookup` of the
+    master's Service in a loop): this runner resolves Service names itself, to addresses it hands out when
+    it first sees a pod, so there is nothing to wait for (the workers' torchrun waits for the master's
+    rendezvous store)."""
+    if len(argv) == 3 and argv[1] == "-c" and "nslookup" in argv[2] and "waiting for master" in argv[2]:
+        return [sys.executable, "-c", "pass"]
+    return argv
+
+
+DEFAULT_COMMAND_MAP = {"python": [sys.executable], "python3": [sys.executable], "sh": _shell}
 
 
 def _now() -> str:
@@ -120,6 +131,7 @@ class PodRunner:
         self._labels: dict[str, dict[str, str]] = {}
         self._policies: dict[str, str] = {}
         self._targets: dict[str, str] = {}
+        self._addresses: dict[str, str] = {}  # pod name → 127.0.0.N, from the first time it is listed
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     # -- public API ------------------------------------------------------------------------
@@ -166,6 +178,8 @@ class PodRunner:
         listed = self.core.list_namespaced_pod(self.namespace, label_selector=self.label_selector)
         self._labels = {p.metadata.name: p.metadata.labels or {} for p in listed.items}
         self._policies = {p.metadata.name: p.spec.restart_policy for p in listed.items}
+        for pod in listed.items:  # before any launch: a Service resolves whatever order pods start in
+            self._address(pod.metadata.name)
         seen = set()
         for pod in listed.items:
             seen.add(pod.metadata.name)
@@ -179,7 +193,7 @@ class PodRunner:
                 self._force_delete(pod)
                 continue
             if local is None:
-                if pod.spec.node_name and pod.status.phase == "Pending":
+                if pod.spec.node_name and pod.status.phase == "Pending" and not self._awaits_master(pod):
                     self._launch(pod)
                 continue
             self._supervise(local)
@@ -187,9 +201,25 @@ class PodRunner:
             if name not in seen and local.process and local.process.poll() is None:
                 self._kill(local)
 
+    def _awaits_master(self, pod) -> bool:
+        """A PyTorchJob pod names its master's Service in MASTER_ADDR; the training-operator creates the
+        Services just after the pods, so such a pod starts once that Service exists (in a cluster, DNS
+        would answer a moment later; here the name is resolved once, when the pod starts)."""
+        job = (pod.metadata.labels or {}).get("training.kubeflow.org/job-name")
+        if not job:
+            return False
+        names = {s.metadata.name for s in self.core.list_namespaced_service(self.namespace).items}
+        return f"{job}-master-0" not in names
+
+    def _address(self, pod_name: str) -> str:
+        """The pod's loopback address, handed out the first time the runner sees it."""
+        if pod_name not in self._addresses:
+            self._addresses[pod_name] = f"127.0.0.{self._next_ip}"
+            self._next_ip += 1
+        return self._addresses[pod_name]
+
     def _launch(self, pod) -> None:
-        ip = f"127.0.0.{self._next_ip}"
-        self._next_ip += 1
+        ip = self._address(pod.metadata.name)
         container = pod.spec.containers[0]
         # per pod UID: a new pod with the same name (a recreated PyTorchJob replica) starts with empty
         # emptyDir and ephemeral volumes, as on a node; only PersistentVolumeClaims carry over
@@ -479,15 +509,17 @@ class PodRunner:
             services = self.core.list_namespaced_service(self.namespace).items
         except Exception:  # noqa: BLE001
             services = []
-        pods = {p.name: p for p in self.pods.values() if not p.finished}
+        # every listed pod that has not finished here, started or not (a worker may start before its master)
+        pods = [name for name in self._labels if name in self._addresses
+                and not (name in self.pods and self.pods[name].finished)]
         for svc in services:
             selector = svc.spec.selector or {}
             if not selector or not svc.spec.ports:
                 continue
-            for pod in pods.values():
-                if self._labels_match(pod.name, selector):
+            for name in pods:
+                if self._labels_match(name, selector):
                     port = svc.spec.ports[0].target_port or svc.spec.ports[0].port
-                    targets[svc.metadata.name] = f"{pod.ip}:{port}"
+                    targets[svc.metadata.name] = f"{self._addresses[name]}:{port}"
                     break
         targets.update(self.host_map)
         return targets

@@ -85,26 +85,6 @@ def test_train_writes_model_metrics_and_resumes_with_alpha(prepared, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
 
-def test_on_the_fly_reference_equals_stored(prepared, tmp_path):
-    from wrpo.engine.wrpo_trainer import run_wrpo
-
-    run_wrpo(_cfg(prepared, tmp_path / "a", max_steps=1, learning_rate=1e-3))
-    run_wrpo(_cfg(prepared, tmp_path / "b", max_steps=1, learning_rate=1e-3, reference="on-the-fly"))
-    a, b = _metrics(tmp_path / "a")[0], _metrics(tmp_path / "b")[0]
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-
-
-@pytest.mark.parametrize("options", [dict(baseline="target"), dict(objective="simpo", beta=2.0, gamma=0.5),
-                                     dict(objective="ipo", tau=0.5, rejected_source=True),
-                                     dict(top_k_sources=2, layout="packed")])
-def test_objectives_and_baselines_run(prepared, tmp_path, options):
-    from wrpo.engine.wrpo_trainer import run_wrpo
-
-    run_wrpo(_cfg(prepared, tmp_path / "out", max_steps=1, **options))
-    m = _metrics(tmp_path / "out")[0]
-    assert m["loss"] > 0 and ("accuracy/hybrid" in m) == (options.get("baseline") != "target")
-
-
 def test_eval_split_reports_hybrid_accuracy(prepared, tmp_path):
     from wrpo.engine.wrpo_trainer import run_wrpo
 

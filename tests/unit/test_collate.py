@@ -1,4 +1,5 @@
-"""Tokenisation and collation on ChatML-like and Llama-3-like templates, with exact label spans."""
+"""Tokenisation and collation on ChatML-like and Llama-3-like templates, with exact label spans; the
+shared-prompt layout's positions, mask and targets by hand."""
 
 from __future__ import annotations
 
@@ -104,6 +105,45 @@ def test_prompt_labels_for_sft_and_padding_multiple():
                     pad_to_multiple_of=8)
     assert batch["input_ids"].shape == (1, 8)
     assert batch["labels"][0, :4].tolist() == [IGNORE, 2, 3, 4]  # the first token is never predicted
+
+
+def test_targets_of_padded_and_packed_are_the_labels_shifted():
+    examples = [EncodedExample([1, 2, 3], [[4, 5], [6]])]
+    for layout in ("padded", "packed"):
+        b = collate(examples, layout, pad_id=0)
+        flat_labels = b["labels"].flatten()
+        assert b["target_ids"].tolist() == [4, 5, 6]
+        assert flat_labels[b["target_positions"] + 1].tolist() == [4, 5, 6]  # predicted by the token before
+        assert b["target_sequence"].tolist() == [0, 0, 1]
+
+
+def test_shared_layout_by_hand():
+    """Prompt [1, 2, 3], responses [4, 5] and [6]: one row 1 2 3 4 5 6 (+ padding to the longer row).
+    Positions 0 1 2 | 3 4 | 3: each response continues the prompt as in a row of its own. Token 4 and token 6
+    are both predicted by position 2 (the prompt's end), token 5 by position 3. Response 2 must not see
+    response 1: row 5 of the mask attends to positions 0–2 and to itself only."""
+    b = collate([EncodedExample([1, 2, 3], [[4, 5], [6]]), EncodedExample([7], [[8], [9, 10, 11]])], "shared",
+                pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 3, 0]]
+    assert b["target_ids"].tolist() == [4, 5, 6, 8, 9, 10, 11]
+    assert b["target_positions"].tolist() == [2, 3, 2, 6 + 0, 6 + 0, 6 + 2, 6 + 3]
+    assert b["target_sequence"].tolist() == [0, 0, 1, 2, 3, 3, 3]
+    mask = b["attention_mask"]
+    assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                         [1, 1, 0, 0, 0, 0],
+                                         [1, 1, 1, 0, 0, 0],
+                                         [1, 1, 1, 1, 0, 0],
+                                         [1, 1, 1, 1, 1, 0],
+                                         [1, 1, 1, 0, 0, 1]]
+    assert mask[1, 0, 5].int().tolist() == [0, 0, 0, 0, 0, 1]  # padding sees itself only (no NaN row)
+    assert int(b["num_sequences"]) == 4 and int(b["responses_per_example"]) == 2
+
+
+def test_shared_layout_refuses_prompt_labels():
+    with pytest.raises(ValueError, match="prompt_labels"):
+        collate([EncodedExample([1], [[2]])], "shared", pad_id=0, prompt_labels=True)
 
 
 def test_uneven_response_counts_are_refused():

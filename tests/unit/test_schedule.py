@@ -1,4 +1,5 @@
-"""The α schedule: exact end points, single-step runs, accumulation, max_steps and resume."""
+"""The α schedule as a pure function: exact end points, single-step runs, cosine, constant, errors.
+(Accumulation, epochs, max_steps and resume through the real Trainer: tests/integration/test_train_schedule.py.)"""
 
 from __future__ import annotations
 
@@ -52,45 +53,3 @@ def test_past_the_end_stays_at_target_and_errors():
         alpha_at(-1, 3, 0.1)
     with pytest.raises(ValueError, match="unknown alpha schedule"):
         alpha_at(0, 3, 0.1, "exp")  # type: ignore[arg-type]
-
-
-def _simulate(micro_batches: int, accumulation: int, epochs: int, max_steps: int | None,
-              resume_at: int | None = None) -> list[tuple[int, float]]:
-    """(global_step, α) per micro-batch, as Trainer's loop sees them: global_step counts finished updates,
-    a partial accumulation window at the end of an epoch still makes an update (HF Trainer behaviour),
-    max_steps caps the run, and a resumed run starts at a restored global_step."""
-    per_epoch = math.ceil(micro_batches / accumulation)
-    total = max_steps if max_steps is not None else per_epoch * epochs
-    seen, step = [], 0
-    for _ in range(epochs if max_steps is None else math.ceil(max_steps / per_epoch)):
-        for i in range(micro_batches):
-            if step >= total:
-                return seen
-            if resume_at is None or step >= resume_at:
-                seen.append((step, alpha_at(step, total, 0.1)))
-            if (i + 1) % accumulation == 0 or i + 1 == micro_batches:
-                step += 1
-    return seen
-
-
-def test_accumulation_shares_alpha_within_a_step():
-    seen = _simulate(micro_batches=10, accumulation=4, epochs=2, max_steps=None)  # 3 updates per epoch
-    by_step: dict[int, set[float]] = {}
-    for step, a in seen:
-        by_step.setdefault(step, set()).add(a)
-    assert sorted(by_step) == list(range(6))
-    assert all(len(v) == 1 for v in by_step.values())
-    assert by_step[0] == {0.0} and by_step[5] == {0.1}
-
-
-def test_max_steps_ends_at_target():
-    seen = _simulate(micro_batches=10, accumulation=2, epochs=1, max_steps=8)  # spills into a 2nd epoch
-    assert seen[-1] == (7, 0.1)
-    assert seen[0] == (0, 0.0)
-
-
-def test_resume_continues_the_same_sequence():
-    full = _simulate(micro_batches=12, accumulation=3, epochs=2, max_steps=None)
-    resumed = _simulate(micro_batches=12, accumulation=3, epochs=2, max_steps=None, resume_at=5)
-    assert resumed == [x for x in full if x[0] >= 5]
-    assert resumed[0][1] == pytest.approx(0.1 * 5 / 7)

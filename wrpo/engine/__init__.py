@@ -2,8 +2,9 @@
 training stages' bodies.
 
 `losses.py` and `schedule.py` are pure (torch only); `collate.py`, `logps.py`; `config.py` (typed trainer
-configs, no torch), `common.py`, `data.py`, `sft.py`, `wrpo_trainer.py`, `ref_logps.py`; `stages.py` (the
-bodies of sft, ref-logps, wrpo: the only module here that imports `wrpo.pipeline`).
+configs, no torch), `common.py`, `data.py`, `trainer.py` (the skeleton SFT and WRPO share), `sft.py`,
+`wrpo_trainer.py`, `ref_logps.py`; `stages.py` (the bodies of sft, ref-logps, wrpo: the only module here that
+imports `wrpo.pipeline`).
 
 Public entry points (local paths only): `run_sft(SFTConfig)`, `compute_reference_logps(...)`,
 `run_wrpo(WRPOConfig)`; imported lazily. Never imports `wrpo.data`. See docs/architecture.md.

@@ -10,11 +10,19 @@ Truncation is per response: a prompt keeps its last `max_prompt_length` tokens (
 keeps its first `max_length - len(prompt)` tokens (at most `max_response_length`), so a long source answer
 never clips the others. A response cut short loses its EOS: the model must not learn to stop there.
 
-Two layouts of the same sequences, with the same log-probs (tested):
+Three layouts of the same sequences, with the same log-probs (tested):
 - `padded`: one row per sequence, right-padded, with an attention mask — works with every attention kernel.
 - `packed`: all sequences in one row, position ids restarting at 0 for each; transformers derives the
   per-sequence (varlen) attention from the position ids. No compute is spent on padding, but on kernels
   without varlen support (eager/SDPA) the block-diagonal mask costs O(N²) for N tokens in the batch.
+- `shared`: shared-prompt packing, one row per example: the prompt once, then each of its responses, every
+  response attending to the prompt and to itself (a 4-D boolean mask [B, 1, T, T]), position ids restarting
+  at len(prompt) for each response, so every response sees exactly what it sees in a row of its own. A
+  quadruple's prompt is encoded once for its three responses instead of three times.
+
+Every layout names its prediction targets explicitly (`target_ids`, `target_positions`, `target_sequence`:
+the token, the flat index `row·T + t` of the hidden state that predicts it, and its sequence), because in
+the shared layout one position (the prompt's last token) predicts the first token of every response.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch
 from torch import Tensor
 
 IGNORE = -100
-Layout = Literal["padded", "packed"]
+Layout = Literal["padded", "packed", "shared"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,20 @@ def _sequences(examples: Sequence[EncodedExample], prompt_labels: bool) -> list[
     return out
 
 
+def _targets(rows: Sequence[Sequence[tuple[int, int, int]]], width: int) -> dict[str, Tensor]:
+    """Flat target arrays from per-row (position predicting it, token, sequence) triples."""
+    flat = [(r * width + p, tok, s) for r, row in enumerate(rows) for p, tok, s in row]
+    cols = list(zip(*flat, strict=True)) if flat else [(), (), ()]
+    return {"target_positions": torch.tensor(cols[0], dtype=torch.long),
+            "target_ids": torch.tensor(cols[1], dtype=torch.long),
+            "target_sequence": torch.tensor(cols[2], dtype=torch.long)}
+
+
+def _row_targets(labels: Sequence[int], offset: int, seq: int) -> list[tuple[int, int, int]]:
+    """Position t predicts token t+1: a label at index j is predicted from offset + j − 1."""
+    return [(offset + j - 1, lab, seq) for j, lab in enumerate(labels) if lab != IGNORE]
+
+
 def collate_padded(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
                    pad_to_multiple_of: int = 1) -> dict[str, Tensor]:
     """One right-padded row per sequence.
@@ -115,7 +137,9 @@ def collate_padded(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
         labels[s, : len(lab)] = torch.tensor(lab)
         mask[s, : len(ids)] = 1
     index = torch.arange(len(seqs)).unsqueeze(1).expand(-1, width)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "sequence_index": index}
+    targets = _targets([_row_targets(lab, 0, s) for s, (_, lab) in enumerate(seqs)], width)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "sequence_index": index,
+            **targets}
 
 
 def collate_packed(seqs: Sequence[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
@@ -127,8 +151,54 @@ def collate_packed(seqs: Sequence[tuple[list[int], list[int]]]) -> dict[str, Ten
     labels = [t for _, lab in seqs for t in lab]
     positions = [p for seq, _ in seqs for p in range(len(seq))]
     index = [s for s, (seq, _) in enumerate(seqs) for _ in seq]
+    starts = [0]
+    for seq, _ in seqs[:-1]:
+        starts.append(starts[-1] + len(seq))
+    row = [t for s, (_, lab) in enumerate(seqs) for t in _row_targets(lab, starts[s], s)]
     return {"input_ids": _row(ids), "position_ids": _row(positions), "labels": _row(labels),
-            "sequence_index": _row(index)}
+            "sequence_index": _row(index), **_targets([row], len(ids))}
+
+
+def collate_shared(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, Tensor]:
+    """One row per example: prompt, then its R responses, each attending to the prompt and to itself.
+
+    input_ids, position_ids: [B, T]; attention_mask: [B, 1, T, T] boolean (True = may attend); segment:
+    [B, T] (0 prompt, r+1 response r, −1 padding). Sequence b·R + r is response r of example b.
+    A padding position attends to itself only (a query with nothing to attend to would give NaN).
+    """
+    lengths = [len(ex.prompt_ids) + sum(len(r) for r in ex.response_ids) for ex in examples]
+    width = max(lengths)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
+    segment = torch.full((len(examples), width), -1, dtype=torch.long)
+    rows = []
+    for b, ex in enumerate(examples):
+        n_prompt, start, row = len(ex.prompt_ids), len(ex.prompt_ids), []
+        input_ids[b, :n_prompt] = torch.tensor(ex.prompt_ids)
+        positions[b, :n_prompt] = torch.arange(n_prompt)
+        segment[b, :n_prompt] = 0
+        for r, resp in enumerate(ex.response_ids):
+            end = start + len(resp)
+            input_ids[b, start:end] = torch.tensor(resp)
+            positions[b, start:end] = torch.arange(n_prompt, n_prompt + len(resp))
+            segment[b, start:end] = r + 1
+            seq = b * len(ex.response_ids) + r
+            # token k of the response is predicted by token k−1 of it, its first token by the prompt's last
+            row += [(n_prompt - 1 if k == 0 else start + k - 1, tok, seq) for k, tok in enumerate(resp)
+                    if k or n_prompt]
+            start = end
+        rows.append(row)
+    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": shared_prompt_mask(segment),
+            "segment": segment, **_targets(rows, width)}
+
+
+def shared_prompt_mask(segment: Tensor) -> Tensor:
+    """[B, T] segment ids (0 prompt, r+1 response r, −1 padding) → [B, 1, T, T] boolean attention mask."""
+    q, k = segment.unsqueeze(2), segment.unsqueeze(1)  # (B, T, 1), (B, 1, T)
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    return (visible | torch.eye(width, dtype=torch.bool)).unsqueeze(1)
 
 
 def _row(values: list[int]) -> Tensor:
@@ -144,10 +214,15 @@ def collate(examples: Sequence[EncodedExample], layout: Layout, pad_id: int,
     counts = {len(ex.response_ids) for ex in examples}
     if len(counts) != 1:
         raise ValueError(f"every example needs the same number of responses, got {sorted(counts)}")
-    seqs = _sequences(examples, prompt_labels)
-    batch = collate_padded(seqs, pad_id, pad_to_multiple_of) if layout == "padded" else collate_packed(seqs)
-    batch["num_sequences"] = torch.tensor(len(seqs))
-    batch["responses_per_example"] = torch.tensor(counts.pop())
+    if layout == "shared":
+        if prompt_labels:
+            raise ValueError("the shared layout trains responses only (prompt_labels needs padded or packed)")
+        batch = collate_shared(examples, pad_id)
+    else:
+        seqs = _sequences(examples, prompt_labels)
+        batch = collate_padded(seqs, pad_id, pad_to_multiple_of) if layout == "padded" else collate_packed(seqs)
+    batch["num_sequences"] = torch.tensor(len(examples) * counts.pop())
+    batch["responses_per_example"] = torch.tensor(len(examples[0].response_ids))
     return batch
 
 

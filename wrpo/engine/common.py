@@ -1,17 +1,15 @@
-"""What SFT and WRPO share: precision, layout, model loading, TrainingArguments, metrics, final save."""
+"""What SFT and WRPO share below the trainer: precision, layout, model loading, the distributed set-up
+(TrainingArguments), checkpoints and the final save. The trainer skeleton itself is `wrpo.engine.trainer`."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from wrpo.engine.collate import Layout
 from wrpo.engine.config import ConfigError, TrainCommon
@@ -28,11 +26,24 @@ def attn_implementation(cfg: TrainCommon) -> str:
     return cfg.attn_implementation or "sdpa"
 
 
-def resolve_layout(cfg: TrainCommon) -> Layout:
-    """packed where a varlen kernel makes it free (flash attention), padded otherwise (see wrpo.engine.collate)."""
+def resolve_layout(cfg: TrainCommon, model: Any, responses: int) -> Layout:
+    """The batch layout (wrpo.engine.collate): `auto` is packed with flash attention (varlen kernels make it
+    free), else shared-prompt packing for several responses per prompt where the model supports it, else
+    padded. An explicit `shared` the model cannot take is an error naming the reason."""
+    from wrpo.engine.logps import supports_shared_prompt
+
+    if cfg.layout == "shared":
+        why = supports_shared_prompt(model)
+        if why:
+            raise ConfigError(f"layout 'shared' is not supported by {cfg.model}: {why} (use padded or packed)")
+        return "shared"
     if cfg.layout != "auto":
         return cfg.layout
-    return "packed" if "flash" in attn_implementation(cfg) else "padded"
+    if "flash" in attn_implementation(cfg):
+        return "packed"
+    if responses > 1 and supports_shared_prompt(model) is None:
+        return "shared"
+    return "padded"
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -47,6 +58,8 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def load_causal_lm(model_dir: Path, cfg: TrainCommon) -> Any:
+    """The model in the run's precision. Call it after `training_arguments`: under ZeRO-3 the DeepSpeed
+    config that TrainingArguments registers makes from_pretrained load each rank's partition only."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if use_bf16(cfg.precision) else torch.float32
@@ -54,7 +67,8 @@ def load_causal_lm(model_dir: Path, cfg: TrainCommon) -> Any:
                                                 attn_implementation=attn_implementation(cfg))
 
 
-def world_size() -> int:
+def launcher_world_size() -> int:
+    """Processes started by the launcher (torchrun, accelerate launch, a PyTorchJob): WORLD_SIZE."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -66,15 +80,22 @@ def deepspeed_config_path(stage: int) -> str | None:
 
 
 def training_arguments(cfg: TrainCommon, has_eval: bool) -> Any:
-    """TrainingArguments from a config: accumulation makes up `batch_size` over all processes."""
+    """TrainingArguments from a config: accumulation makes up `batch_size` over all processes.
+
+    Raises ConfigError unless the Trainer sees as many processes as the launcher started (see
+    `_adopt_launcher_world`): a mismatch would train every rank on the same examples.
+    """
     from transformers import TrainingArguments
 
-    per_step = cfg.per_device_batch_size * world_size()
+    world = launcher_world_size()
+    per_step = cfg.per_device_batch_size * world
     if cfg.batch_size % per_step:
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of per_device_batch_size × "
-                          f"processes ({per_step})")
+                          f"processes ({cfg.per_device_batch_size} × {world})")
     eval_strategy = "steps" if has_eval and cfg.eval_steps else "no"
-    return TrainingArguments(
+    # without an accelerator, plain data parallelism is accelerate's multi-CPU mode (gloo)
+    cpu_ddp = cfg.deepspeed_stage == 0 and not torch.accelerator.is_available()
+    args = TrainingArguments(
         output_dir=str(cfg.output_dir / "checkpoints"),
         per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
@@ -89,8 +110,32 @@ def training_arguments(cfg: TrainCommon, has_eval: bool) -> Any:
         report_to=cfg.report_to or "none", remove_unused_columns=False,
         deepspeed=deepspeed_config_path(cfg.deepspeed_stage), eval_strategy=eval_strategy,
         eval_steps=cfg.eval_steps, dataloader_num_workers=cfg.dataloader_num_workers,
+        use_cpu=cpu_ddp, ddp_backend="gloo" if cpu_ddp and world > 1 else None,
         disable_tqdm=True,
     )
+    _adopt_launcher_world(args, world)
+    return args
+
+
+def _adopt_launcher_world(args: Any, world: int) -> None:
+    """Make the Trainer's process count the launcher's, or fail.
+
+    accelerate only knows DeepSpeed on a CUDA-like device: on DeepSpeed's CPU accelerator it initialises
+    the process group but records no backend, hence one process, and every rank would train the same
+    micro-batches while DeepSpeed averages their gradients (a halved global batch, every metric line and
+    model written by every rank). The process group itself is right, so its rank and size are adopted.
+    """
+    import torch.distributed as dist
+
+    seen = args.world_size  # the first access sets up the distributed state
+    if seen != world and args.deepspeed and dist.is_initialized() and dist.get_world_size() == world:
+        state = args.distributed_state  # accelerate's PartialState: its attributes are shared
+        state.backend = dist.get_backend()
+        state.num_processes, state.process_index = world, dist.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.world_size != world:
+        raise ConfigError(f"the launcher started {world} processes (WORLD_SIZE) but the trainer sees "
+                          f"{args.world_size}: every rank would train the same examples")
 
 
 def last_checkpoint(cfg: TrainCommon) -> str | None:
@@ -107,7 +152,8 @@ def last_checkpoint(cfg: TrainCommon) -> str | None:
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> Path:
-    """<output>/model/: safetensors weights, config, generation config and tokenizer."""
+    """<output>/model/: safetensors weights, config, generation config and tokenizer (rank 0 writes; under
+    ZeRO-3 every rank takes part in gathering the weights)."""
     target = out / "model"
     trainer.save_model(str(target))
     if trainer.is_world_process_zero():
@@ -115,69 +161,3 @@ def save_final(trainer: Any, tokenizer: Any, out: Path) -> Path:
     return target
 
 
-@dataclass
-class MetricSums:
-    """Sums of per-batch metric means weighted by batch size, to average over micro-batches and ranks."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    weight: float = 0.0
-
-    def add(self, values: dict[str, torch.Tensor | float], n: int) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
-        self.weight += n
-
-    def reduce(self, accelerator: Any | None) -> dict[str, float]:
-        """Means over everything added here and, given an accelerator, over all processes."""
-        keys = sorted(self.sums)
-        vec = torch.tensor([self.sums[k] for k in keys] + [self.weight], dtype=torch.float64)
-        if accelerator is not None and accelerator.num_processes > 1:
-            vec = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
-        total = vec[-1].item()
-        return {k: vec[i].item() / total for i, k in enumerate(keys)} if total else {}
-
-
-class StepMetricsCallback(TrainerCallback):
-    """After every optimizer step: the trainer's step metrics → one line of `metrics.jsonl` (rank 0).
-
-    The trainer gathers `step_metrics` (a MetricSums) during the step's micro-batches; this callback reduces
-    it over processes, adds `step` (1-based count of finished updates) and writes it.
-    """
-
-    def __init__(self, trainer: Any, path: Path):
-        self.trainer, self.path = trainer, path
-
-    def on_step_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        values = t.step_metrics.reduce(t.accelerator)
-        t.step_metrics = MetricSums()
-        if not values:
-            return
-        row = {"step": state.global_step, **values}
-        t.log_window.append(row)
-        if state.is_world_process_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-
-def window_means(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Means of the per-step metrics since the last Trainer log (for report_to)."""
-    keys = {k for r in rows for k in r if k != "step"}
-    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
-
-
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume, drop metric lines of steps the checkpoint does not include (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-
-
-def checkpoint_step(checkpoint: str | None) -> int:
-    if checkpoint is None:
-        return 0
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-    return int(state["global_step"])

@@ -52,9 +52,10 @@ class TrainCommon:
     warmup_ratio: float = _f(0.1, "Warm-up share of the optimizer steps.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate schedule.")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
-    layout: Literal["auto", "padded", "packed"] = _f(
-        "auto", "Batch layout: packed (padding-free, varlen attention) or padded; auto = packed with "
-        "flash attention, padded otherwise.")
+    layout: Literal["auto", "padded", "packed", "shared"] = _f(
+        "auto", "Batch layout: shared (a prompt once per example, its responses after it), packed "
+        "(padding-free, varlen attention) or padded; auto = packed with flash attention, else shared where the "
+        "model supports it (WRPO), else padded.")
     attn_implementation: str | None = _f(None, "Attention kernel (sdpa, flash_attention_2...); default sdpa.")
     logps_chunk_size: int = _f(1024, "Response tokens per LM-head chunk in the log-prob computation.")
     deepspeed_stage: Literal[0, 2, 3] = _f(0, "DeepSpeed ZeRO stage (0 = off; the paper used 3).")
@@ -99,6 +100,11 @@ class SFTConfig(TrainCommon):
     learning_rate: float = _f(7e-6, "Peak learning rate (paper: 7e-6).")
     completion_only: bool = _f(True, "Loss on response tokens only (False: on the prompt too).")
     packing: bool = _f(False, "Pack several examples into each row (padding-free, position ids restart).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layout == "shared" and not self.completion_only:
+            raise ConfigError("layout 'shared' trains response tokens only: it needs completion_only")
 
 
 @dataclass

@@ -47,14 +47,15 @@ def _ensure_distributed_env(deepspeed_stage: int) -> None:
                           MASTER_PORT=str(port))
 
 
-def _common(spec: FusionSpec, section) -> dict[str, Any]:
-    t = spec.training
-    return dict(learning_rate=section.learning_rate, epochs=section.epochs, batch_size=section.batch_size,
-                per_device_batch_size=section.per_device_batch_size, max_length=section.max_length,
-                warmup_ratio=section.warmup_ratio, lr_scheduler=section.lr_scheduler,
-                max_steps=section.max_steps, deepspeed_stage=t.deepspeed_stage,
-                gradient_checkpointing=t.gradient_checkpointing, precision=t.precision, seed=t.seed,
-                save_steps=t.save_steps)
+def trainer_config(cls: type, spec: FusionSpec, section: Any, **fields: Any) -> Any:
+    """The trainer config (`SFTConfig` / `WRPOConfig`) of a spec section: every field of `spec.training`
+    and of the section that the config also has, by name — the one spec → config mapping for both
+    trainings (the names are the same on purpose; tests/unit/test_trainer_config.py keeps them so)."""
+    from dataclasses import fields as dataclass_fields
+
+    names = {f.name for f in dataclass_fields(cls)}
+    values = {name: value for part in (spec.training, section) for name, value in part if name in names}
+    return cls(**{**values, **fields})
 
 
 def sft(ctx: StageContext) -> dict[str, Any]:
@@ -65,10 +66,9 @@ def sft(ctx: StageContext) -> dict[str, Any]:
     spec, out = ctx.spec, ctx.out
     data = ctx.work.fetch(ctx.run, "select-sources", ["sft.jsonl"]) / "sft.jsonl"
     model = ctx.work.model(spec.target.model, S3Options.from_spec(spec.storage))
-    s = spec.sft
-    cfg = SFTConfig(model=Path(model), data=data, output_dir=ctx.work.scratch(ctx.name, ctx.hash),
-                    completion_only=s.completion_only, packing=s.packing,
-                    max_prompt_length=max(8, s.max_length // 2), **_common(spec, s))
+    cfg = trainer_config(SFTConfig, spec, spec.sft, model=Path(model), data=data,
+                         output_dir=ctx.work.scratch(ctx.name, ctx.hash),
+                         max_prompt_length=max(8, spec.sft.max_length // 2))
     _ensure_distributed_env(cfg.deepspeed_stage)
     result = train_sft(cfg)
     if is_rank_zero():
@@ -112,16 +112,11 @@ def wrpo_config(spec: FusionSpec, model: Path, data: Path, output_dir: Path, **o
     """The trainer config of the spec's `wrpo` section (overrides for experiments)."""
     from wrpo.engine.config import WRPOConfig
 
-    w = spec.wrpo
     eval_data = data.with_name("eval.jsonl")
     has_eval = eval_data.exists() and eval_data.read_text().strip() != ""
-    kwargs = dict(model=model, data=data, output_dir=output_dir, eval_data=eval_data if has_eval else None,
-                  objective=w.objective, beta=w.beta, gamma=w.gamma, tau=w.tau,
-                  label_smoothing=w.label_smoothing, alpha=w.alpha, alpha_schedule=w.alpha_schedule,
-                  rejected_source=w.rejected_source, top_k_sources=spec.selection.top_k_sources,
-                  reference=w.reference, max_prompt_length=w.max_prompt_length, **_common(spec, w))
-    kwargs.update(overrides)
-    return WRPOConfig(**kwargs)
+    return trainer_config(WRPOConfig, spec, spec.wrpo, **{
+        "model": model, "data": data, "output_dir": output_dir, "eval_data": eval_data if has_eval else None,
+        "top_k_sources": spec.selection.top_k_sources, **overrides})
 
 
 def wrpo(ctx: StageContext) -> dict[str, Any]:

@@ -296,19 +296,29 @@ def _batch_problems(spec: SFTSpec | WRPOSpec, devices: int = 1, where: str = "")
              f"training devices ({spec.per_device_batch_size} × {devices}{where})")]
 
 
+# The optimiser hyper-parameters SFT and WRPO share, defined once (their defaults are the paper's per stage;
+# wrpo.engine.stages maps both sections onto the trainer configs by field name).
+LearningRate = Annotated[float, Field(gt=0, description="Peak learning rate.")]
+Epochs = Annotated[float, Field(gt=0, description="Training epochs.")]
+PerDeviceBatchSize = Annotated[int, Field(ge=1, description="Micro-batch per device.")]
+WarmupRatio = Annotated[float, Field(ge=0, lt=1, description="Warm-up share of the steps.")]
+LRScheduler = Annotated[Literal["cosine", "linear", "constant"], Field(description="LR schedule.")]
+MaxSteps = Annotated[int | None, Field(ge=1, description="Stop after this many optimizer steps.")]
+
+
 class SFTSpec(_Model):
     """Target-SFT on y_ws over the SFT split (paper: lr 7e-6, 1 epoch, cosine, warmup 0.1)."""
 
-    learning_rate: float = Field(default=7e-6, gt=0, description="Peak learning rate.")
-    epochs: float = Field(default=1.0, gt=0, description="Training epochs.")
+    learning_rate: LearningRate = 7e-6
+    epochs: Epochs = 1.0
     batch_size: int = Field(default=128, ge=1, description="Global batch size (sequences per optimizer step).")
-    per_device_batch_size: int = Field(default=2, ge=1, description="Micro-batch per device.")
+    per_device_batch_size: PerDeviceBatchSize = 2
     max_length: int = Field(default=2048, ge=16, description="Maximum tokens of prompt + response.")
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Warm-up share of the steps.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="LR schedule.")
+    warmup_ratio: WarmupRatio = 0.1
+    lr_scheduler: LRScheduler = "cosine"
     completion_only: bool = Field(default=True, description="Loss on response tokens only.")
     packing: bool = Field(default=False, description="Pack sequences into full-length rows.")
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    max_steps: MaxSteps = None
 
     @model_validator(mode="after")
     def _batch_multiple(self) -> SFTSpec:
@@ -332,18 +342,18 @@ class WRPOSpec(_Model):
     )
     rejected_source: bool = Field(default=False, description="Eq. 9: also push down y_ls "
                                   "(needs selection.rejectedSource).")
-    learning_rate: float = Field(default=3e-7, gt=0, description="Peak learning rate.")
-    epochs: float = Field(default=1.0, gt=0, description="Training epochs.")
+    learning_rate: LearningRate = 3e-7
+    epochs: Epochs = 1.0
     batch_size: int = Field(default=128, ge=1, description="Global batch size (quadruples per optimizer step).")
-    per_device_batch_size: int = Field(default=2, ge=1, description="Micro-batch per device.")
+    per_device_batch_size: PerDeviceBatchSize = 2
     max_length: int = Field(default=2048, ge=16, description="Maximum tokens of prompt + one response.")
     max_prompt_length: int = Field(default=1024, ge=8, description="Prompt kept from its end up to this length.")
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Warm-up share of the steps.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="LR schedule.")
+    warmup_ratio: WarmupRatio = 0.1
+    lr_scheduler: LRScheduler = "cosine"
     reference: Literal["precomputed", "on-the-fly"] = Field(
         default="precomputed", description="Reference log-probs computed once, or by a resident reference model."
     )
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    max_steps: MaxSteps = None
 
     @model_validator(mode="after")
     def _lengths(self) -> WRPOSpec:

@@ -1,0 +1,143 @@
+"""Multi-node training through the operator's own pod spec: the `wrpo` stage as the PyTorchJob the operator
+builds (`build_pytorchjob`: a Master and one Worker, `nodes: 2`, `procsPerNode: 1`), created on the real
+apiserver, reconciled by the real training-operator (pods, the master Service, the workers' init container,
+PET_* variables) and executed by the pod runner as two local `torchrun` processes that rendezvous through
+the master Service and train under DeepSpeed ZeRO-3 on its CPU accelerator. The stage must commit a model
+equal to one process training on the same global batches.
+
+The stages before `wrpo` are committed by the test (select-sources' contributions for the model card, the
+tiny target as Target-SFT, 16 example quadruples as build-pairs); `ref-logps` runs for real. The run
+directory is a local folder: the pods are local processes. Needs the control plane
+(tests/cluster/build-binaries.sh); about two minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from k8s_podrunner import DEFAULT_COMMAND_MAP
+
+pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "tiny"
+
+
+def _spec(tiny_models: Path, run_uri: str):
+    from wrpo.pipeline.spec import parse_spec
+
+    return parse_spec({
+        "target": {"model": str(tiny_models / "target")},
+        "sources": [{"name": "qwen", "model": str(tiny_models / "source-qwen")}],
+        "reward": {"type": "sequence-classification", "model": str(tiny_models / "reward")},
+        "dataset": {"uri": str(EXAMPLES / "prompts.jsonl")},
+        "wrpo": {"beta": 0.5, "alpha": 0.5, "learningRate": 1e-4, "batchSize": 8, "perDeviceBatchSize": 2,
+                 "maxSteps": 3, "warmupRatio": 0, "lrScheduler": "constant", "maxLength": 160,
+                 "maxPromptLength": 80},
+        "training": {"deepspeedStage": 3, "gradientCheckpointing": False, "precision": "fp32"},
+        "storage": {"runUri": run_uri},
+        "cluster": {"training": {"nodes": 2, "procsPerNode": 1, "gpus": 0, "cpu": "1", "memory": "2Gi"},
+                    "activeDeadlineSeconds": 900, "backoffLimit": 0},
+    })
+
+
+def _prepare(spec, run, workdir: Path) -> None:
+    """Commit select-sources (its contributions only), sft (the tiny target) and build-pairs (16 quadruples,
+    4 for eval) for this spec; run ref-logps."""
+    from wrpo.pipeline.context import StageOptions
+    from wrpo.pipeline.plan import stage_hashes
+    from wrpo.pipeline.runtime import run_stage
+
+    hashes = stage_hashes(spec)
+    select = run.stage("select-sources").writer()  # the wrpo stage's model card reads its contributions
+    select.put_text("contributions.json", json.dumps({"sources": ["qwen"], "all": {"shares": {"qwen": 1.0}}}) + "\n")
+    select.commit(hashes["select-sources"])
+    sft = run.stage("sft").writer()
+    sft.put_tree("model", Path(spec.target.model))
+    sft.commit(hashes["sft"])
+    lines = (EXAMPLES / "quadruples.jsonl").read_text().splitlines()
+    pairs = run.stage("build-pairs").writer()
+    pairs.put_text("train.jsonl", "".join(x + "\n" for x in lines[:16]))
+    pairs.put_text("eval.jsonl", "".join(x + "\n" for x in lines[16:20]))
+    pairs.put_text("stats.json", "{}\n")
+    pairs.commit(hashes["build-pairs"])
+    run_stage(spec, run, "ref-logps", StageOptions(workdir=str(workdir)))
+
+
+def _relative(a, b) -> float:
+    """‖a − b‖ / ‖b‖ (see tests/integration/test_train_multirank.py: AdamW amplifies rounding in ~0 gradients)."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_wrpo_master_and_worker_commit_the_single_process_model(
+        local_namespace, pod_runner, k8s_api_client, tiny_models, tmp_path):
+    import torch
+    from kubernetes import client
+    from safetensors.torch import load_file
+
+    from wrpo.engine.stages import fetch_pairs, fetch_sft_model, wrpo_config
+    from wrpo.engine.wrpo_trainer import run_wrpo
+    from wrpo.pipeline.rundir import RunDir
+    from wrpo.pipeline.workdir import Workdir
+    from wrpo_operator.builders import build_pytorchjob, build_spec_configmap
+
+    run_uri = str(tmp_path / "run")
+    spec = _spec(tiny_models, run_uri)
+    run = RunDir(run_uri)
+    _prepare(spec, run, tmp_path / "prepare-work")
+
+    ns, core = local_namespace, client.CoreV1Api(k8s_api_client)
+    custom = client.CustomObjectsApi(k8s_api_client)
+    core.create_namespaced_config_map(ns, build_spec_configmap("mn", ns, spec))
+    job = build_pytorchjob("mn", ns, spec, "wrpo", run_uri)
+    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master", "Worker"}
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "operator")]), "DS_ACCELERATOR": "cpu",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo",  # gloo on loopback, where the pods' addresses are
+           "WRPO_WORKDIR": "workdir"}  # relative: each pod's own folder, as each node has its own disk
+    commands = {**DEFAULT_COMMAND_MAP,  # with the stand-in of the workers' init container (k8s_podrunner._shell)
+                "wrpo": [sys.executable, "-m", "wrpo.cli"], "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
+    runner = pod_runner(ns, label_selector="training.kubeflow.org/job-name=mn-wrpo", env_overrides=env,
+                        command_map=commands)
+    custom.create_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", job)
+
+    deadline, conditions = time.monotonic() + 600, set()
+    while time.monotonic() < deadline and not conditions & {"Succeeded", "Failed"}:
+        time.sleep(2)
+        status = custom.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "mn-wrpo")
+        conditions = {c["type"] for c in status.get("status", {}).get("conditions", []) if c["status"] == "True"}
+    assert "Succeeded" in conditions, (conditions, runner.errors, runner.log_tails(60))
+
+    # the pods as they ran (the operator may already have removed a finished worker: cleanPodPolicy)
+    master, worker = (next(p for name, p in runner.pods.items() if f"-{kind}-0" in name)
+                      for kind in ("master", "worker"))
+    assert worker.env["PET_NODE_RANK"] == "1" and worker.env["PET_NNODES"] == "2"
+    assert worker.env["PET_MASTER_ADDR"] == master.ip  # the master Service, resolved to the master pod
+    worker_log = runner.logs(worker.name)
+    assert "'-c', 'pass'" in worker_log and "'--node-rank=1'" in worker_log  # the init container, then torchrun
+    assert "'--nnodes=2'" in runner.logs(master.name) and "'--node-rank=0'" in runner.logs(master.name)
+
+    manifest = run.stage("wrpo").manifest()
+    trained = load_file(tmp_path / "run" / "wrpo" / "model" / "model.safetensors")
+    metrics = [json.loads(x) for x in run.stage("wrpo").read_text("metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # global rank 0 alone wrote them
+    assert manifest["summary"]["steps"] == 3
+
+    # the same stage config in one process, without DeepSpeed: the same global batches of 8
+    work = Workdir(run_uri, tmp_path / "single-work")
+    data = fetch_pairs(run, work) / "train.jsonl"
+    cfg = wrpo_config(spec, fetch_sft_model(run, work), data, tmp_path / "single", deepspeed_stage=0)
+    run_wrpo(cfg)
+    expected = load_file(tmp_path / "single" / "model" / "model.safetensors")
+    single = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in single], rel=1e-5)
+    initial = load_file(tiny_models / "target" / "model.safetensors")
+    assert _relative(torch.cat([expected[k].flatten() for k in expected]),
+                     torch.cat([initial[k].flatten() for k in expected])) > 1e-3
+    for key in expected:
+        assert _relative(trained[key], expected[key]) < 1e-5, key
+    print("\nMULTI-NODE RUN:", json.dumps({"losses": [m["loss"] for m in metrics]}))
