@@ -528,7 +528,8 @@ def shard_parallelism(spec: FusionSpec, stage: str) -> int:
 
 
 def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
-               container_name: str, command: list[str], restart: str, ports: list[Obj] | None = None) -> Obj:
+               container_name: str, command: list[str], restart: str, ports: list[Obj] | None = None,
+               res: StageResources | None = None) -> Obj:
     component = stage_component(stage)
     own = _settings(spec, component)
     spec_vol, spec_mount = _spec_volume(run_name, spec)
@@ -545,7 +546,7 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
     env += _api_key_env(external_endpoints(spec, stage))  # external endpoints' keys, from their Secrets
     container = _runtime_container(spec, component, container_name, command, env, [*mounts, *own.volume_mounts],
-                                   _resources(stage_resources(spec, stage)))
+                                   _resources(res or stage_resources(spec, stage)))
     if ports:
         container["ports"] = ports
     return _pod_spec(spec, component, [container], volumes, restart)
@@ -570,7 +571,9 @@ def build_stage_job(run_name: str, namespace: str, spec: FusionSpec, stage: str,
         "backoffLimit": spec.cluster.backoff_limit,
         "completions": 1, "parallelism": 1,
         "template": {"metadata": _template_metadata(spec, stage_component(stage), lab),
-                     "spec": _stage_pod(run_name, namespace, spec, stage, run_uri, "stage", command, "Never")},
+                     # a commit of finished units or shards only writes the manifest: `cluster.small`, no GPU
+                     "spec": _stage_pod(run_name, namespace, spec, stage, run_uri, "stage", command, "Never",
+                                        res=None if serve else spec.cluster.small)},
     }
     if shards > 1:
         job_spec.update(completionMode="Indexed", completions=shards,

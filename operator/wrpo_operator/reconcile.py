@@ -262,6 +262,8 @@ class _Pass:
         entry.setdefault("startTime", self.stamp)
         if self._stalled(entry, want.servers, runners, templates):
             return False
+        if self._waits_for_budget(entry, want):
+            return False
         self._create_and_keep(entry, want, found, states)
         if entry["state"] == "Failed":  # the deadline passed: nothing of the stage is kept
             mine = {_key(o) for o in want.all()}
@@ -350,6 +352,22 @@ class _Pass:
             self.keep -= mine
             self.d.create = [o for o in self.d.create if _key(o) not in mine]
         return False
+
+    def _waits_for_budget(self, entry: Obj, want: Any) -> bool:
+        """`cluster.gpuBudget` across stages: a stage's first children wait until the live pods of earlier
+        stages (servers of the last units still shutting down) leave room for all of them at once."""
+        budget = self.spec.cluster.gpu_budget
+        if budget is None or any(_key(o) in self.kids for o in [*want.servers, *want.runners]):
+            return False
+        first = [r for r in want.runners if not want.after_runners.get(r["metadata"]["name"])]
+        need = sum(object_gpus(o) for o in [*want.servers, *first])
+        held = sum(pod_gpus(p) for p in self.pods if _label(p, LABEL_STAGE) != entry["name"]
+                   and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))
+        if held + need <= budget:
+            return False
+        entry.update(state="Waiting", message=f"waiting for the GPU budget: the stage needs {need} GPUs, pods of "
+                     f"earlier stages still hold {held} of {budget}")
+        return True
 
     def _gpus_held(self, stage: str, running_hashes: set[str | None]) -> int:
         """GPUs requested by the run's live pods that no running unit accounts for: servers of finished units
@@ -538,6 +556,18 @@ def pod_gpus(pod: Obj) -> int:
         value = (res.get("requests") or {}).get("nvidia.com/gpu") or (res.get("limits") or {}).get("nvidia.com/gpu")
         total += int(value or 0)
     return total
+
+
+def object_gpus(obj: Obj) -> int:
+    """nvidia.com/gpu a Deployment, Job or PyTorchJob asks for with all its pods running."""
+    spec = obj.get("spec") or {}
+    if obj.get("kind") == "PyTorchJob":
+        return sum(r.get("replicas", 1) * pod_gpus(r["template"]) for r in spec["pytorchReplicaSpecs"].values())
+    if obj.get("kind") == "Deployment":
+        return spec.get("replicas", 1) * pod_gpus(spec["template"])
+    if obj.get("kind") == "Job":
+        return spec.get("parallelism", 1) * pod_gpus(spec["template"])
+    return 0
 
 
 def _comparable(status: Obj) -> Obj:

@@ -924,7 +924,9 @@ def test_scoring_shards_run_as_an_indexed_job_then_a_commit_job():
     command = shards["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--shard") + 1] == "$(JOB_COMPLETION_INDEX)/6"
     assert kids.after_runners == {commit["metadata"]["name"]: [shards["metadata"]["name"]]}
-    assert "--shard" not in commit["spec"]["template"]["spec"]["containers"][0]["command"]
+    commit_container = commit["spec"]["template"]["spec"]["containers"][0]
+    assert "--shard" not in commit_container["command"]
+    assert "nvidia.com/gpu" not in commit_container["resources"]["requests"]  # it only commits the parts
     plain = b.stage_children(NAME, NS, parse_spec(paper_spec(8), "t"), "score-sources", "s3://b/runs/demo", "h")
     assert len(plain.runners) == 1 and "completionMode" not in plain.runners[0]["spec"]
 
@@ -966,3 +968,25 @@ def test_a_failed_run_state_read_falls_back_to_the_jobs():
         kube.finish("Job", "demo-prepare")
     assert kube.kinds("Deployment") == ["demo-src-mistral-large"]
     assert status_of(kube, "sample-sources")["units"] == "0/10"
+
+
+def test_a_stage_waits_until_earlier_stages_pods_leave_room_in_the_budget():
+    """After sample-sources the last unit's server pod may still hold its GPUs: score-sources (a GPU Job)
+    starts only once budget - held covers it."""
+    spec = paper_spec(8)
+    spec["cluster"]["scoring"] = {"gpus": 1, "parallelism": 4}
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    drive_units(kube, [])
+    kube.finish("Job", "demo-sample-sources")
+    pod = kube.add_pod("demo-sample-sources", "server-going", {"phase": "Running"})
+    pod["spec"] = {"containers": [{"name": "vllm", "resources": {"requests": {"nvidia.com/gpu": "6"}}}]}
+    step(kube)
+    st = status_of(kube, "score-sources")
+    assert st["state"] == "Waiting" and "needs 4 GPUs" in st["message"] and "hold 6 of 8" in st["message"]
+    assert "demo-score-sources-shards" not in kube.kinds("Job")
+    del kube.objects[("Pod", "server-going")]
+    step(kube)
+    assert "demo-score-sources-shards" in kube.kinds("Job")
