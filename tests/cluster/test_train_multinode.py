@@ -40,8 +40,10 @@ def _spec(tiny_models: Path, run_uri: str):
                  "maxPromptLength": 80},
         "training": {"deepspeedStage": 3, "gradientCheckpointing": False, "precision": "fp32"},
         "storage": {"runUri": run_uri},
+        # no checkpoint PVC: each pod keeps its scratch in its own folder here (the shared ReadWriteMany
+        # checkpoint volume a multi-node spec needs is tested by the pod-runner run, one node)
         "cluster": {"training": {"nodes": 2, "procsPerNode": 1, "gpus": 0, "cpu": "1", "memory": "2Gi"},
-                    "activeDeadlineSeconds": 900, "backoffLimit": 0},
+                    "checkpoints": {"enabled": False}, "activeDeadlineSeconds": 900, "backoffLimit": 0},
     })
 
 

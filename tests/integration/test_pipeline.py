@@ -230,8 +230,11 @@ def test_ctrl_c_stops_cleanly_and_keeps_committed_stages(tiny_models, tmp_path):
     spec, run = make_spec(tiny_models, tmp_path / "fusion.yaml"), tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "WRPO_VLLM_PYTHON"}
     env.update(PYTHONPATH=str(ROOT), WRPO_WORKDIR=str(tmp_path / "work"), HF_HUB_OFFLINE="1")
+    # SIGINT as a terminal delivers it, even when the suite itself runs in the background (a shell starts
+    # background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "wrpo.cli", "run", str(spec), "--run-uri", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (run / "prepare" / "_MANIFEST.json").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "prepare never committed"
