@@ -10,7 +10,7 @@ FusionRuns created at once (a thread pool) and waited for until all Succeeded. P
   `first_configmap_s`, against the 5 s target;
 - `api_requests`: every request the operator's identity made, from the apiserver's audit log (its
   watches and lists as well as reconcile's writes) in total, per run and per stage transition (a stage
-  reaching Succeeded: 10 per run), and reconcile's writes by verb and kind from its metrics.
+  reaching Succeeded: one per stage of the plan per run), and reconcile's writes by verb and kind from its metrics.
 
     python benchmarks/operator_scale.py [--runs 100] [--nodes 20] [--timeout 2400]
 
@@ -175,7 +175,9 @@ def main() -> None:
         rss.stop.set()
         watcher.stop.set()
         audit = audit_counts(work / "audit.log")
-        transitions = args.runs * 10
+        from wrpo.pipeline.plan import STAGE_NAMES
+
+        transitions = args.runs * len(STAGE_NAMES)
         total = sum(audit.values())
         writes = {k: v for k, v in metrics.items() if k.startswith("wrpo_apiserver_requests_total")}
         first_child = [watcher.first["Job"][n] - t for n, t in created.items() if n in watcher.first["Job"]]

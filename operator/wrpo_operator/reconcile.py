@@ -265,10 +265,7 @@ class _Pass:
         if self._waits_for_budget(entry, want):
             return False
         self._create_and_keep(entry, want, found, states)
-        if entry["state"] == "Failed":  # the deadline passed: nothing of the stage is kept
-            mine = {_key(o) for o in want.all()}
-            self.keep -= mine
-            self.d.create = [o for o in self.d.create if _key(o) not in mine]
+        self._nothing_kept_if_failed(entry, want)  # the deadline passed
         return False
 
     # -- units under the GPU budget (docs/operator.md, "GPU budget and units") -------------------------
@@ -347,11 +344,15 @@ class _Pass:
             message += f"; waiting for {'; '.join(waiting)}"
         entry.update(state="Running" if started else "Waiting", message=message)
         self._operator_deadline(entry)
-        if entry["state"] == "Failed":  # the deadline passed: nothing of the stage is kept
+        self._nothing_kept_if_failed(entry, want)
+        return False
+
+    def _nothing_kept_if_failed(self, entry: Obj, want: Any) -> None:
+        """A stage failed in this pass (its deadline passed): none of its children is kept or created."""
+        if entry["state"] == "Failed":
             mine = {_key(o) for o in want.all()}
             self.keep -= mine
             self.d.create = [o for o in self.d.create if _key(o) not in mine]
-        return False
 
     def _waits_for_budget(self, entry: Obj, want: Any) -> bool:
         """`cluster.gpuBudget` across stages: a stage's first children wait until the live pods of earlier
@@ -361,26 +362,26 @@ class _Pass:
             return False
         first = [r for r in want.runners if not want.after_runners.get(r["metadata"]["name"])]
         need = sum(object_gpus(o) for o in [*want.servers, *first])
-        held = sum(pod_gpus(p) for p in self.pods if _label(p, LABEL_STAGE) != entry["name"]
-                   and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))
+        held = self._live_gpus(lambda p: _label(p, LABEL_STAGE) == entry["name"])
         if held + need <= budget:
             return False
         entry.update(state="Waiting", message=f"waiting for the GPU budget: the stage needs {need} GPUs, pods of "
                      f"earlier stages still hold {held} of {budget}")
         return True
 
+    def _live_gpus(self, skip: Callable[[Obj], bool]) -> int:
+        """GPUs requested by the run's live pods (Pending or Running, terminating included) but `skip`'s."""
+        return sum(pod_gpus(p) for p in self.pods if not skip(p)
+                   and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))
+
     def _gpus_held(self, stage: str, running_hashes: set[str | None]) -> int:
-        """GPUs requested by the run's live pods that no running unit accounts for: servers of finished units
-        still shutting down, pods of an earlier stage, GPU clients."""
-        held = 0
-        for pod in self.pods:
-            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-                continue
-            if _label(pod, LABEL_COMPONENT) == "vllm" and _label(pod, LABEL_STAGE) == stage \
-                    and _label(pod, LABEL_STAGE_HASH) in running_hashes and not _deleting(pod):
-                continue  # a running unit's server: counted by the unit
-            held += pod_gpus(pod)
-        return held
+        """GPUs held that no running unit accounts for: servers of finished units still shutting down, pods
+        of an earlier stage, GPU clients."""
+        def a_running_units_server(pod: Obj) -> bool:
+            return (_label(pod, LABEL_COMPONENT) == "vllm" and _label(pod, LABEL_STAGE) == stage
+                    and _label(pod, LABEL_STAGE_HASH) in running_hashes and not _deleting(pod))
+
+        return self._live_gpus(a_running_units_server)
 
     def _stalled(self, entry: Obj, servers: list[Obj], runners: list[Obj], templates: set[str]) -> bool:
         """Record the stall (if any); True when it lasted longer than `cluster.stallTimeoutSeconds`."""
