@@ -640,7 +640,10 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
     for kind, child in d.delete:
         kube.delete(kind, ns, child)
     old = run.get("status") or {}
-    _eval_status(observed.pods, old, d.status)
+    if _eval_status(observed.pods, old, d.status, now) and d.requeue is None:
+        # the Job's completion can reach the watch before its pod's termination message does: look again
+        # soon (the pod's own update also wakes the run)
+        d.requeue, d.reason = EVAL_SUMMARY_RETRY_S, "the eval pod's termination message"
     if _comparable(d.status) != _comparable(old):
         written.append(kube.merge_patch("FusionRun", ns, name, {"status": _nulls_for_removed(old, d.status)},
                                         sub="status"))
@@ -657,20 +660,29 @@ def _nulls_for_removed(old: Obj, new: Obj) -> Obj:
     return {**{k: None for k in old if k not in new or new[k] is None}, **new}
 
 
-def _eval_status(pods: list[Obj], old: Obj, status: Obj) -> None:
-    """status.eval: kept while the eval stage's hash is unchanged, else read once from its pods' termination
-    message after it succeeded (docs/operator.md, "Status"); the pods come from the watch cache."""
+#: Seconds before reading an eval pod's termination message again (see `_eval_status`), and for how long
+#: after the eval stage succeeded it is tried.
+EVAL_SUMMARY_RETRY_S, EVAL_SUMMARY_PATIENCE_S = 2.0, 120.0
+
+
+def _eval_status(pods: list[Obj], old: Obj, status: Obj, now: datetime) -> bool:
+    """status.eval: kept while the eval stage's hash is unchanged, else read from its pods' termination
+    message after it succeeded (docs/operator.md, "Status"); the pods come from the watch cache. True
+    when the stage succeeded lately and no summary could be read yet (the caller looks again soon)."""
     entry = next((s for s in status["stages"] if s["name"] == "eval"), None)
     if entry is None or entry["state"] != "Succeeded":
-        return
+        return False
     if (old.get("eval") or {}).get("hash") == entry["hash"]:
         status["eval"] = old["eval"]
-        return
+        return False
     mine = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_STAGE) == "eval"
             and p["metadata"]["labels"].get(LABEL_STAGE_HASH) == entry["hash"]]
     found = eval_summary(mine, entry["hash"])
     if found is not None:
         status["eval"] = found
+        return False
+    done = entry.get("completionTime")
+    return bool(done) and (now - parse_time(done)).total_seconds() < EVAL_SUMMARY_PATIENCE_S
 
 
 def _controlled_by_other(obj: Obj, uid: str) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from operator_harness import CHART, RELEASE, Operator, create_run, wait, wait_phase
+from operator_harness import CHART, RELEASE, Operator, create_run, get_run, wait, wait_phase
 
 from wrpo.pipeline.plan import STAGE_NAMES
 
@@ -131,6 +131,10 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
         checkpoint = _interrupt_sft_after_its_first_checkpoint(runner, core, ns, operator)
         status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 900, operator)
         assert status["phase"] == "Succeeded", (status, runner.errors, runner.log_tails())
+        # the Job's completion may reach the operator before its pod's termination message: the summary
+        # follows a moment later
+        status = wait(lambda: (s := get_run(custom, ns, "tiny")["status"]).get("eval") and s, 30, "status.eval",
+                      operator)
         elapsed = time.monotonic() - t0
         reconciles = operator.metrics().get('wrpo_reconciles_total{result="ok"}')
     finally:

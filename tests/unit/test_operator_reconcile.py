@@ -990,3 +990,24 @@ def test_a_stage_waits_until_earlier_stages_pods_leave_room_in_the_budget():
     del kube.objects[("Pod", "server-going")]
     step(kube)
     assert "demo-score-sources-shards" in kube.kinds("Job")
+
+
+def test_an_eval_summary_not_yet_in_the_cache_is_looked_for_again_soon():
+    """The eval Job's completion can reach the operator before its pod's termination message."""
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    for stage in STAGE_NAMES[:-1]:
+        step(kube)
+        if kube.kinds("Deployment") and ("Job", f"{NAME}-{stage}") not in kube.objects:
+            kube.make_available()
+            step(kube)
+        kube.finish(*runner_of(kube, stage))
+    step(kube)
+    pod = kube.add_pod(f"{NAME}-eval", "ok", {"phase": "Running"})
+    kube.finish(*runner_of(kube, "eval"))
+    d = step(kube, minutes=0)
+    assert kube.run["status"]["phase"] == "Succeeded" and "eval" not in kube.run["status"]
+    assert d.requeue == 2.0  # not forgotten: looked at again
+    pod["status"] = _terminated('{"summary": {"prompts": 4, "fused_vs_target": 50.0}}')
+    d = step(kube, minutes=0)
+    assert kube.run["status"]["eval"]["prompts"] == 4 and d.requeue is None
