@@ -18,8 +18,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from wrpo.pipeline.plan import Server, external_endpoints, plan_hashes, servers
+from wrpo.pipeline.gpus import server_pod_gpus
+from wrpo.pipeline.plan import external_endpoints, plan_hashes, servers
 from wrpo.pipeline.plan import stage as plan_stage
+from wrpo.pipeline.servers import HEALTH_PATH, Server, servers_gpus, vllm_options
 from wrpo.pipeline.spec import (
     EndpointSpec,
     EnvVar,
@@ -45,7 +47,6 @@ from wrpo_operator import (
     QUEUE_LABEL,
 )
 from wrpo_operator.status import HASH_PREFIX
-from wrpo_operator.window import server_gpus
 
 VLLM_PORT = 8000
 PYTORCHJOB_PORT = 23456
@@ -238,7 +239,7 @@ def _resources(res: StageResources, gpus: int | None = None) -> Obj:
 
 def _vllm_resources(res: VLLMResources, tensor_parallel_size: int) -> Obj:
     """`cluster.vllm` requests; GPUs default to the server's tensor-parallel size (0: a CPU server)."""
-    gpus = tensor_parallel_size if res.gpus is None else res.gpus
+    gpus = server_pod_gpus(tensor_parallel_size, res.gpus)
     gpu = {"nvidia.com/gpu": str(gpus)} if gpus else {}
     # No memory limit: loading large checkpoints peaks above the steady state.
     out: Obj = {"requests": {"cpu": res.cpu, "memory": res.memory, **gpu}}
@@ -380,19 +381,15 @@ def vllm_url(run_name: str, namespace: str, server: Server, v1: bool = True) -> 
 
 
 def vllm_args(spec: FusionSpec, server: Server, model_path: str) -> list[str]:
-    args = [model_path, "--served-model-name", server.served_name, "--host", "0.0.0.0",
-            "--port", str(VLLM_PORT), "--tensor-parallel-size", str(server.tensor_parallel_size),
-            "--gpu-memory-utilization", str(server.gpu_memory_utilization), "--seed", str(spec.sampling.seed)]
-    if server.max_model_len:
-        args += ["--max-model-len", str(server.max_model_len)]
-    if server.runner == "pooling":
-        args += ["--runner", "pooling"]
-    return [*args, *server.args]
+    """`vllm serve` arguments of a server pod: the model path, then `wrpo.pipeline.servers.vllm_options` (the
+    same options as a local server; a pod without GPUs, `cluster.vllm.gpus: 0`, gets the CPU options)."""
+    gpu = server_pod_gpus(server.tensor_parallel_size, spec.cluster.vllm.gpus) > 0
+    return [model_path, *vllm_options(server, "0.0.0.0", VLLM_PORT, gpu)]
 
 
 def _probe(probe: Any) -> Obj:
-    """An HTTP /health probe from `cluster.vllm.*Probe`."""
-    out = {"httpGet": {"path": "/health", "port": VLLM_PORT}, "periodSeconds": probe.period_seconds,
+    """An HTTP probe of the server's health path from `cluster.vllm.*Probe`."""
+    out = {"httpGet": {"path": HEALTH_PATH, "port": VLLM_PORT}, "periodSeconds": probe.period_seconds,
            "failureThreshold": probe.failure_threshold, "timeoutSeconds": probe.timeout_seconds}
     if probe.initial_delay_seconds:
         out["initialDelaySeconds"] = probe.initial_delay_seconds
@@ -410,8 +407,8 @@ def progress_deadline_seconds(res: VLLMResources) -> int:
 
 def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, server: Server,
                           stage: str, stage_hash: str | None = None) -> Obj:
-    """A one-replica vLLM Deployment; weights from the models PVC, or fetched from S3 by an init container
-    into `cluster.modelVolume`."""
+    """A vLLM Deployment of `server.replicas` pods; weights from the models PVC, or fetched from S3 by an init
+    container into `cluster.modelVolume`."""
     name = child_name(run_name, server.key)
     lab = labels(run_name, stage, "vllm", stage_hash, template_hash(spec, "vllm", stage_hash))
     select = {LABEL_RUN: run_name, LABEL_COMPONENT: "vllm", "fusion.wrpo.io/server": server.key}
@@ -455,7 +452,7 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": meta,
         "spec": {
-            "replicas": 1,
+            "replicas": server.replicas,  # data-parallel copies behind one Service
             "strategy": {"type": "Recreate"},  # never two servers on the same GPUs
             "progressDeadlineSeconds": progress_deadline_seconds(res),
             "selector": {"matchLabels": select},
@@ -504,10 +501,10 @@ def stage_args(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
                unit: str | None = None, shards: int = 1, serve: bool = True) -> list[str]:
     """The stage's `wrpo stage` command with the URLs of the servers its plan row needs (of `unit`'s
     servers only, for one unit; none with `serve=False`: the commit of a stage whose units are done)."""
-    needed = {s.key: s for s in servers(spec, stage, run_uri) if serve and (unit is None or s.source in (None, unit))}
-    endpoints = {s.source: vllm_url(run_name, namespace, s) for s in needed.values() if s.source}
-    target = vllm_url(run_name, namespace, needed["target"]) if "target" in needed else None
-    reward = vllm_url(run_name, namespace, needed["reward"], v1=False) if "reward" in needed else None
+    needed = [s for s in servers(spec, stage, run_uri) if serve and (unit is None or s.source in (None, unit))]
+    endpoints = {s.source: vllm_url(run_name, namespace, s) for s in needed if s.source}
+    target = next((vllm_url(run_name, namespace, s) for s in needed if s.plays("target")), None)
+    reward = next((vllm_url(run_name, namespace, s, v1=False) for s in needed if s.plays("reward")), None)
     return stage_command(stage, run_uri, endpoints, target, reward, unit, shards)
 
 
@@ -523,7 +520,7 @@ def shard_parallelism(spec: FusionSpec, stage: str) -> int:
     gpus = stage_resources(spec, stage).gpus
     if budget is None or not gpus:
         return k
-    free = budget - server_gpus(spec, servers(spec, stage, ""))
+    free = budget - servers_gpus(servers(spec, stage, ""), spec.cluster.vllm.gpus)
     return max(1, min(k, free // gpus))
 
 
@@ -735,7 +732,7 @@ def _unit_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, 
         for server in own:
             unit_servers += [build_vllm_deployment(run_name, namespace, spec, server, stage, h),
                              build_vllm_service(run_name, namespace, server, stage, h)]
-        kids.units.append(UnitChildren(unit, h, server_gpus(spec, own), unit_servers,
+        kids.units.append(UnitChildren(unit, h, servers_gpus(own, spec.cluster.vllm.gpus), unit_servers,
                                        build_stage_job(run_name, namespace, spec, stage, run_uri, h, unit=unit)))
     commit = build_stage_job(run_name, namespace, spec, stage, run_uri, stage_hash, serve=False)
     kids.runners.append(commit)

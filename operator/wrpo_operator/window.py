@@ -5,32 +5,19 @@ its vLLM server(s) from the moment its Deployment is created until its unit comm
 is gone. `admit` picks, in spec order, every pending unit that fits beside what is already held (first
 fit: a small unit may start while a large one waits for room, and the large one starts as soon as
 enough GPUs are free, since nothing larger than the budget is ever admitted). The same function drives
-the operator and `benchmarks/gpu_schedule.py`.
+the operator and `benchmarks/gpu_schedule.py`; the GPUs themselves are counted by `wrpo.pipeline.gpus`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from wrpo.pipeline.plan import Server
-from wrpo.pipeline.spec import FusionSpec
 
 
 @dataclass(frozen=True)
 class UnitNeed:
     name: str
     gpus: int  # GPUs held while the unit runs (0: e.g. a source behind an external endpoint)
-
-
-def pod_gpus(spec: FusionSpec, server: Server) -> int:
-    """nvidia.com/gpu of one server pod: `cluster.vllm.gpus`, else its tensor-parallel size."""
-    return server.tensor_parallel_size if spec.cluster.vllm.gpus is None else spec.cluster.vllm.gpus
-
-
-def server_gpus(spec: FusionSpec, servers: Iterable[Server]) -> int:
-    """GPUs held by these servers with all their replicas."""
-    return sum(pod_gpus(spec, s) * s.replicas for s in servers)
 
 
 def admit(units: Sequence[UnitNeed], done: set[str], running: set[str], budget: int | None,

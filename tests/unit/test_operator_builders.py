@@ -505,3 +505,68 @@ def test_eval_stage_gets_an_endpoint_judges_key_and_no_servers_without_prompts()
     score_env = {e["name"] for e in _container(b.build_stage_runner(RUN, NS, reward_judge, "score-sources", URI,
                                                                     "h"))["env"]}
     assert "JUDGE_KEY" in score_env and b.build_stage_servers(RUN, NS, reward_judge, "score-sources", URI, "h") == []
+
+
+# -- one server, two launchers (wrpo.pipeline.servers) ------------------------------------------------------
+
+def _options(argv: list[str]) -> list[str]:
+    """A vLLM command line's options after the model, host and port left out (they differ by design)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--host", "--port"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("gpus", [None, 0])
+def test_a_local_server_and_its_deployment_run_the_same_vllm_options(monkeypatch, gpus):
+    """The local subprocess and the cluster Deployment of one plan Server differ only in how vLLM is started
+    (`python -m ...api_server --model M` / `vllm serve M`), the host and the port: on GPUs and on CPU alike."""
+    from wrpo.data import serving
+
+    spec = make_spec(cluster={"vllm": {"gpus": gpus}} if gpus is not None else {},
+                     sampling={"seed": 7})
+    monkeypatch.setattr(serving, "on_gpu", lambda: gpus is None)
+    for server in servers(spec, "sample-sources", URI):
+        local = serving.VLLMServer.of(server, "/weights/model", python="/py").command()
+        assert local[:5] == ["/py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/weights/model"]
+        dep = b.build_vllm_deployment(RUN, NS, spec, server, "sample-sources", "h")
+        cluster = _container(dep)["args"]
+        assert _options(local[5:]) == _options(cluster[1:]), server.key
+        assert cluster[cluster.index("--seed") + 1] == "7"  # the engine seed, on both sides
+        assert ("--enforce-eager" in cluster) == (gpus == 0 or server.source == "qwen")
+
+
+def test_a_server_with_replicas_is_one_deployment_of_that_many_pods():
+    spec = make_spec(target={"model": "s3://bucket/models/target", "replicas": 3})
+    (server,) = servers(spec, "sample-target", URI)
+    dep = b.build_vllm_deployment(RUN, NS, spec, server, "sample-target", "h")
+    assert dep["spec"]["replicas"] == 3
+    from wrpo.pipeline.gpus import object_gpus
+
+    assert object_gpus(dep) == server.gpus(spec.cluster.vllm.gpus) == 3
+
+
+def test_an_eval_judge_that_is_also_the_reward_judge_is_one_deployment():
+    """reward.type judge with the same local model and settings as eval.judge: one server for both roles."""
+    judge = {"model": "s3://bucket/models/judge", "tensorParallelSize": 2}
+    spec = make_spec(dataset={"uri": "s3://bucket/data/prompts.jsonl", "evalSize": 16},
+                     reward={"type": "judge", "judge": {**judge, "servedName": "grader"}}, eval={"judge": judge})
+    children = b.build_stage_servers(RUN, NS, spec, "eval", URI, "h")
+    deployments = {d["metadata"]["name"]: d for d in children if d["kind"] == "Deployment"}
+    assert sorted(deployments) == ["demo-eval-fused", "demo-eval-sft", "demo-eval-target", "demo-judge"]
+    args = _container(deployments["demo-judge"])["args"]
+    assert args[args.index("--served-model-name"):][:3] == ["--served-model-name", "judge", "grader"]
+    command = _container(b.build_stage_runner(RUN, NS, spec, "eval", URI, "h"))["command"]
+    assert "judge=http://demo-judge.team-a.svc:8000/v1" in command
+    assert command[command.index("--reward-endpoint") + 1] == "http://demo-judge.team-a.svc:8000"
+    # another judge model: two servers
+    other = make_spec(dataset={"uri": "s3://bucket/data/prompts.jsonl", "evalSize": 16},
+                      reward={"type": "judge", "judge": {**judge, "tensorParallelSize": 1}}, eval={"judge": judge})
+    names = [d["metadata"]["name"] for d in b.build_stage_servers(RUN, NS, other, "eval", URI, "h")
+             if d["kind"] == "Deployment"]
+    assert sorted(names) == ["demo-eval-fused", "demo-eval-sft", "demo-eval-target", "demo-judge", "demo-reward"]

@@ -121,3 +121,23 @@ def test_a_value_written_at_its_default_is_the_same_spec():
     data = copy.deepcopy(BASE)
     data["sampling"] = {"n": 5, "temperature": 0.8}  # the paper's defaults, written out
     assert stage_hashes(parse_spec(data)) == stage_hashes(parse_spec(BASE))
+
+
+def test_identical_servers_of_a_stage_are_started_once():
+    """An eval judge that is also the reward judge (same model, same settings) is one server playing both
+    roles and answering to both served names; a different setting keeps two."""
+    from wrpo.pipeline.plan import servers
+
+    judge = {"model": "j", "maxModelLen": 2048}
+    data = {**copy.deepcopy(BASE), "dataset": {"uri": "p.jsonl", "evalSize": 8}, "eval": {"judge": judge},
+            "reward": {"type": "judge", "judge": {**judge, "servedName": "grader"}}}
+    found = servers(parse_spec(data), "eval", "s3://b/r")
+    assert [s.key for s in found] == ["eval-target", "eval-sft", "eval-fused", "judge"]
+    (one,) = [s for s in found if s.plays("reward")]
+    assert one.key == "judge" and one.plays("judge") and one.aliases == ("grader",) and one.roles == ("reward",)
+    data["reward"]["judge"]["maxModelLen"] = 4096
+    assert [s.key for s in servers(parse_spec(data), "eval", "s3://b/r")][-2:] == ["judge", "reward"]
+    # scoring alone serves the reward judge under its own key; sources stay one server per unit
+    assert [s.key for s in servers(parse_spec(data), "score-sources", "s3://b/r")] == ["reward"]
+    same = {**copy.deepcopy(BASE), "sources": [{"name": "a", "model": "m"}, {"name": "b", "model": "m"}]}
+    assert [s.key for s in servers(parse_spec(same), "sample-sources", "s3://b/r")] == ["src-a", "src-b"]

@@ -65,7 +65,7 @@ def test_a_failing_replica_is_retried_on_another(replicas, tmp_path):
 
 def test_local_replicas_get_disjoint_gpus(monkeypatch):
     from wrpo.data import serving
-    from wrpo.data.stages import replica_devices
+    from wrpo.data.serving import replica_devices
     from wrpo.errors import WrpoError
 
     server = Server("src-a", "a", "/m", tensor_parallel_size=2, replicas=3)

@@ -8,6 +8,10 @@ The server gets an explicit environment (`server_environment`): what Python, the
 the Hugging Face libraries read, and nothing else, so API keys of external sources and S3 credentials
 in our environment never reach it (docs/spec.md, "Secrets"). `WRPO_VLLM_ENV_PASS` names extra variables
 to pass (comma-separated).
+
+`serve(ctx, server)` is how a stage gets the servers of its plan row (`wrpo.pipeline.plan.servers`): the URL
+of a running one given to it (the operator's Services), else local replicas started here. The command line
+comes from `wrpo.pipeline.servers.vllm_options`, the same function the operator's Deployments use.
 """
 
 from __future__ import annotations
@@ -22,10 +26,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from wrpo.errors import WrpoError
+from wrpo.pipeline.servers import HEALTH_PATH, Server, vllm_options
+from wrpo.storage import S3Options
+
+if TYPE_CHECKING:
+    from wrpo.pipeline.context import StageContext
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -85,15 +97,14 @@ class VLLMServer:
                  extra_args: Sequence[str] = (), max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  startup_timeout_s: float = 600.0, log_path: str | Path | None = None,
-                 aliases: Sequence[str] = (), extra_env: dict[str, str] | None = None):
-        self.model, self.served_name, self.runner = model, served_name, runner
-        self.aliases = list(aliases)
+                 aliases: Sequence[str] = (), extra_env: dict[str, str] | None = None, seed: int | None = None):
+        self.server = Server(served_name, served_name, model, runner, tensor_parallel_size,  # type: ignore[arg-type]
+                             max_model_len, gpu_memory_utilization, tuple(extra_args), aliases=tuple(aliases),
+                             seed=seed)
         self.python = python or vllm_python()
         if self.python is None:
             raise ServingError("vLLM is not available: set WRPO_VLLM_PYTHON (scripts/setup-vllm-env.sh) "
                                "or install vllm in this environment")
-        self.extra_args, self.max_model_len = list(extra_args), max_model_len
-        self.tensor_parallel_size, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
         self.startup_timeout_s = startup_timeout_s
         self.extra_env = dict(extra_env or {})  # e.g. CUDA_VISIBLE_DEVICES of one replica
         if log_path is None:
@@ -101,6 +112,19 @@ class VLLMServer:
         self.log_path = Path(log_path)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def of(cls, server: Server, model_path: str, extra_env: dict[str, str] | None = None,
+           **options: Any) -> VLLMServer:
+        """A local process for the plan's `server`, its weights at `model_path` (`options`: python,
+        log_path, startup_timeout_s)."""
+        srv = cls(model_path, server.served_name, extra_env=extra_env, **options)
+        srv.server = replace(server, model=model_path)
+        return srv
+
+    @property
+    def served_name(self) -> str:
+        return self.server.served_name
 
     @property
     def root_url(self) -> str:
@@ -111,23 +135,9 @@ class VLLMServer:
         return f"{self.root_url}/v1"
 
     def command(self) -> list[str]:
-        """The server's command line (CPU: float32, eager mode, no chunked prefill)."""
-        cmd = [self.python or "python", "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-               "--served-model-name", self.served_name, *self.aliases, "--host", HOST,
-               "--port", str(self.port), "--tensor-parallel-size", str(self.tensor_parallel_size)]
-        if self.runner != "generate":
-            cmd += ["--runner", self.runner]
-        if not on_gpu():
-            # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a seeded request's
-            # prefill is chunked under load, so CPU servers prefill whole prompts.
-            cmd += ["--dtype", "float32", "--enforce-eager"]
-            if self.runner == "generate":
-                cmd += ["--no-enable-chunked-prefill"]
-        elif self.gpu_memory_utilization is not None:
-            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-        if self.max_model_len:
-            cmd += ["--max-model-len", str(self.max_model_len)]
-        return cmd + self.extra_args
+        """The server's command line: `wrpo.pipeline.servers.vllm_options`, as on a cluster."""
+        return [self.python or "python", "-m", "vllm.entrypoints.openai.api_server", "--model", self.server.model,
+                *vllm_options(self.server, HOST, self.port, on_gpu())]
 
     def environment(self) -> dict[str, str]:
         env = server_environment(os.environ)
@@ -165,7 +175,7 @@ class VLLMServer:
                 raise ServingError(f"vLLM for '{self.served_name}' exited with code {self.proc.returncode}\n"
                                    f"{self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.root_url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.root_url}{HEALTH_PATH}", timeout=2.0).status_code == 200:
                     return
             time.sleep(1.0)
         self.stop()
@@ -196,3 +206,60 @@ class VLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------------------------- a stage's servers
+
+
+def given_endpoint(ctx: StageContext, server: Server) -> str | None:
+    """The URL of an already-running server for `server` (the operator's Service), if one was given."""
+    o = ctx.options
+    if server.source is not None:
+        return o.endpoints.get(server.source)
+    return {"target": o.target_endpoint, "reward": o.reward_endpoint}.get(server.key)
+
+
+def replica_devices(server: Server, replica: int) -> dict[str, str]:
+    """The GPUs of one local replica: replica r gets GPUs [r·tp, (r+1)·tp) of those visible."""
+    if server.replicas == 1 or not on_gpu():
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(server.replicas * server.tensor_parallel_size)]
+    tp = server.tensor_parallel_size
+    mine = ids[replica * tp:(replica + 1) * tp]
+    if len(mine) < tp:
+        raise WrpoError(f"{server.served_name}: {server.replicas} replicas × tensor-parallel {tp} need "
+                        f"{server.replicas * tp} GPUs; {len(ids)} are visible")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(mine)}
+
+
+@contextmanager
+def serve(ctx: StageContext, server: Server, model_dir: str | None = None) -> Iterator[list[str] | None]:
+    """The root URLs of `server`'s replicas: a given endpoint, or local vLLM servers started from the
+    plan's description (stopped on exit); None when vLLM is not available here. A server that plays
+    several roles (`Server.roles`) is started once per stage invocation and kept until the stage ends."""
+    if server.roles:
+        yield ctx.shared(f"server:{server.key}", lambda: _serve(ctx, server, model_dir))
+        return
+    with _serve(ctx, server, model_dir) as urls:
+        yield urls
+
+
+@contextmanager
+def _serve(ctx: StageContext, server: Server, model_dir: str | None) -> Iterator[list[str] | None]:
+    endpoint = given_endpoint(ctx, server)
+    if endpoint:
+        yield [endpoint.removesuffix("/").removesuffix("/v1")]
+        return
+    if not vllm_python():
+        yield None
+        return
+    path = model_dir or ctx.work.model(server.model, S3Options.from_spec(ctx.spec.storage))
+    with ExitStack() as stack:
+        replicas = [VLLMServer.of(server, str(path), replica_devices(server, r)) for r in range(server.replicas)]
+        for srv in replicas:  # start side by side, then wait for all
+            stack.callback(srv.stop)
+            srv.launch()
+        for srv in replicas:
+            srv.wait_healthy()
+        yield [srv.root_url for srv in replicas]

@@ -1,12 +1,12 @@
 """The data stages' bodies: prepare, sample-sources, score-sources, select-sources, sample-target,
-score-target, build-pairs (docs/architecture.md, "Stages and the run directory").
+score-target, build-pairs (docs/architecture.md, "The plan", "Stage runtime").
 
 Each body takes a `StageContext`, reads committed earlier stages from `ctx.run`, writes its objects
 through `ctx.out` and returns a short summary; `wrpo.pipeline.runtime.run_stage` commits the manifest.
 The sampling stages also commit shards as they go, so a killed sampling stage resumes where it stopped.
-The vLLM servers a stage needs are those of its plan row (`wrpo.pipeline.plan.servers`): one with an
-endpoint in `ctx.options` (the operator's Services) is used as it is; the others are served locally
-(vLLM if available, else transformers generate).
+The vLLM servers a stage needs are those of its plan row (`wrpo.pipeline.plan.servers`), reached through
+`wrpo.data.backends` (one with an endpoint in `ctx.options`, the operator's Services, is used as it is; the
+others are served locally by `wrpo.data.serving`: vLLM if available, else transformers generate).
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
+from wrpo.data.backends import chat_backend, chat_client, external_backend, reward_scorer
+from wrpo.data.serving import given_endpoint
 from wrpo.errors import DataError, WrpoError
 from wrpo.pipeline.context import StageContext
-from wrpo.pipeline.plan import Server, servers
+from wrpo.pipeline.plan import servers
 from wrpo.pipeline.rundir import RunDir
 from wrpo.records import PromptRecord, SampleRecord, ScoreRecord, dump_jsonl, parse_jsonl
 from wrpo.storage import S3Options
@@ -64,92 +65,6 @@ def prepare(ctx: StageContext) -> dict[str, Any]:
     return {"rows": report.rows, "prompts": report.kept, "sft": len(split.sft), "po": len(split.po),
             "eval": len(split.eval), "dropped_empty": report.dropped_empty,
             "dropped_duplicates": report.dropped_duplicates, "dropped_over_max": report.dropped_over_max}
-
-
-# ---------------------------------------------------------------------------------------------- serving
-
-
-def given_endpoint(ctx: StageContext, server: Server) -> str | None:
-    """The URL of an already-running server for `server` (the operator's Service), if one was given."""
-    o = ctx.options
-    if server.source is not None:
-        return o.endpoints.get(server.source)
-    return {"target": o.target_endpoint, "reward": o.reward_endpoint}.get(server.key)
-
-
-def replica_devices(server: Server, replica: int) -> dict[str, str]:
-    """The GPUs of one local replica: replica r gets GPUs [r·tp, (r+1)·tp) of those visible."""
-    from wrpo.data.serving import on_gpu
-
-    if server.replicas == 1 or not on_gpu():
-        return {}
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(server.replicas * server.tensor_parallel_size)]
-    tp = server.tensor_parallel_size
-    mine = ids[replica * tp:(replica + 1) * tp]
-    if len(mine) < tp:
-        raise WrpoError(f"{server.served_name}: {server.replicas} replicas × tensor-parallel {tp} need "
-                        f"{server.replicas * tp} GPUs; {len(ids)} are visible")
-    return {"CUDA_VISIBLE_DEVICES": ",".join(mine)}
-
-
-@contextmanager
-def serve(ctx: StageContext, server: Server, model_dir: str | None = None) -> Iterator[list[str] | None]:
-    """The root URLs of `server`'s replicas: a given endpoint, or local vLLM servers started from the
-    plan's description (stopped on exit); None when vLLM is not available here."""
-    from wrpo.data.serving import VLLMServer, vllm_python
-
-    endpoint = given_endpoint(ctx, server)
-    if endpoint:
-        yield [endpoint.removesuffix("/").removesuffix("/v1")]
-        return
-    if not vllm_python():
-        yield None
-        return
-    path = model_dir or ctx.work.model(server.model, S3Options.from_spec(ctx.spec.storage))
-    with ExitStack() as stack:
-        replicas = [VLLMServer(path, server.served_name, runner=server.runner, max_model_len=server.max_model_len,
-                               tensor_parallel_size=server.tensor_parallel_size,
-                               gpu_memory_utilization=server.gpu_memory_utilization, extra_args=server.args,
-                               extra_env=replica_devices(server, r))
-                    for r in range(server.replicas)]
-        for srv in replicas:  # start side by side, then wait for all
-            stack.callback(srv.stop)
-            srv.launch()
-        for srv in replicas:
-            srv.wait_healthy()
-        yield [srv.root_url for srv in replicas]
-
-
-def chat_client(ctx: StageContext, base_url: str | list[str], model: str, api_key: str | None = None) -> Any:
-    """An OpenAI-compatible client with the spec's concurrency, timeout and retries."""
-    from wrpo.data.sampling import ChatClient
-
-    s = ctx.spec.sampling
-    return ChatClient(base_url, model, api_key=api_key, concurrency=s.concurrency, timeout_s=s.request_timeout_s,
-                      max_retries=s.max_retries)
-
-
-@contextmanager
-def chat_backend(ctx: StageContext, server: Server, model_dir: str | None = None) -> Iterator[Any]:
-    """A ChatBackend for one served model: its server (given or local), or transformers generate."""
-    from wrpo.data.sampling import GenerateBackend
-
-    with serve(ctx, server, model_dir) as urls:
-        if urls is not None:
-            yield chat_client(ctx, [f"{u}/v1" for u in urls], server.served_name)
-            return
-        log.warning("vLLM is not available (set WRPO_VLLM_PYTHON); sampling %s with transformers generate, "
-                    "one prompt at a time", server.served_name)
-        yield GenerateBackend(model_dir or ctx.work.model(server.model, S3Options.from_spec(ctx.spec.storage)))
-
-
-def external_backend(ctx: StageContext, endpoint: Any) -> Any:
-    """A ChatBackend for an external OpenAI-compatible endpoint (its key from the env or a file)."""
-    from wrpo.data.sampling import resolve_api_key
-
-    return chat_client(ctx, endpoint.url, endpoint.model, resolve_api_key(endpoint.api_key_env,
-                                                                         endpoint.api_key_file))
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -195,53 +110,6 @@ def sample_target(ctx: StageContext) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-
-
-@contextmanager
-def reward_scorer(ctx: StageContext) -> Iterator[Any]:
-    """The scorer the spec asks for: in-process, an external pooling endpoint, or the plan's reward server."""
-    from wrpo.data.scoring import ArmoRMScorer, JudgeScorer, RemoteScorer, SequenceClassifierScorer
-
-    r, spec = ctx.spec.reward, ctx.spec
-    if r.type == "judge":
-        with judge_backend(ctx, r.judge, [s for s in servers(spec, ctx.name, ctx.run.uri) if s.key == "reward"]) \
-                as backend:
-            j = r.judge
-            yield JudgeScorer(backend, j.endpoint.model if j.endpoint else j.model, j.max_tokens, j.temperature,
-                              spec.sampling.seed, j.constrained, j.expected_grade)
-        return
-    model = ctx.work.model(r.model, S3Options.from_spec(spec.storage)) if r.model else None
-    if r.type == "remote":
-        if model is None:
-            raise WrpoError("reward.model is needed to tokenise for a remote reward endpoint")
-        with ExitStack() as stack:
-            endpoint = r.endpoint
-            for server in servers(spec, ctx.name, ctx.run.uri):  # no endpoint in the spec: serve the model
-                if server.key != "reward":
-                    continue
-                urls = stack.enter_context(serve(ctx, server, model))
-                if urls is None:
-                    raise WrpoError("reward.type 'remote' without an endpoint needs vLLM to serve reward.model "
-                                    "(set WRPO_VLLM_PYTHON)")
-                endpoint = urls[0]
-            yield RemoteScorer(endpoint, r.served_name, model, r.max_length, r.batch_size,
-                               max_retries=spec.sampling.max_retries)
-        return
-    assert model is not None
-    cls = ArmoRMScorer if r.type == "armorm" else SequenceClassifierScorer
-    yield cls(model, max_length=r.max_length, batch_size=r.batch_size, name=r.model)
-
-
-@contextmanager
-def judge_backend(ctx: StageContext, judge: Any, served: list[Server]) -> Iterator[Any]:
-    """The backend of an LLM judge (`JudgeSpec`): its external endpoint, or its model's server (`served`,
-    given or started locally; transformers generate without vLLM)."""
-    if judge.endpoint is not None:
-        yield external_backend(ctx, judge.endpoint)
-        return
-    (server,) = served
-    with chat_backend(ctx, server) as backend:
-        yield backend
 
 
 def _score_file(ctx: StageContext, stage: str, name: str, prompts: dict[str, PromptRecord]) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from wrpo.data.backends import chat_backend, judge_backend, reward_scorer
 from wrpo.data.judge import OUTCOME_POINTS, Dialogue, Judge, load_template
-from wrpo.data.stages import chat_backend, given_endpoint, judge_backend, read_records, reward_scorer
+from wrpo.data.serving import given_endpoint
 from wrpo.eval.answers import AnswerParams, answer_prompt, digest, run_sharded
 from wrpo.eval.questions import EvalPrompt, from_records, load_questions
 from wrpo.eval.stats import compare, points_from_scores
@@ -29,7 +30,7 @@ from wrpo.eval.table import table_markdown
 from wrpo.pipeline.card import model_card
 from wrpo.pipeline.context import StageContext
 from wrpo.pipeline.plan import EVAL_ROLES, servers
-from wrpo.records import PromptRecord, dump_jsonl
+from wrpo.records import PromptRecord, dump_jsonl, parse_jsonl
 from wrpo.storage import S3Options
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def eval_prompts(ctx: StageContext) -> tuple[list[EvalPrompt], str]:
     ev = ctx.spec.eval
     if ev.prompts:
         return load_questions(ev.prompts, S3Options.from_spec(ctx.spec.storage), ev.max_prompts), ev.prompts
-    records = read_records(ctx.run, "prepare", "eval.jsonl", PromptRecord)
+    prepared = ctx.run.stage("prepare")
+    records = parse_jsonl(prepared.read_text("eval.jsonl"), PromptRecord, prepared.uri("eval.jsonl"))
     return from_records(records[: ev.max_prompts] if ev.max_prompts else records), "the held-out eval split"
 
 
@@ -116,7 +118,7 @@ def reward_judge(ctx: StageContext, prompts: list[EvalPrompt], answers: dict[str
 @contextmanager
 def _judge(ctx: StageContext) -> Iterator[Judge]:
     j = ctx.spec.eval.judge
-    served = [s for s in servers(ctx.spec, ctx.name, ctx.run.uri) if s.source == "judge"]
+    served = [s for s in servers(ctx.spec, ctx.name, ctx.run.uri) if s.plays("judge")]
     with judge_backend(ctx, j, served) as backend:
         yield Judge(backend, j.max_tokens, j.temperature, ctx.spec.eval.seed, j.constrained,
                     expected_grade=j.expected_grade)

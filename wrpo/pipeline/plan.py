@@ -24,10 +24,11 @@ import hashlib
 import importlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, Literal
 
+from wrpo.pipeline.servers import Server
 from wrpo.pipeline.spec import EndpointSpec, FusionSpec
 
 ResourceClass = Literal["small", "sampling", "scoring", "training"]
@@ -182,23 +183,6 @@ def select_range(start: str | None, until: str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------- servers
 
 
-@dataclass(frozen=True)
-class Server:
-    """A vLLM server a stage needs: the operator makes it a Deployment + Service, the local runtime a
-    subprocess on 127.0.0.1 (`wrpo.data.serving.VLLMServer`)."""
-
-    key: str  # src-<source>, target or reward: the child-name suffix and the --endpoint key
-    served_name: str
-    model: str  # folder, s3:// URI or hub id
-    runner: Literal["generate", "pooling"] = "generate"
-    tensor_parallel_size: int = 1
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
-    args: tuple[str, ...] = ()
-    source: str | None = None  # the source it serves (sample-sources)
-    replicas: int = 1  # data-parallel copies behind one Service (each with tensor_parallel_size GPUs)
-
-
 def target_model_uri(run_uri: str) -> str:
     """Where Target-SFT is committed in a run directory."""
     return f"{run_uri.rstrip('/')}/sft/model/"
@@ -250,21 +234,42 @@ def _eval_servers(spec: FusionSpec, run_uri: str) -> list[Server]:
 
 
 def servers(spec: FusionSpec, name: str, run_uri: str) -> list[Server]:
-    """The vLLM servers stage `name` needs while it runs (external endpoints need none)."""
+    """The vLLM servers stage `name` needs while it runs (external endpoints need none), each with the engine
+    seed `sampling.seed`. Servers of one stage that are the same process (`Server.identity`: e.g. an eval
+    judge that is also the reward judge) are started once: the first one plays the others' roles and
+    answers to their served names (`Server.roles`, `Server.aliases`). A stage made of source units keeps
+    one server per source: each unit holds its own."""
     kind = stage(name).servers
     if kind == "sources":
-        return [Server(f"src-{s.name}", s.name, s.model, "generate", s.tensor_parallel_size, s.max_model_len,
-                       s.gpu_memory_utilization, tuple(s.vllm_args), source=s.name, replicas=s.replicas)
-                for s in spec.sources if s.model]
-    if kind == "target":
+        found = [Server(f"src-{s.name}", s.name, s.model, "generate", s.tensor_parallel_size, s.max_model_len,
+                        s.gpu_memory_utilization, tuple(s.vllm_args), source=s.name, replicas=s.replicas)
+                 for s in spec.sources if s.model]
+    elif kind == "target":
         t = spec.target
-        return [Server("target", t.served_name, target_model_uri(run_uri), "generate", t.tensor_parallel_size,
-                       args=tuple(t.vllm_args), replicas=t.replicas)]
-    if kind == "reward":
-        return _reward_servers(spec)
-    if kind == "eval":
-        return _eval_servers(spec, run_uri)
-    return []
+        found = [Server("target", t.served_name, target_model_uri(run_uri), "generate", t.tensor_parallel_size,
+                        args=tuple(t.vllm_args), replicas=t.replicas)]
+    elif kind == "reward":
+        found = _reward_servers(spec)
+    elif kind == "eval":
+        found = _eval_servers(spec, run_uri)
+    else:
+        found = []
+    found = [replace(s, seed=spec.sampling.seed) for s in found]
+    return found if kind == "sources" else _started_once(found)
+
+
+def _started_once(found: list[Server]) -> list[Server]:
+    """`found` with every server that is the same process as an earlier one merged into that one."""
+    out: list[Server] = []
+    for s in found:
+        same = next((i for i, o in enumerate(out) if o.identity() == s.identity()), None)
+        if same is None:
+            out.append(s)
+            continue
+        o = out[same]
+        names = tuple(n for n in dict.fromkeys((*o.aliases, s.served_name, *s.aliases)) if n != o.served_name)
+        out[same] = replace(o, aliases=names, roles=(*o.roles, s.key, *s.roles))
+    return out
 
 
 def external_endpoints(spec: FusionSpec, name: str) -> list[EndpointSpec]:

@@ -53,6 +53,7 @@ from wrpo.pipeline.checks import (
     is_loopback_url,
     is_s3_uri,
 )
+from wrpo.pipeline.gpus import server_gpus
 from wrpo.pipeline.strict_yaml import dump_yaml, json_number, load_yaml
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -701,7 +702,7 @@ class FusionSpec(_Model):
             return self
 
         def server(tp: int, replicas: int) -> int:
-            return (tp if c.vllm.gpus is None else c.vllm.gpus) * replicas
+            return server_gpus(tp, replicas, c.vllm.gpus)
 
         needs = [(f"sources[{i}] ({s.name}): tensorParallelSize × replicas", server(s.tensor_parallel_size, s.replicas))
                  for i, s in enumerate(self.sources) if s.model]
@@ -724,7 +725,7 @@ class FusionSpec(_Model):
             return self
 
         def server(tp: int, replicas: int = 1) -> int:
-            return (tp if c.vllm.gpus is None else c.vllm.gpus) * replicas
+            return server_gpus(tp, replicas, c.vllm.gpus)
 
         parts = [("target, Target-SFT and fused: 3 × tensorParallelSize × replicas",
                   3 * server(self.target.tensor_parallel_size, self.target.replicas)),
