@@ -1,6 +1,6 @@
 """Pure builders: a FusionSpec (plus the run's name and namespace) → the Kubernetes objects of a stage.
 
-Nothing here talks to the apiserver; `reconcile` adds owner references (`own`) and creates the objects.
+Nothing here talks to the apiserver; `reconcile` adds owner references (`with_owner`) and creates the objects.
 Every stage pod runs `wrpo stage <name> --spec /etc/wrpo/spec.yaml --run-uri <run>` from the runtime image,
 the vLLM servers run `vllm serve` from the vLLM image. Every pod passes the `restricted` Pod Security
 Standard (docs/operator.md, "Security"): seccomp RuntimeDefault, non-root, no privilege escalation, every
@@ -94,8 +94,8 @@ def template_hash(spec: FusionSpec, component: str, stage_hash: str | None) -> s
     changes"); a new operator version that builds pods differently, or a new `cluster` field at its
     default, changes no label and so restarts nothing."""
     cluster = spec.cluster.model_dump(mode="json", by_alias=True, exclude_defaults=True)
-    own = set(_COMPONENT_FIELDS[component])
-    others = {f for fields in _COMPONENT_FIELDS.values() for f in fields} - own
+    mine = set(_COMPONENT_FIELDS[component])
+    others = {f for fields in _COMPONENT_FIELDS.values() for f in fields} - mine
     shaping = {k: v for k, v in cluster.items() if k not in others and k not in _NOT_IN_TEMPLATES}
     own_pods = shaping.pop("pods", {}).get(component)
     if own_pods:
@@ -127,7 +127,7 @@ def owner_reference(run_name: str, uid: str) -> Obj:
             "controller": True, "blockOwnerDeletion": True}
 
 
-def own(obj: Obj, run_name: str, uid: str) -> Obj:
+def with_owner(obj: Obj, run_name: str, uid: str) -> Obj:
     """`obj` with the FusionRun as its controlling owner (garbage collection deletes it with the run) and the
     run's UID on it and its pods (so a re-created run with the same name never reads the old run's pods)."""
     meta = obj.setdefault("metadata", {})
@@ -255,36 +255,36 @@ def _settings(spec: FusionSpec, component: str) -> PodSettings:
 def _pod_spec(spec: FusionSpec, component: str, containers: list[Obj], volumes: list[Obj], restart: str,
               init: list[Obj] | None = None) -> Obj:
     """A pod spec with the cluster-wide settings and the component's (`cluster.pods.<component>`) merged."""
-    c, own = spec.cluster, _settings(spec, component)
-    pod: Obj = {"restartPolicy": restart, "containers": containers, "volumes": [*volumes, *own.volumes],
+    c, pods = spec.cluster, _settings(spec, component)
+    pod: Obj = {"restartPolicy": restart, "containers": containers, "volumes": [*volumes, *pods.volumes],
                 "enableServiceLinks": False, "automountServiceAccountToken": False,
                 "securityContext": dict(POD_SECURITY)}
     if init:
         pod["initContainers"] = init
     if c.service_account:
         pod["serviceAccountName"] = c.service_account
-    if c.node_selector or own.node_selector:
-        pod["nodeSelector"] = {**c.node_selector, **own.node_selector}
-    if c.tolerations or own.tolerations:
-        pod["tolerations"] = [dict(t) for t in [*c.tolerations, *own.tolerations]]
-    if own.affinity:
-        pod["affinity"] = dict(own.affinity)
-    if own.priority_class_name:
-        pod["priorityClassName"] = own.priority_class_name
-    if own.scheduler_name:
-        pod["schedulerName"] = own.scheduler_name
-    pull = list(dict.fromkeys([*c.image_pull_secrets, *own.image_pull_secrets]))
+    if c.node_selector or pods.node_selector:
+        pod["nodeSelector"] = {**c.node_selector, **pods.node_selector}
+    if c.tolerations or pods.tolerations:
+        pod["tolerations"] = [dict(t) for t in [*c.tolerations, *pods.tolerations]]
+    if pods.affinity:
+        pod["affinity"] = dict(pods.affinity)
+    if pods.priority_class_name:
+        pod["priorityClassName"] = pods.priority_class_name
+    if pods.scheduler_name:
+        pod["schedulerName"] = pods.scheduler_name
+    pull = list(dict.fromkeys([*c.image_pull_secrets, *pods.image_pull_secrets]))
     if pull:
         pod["imagePullSecrets"] = [{"name": n} for n in pull]
     return pod
 
 
 def _template_metadata(spec: FusionSpec, component: str, lab: dict[str, str]) -> Obj:
-    own = _settings(spec, component)
-    meta: Obj = {"labels": {**own.labels, **lab}}
+    pods = _settings(spec, component)
+    meta: Obj = {"labels": {**pods.labels, **lab}}
     if spec.cluster.queue_name:
         meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
-    annotations = {**spec.cluster.pod_annotations, **own.annotations}
+    annotations = {**spec.cluster.pod_annotations, **pods.annotations}
     if annotations:
         meta["annotations"] = annotations
     return meta
@@ -412,7 +412,7 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
     name = child_name(run_name, server.key)
     lab = labels(run_name, stage, "vllm", stage_hash, template_hash(spec, "vllm", stage_hash))
     select = {LABEL_RUN: run_name, LABEL_COMPONENT: "vllm", "fusion.wrpo.io/server": server.key}
-    own = _settings(spec, "vllm")
+    pods = _settings(spec, "vllm")
     scratch_vol, scratch_mount = _scratch_volume(spec)
     shm_vol, shm_mount = _shm_volume(spec.cluster.vllm.shm_size)
     volumes, mounts, init = [scratch_vol, shm_vol], [scratch_mount, shm_mount], []
@@ -437,7 +437,7 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
         "env": [{"name": "HF_HUB_OFFLINE", "value": "1" if server.model.startswith(("s3://", "/")) else "0"},
                 *[{"name": k, "value": v} for k, v in sorted(res.env.items())], *_common_env(spec, "vllm")],
         "resources": _vllm_resources(res, server.tensor_parallel_size),
-        "volumeMounts": [*mounts, *own.volume_mounts],
+        "volumeMounts": [*mounts, *pods.volume_mounts],
         # Big models load for many minutes: the startup probe allows that long; then /health must keep passing.
         "startupProbe": _probe(res.startup_probe),
         "readinessProbe": _probe(res.readiness_probe),
@@ -528,7 +528,7 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
                container_name: str, command: list[str], restart: str, ports: list[Obj] | None = None,
                res: StageResources | None = None) -> Obj:
     component = stage_component(stage)
-    own = _settings(spec, component)
+    pods = _settings(spec, component)
     spec_vol, spec_mount = _spec_volume(run_name, spec)
     scratch_vol, scratch_mount = _scratch_volume(spec)
     shm_vol, shm_mount = _shm_volume()
@@ -542,7 +542,7 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
         mounts.append({"name": "checkpoints", "mountPath": checkpoints_mount_path(run_uri)})
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
     env += _api_key_env(external_endpoints(spec, stage))  # external endpoints' keys, from their Secrets
-    container = _runtime_container(spec, component, container_name, command, env, [*mounts, *own.volume_mounts],
+    container = _runtime_container(spec, component, container_name, command, env, [*mounts, *pods.volume_mounts],
                                    _resources(res or stage_resources(spec, stage)))
     if ports:
         container["ports"] = ports
@@ -727,12 +727,12 @@ def _unit_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, 
     kids = StageChildren()
     for unit, full_hash in unit_hashes.items():
         h = full_hash[:HASH_PREFIX]
-        own = by_source.get(unit, [])
+        served = by_source.get(unit, [])
         unit_servers = []
-        for server in own:
+        for server in served:
             unit_servers += [build_vllm_deployment(run_name, namespace, spec, server, stage, h),
                              build_vllm_service(run_name, namespace, server, stage, h)]
-        kids.units.append(UnitChildren(unit, h, servers_gpus(own, spec.cluster.vllm.gpus), unit_servers,
+        kids.units.append(UnitChildren(unit, h, servers_gpus(served, spec.cluster.vllm.gpus), unit_servers,
                                        build_stage_job(run_name, namespace, spec, stage, run_uri, h, unit=unit)))
     commit = build_stage_job(run_name, namespace, spec, stage, run_uri, stage_hash, serve=False)
     kids.runners.append(commit)

@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from wrpo_operator import LABEL_RUN, LABEL_RUN_UID
-from wrpo_operator.reconcile import Observed
+from wrpo_operator.decide import Observed
 from wrpo_operator.stalls import CREATE_FAILURES
 
 Obj = dict[str, Any]

@@ -17,8 +17,9 @@ from typing import Any
 from wrpo.errors import SpecError
 from wrpo_operator import metrics
 from wrpo_operator.cache import Cache, RunKey
+from wrpo_operator.decide import Settings
 from wrpo_operator.kube import Kube
-from wrpo_operator.reconcile import Settings, reconcile
+from wrpo_operator.reconcile import reconcile
 from wrpo_operator.status import derive_conditions, timestamp
 from wrpo_operator.workqueue import WorkQueue
 

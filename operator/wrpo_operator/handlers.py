@@ -22,9 +22,9 @@ import kopf
 
 from wrpo_operator import GROUP, LABEL_RUN, PLURAL, VERSION, metrics
 from wrpo_operator.controller import Controller
+from wrpo_operator.decide import Settings
 from wrpo_operator.kube import Kube
 from wrpo_operator.leader import ElectionSettings, LeaderElector
-from wrpo_operator.reconcile import Settings
 
 log = logging.getLogger("wrpo_operator")
 STATE: dict[str, Any] = {}  # the controller and the elector, made at startup

@@ -1,13 +1,18 @@
 """`.status` of a FusionRun: its schema (a pydantic model, from which the CRD's status schema is
-generated) and pure functions that read children and derive phase, conditions and transitions."""
+generated) and pure functions that read children and pods and derive phase, conditions, transitions and
+the summary a stage's pod reports (status.eval, for the plan row whose `summary` names it)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import AliasGenerator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from wrpo.pipeline.plan import STAGES
+from wrpo_operator import LABEL_STAGE, LABEL_STAGE_HASH
 
 Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 StageState = Literal["Pending", "Waiting", "Queued", "Running", "Succeeded", "Failed"]
@@ -208,8 +213,6 @@ _EVAL_KEYS = {"prompts": "prompts", "fused_vs_target": "fusedVsTarget", "fused_v
 def eval_summary(pods: list[dict[str, Any]], stage_hash: str) -> dict[str, Any] | None:
     """status.eval from the eval stage's pods: the termination message (`wrpo stage` writes its JSON line
     there) of a container that exited 0; None when no such message can be read."""
-    import json
-
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             done = ((cs.get("state") or {}).get("terminated")) or {}
@@ -222,3 +225,33 @@ def eval_summary(pods: list[dict[str, Any]], stage_hash: str) -> dict[str, Any] 
             out = {_EVAL_KEYS[k]: v for k, v in summary.items() if k in _EVAL_KEYS and isinstance(v, int | float)}
             return {**out, "hash": stage_hash}
     return None
+
+
+#: Seconds before reading a stage pod's termination message again (see `read_summaries`), and for how long
+#: after the stage succeeded it is tried.
+SUMMARY_RETRY_S, SUMMARY_PATIENCE_S = 2.0, 120.0
+
+
+def read_summaries(pods: list[dict[str, Any]], old: dict[str, Any], status: dict[str, Any], now: datetime) -> bool:
+    """Fill status.<summary> of every plan row with a `summary` (status.eval): kept while the stage's hash is
+    unchanged, else read from its pods' termination message once it succeeded (docs/operator.md, "Status");
+    the pods come from the watch cache. True when a stage succeeded lately and no summary could be read yet
+    (the Job's completion can reach the watch before its pod's message: the caller looks again soon)."""
+    again = False
+    entries = {s["name"]: s for s in status["stages"]}
+    for row in STAGES:
+        entry = entries.get(row.name)
+        if row.summary is None or entry is None or entry["state"] != "Succeeded":
+            continue
+        if (old.get(row.summary) or {}).get("hash") == entry["hash"]:
+            status[row.summary] = old[row.summary]
+            continue
+        mine = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_STAGE) == row.name
+                and p["metadata"]["labels"].get(LABEL_STAGE_HASH) == entry["hash"]]
+        found = eval_summary(mine, entry["hash"])
+        if found is not None:
+            status[row.summary] = found
+            continue
+        done = entry.get("completionTime")
+        again = again or (bool(done) and (now - parse_time(done)).total_seconds() < SUMMARY_PATIENCE_S)
+    return again

@@ -65,14 +65,14 @@ def test_spec_configmap_round_trips_and_is_named_by_its_content(spec):
 
 
 def test_own_sets_the_controlling_owner_reference():
-    obj = b.own({"metadata": {"name": "x"}}, RUN, "uid-1")
+    obj = b.with_owner({"metadata": {"name": "x"}}, RUN, "uid-1")
     (ref,) = obj["metadata"]["ownerReferences"]
     assert ref == {"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun", "name": RUN, "uid": "uid-1",
                    "controller": True, "blockOwnerDeletion": True}
     assert b.is_owned(obj, "uid-1") and obj["metadata"]["labels"][LABEL_RUN] == RUN
-    job = b.own(b.build_stage_runner(RUN, NS, make_spec(), "prepare", URI), RUN, "uid-1")
+    job = b.with_owner(b.build_stage_runner(RUN, NS, make_spec(), "prepare", URI), RUN, "uid-1")
     assert job["spec"]["template"]["metadata"]["labels"]["fusion.wrpo.io/run-uid"] == "uid-1"  # its pods too
-    assert len(b.own(obj, RUN, "uid-1")["metadata"]["ownerReferences"]) == 1  # idempotent
+    assert len(b.with_owner(obj, RUN, "uid-1")["metadata"]["ownerReferences"]) == 1  # idempotent
 
 
 def _container(obj, name=None):

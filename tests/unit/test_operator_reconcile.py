@@ -256,6 +256,31 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     assert not [c for c in kube.calls if c[0] == "list"]
 
 
+def test_only_the_current_stage_is_built_and_finished_jobs_stay(monkeypatch):
+    """A pass builds the children of the current stage only: a finished stage's Jobs (its units' too) are kept
+    for their logs by their labels, not by building the stage again."""
+    from wrpo_operator import decide as decide_module
+
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    for stage in STAGE_NAMES[: STAGE_NAMES.index("ref-logps")]:
+        step(kube)
+        if not finish_units(kube, stage) and kube.kinds("Deployment") and ("Job", f"{NAME}-{stage}") not in \
+                kube.objects:
+            kube.make_available()
+            step(kube)
+        kube.finish(*runner_of(kube, stage))
+    step(kube)  # build-pairs succeeds, ref-logps starts
+    built = []
+    real = decide_module.stage_children
+    monkeypatch.setattr(decide_module, "stage_children", lambda *a, **kw: built.append(a[3]) or real(*a, **kw))
+    step(kube)
+    assert built == ["ref-logps"]
+    finished = {n for k, n in kube.objects if k in ("Job", "PyTorchJob")}
+    assert {f"{NAME}-prepare", f"{NAME}-sft", f"{NAME}-build-pairs"} <= finished
+    assert len(unit_jobs(kube, "sample-sources")) == 2  # the units' Jobs stay: their units stay done
+
+
 def test_reconcile_is_idempotent_and_silent_when_nothing_changed():
     kube = FakeKube()
     kube.add_run(tiny_spec())

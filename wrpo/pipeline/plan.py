@@ -48,6 +48,8 @@ class Stage:
     outputs: tuple[str, ...]  # the main objects it writes, for humans and the summary table
     units: UnitKind = "stage"  # "sources": one unit per source, committed and hashed on its own
     shards: bool = False  # its work splits into shards that commit on their own (`--shard i/K`)
+    publishes: str | None = None  # its folder that is the run's result (the operator's status.outputUri)
+    summary: str | None = None  # the FusionRun status field its pod's summary fills (e.g. status.eval)
 
     def function(self) -> Callable[..., dict[str, Any]]:
         """The body, imported on first use (the operator never calls it, so never imports torch)."""
@@ -81,9 +83,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("ref-logps", ("build-pairs", "sft"), ("wrpo",), f"{_ENGINE}:ref_logps", "scoring", "none",
           ("train.ref_logps.jsonl", "eval.ref_logps.jsonl"), shards=True),
     Stage("wrpo", ("build-pairs", "ref-logps", "sft"), ("wrpo", "training"), f"{_ENGINE}:wrpo", "training",
-          "none", ("model/", "metrics.jsonl")),
+          "none", ("model/", "metrics.jsonl"), publishes="model/"),
     Stage("eval", ("prepare", "sft", "wrpo"), ("eval", "reward", "target"), f"{_EVAL}:evaluate", "scoring", "eval",
-          ("results.json", "records.jsonl", "README.md")),
+          ("results.json", "records.jsonl", "README.md"), summary="eval"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -189,8 +191,10 @@ def target_model_uri(run_uri: str) -> str:
 
 
 def fused_model_uri(run_uri: str) -> str:
-    """Where the fused model is committed in a run directory."""
-    return f"{run_uri.rstrip('/')}/wrpo/model/"
+    """Where the fused model is committed in a run directory: the folder of the row that `publishes` it (the
+    run's result, the operator's status.outputUri)."""
+    (row,) = [s for s in STAGES if s.publishes]
+    return f"{run_uri.rstrip('/')}/{row.name}/{row.publishes}"
 
 
 #: The models the eval stage compares (docs/eval.md), in table order: role -> where its weights are.
