@@ -1,5 +1,8 @@
 """docs/architecture.md, "Layers": the folders are the layers, each imports only the layers below it,
-and no module imports (directly or through others) a module that imports it back.
+and no module imports (directly or through others) a module that imports it back; the operator
+(operator/wrpo_operator) sits beside the top and imports only the pipeline and the bottom; the bottom
+modules (errors, storage, records) import nothing of wrpo above them. And "The plan": no stage name is
+written outside the plan table in the pipeline and the operator (they read rows, never names).
 
 The import graph is read from the source (every `import`, also inside functions; `if TYPE_CHECKING:`
 blocks excluded), so a lazy import cannot hide a cycle or a layer violation.
@@ -12,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from wrpo.pipeline.plan import STAGES
+from wrpo.pipeline.plan import STAGE_NAMES, STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "wrpo"
+OPERATOR = ROOT / "operator" / "wrpo_operator"
+BOTTOM = ("wrpo.errors", "wrpo.storage", "wrpo.records")
 
 # layer -> wrpo layers it may import (besides itself and the bottom: `wrpo.errors`, `wrpo.storage`,
 # `wrpo.records`, the JSONL contracts between stages)
@@ -29,15 +34,16 @@ ALLOWED = {
     "cli": {"pipeline", "engine", "data", "models", "analysis", "eval"},
 }
 EXCEPTIONS = {"wrpo.engine.stages": {"pipeline"}}  # the training stages' bodies bridge engine and pipeline
-NEVER = {"pipeline": ("torch", "transformers", "deepspeed", "kubernetes", "kopf")}
+NEVER = {"pipeline": ("torch", "transformers", "deepspeed", "kubernetes", "kopf"),
+         "operator": ("torch", "transformers", "deepspeed", "vllm", "datasets")}
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = path.relative_to(OPERATOR.parent if OPERATOR in path.parents else ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+MODULES = {module_name(p): p for p in [*PACKAGE.rglob("*.py"), *OPERATOR.rglob("*.py")]}
 
 
 def _type_checking(node: ast.If) -> bool:
@@ -68,10 +74,12 @@ GRAPH = {m: {i for i in imports(p) if i in MODULES and i != m} for m, p in MODUL
 
 def layer(module: str) -> str | None:
     parts = module.split(".")
+    if parts[0] == "wrpo_operator":
+        return "operator"
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else None
 
 
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if layer(m)))
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if layer(m) and layer(m) != "operator"))
 def test_each_layer_imports_only_the_layers_below(module):
     own = layer(module)
     allowed = ALLOWED[own] | EXCEPTIONS.get(module, set()) | {own}
@@ -80,6 +88,26 @@ def test_each_layer_imports_only_the_layers_below(module):
     everything = imports(MODULES[module])
     heavy = sorted(i for i in everything for lib in NEVER.get(own, ()) if i == lib or i.startswith(lib + "."))
     assert not heavy, f"{module} imports {heavy}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if layer(m) == "operator"))
+def test_the_operator_imports_only_the_pipeline_and_the_bottom(module):
+    bad = sorted(i for i in GRAPH[module] if layer(i) not in ("operator", "pipeline") and i not in BOTTOM)
+    assert not bad, f"{module} imports {bad}; the operator may import wrpo.pipeline and {BOTTOM}"
+    everything = imports(MODULES[module])
+    heavy = sorted(i for i in everything for lib in NEVER["operator"] if i == lib or i.startswith(lib + "."))
+    assert not heavy, f"{module} imports {heavy}"
+
+
+@pytest.mark.parametrize("module", BOTTOM)
+def test_the_bottom_imports_nothing_above_it(module):
+    above = sorted(i for i in GRAPH[module] if i not in BOTTOM)
+    assert not above, f"{module} is at the bottom but imports {above}"
+
+
+def test_the_graph_covers_the_operator_and_the_bottom():
+    assert {"wrpo_operator.decide", "wrpo_operator.reconcile", *BOTTOM} <= set(MODULES)
+    assert "wrpo.pipeline.plan" in GRAPH["wrpo_operator.builders"]
 
 
 def test_no_import_cycles():
@@ -112,10 +140,66 @@ def test_every_row_names_a_body_that_exists_in_its_layer():
 
 def test_no_stage_name_dispatch_in_the_runtime():
     """The runtime and the operator read rows; they never build a function name from a stage name."""
-    operator = ROOT / "operator" / "wrpo_operator"
     for path in [PACKAGE / "pipeline" / "runtime.py", PACKAGE / "pipeline" / "runner.py",
-                 operator / "builders.py", operator / "reconcile.py"]:
+                 OPERATOR / "builders.py", OPERATOR / "decide.py", OPERATOR / "reconcile.py"]:
         text = path.read_text()
         assert '"run_" +' not in text and "getattr(mod" not in text, path
         for name in ("ref-logps", "sample-sources", "sample-target", "score-sources", "score-target"):
             assert f'== "{name}"' not in text and f'!= "{name}"' not in text, f"{path} special-cases {name}"
+
+
+# Where a stage's name may be written outside plan.py: words that are also something else. The spec's sections
+# `sft`, `wrpo` and `eval` share their stages' names (spec.py's messages, crd.py's CEL rules name the section);
+# `wrpo` is also the project (a distribution, a cache folder, the `wrpo` command, an app label, a CRD
+# category) and an image registry's organisation.
+NAMED_ELSEWHERE = {
+    "wrpo/pipeline/spec.py": {"sft", "wrpo", "eval", "ghcr.io/wrpo/wrpo-runtime:0.1.0",
+                              "ghcr.io/wrpo/wrpo-vllm:0.1.0"},
+    "operator/wrpo_operator/crd.py": {"sft", "wrpo"},
+    "operator/wrpo_operator/builders.py": {"wrpo"},
+    "wrpo/pipeline/rundir.py": {"wrpo"},
+    "wrpo/pipeline/workdir.py": {"wrpo"},
+    # the model card names the stages whose hashes it lists (card.py is being rewritten, issue 20 item 5)
+    "wrpo/pipeline/card.py": {"wrpo", "eval", "sft"},
+}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """Docstrings and field descriptions (`Field(description=...)`, the CRD's documentation)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "description":
+            out.update(id(c) for c in ast.walk(node.value) if isinstance(c, ast.Constant))
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def stage_names_written(path: Path) -> list[tuple[int, str]]:
+    """String constants (f-string parts too; docstrings and field descriptions not) that are a stage name or
+    a path through a stage's folder ("/<stage>/")."""
+    tree = ast.parse(path.read_text())
+    docs = _docstrings(tree)
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+            and (node.value in STAGE_NAMES or any(f"/{n}/" in node.value for n in STAGE_NAMES))]
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in
+                                        [*(PACKAGE / "pipeline").glob("*.py"), *OPERATOR.glob("*.py")]
+                                        if p.name != "plan.py"))
+def test_no_stage_name_outside_the_plan_table(path):
+    """The pipeline and the operator read what they need about a stage from its row (`publishes`, `summary`,
+    `servers`, `units`, ...); a stage's name written anywhere else is a special case of one stage."""
+    allowed = NAMED_ELSEWHERE.get(path, set())
+    found = [f"{path}:{line}: {value!r}" for line, value in stage_names_written(ROOT / path) if value not in allowed]
+    assert not found, "stage names outside wrpo/pipeline/plan.py:\n" + "\n".join(found)
+
+
+def test_the_stage_name_scan_finds_a_special_case(tmp_path):
+    special = tmp_path / "x.py"
+    special.write_text('"""Mentions eval in a docstring."""\nif stage == "eval":\n    uri = f"{run}/wrpo/model/"\n'
+                       'x = Field(description="the sft stage\'s /sft/ folder")\n')
+    assert [v for _, v in stage_names_written(special)] == ["eval", "/wrpo/model/"]
