@@ -1,10 +1,11 @@
 """The WRPO operator: a thin kopf controller that runs each FusionRun's stages as Kubernetes children.
 
-Layering (checked by tests/unit/test_operator_layering.py): this package imports `wrpo.pipeline` (spec, plan,
-the workdir layout) only, never torch or transformers, so the operator image stays small. `crd`, `builders`,
-`status` and `stalls` are pure; `kube` is the only module that talks to the apiserver; `cache` holds what the
-watches saw; `controller` runs `reconcile.reconcile` from a work queue; `handlers` only registers kopf handlers
-that feed the cache (docs/operator.md, "Reconcile").
+Layering (checked by tests/unit/test_layering.py and tests/unit/test_operator_layering.py): this package
+imports `wrpo.pipeline` (spec, plan, servers, gpus, the workdir layout) and the bottom modules only, never
+torch or transformers, so the operator image stays small. `crd`, `builders`, `decide`, `window`, `status` and
+`stalls` are pure; `reconcile` is the thin I/O shell around `decide.decide`; `kube` is the only module that
+writes to the apiserver; `cache` holds what the watches saw; `controller` runs `reconcile.reconcile` from a
+work queue; `handlers` only registers kopf handlers that feed the cache (docs/operator.md, "Reconcile").
 """
 
 GROUP = "fusion.wrpo.io"

@@ -65,8 +65,9 @@ CONTAINER_SECURITY: Obj = {"allowPrivilegeEscalation": False, "capabilities": {"
                            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 #: `cluster` fields that shape no child (left out of the template hash).
 _NOT_IN_TEMPLATES = ("ttlSecondsAfterFinished", "stallTimeoutSeconds")
-#: `cluster` fields that only one component's pods read (the rest shape every pod).
-_COMPONENT_FIELDS = {
+#: `cluster` fields that only the pods of one class read (the rest shape every pod). A pod class is a plan
+#: row's resource class, or `vllm` for the servers; `cluster.pods.<class>` holds its settings.
+_POD_CLASS_FIELDS = {
     "vllm": ("vllm", "modelVolume"),
     "small": ("small",),
     "sampling": ("small",),
@@ -88,23 +89,25 @@ def _digest(payload: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:n]
 
 
-def template_hash(spec: FusionSpec, component: str, stage_hash: str | None) -> str:
-    """What the user controls in a child's pods: the stage hash and the `cluster` fields that shape this
-    component's pods, defaults left out. A child whose label differs is replaced (docs/operator.md, "Spec
+def template_hash(spec: FusionSpec, pod_class: str, stage_hash: str | None) -> str:
+    """What the user controls in a child's pods: the stage hash and the `cluster` fields that shape pods of
+    this class, defaults left out. A child whose label differs is replaced (docs/operator.md, "Spec
     changes"); a new operator version that builds pods differently, or a new `cluster` field at its
     default, changes no label and so restarts nothing."""
     cluster = spec.cluster.model_dump(mode="json", by_alias=True, exclude_defaults=True)
-    mine = set(_COMPONENT_FIELDS[component])
-    others = {f for fields in _COMPONENT_FIELDS.values() for f in fields} - mine
+    mine = set(_POD_CLASS_FIELDS[pod_class])
+    others = {f for fields in _POD_CLASS_FIELDS.values() for f in fields} - mine
     shaping = {k: v for k, v in cluster.items() if k not in others and k not in _NOT_IN_TEMPLATES}
-    own_pods = shaping.pop("pods", {}).get(component)
-    if own_pods:
-        shaping["pods"] = own_pods
-    return _digest({"stage": stage_hash, "component": component, "cluster": shaping})
+    class_pods = shaping.pop("pods", {}).get(pod_class)
+    if class_pods:
+        shaping["pods"] = class_pods
+    # the key stays "component" (the name of a pod class before): a renamed key would change every hash
+    return _digest({"stage": stage_hash, "component": pod_class, "cluster": shaping})
 
 
 def labels(run_name: str, stage: str | None, component: str, stage_hash: str | None = None,
            template: str | None = None) -> dict[str, str]:
+    """A child's labels; `component` says what the child is: `vllm`, `stage` (a runner), `spec`, `checkpoints`."""
     out = {
         "app.kubernetes.io/name": "wrpo",
         "app.kubernetes.io/instance": run_name,
@@ -210,15 +213,15 @@ def _s3_env(spec: FusionSpec) -> list[Obj]:
     return env
 
 
-def _common_env(spec: FusionSpec, component: str) -> list[Obj]:
-    """What every container of a component gets: the scratch layout, the HF token by reference, then
-    `cluster.env` and the component's `env` (later entries win)."""
+def _common_env(spec: FusionSpec, pod_class: str) -> list[Obj]:
+    """What every container of a pod class gets: the scratch layout, the HF token by reference, then
+    `cluster.env` and the class's `env` (later entries win)."""
     env = [{"name": "HOME", "value": f"{WORK_DIR}/home"}, {"name": "WRPO_WORKDIR", "value": WORK_DIR},
            {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"}]
     if spec.cluster.hf_token_secret:
         env.append({"name": "HF_TOKEN",
                     "valueFrom": {"secretKeyRef": {"name": spec.cluster.hf_token_secret, "key": "HF_TOKEN"}}})
-    return env + _env(spec.cluster.env) + _env(_settings(spec, component).env)
+    return env + _env(spec.cluster.env) + _env(_settings(spec, pod_class).env)
 
 
 def _api_key_env(endpoints: list[EndpointSpec]) -> list[Obj]:
@@ -248,14 +251,15 @@ def _vllm_resources(res: VLLMResources, tensor_parallel_size: int) -> Obj:
     return out
 
 
-def _settings(spec: FusionSpec, component: str) -> PodSettings:
-    return getattr(spec.cluster.pods, component)
+def _settings(spec: FusionSpec, pod_class: str) -> PodSettings:
+    """`cluster.pods.<pod_class>`."""
+    return getattr(spec.cluster.pods, pod_class)
 
 
-def _pod_spec(spec: FusionSpec, component: str, containers: list[Obj], volumes: list[Obj], restart: str,
+def _pod_spec(spec: FusionSpec, pod_class: str, containers: list[Obj], volumes: list[Obj], restart: str,
               init: list[Obj] | None = None) -> Obj:
-    """A pod spec with the cluster-wide settings and the component's (`cluster.pods.<component>`) merged."""
-    c, pods = spec.cluster, _settings(spec, component)
+    """A pod spec with the cluster-wide settings and its class's (`cluster.pods.<pod_class>`) merged."""
+    c, pods = spec.cluster, _settings(spec, pod_class)
     pod: Obj = {"restartPolicy": restart, "containers": containers, "volumes": [*volumes, *pods.volumes],
                 "enableServiceLinks": False, "automountServiceAccountToken": False,
                 "securityContext": dict(POD_SECURITY)}
@@ -279,8 +283,8 @@ def _pod_spec(spec: FusionSpec, component: str, containers: list[Obj], volumes: 
     return pod
 
 
-def _template_metadata(spec: FusionSpec, component: str, lab: dict[str, str]) -> Obj:
-    pods = _settings(spec, component)
+def _template_metadata(spec: FusionSpec, pod_class: str, lab: dict[str, str]) -> Obj:
+    pods = _settings(spec, pod_class)
     meta: Obj = {"labels": {**pods.labels, **lab}}
     if spec.cluster.queue_name:
         meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
@@ -344,11 +348,11 @@ def build_checkpoints_pvc(run_name: str, namespace: str, spec: FusionSpec) -> Ob
             "spec": claim}
 
 
-def _runtime_container(spec: FusionSpec, component: str, name: str, command: list[str], env: list[Obj],
+def _runtime_container(spec: FusionSpec, pod_class: str, name: str, command: list[str], env: list[Obj],
                        mounts: list[Obj], resources: Obj) -> Obj:
     return {
         "name": name, "image": spec.cluster.runtime_image, "imagePullPolicy": spec.cluster.image_pull_policy,
-        "command": command, "env": [*_common_env(spec, component), *env], "volumeMounts": mounts,
+        "command": command, "env": [*_common_env(spec, pod_class), *env], "volumeMounts": mounts,
         "resources": resources, "securityContext": dict(CONTAINER_SECURITY),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -482,14 +486,14 @@ def build_vllm_service(run_name: str, namespace: str, server: Server, stage: str
 
 # -- stage Jobs and PyTorchJobs ---------------------------------------------------------------------
 
-def stage_component(name: str) -> str:
+def stage_pod_class(name: str) -> str:
     """The plan row's resource class: which `cluster.*` section and `cluster.pods.*` settings its pods use."""
-    return plan_stage(name).resources
+    return plan_stage(name).resource_class
 
 
 def stage_resources(spec: FusionSpec, name: str) -> StageResources:
     """The `cluster.*` section of the stage's resource class (the plan row's `resources`)."""
-    kind = stage_component(name)
+    kind = stage_pod_class(name)
     if kind == "scoring":
         return spec.cluster.scoring
     if kind == "training":
@@ -527,8 +531,8 @@ def shard_parallelism(spec: FusionSpec, stage: str) -> int:
 def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
                container_name: str, command: list[str], restart: str, ports: list[Obj] | None = None,
                res: StageResources | None = None) -> Obj:
-    component = stage_component(stage)
-    pods = _settings(spec, component)
+    pod_class = stage_pod_class(stage)
+    pods = _settings(spec, pod_class)
     spec_vol, spec_mount = _spec_volume(run_name, spec)
     scratch_vol, scratch_mount = _scratch_volume(spec)
     shm_vol, shm_mount = _shm_volume()
@@ -542,16 +546,15 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
         mounts.append({"name": "checkpoints", "mountPath": checkpoints_mount_path(run_uri)})
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
     env += _api_key_env(external_endpoints(spec, stage))  # external endpoints' keys, from their Secrets
-    container = _runtime_container(spec, component, container_name, command, env, [*mounts, *pods.volume_mounts],
+    container = _runtime_container(spec, pod_class, container_name, command, env, [*mounts, *pods.volume_mounts],
                                    _resources(res or stage_resources(spec, stage)))
     if ports:
         container["ports"] = ports
-    return _pod_spec(spec, component, [container], volumes, restart)
+    return _pod_spec(spec, pod_class, [container], volumes, restart)
 
 
 def _runner_labels(run_name: str, spec: FusionSpec, stage: str, stage_hash: str | None) -> dict[str, str]:
-    component = stage_component(stage)
-    return labels(run_name, stage, "stage", stage_hash, template_hash(spec, component, stage_hash))
+    return labels(run_name, stage, "stage", stage_hash, template_hash(spec, stage_pod_class(stage), stage_hash))
 
 
 def build_stage_job(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
@@ -567,7 +570,7 @@ def build_stage_job(run_name: str, namespace: str, spec: FusionSpec, stage: str,
     job_spec: Obj = {
         "backoffLimit": spec.cluster.backoff_limit,
         "completions": 1, "parallelism": 1,
-        "template": {"metadata": _template_metadata(spec, stage_component(stage), lab),
+        "template": {"metadata": _template_metadata(spec, stage_pod_class(stage), lab),
                      # a commit of finished units or shards only writes the manifest: `cluster.small`, no GPU
                      "spec": _stage_pod(run_name, namespace, spec, stage, run_uri, "stage", command, "Never",
                                         res=None if serve else spec.cluster.small)},

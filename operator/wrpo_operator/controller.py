@@ -79,10 +79,6 @@ class Controller:
         for key in list(self.cache.runs):
             self.queue.add(key)
 
-    def follow(self) -> None:
-        self.acting.clear()
-        metrics.LEADER.set(0)
-
     # -- feeds (called from the watch handlers) ---------------------------------------------------------
     def run_event(self, etype: str | None, run: Obj) -> None:
         if etype == "DELETED":

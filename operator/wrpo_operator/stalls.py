@@ -1,7 +1,7 @@
 """Why a stage makes no progress, read from its pods, its Deployments' conditions and the Warning Events on
 its Jobs (docs/operator.md, "Stalls"). Pure: Kubernetes objects in, `Stall`s out.
 
-A stall is not a failure: an image can be pushed, a node can be added, a quota raised. `reconcile` shows it
+A stall is not a failure: an image can be pushed, a node can be added, a quota raised. `decide` shows it
 (the `Stalled` condition, one Warning Event per cause) and fails the stage only after
 `cluster.stallTimeoutSeconds`.
 """

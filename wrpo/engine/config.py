@@ -7,7 +7,7 @@ ConfigError naming the field. Field names mirror `wrpo.pipeline.spec.SFTSpec`, `
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -16,11 +16,6 @@ from wrpo.errors import WrpoError
 
 class ConfigError(WrpoError):
     """A training option is invalid; the message names the option."""
-
-
-def help_of(cls: type, name: str) -> str:
-    """The help text of a config field (for the CLI)."""
-    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
 
 
 def check_choices(cfg: object) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from wrpo.engine.collate import EncodedExample, Layout, Limits, collate, encode_example
+from wrpo.engine.collate import Layout, Limits, collate, encode_example
 from wrpo.errors import DataError
 from wrpo.records import PreferenceRecord, SFTRecord, iter_jsonl
 
@@ -187,7 +187,3 @@ def encode_sft(records: list[SFTRecord], tokenizer: Any, limits: Limits) -> List
 
 def limits_of(cfg: Any) -> Limits:
     return Limits(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-
-
-def as_examples(items: list[dict[str, Any]]) -> list[EncodedExample]:
-    return [it["example"] for it in items]

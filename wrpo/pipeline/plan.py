@@ -43,7 +43,7 @@ class Stage:
     needs: tuple[str, ...]  # stages whose outputs this one reads
     sections: tuple[str, ...]  # spec sections (camelCase keys of FusionSpec) that change its output
     body: str  # "module:function" taking a StageContext and returning a summary dict
-    resources: ResourceClass  # small/sampling: cluster.small; scoring: cluster.scoring; training: PyTorchJob
+    resource_class: ResourceClass  # small/sampling: cluster.small; scoring: cluster.scoring; training: PyTorchJob
     servers: ServerKind  # the vLLM servers it needs while it runs (see `servers`)
     outputs: tuple[str, ...]  # the main objects it writes, for humans and the summary table
     units: UnitKind = "stage"  # "sources": one unit per source, committed and hashed on its own
@@ -59,7 +59,7 @@ class Stage:
     @property
     def distributed(self) -> bool:
         """Runs under torchrun (a PyTorchJob on the cluster); only global rank 0 commits."""
-        return self.resources == "training"
+        return self.resource_class == "training"
 
 
 _DATA, _ENGINE, _EVAL = "wrpo.data.stages", "wrpo.engine.stages", "wrpo.eval.stages"

@@ -17,7 +17,6 @@ pydantic and yaml, so the operator image can use it.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 import types
@@ -743,12 +742,6 @@ class FusionSpec(_Model):
                              "at once (" + ", ".join(f"{what}: {n}" for what, n in parts) + "); raise the budget, "
                              "or set eval.rewardModel/eval.judge or dataset.evalSize to fit")
         return self
-
-    def section_hash(self, *sections: str) -> str:
-        """sha256 over the named top-level sections (for per-stage invalidation)."""
-        data = self.model_dump(mode="json", by_alias=True)
-        blob = json.dumps({k: data[k] for k in sections}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- cluster rules
