@@ -9,8 +9,8 @@ import pytest
 from openai_standin import StandIn
 
 from wrpo.data.sampling import ChatClient, SamplingParams, sample_group
-from wrpo.pipeline.plan import Server
 from wrpo.pipeline.rundir import RunDir
+from wrpo.pipeline.servers import Server
 from wrpo.records import PromptRecord
 
 PARAMS = SamplingParams(n=1, temperature=0.8, top_p=0.95, max_tokens=8, seed=1, stop=())
@@ -78,3 +78,33 @@ def test_local_replicas_get_disjoint_gpus(monkeypatch):
         replica_devices(server, 2)
     monkeypatch.setattr(serving, "on_gpu", lambda: False)
     assert replica_devices(server, 1) == {}
+
+
+def test_a_server_playing_two_roles_starts_once_per_stage(monkeypatch):
+    """Locally, the one server of an eval judge that is also the reward judge is started once and kept until
+    the stage's invocation ends; a server of one role is stopped when its user is done."""
+    from contextlib import contextmanager
+
+    from wrpo.data import serving
+    from wrpo.pipeline.context import StageContext, StageOptions
+
+    started, stopped = [], []
+
+    @contextmanager
+    def fake_serve(ctx, server, model_dir):  # stands for vLLM subprocesses (none run in the unit tier)
+        started.append(server.key)
+        yield [f"http://127.0.0.1/{server.key}"]
+        stopped.append(server.key)
+
+    monkeypatch.setattr(serving, "_serve", fake_serve)
+    ctx = StageContext(None, None, None, None, {}, StageOptions(), None)  # type: ignore[arg-type]
+    judge = Server("judge", "judge", "/j", roles=("reward",))
+    for _ in range(2):
+        with serving.serve(ctx, judge) as urls:
+            assert urls == ["http://127.0.0.1/judge"]
+    assert started == ["judge"] and stopped == []
+    with serving.serve(ctx, Server("eval-target", "target", "/t")):
+        pass
+    assert started == ["judge", "eval-target"] and stopped == ["eval-target"]
+    ctx.resources.close()
+    assert stopped == ["eval-target", "judge"]
