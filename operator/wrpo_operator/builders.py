@@ -492,7 +492,7 @@ def stage_pod_class(name: str) -> str:
 
 
 def stage_resources(spec: FusionSpec, name: str) -> StageResources:
-    """The `cluster.*` section of the stage's resource class (the plan row's `resources`)."""
+    """The `cluster.*` section of the stage's resource class (the plan row's `resource_class`)."""
     kind = stage_pod_class(name)
     if kind == "scoring":
         return spec.cluster.scoring
@@ -699,7 +699,7 @@ def has_server_units(stage: str) -> bool:
 def stage_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
                    stage_hash: str | None = None) -> StageChildren:
     """The desired children of `stage` and what each runner waits for, from its plan row alone (no stage
-    is special-cased: `servers`, `units`, `shards`, `distributed` and `resources` say everything)."""
+    is special-cased: `servers`, `units`, `shards`, `distributed` and `resource_class` say everything)."""
     if has_server_units(stage):
         return _unit_children(run_name, namespace, spec, stage, run_uri, stage_hash)
     kids = StageChildren(servers=build_stage_servers(run_name, namespace, spec, stage, run_uri, stage_hash))
