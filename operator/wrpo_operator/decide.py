@@ -25,6 +25,7 @@ from wrpo_operator import LABEL_COMPONENT, LABEL_STAGE, LABEL_STAGE_HASH, LABEL_
 from wrpo_operator.builders import (
     Obj,
     StageChildren,
+    UnitChildren,
     build_spec_configmap,
     checkpoints_pvc_name,
     configmaps_used,
@@ -290,6 +291,40 @@ def _advance_units(ps: _Pass, entry: Obj, want: StageChildren, templates: set[st
     """Advance the stage's units as a sliding window under `cluster.gpuBudget`; True once every unit's
     Job succeeded (the stage's own runner then commits it). A done unit's servers are not kept, so they
     are deleted and their GPUs go to the next unit."""
+    done, running, failed = _unit_states(ps, entry, want)
+    entry["units"] = f"{len(done)}/{len(want.units)}"
+    if failed:
+        detail = termination_detail(_stage_pods(ps, entry["name"], templates, deleting=True))
+        entry.update(state="Failed", completionTime=ps.stamp, stall=None,
+                     message="; ".join(failed) + (f"; last failure: {detail}" if detail else ""))
+        return False
+    if len(done) == len(want.units):
+        return True
+    entry.setdefault("startTime", ps.stamp)
+    active = [u for u in want.units if u.name in running]
+    held = _gpus_held(ps, entry["name"], {_label(o, LABEL_STAGE_HASH) for u in active for o in u.servers})
+    start = admit([UnitNeed(u.name, u.gpus) for u in want.units], set(done), running, ps.spec.cluster.gpu_budget,
+                  held)
+    active += [u for u in want.units if u.name in start]
+    if _stalled(ps, entry, [o for u in active for o in u.servers], [u.runner for u in active], templates):
+        return False
+    waiting, started = _start_units(ps, active)
+    pending = [u.name for u in want.units if u.name not in done and u not in active]
+    message = f"units {len(done)}/{len(want.units)} done; running: {', '.join(u.name for u in active) or 'none'}"
+    if pending:
+        message += (f"; waiting for the GPU budget ({ps.spec.cluster.gpu_budget} GPUs, {held} held): "
+                    f"{', '.join(pending)}")
+    if waiting:
+        message += f"; waiting for {'; '.join(waiting)}"
+    entry.update(state="Running" if started else "Waiting", message=message)
+    _operator_deadline(ps, entry)
+    _nothing_kept_if_failed(ps, entry, want)
+    return False
+
+
+def _unit_states(ps: _Pass, entry: Obj, want: StageChildren) -> tuple[list[str], set[str], list[str]]:
+    """The units done (their Job succeeded, or committed earlier: no server then), running (a Job or a server
+    exists) and failed (with their Job's message); finished units' Jobs are kept."""
     done: list[str] = []
     running: set[str] = set()
     failed: list[str] = []
@@ -309,25 +344,12 @@ def _advance_units(ps: _Pass, entry: Obj, want: StageChildren, templates: set[st
     if len(done) + len(running) < len(want.units):  # pending units: committed earlier? (no server then)
         marked = ps.committed(entry["name"])
         done += [u.name for u in want.units if u.name in marked and u.name not in done and u.name not in running]
-    total = len(want.units)
-    entry["units"] = f"{len(done)}/{total}"
-    if failed:
-        detail = termination_detail(_stage_pods(ps, entry["name"], templates, deleting=True))
-        entry.update(state="Failed", completionTime=ps.stamp, stall=None,
-                     message="; ".join(failed) + (f"; last failure: {detail}" if detail else ""))
-        return False
-    if len(done) == total:
-        return True
-    entry.setdefault("startTime", ps.stamp)
-    budget = ps.spec.cluster.gpu_budget
-    active = [u for u in want.units if u.name in running]
-    held = _gpus_held(ps, entry["name"], {_label(o, LABEL_STAGE_HASH) for u in active for o in u.servers})
-    start = admit([UnitNeed(u.name, u.gpus) for u in want.units], set(done), running, budget, held)
-    active += [u for u in want.units if u.name in start]
-    servers = [o for u in active for o in u.servers]
-    runners = [u.runner for u in active]
-    if _stalled(ps, entry, servers, runners, templates):
-        return False
+    return done, running, failed
+
+
+def _start_units(ps: _Pass, active: list[UnitChildren]) -> tuple[list[str], bool]:
+    """Keep (or create) the servers of the active units and create each unit's Job once its servers are
+    ready; returns what they wait for and whether a Job runs."""
     waiting, started = [], False
     for u in active:
         for obj in u.servers:
@@ -349,16 +371,7 @@ def _advance_units(ps: _Pass, entry: Obj, want: StageChildren, templates: set[st
         else:
             ps.d.create.append(u.runner)
             started = True
-    pending = [u.name for u in want.units if u.name not in done and u not in active]
-    message = f"units {len(done)}/{total} done; running: {', '.join(u.name for u in active) or 'none'}"
-    if pending:
-        message += f"; waiting for the GPU budget ({budget} GPUs, {held} held): {', '.join(pending)}"
-    if waiting:
-        message += f"; waiting for {'; '.join(waiting)}"
-    entry.update(state="Running" if started else "Waiting", message=message)
-    _operator_deadline(ps, entry)
-    _nothing_kept_if_failed(ps, entry, want)
-    return False
+    return waiting, started
 
 
 def _nothing_kept_if_failed(ps: _Pass, entry: Obj, want: StageChildren) -> None:
