@@ -203,3 +203,13 @@ def test_the_stage_name_scan_finds_a_special_case(tmp_path):
     special.write_text('"""Mentions eval in a docstring."""\nif stage == "eval":\n    uri = f"{run}/wrpo/model/"\n'
                        'x = Field(description="the sft stage\'s /sft/ folder")\n')
     assert [v for _, v in stage_names_written(special)] == ["eval", "/wrpo/model/"]
+
+
+def test_stage_bodies_are_no_library():
+    """A module of stage bodies (named by plan rows) is loaded by the runtime from the row; the layers that
+    hold bodies (data, engine, eval) never import one another's bodies for helpers (servers, clients and
+    scorers live in wrpo/data/serving.py and backends.py). The tools on top (cli, analysis) may."""
+    bodies = {row.body.partition(":")[0] for row in STAGES}
+    users = sorted(f"{m} imports {b}" for m, deps in GRAPH.items() for b in deps & bodies
+                   if layer(m) in ("data", "engine", "eval"))
+    assert not users, users
