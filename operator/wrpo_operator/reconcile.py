@@ -21,7 +21,7 @@ from wrpo_operator.kube import ApiError, Kube
 from wrpo_operator.runstate import RunState
 from wrpo_operator.status import SUMMARY_RETRY_S, read_summaries, timestamp, transitions
 
-__all__ = ["Decision", "Observed", "Settings", "check_cluster_spec", "reconcile", "retryable"]
+__all__ = ["check_cluster_spec", "reconcile", "retryable"]
 
 
 def check_cluster_spec(spec: FusionSpec, source: str) -> None:

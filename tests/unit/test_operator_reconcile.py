@@ -16,8 +16,9 @@ from wrpo.errors import SpecError
 from wrpo.pipeline.plan import STAGE_NAMES
 from wrpo_operator import LABEL_RUN, LABEL_RUN_UID, LABEL_STAGE, LABEL_STAGE_HASH, LABEL_TEMPLATE_HASH, QUEUE_LABEL
 from wrpo_operator.cache import Cache
+from wrpo_operator.decide import Settings
 from wrpo_operator.kube import ApiError
-from wrpo_operator.reconcile import Settings, reconcile
+from wrpo_operator.reconcile import reconcile
 
 NS, NAME, UID = "team-a", "demo", "uid-1"
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
