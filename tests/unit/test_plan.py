@@ -142,15 +142,3 @@ def test_identical_servers_of_a_stage_are_started_once():
     same = {**copy.deepcopy(BASE), "sources": [{"name": "a", "model": "m"}, {"name": "b", "model": "m"}]}
     assert [s.key for s in servers(parse_spec(same), "sample-sources", "s3://b/r")] == ["src-a", "src-b"]
 
-
-def test_the_eval_budget_counts_a_judge_that_is_also_the_reward_judge_once():
-    """eval with a local judge that is also the reward judge holds 3 model servers, the judge and the scoring
-    job: 5 GPUs, not 6."""
-    judge = {"model": "j"}
-    data = {**copy.deepcopy(BASE), "dataset": {"uri": "p.jsonl", "evalSize": 8}, "eval": {"judge": judge},
-            "reward": {"type": "judge", "judge": judge},
-            "cluster": {"gpuBudget": 5, "training": {"gpus": 1}, "scoring": {"gpus": 1}}}
-    parse_spec(data)
-    data["reward"]["judge"] = {"model": "j", "tensorParallelSize": 1, "maxModelLen": 4096}
-    with pytest.raises(Exception, match="smaller than the 6 GPUs the eval stage holds"):
-        parse_spec(data)

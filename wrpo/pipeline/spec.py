@@ -199,10 +199,6 @@ class JudgeSpec(_Model):
         default=False, description="A grade is the probability-weighted mean over the grade token's "
         "alternatives (logprobs, as in G-Eval) rather than the digit written: fewer ties from small judges.")
 
-    def serving(self) -> tuple[object, ...]:
-        """What its vLLM server is made of: two judges with the same are one server (plan.servers)."""
-        return self.model, self.tensor_parallel_size, self.max_model_len, tuple(self.vllm_args)
-
     @model_validator(mode="after")
     def _one_of(self) -> JudgeSpec:
         if (self.model is None) == (self.endpoint is None):
@@ -738,9 +734,8 @@ class FusionSpec(_Model):
         r = self.reward
         if ev.reward_model and r.type == "remote" and r.endpoint is None:
             parts.append(("the reward model's pooling server", server(1)))
-        if ev.reward_model and r.type == "judge" and r.judge is not None and r.judge.model and not (
-                ev.judge is not None and ev.judge.model and ev.judge.serving() == r.judge.serving()):
-            parts.append(("reward.judge", server(r.judge.tensor_parallel_size)))  # else eval.judge's server
+        if ev.reward_model and r.type == "judge" and r.judge is not None and r.judge.model:
+            parts.append(("reward.judge", server(r.judge.tensor_parallel_size)))
         need = sum(n for _, n in parts)
         if need > c.gpu_budget:
             raise ValueError(f"cluster.gpuBudget {c.gpu_budget} is smaller than the {need} GPUs the eval stage holds "
