@@ -62,7 +62,7 @@ def all_objects(ns: str) -> list[dict]:
     objs = [b.build_spec_configmap("demo", ns, spec)]
     for stage in STAGE_NAMES:
         objs += b.stage_children("demo", ns, spec, stage, URI, "0123456789abcdef").all()
-    return [b.own(o, "demo", "00000000-0000-0000-0000-000000000000") for o in objs]
+    return [b.with_owner(o, "demo", "00000000-0000-0000-0000-000000000000") for o in objs]
 
 
 @pytest.fixture(scope="module")
