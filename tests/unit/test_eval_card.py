@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import pickle
+import stat
 
 import pytest
 
@@ -52,7 +56,11 @@ def _commit(run: RunDir, stage: str, objects: dict[str, bytes], spec_hash: str, 
 def run(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     _commit(run, "wrpo", {"model/model.safetensors": b"\x00weights" * 100, "model/config.json": b"{}",
-                          "model/README.md": b"---\nbase_model: x\n---\n# wrpo card\n", "metrics.jsonl": b""}, "w1")
+                          "model/training_args.json": b'{"learning_rate": 1e-06}',
+                          "model/training_args.bin": pickle.dumps({"learning_rate": 1e-6}),
+                          "model/optimizer.pt": b"PK\x03\x04",
+                          "model/README.md": b"---\nbase_model: x\n---\n# wrpo card\n",
+                          "metrics.jsonl": b""}, "w1")
     return run
 
 
@@ -61,7 +69,8 @@ def test_export_to_a_folder_with_checksums_and_the_eval_card(run, tmp_path):
     _commit(run, "eval", {"README.md": b"---\nbase_model: x\n---\n# eval card\n"}, "e1", {"wrpo": "w1"})
     result = export_model(run.uri, str(dest))
     assert result["card"] == "eval" and sorted(p.name for p in dest.iterdir()) == [
-        "README.md", CHECKSUMS, "config.json", "model.safetensors"]
+        "README.md", CHECKSUMS, "config.json", "model.safetensors", "training_args.json"]
+    assert result["left_out"] == ["optimizer.pt", "training_args.bin"]  # pickles never ship
     assert (dest / "README.md").read_text().endswith("# eval card\n")
     sums = dict(reversed(line.split("  ")) for line in (dest / CHECKSUMS).read_text().splitlines())
     for name, digest in sums.items():
@@ -87,3 +96,40 @@ def test_export_checks_the_model_against_its_manifest(run, tmp_path):
 def test_export_needs_a_committed_wrpo_stage(tmp_path):
     with pytest.raises(WrpoError, match="wrpo stage is not committed"):
         export_model(str(tmp_path / "empty"), str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_an_export_is_readable_by_a_serving_account_whatever_the_umask(run, tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        export_model(run.uri, str(tmp_path / "pub" / "fused"))
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "pub" / "fused").iterdir())
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "pub", tmp_path / "pub" / "fused")} == {0o755}
+
+
+def test_an_export_without_safetensors_weights_is_refused(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    _commit(run, "wrpo", {"model/pytorch_model.bin": pickle.dumps({}), "model/config.json": b"{}"}, "w1")
+    with pytest.raises(WrpoError, match="no safetensors weights .*ships no pickles"):
+        export_model(run.uri, str(tmp_path / "d"))
+
+
+def test_the_saved_model_carries_its_training_arguments_as_json_not_a_pickle(tmp_path):
+    """save_final (wrpo.engine.common) on a real transformers Trainer with a tiny random model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from wrpo.engine.common import save_final
+    from wrpo.models.tiny import write_tiny_tokenizer
+
+    tok = write_tiny_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=3e-6, report_to="none")
+    folder = save_final(Trainer(model=model, args=args), tok, tmp_path / "out")
+    assert json.loads((folder / "training_args.json").read_text())["learning_rate"] == 3e-6
+    assert not list(folder.glob("*.bin")) and list(folder.glob("*.safetensors"))
