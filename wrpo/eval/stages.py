@@ -225,7 +225,10 @@ def per_prompt(prompts: list[EvalPrompt], answers: dict[str, list[dict[str, Any]
 
 
 def status_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The manifest summary (and the FusionRun's status.eval): win rates in %, one decimal."""
+    """The manifest summary (and the FusionRun's status.eval): win rates in %, one decimal. `<model>_vs_<baseline>`
+    is the reward model's win rate, or the LLM judge's when there is no reward model (`eval.rewardModel: false`),
+    and `<model>_vs_<baseline>_by` says which ("reward model" or "judge"): the FUSED-VS-TARGET column of
+    `kubectl get fr` shows it (docs/eval.md, "Results")."""
     out: dict[str, Any] = {"prompts": results["prompts"]}
     for name, c in results.get("comparisons", {}).items():
         for judge, key, label in (("rm", "win_rate", ""), ("rm", "lc_win_rate", "lc_"),
@@ -233,6 +236,10 @@ def status_summary(results: dict[str, Any]) -> dict[str, Any]:
             value = (c.get(judge) or {}).get(key)
             if value is not None:
                 out[f"{label}{name}"] = round(100 * value, 1)
+        if name in out:
+            out[f"{name}_by"] = "reward model"
+        elif f"judge_{name}" in out:
+            out[name], out[f"{name}_by"] = out[f"judge_{name}"], "judge"
     return out
 
 
