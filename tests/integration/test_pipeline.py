@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,11 @@ def test_report_renders_the_plots(killed_and_resumed, tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| llama |" in summary and "| qwen |" in summary
     assert "![reward_dynamics](reward_dynamics.png)" in summary
+    # the key numbers of the stages made of units, source by source (answers, finish reasons, mean score)
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary.splitlines() if line.startswith("| ")}
+    for source in ("llama", "qwen"):
+        assert re.search(rf"\*\*{source}\*\*: prompts=\d+, .*answers=\d+, finish \w+=\d+", rows["sample-sources"])
+        assert re.search(rf"\*\*{source}\*\*: answers=\d+, mean_score=-?\d", rows["score-sources"])
 
 
 def test_eval_stage_judges_target_sft_and_fused_and_the_report_shows_the_table(killed_and_resumed, tmp_path):
