@@ -171,11 +171,16 @@ def test_eval_stage_judges_target_sft_and_fused_and_the_report_shows_the_table(k
         assert row in summary
     assert mpimg.imread(tmp_path / "eval.png")[..., :3].std() > 0.05
     # the cards: the wrpo stage's beside the weights, the eval stage's with the table; export ships the latter
+    from huggingface_hub import ModelCard
+
     for card in (run / "wrpo" / "model" / "README.md", run / "eval" / "README.md"):
         text = card.read_text()
-        assert parse_front_matter(text)["base_model"] == "target"
+        assert "base_model" not in parse_front_matter(text)  # a tiny local folder has no Hub id
         assert "| llama | `source-llama` |" in text and "| qwen | `source-qwen` |" in text
     assert "| fused (WRPO) |" in (run / "eval" / "README.md").read_text()
+    evaluated = ModelCard((run / "eval" / "README.md").read_text()).data
+    index = {r.metric_type: r.metric_value for r in evaluated.eval_results}
+    assert index["win_rate"] == manifest["summary"]["fused_vs_target"]  # the model-index carries the eval
     exported = last_json(wrpo("export", str(run), str(tmp_path / "export"), workdir=wd))
     assert exported["card"] == "eval" and (tmp_path / "export" / "model.safetensors").exists()
 

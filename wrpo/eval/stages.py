@@ -26,7 +26,7 @@ from wrpo.eval.answers import AnswerParams, answer_prompt, digest, run_sharded
 from wrpo.eval.questions import EvalPrompt, from_records, load_questions
 from wrpo.eval.stats import compare, points_from_scores
 from wrpo.eval.table import table_markdown
-from wrpo.pipeline.card import model_card
+from wrpo.pipeline.card import model_card, read_target_card
 from wrpo.pipeline.context import StageContext
 from wrpo.pipeline.plan import EVAL_ROLES, servers
 from wrpo.records import PromptRecord, dump_jsonl
@@ -251,7 +251,9 @@ def _card(ctx: StageContext, results: dict[str, Any]) -> str:
     except StageNotCommitted:
         contrib = None
     training = ctx.run.stage("wrpo").manifest().get("summary")
-    return model_card(ctx.spec, ctx.hashes, contrib, training, table_markdown(results))
+    target = read_target_card(ctx.spec.target.model, S3Options.from_spec(ctx.spec.storage))
+    return model_card(ctx.spec, ctx.hashes, contrib, training, table_markdown(results), target=target,
+                      eval_results=results if results.get("prompts") else None)
 
 
 def evaluate(ctx: StageContext) -> dict[str, Any]:
