@@ -89,7 +89,10 @@ def test_the_target_card_names_a_hub_id_only_when_the_folder_records_one(tmp_pat
     (plain / "README.md").write_text("---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\n"
                                      "base_model: meta-llama/Meta-Llama-3-8B\n---\n# Llama 3\n")
     assert read_target_card(str(plain)) == TargetCard("meta-llama/Meta-Llama-3-8B-Instruct", {
-        "license": "other", "license_name": "llama3", "license_link": "LICENSE"})
+        "license": "other", "license_name": "llama3",  # the target's LICENSE file, in its own repo
+        "license_link": "https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct/blob/main/LICENSE"})
+    (plain / "config.json").write_text("{}")  # no Hub id: a relative link would point nowhere
+    assert read_target_card(str(plain)) == TargetCard(None, {"license": "other", "license_name": "llama3"})
     cached = tmp_path / "hub" / "models--Qwen--Qwen2-0.5B-Instruct" / "snapshots" / "abc"
     cached.mkdir(parents=True)
     (cached / "README.md").write_text("---\nlicense: apache-2.0\n---\n")

@@ -80,7 +80,7 @@ def read_target_card(uri: str, s3: S3Options | None = None) -> TargetCard:
     folder = uri.rstrip("/")
     given = _given_hub_id(uri)
     if given:
-        return TargetCard(given, _license(_hub_readme(given)))
+        return TargetCard(given, _license(_hub_readme(given), given))
 
     def read(name: str) -> str:
         try:
@@ -93,7 +93,7 @@ def read_target_card(uri: str, s3: S3Options | None = None) -> TargetCard:
     except ValueError:
         recorded = None
     found = cache_id(folder) or hub_id(recorded if isinstance(recorded, str) else None)
-    return TargetCard(found, _license(read("README.md")))
+    return TargetCard(found, _license(read("README.md"), found))
 
 
 def _hub_readme(repo_id: str) -> str:
@@ -107,12 +107,20 @@ def _hub_readme(repo_id: str) -> str:
         return ""
 
 
-def _license(readme: str) -> dict[str, str]:
+def _license(readme: str, repo_id: str | None) -> dict[str, str]:
+    """The license fields of a card's header. A relative `license_link` (a file of the target's repo, which
+    the fused model does not ship) points into the target's Hub repo, or is dropped when that is unknown."""
     try:
         meta = parse_front_matter(readme) if readme else {}
     except (ValueError, yaml.YAMLError):
         return {}
-    return {k: str(meta[k]) for k in LICENSE_KEYS if isinstance(meta, dict) and meta.get(k)}
+    out = {k: str(meta[k]) for k in LICENSE_KEYS if isinstance(meta, dict) and meta.get(k)}
+    link = out.get("license_link")
+    if link and "://" not in link:
+        out.pop("license_link")
+        if repo_id:
+            out["license_link"] = f"https://huggingface.co/{repo_id}/blob/main/{link.lstrip('./')}"
+    return out
 
 
 def spec_digest(spec: FusionSpec) -> str:
