@@ -113,10 +113,13 @@ def write_data(folder: Path, model_dir: Path, n: int, prompt: int, response: int
     from wrpo.engine.common import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    template = len(prompt_ids(tok, [{"role": "user", "content": "the"}])) - 1
     rows = []
     for i in range(n):
-        msg = [{"role": "user", "content": _text(tok, prompt - template, seed=4 * i)}]
+        words = prompt - (len(prompt_ids(tok, [{"role": "user", "content": "the"}])) - 1)
+        msg = [{"role": "user", "content": _text(tok, words, seed=4 * i)}]
+        # the template's tokens next to the text may merge: measure and set the length once more
+        words += prompt - len(prompt_ids(tok, msg))
+        msg = [{"role": "user", "content": _text(tok, words, seed=4 * i)}]
         ws, wt, lose = (_text(tok, response, seed=4 * i + k) for k in (1, 2, 3))
         rows.append({"prompt_id": f"p{i}", "prompt": msg, "chosen_source": ws, "chosen_target": wt, "rejected": lose,
                      "source_model": "s", "score_chosen_source": 3.0, "score_chosen_target": 2.0,
