@@ -5,7 +5,9 @@ markers, checked reads) is `wrpo.pipeline.rundir`, built on these backends (docs
 
 Atomicity: a local object is written to a temporary file and renamed into place; an S3 object is one PUT
 (or one multipart upload, which S3 only makes visible once completed), so a partial object is never
-visible under its final name.
+visible under its final name. The temporary file is created as `open()` would create the object (mode
+0666 less the process umask, not mkstemp's 0600); a `public` folder (`wrpo export`) gets files 0644 and
+the folders it creates 0755 whatever the umask, so a serving account can read it (docs/eval.md).
 
 S3 access uses boto3 with its own retry machinery (standard mode: throttling, 5xx and connection errors
 are retried with exponential backoff), the endpoint and region from the spec, and credentials from the
@@ -18,7 +20,7 @@ import hashlib
 import io
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -102,10 +104,12 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """A folder; writes go to a temporary file in the same folder and are renamed into place."""
+    """A folder; writes go to a temporary file in the same folder and are renamed into place. `public`:
+    files 0644 and new folders 0755 whatever the umask (see the module docstring)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, public: bool = False):
         self.root = Path(root)
+        self.public = public
 
     def _path(self, key: str) -> Path:
         return self.root / key
@@ -116,10 +120,13 @@ class LocalBackend:
     @contextmanager
     def _atomic(self, key: str) -> Iterator[IO[bytes]]:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        self._mkdirs(dest.parent)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.partial"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
         try:
             with os.fdopen(fd, "wb") as f:
+                if self.public:
+                    os.fchmod(f.fileno(), 0o644)
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
@@ -127,6 +134,13 @@ class LocalBackend:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _mkdirs(self, folder: Path) -> None:
+        """Create `folder` and its missing parents; a public backend sets 0755 on those it created."""
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in missing if self.public else []:
+            p.chmod(0o755)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._atomic(key) as f:
@@ -250,12 +264,13 @@ class S3Backend:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
 
-def open_backend(uri: str, s3: S3Options | None = None) -> Backend:
-    """A backend rooted at a local folder or an `s3://bucket/prefix` URI."""
+def open_backend(uri: str, s3: S3Options | None = None, public: bool = False) -> Backend:
+    """A backend rooted at a local folder or an `s3://bucket/prefix` URI (`public`: see LocalBackend; S3
+    objects have no modes)."""
     if uri.startswith("s3://"):
         bucket, prefix = split_s3_uri(uri)
         return S3Backend(bucket, prefix, s3 or S3Options())
-    return LocalBackend(uri.removeprefix("file://"))
+    return LocalBackend(uri.removeprefix("file://"), public)
 
 
 def read_uri_bytes(uri: str, s3: S3Options | None = None) -> bytes:

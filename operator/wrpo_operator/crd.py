@@ -437,7 +437,8 @@ def build_crd() -> dict[str, Any]:
         {"name": "Units", "type": "string", "jsonPath": ".status.units",
          "description": "The current stage's units done / all (sample-sources: one per source)."},
         {"name": "Fused-vs-Target", "type": "number", "jsonPath": ".status.eval.fusedVsTarget",
-         "description": "Reward-model win rate (%) of the fused model against the original target (eval stage)."},
+         "description": "Win rate (%) of the fused model against the original target (eval stage): the reward "
+                        "model's, or the LLM judge's when there is no reward model."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 
         {"name": "Output", "type": "string", "jsonPath": ".status.outputUri", "priority": 1,

@@ -71,8 +71,9 @@ class EvalSummary(_Status):
     """The eval stage's key figures (win rates in %), from its pod's termination message (docs/eval.md)."""
 
     prompts: int | None = Field(default=None, description="Evaluation prompts answered.")
-    fused_vs_target: float | None = Field(default=None, description="Reward-model win rate of the fused model "
-                                          "against the original target (%).")
+    fused_vs_target: float | None = Field(default=None, description="Win rate of the fused model against the "
+                                          "original target (%): the reward model's, or the LLM judge's when "
+                                          "there is no reward model.")
     fused_vs_sft: float | None = Field(default=None, description="Reward-model win rate against Target-SFT (%).")
     lc_fused_vs_target: float | None = Field(default=None, description="Length-controlled win rate (%).")
     judge_fused_vs_target: float | None = Field(default=None, description="LLM-judge win rate against the target (%).")

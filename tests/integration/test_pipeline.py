@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,11 @@ def test_report_renders_the_plots(killed_and_resumed, tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| llama |" in summary and "| qwen |" in summary
     assert "![reward_dynamics](reward_dynamics.png)" in summary
+    # the key numbers of the stages made of units, source by source (answers, finish reasons, mean score)
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary.splitlines() if line.startswith("| ")}
+    for source in ("llama", "qwen"):
+        assert re.search(rf"\*\*{source}\*\*: prompts=\d+, .*answers=\d+, finish \w+=\d+", rows["sample-sources"])
+        assert re.search(rf"\*\*{source}\*\*: answers=\d+, mean_score=-?\d", rows["score-sources"])
 
 
 def test_eval_stage_judges_target_sft_and_fused_and_the_report_shows_the_table(killed_and_resumed, tmp_path):
@@ -165,11 +171,16 @@ def test_eval_stage_judges_target_sft_and_fused_and_the_report_shows_the_table(k
         assert row in summary
     assert mpimg.imread(tmp_path / "eval.png")[..., :3].std() > 0.05
     # the cards: the wrpo stage's beside the weights, the eval stage's with the table; export ships the latter
+    from huggingface_hub import ModelCard
+
     for card in (run / "wrpo" / "model" / "README.md", run / "eval" / "README.md"):
         text = card.read_text()
-        assert parse_front_matter(text)["base_model"] == "target"
+        assert "base_model" not in parse_front_matter(text)  # a tiny local folder has no Hub id
         assert "| llama | `source-llama` |" in text and "| qwen | `source-qwen` |" in text
     assert "| fused (WRPO) |" in (run / "eval" / "README.md").read_text()
+    evaluated = ModelCard((run / "eval" / "README.md").read_text()).data
+    index = {r.metric_type: r.metric_value for r in evaluated.eval_results}
+    assert index["win_rate"] == manifest["summary"]["fused_vs_target"]  # the model-index carries the eval
     exported = last_json(wrpo("export", str(run), str(tmp_path / "export"), workdir=wd))
     assert exported["card"] == "eval" and (tmp_path / "export" / "model.safetensors").exists()
 

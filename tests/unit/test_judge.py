@@ -14,7 +14,7 @@ from wrpo.data.judge import Dialogue, Judge, combine, load_template, parse_grade
 from wrpo.data.sampling import ChatClient
 from wrpo.data.scoring import UNPARSED_GRADE, JudgeScorer
 from wrpo.eval.questions import EvalPrompt
-from wrpo.eval.stages import results_of
+from wrpo.eval.stages import results_of, status_summary
 
 
 @pytest.mark.parametrize(("text", "verdict"), [
@@ -143,6 +143,25 @@ def test_results_count_judge_outcomes_and_grades():
     assert judge["win_rate"] == pytest.approx(2.5 / 3)  # win, win, inconsistent = tie
     assert res["models"]["fused"]["judge_score"] == {"mean": 7.0, "n": 3, "unparsed": 1}
     assert "rm" not in res["comparisons"]["fused_vs_target"]
+
+
+def test_without_a_reward_model_the_fused_vs_target_figure_is_the_judges():
+    """eval.rewardModel: false: the summary's fused_vs_target (the FUSED-VS-TARGET column, read by the
+    operator from the eval pod's termination message) is the judge's win rate, and says so."""
+    import json
+
+    from wrpo_operator.status import eval_summary
+
+    judge = {"win_rate": 0.625}
+    summary = status_summary({"prompts": 8, "comparisons": {"fused_vs_target": {"judge": judge}}})
+    assert summary == {"prompts": 8, "judge_fused_vs_target": 62.5, "fused_vs_target": 62.5,
+                       "fused_vs_target_by": "judge"}
+    both = status_summary({"prompts": 8, "comparisons": {"fused_vs_target": {"judge": judge,
+                                                                             "rm": {"win_rate": 0.5}}}})
+    assert both["fused_vs_target"] == 50.0 and both["fused_vs_target_by"] == "reward model"
+    pod = {"status": {"containerStatuses": [{"state": {"terminated": {
+        "exitCode": 0, "message": json.dumps({"stage": "eval", "summary": summary})}}}]}}
+    assert eval_summary([pod], "h")["fusedVsTarget"] == 62.5
 
 
 def test_the_eval_stage_judges_in_shards_and_a_rerun_asks_nothing_again(standin, tmp_path):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
 from wrpo.errors import StageNotCommitted
 from wrpo.pipeline.rundir import MANIFEST, RunDir
-from wrpo.storage import StorageError, sha256_bytes
+from wrpo.storage import LocalBackend, StorageError, sha256_bytes
 
 
 def test_commit_writes_manifest_last_with_sizes_and_hashes(tmp_path):
@@ -112,3 +114,36 @@ def test_no_partial_file_is_visible_after_a_failed_write(tmp_path):
     assert not (tmp_path / "s" / "x.jsonl").exists()
     assert list((tmp_path / "s").glob("*.partial")) == []
     assert out.written == {}
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored after)."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_committed_objects_have_the_mode_a_plain_open_gives(tmp_path, umask, mask, mode):
+    """A file renamed into place has 0666 & ~umask, as `open()` would give it, not mkstemp's 0600."""
+    umask(mask)
+    run = RunDir(str(tmp_path / "run"))
+    out = run.stage("s").writer()
+    out.put_text("a.jsonl", "{}\n")
+    src = tmp_path / "b.bin"
+    src.write_bytes(b"x")
+    out.put_file("sub/b.bin", src)
+    out.commit("h")
+    for name in ("a.jsonl", "sub/b.bin", MANIFEST):
+        assert stat.S_IMODE((tmp_path / "run" / "s" / name).stat().st_mode) == mode, name
+
+
+def test_a_public_folder_has_0644_files_and_0755_folders_whatever_the_umask(tmp_path, umask):
+    umask(0o077)
+    (tmp_path / "pub").mkdir(mode=0o700)  # an existing folder keeps its mode: it is the user's
+    backend = LocalBackend(tmp_path / "pub", public=True)
+    backend.put_bytes("a/b/c.txt", b"x")
+    assert stat.S_IMODE((tmp_path / "pub" / "a" / "b" / "c.txt").stat().st_mode) == 0o644
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "pub" / "a", tmp_path / "pub" / "a" / "b")} == {0o755}
+    assert stat.S_IMODE((tmp_path / "pub").stat().st_mode) == 0o700

@@ -145,13 +145,30 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def key_numbers(summary: dict[str, Any]) -> str:
+    """A stage's manifest summary in one table cell. Scalars as they are; `finish_reasons` as counts (their
+    total is the number of answers); an additive scoring summary (`answers`, `score_sum`) as its mean score;
+    a stage made of units (`{"units": {unit: summary}}`: sample-sources, score-sources) unit by unit."""
+    if "units" in summary:
+        return "; ".join(f"**{unit}**: {key_numbers(s)}" for unit, s in summary["units"].items())
+    parts = []
+    for k, v in summary.items():
+        if k == "finish_reasons" and isinstance(v, dict):
+            parts.append(f"answers={sum(v.values())}")
+            parts.append("finish " + " ".join(f"{reason}={n}" for reason, n in sorted(v.items())))
+        elif k == "score_sum":
+            if summary.get("answers"):
+                parts.append(f"mean_score={_fmt(v / summary['answers'])}")
+        elif isinstance(v, int | float | str):
+            parts.append(f"{k}={_fmt(v)}")
+    return ", ".join(parts)
+
+
 def _summary(run_uri, manifests, metrics, contrib, logps, images, results=None) -> str:
     lines = [f"# WRPO run report\n\nRun: `{run_uri}`\n", "## Stages\n", "| stage | committed | key numbers |",
              "|---|---|---|"]
     for name, m in manifests.items():
-        numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in (m or {}).get("summary", {}).items()
-                            if isinstance(v, int | float | str))
-        lines.append(f"| {name} | {m['created'] if m else 'no'} | {numbers} |")
+        lines.append(f"| {name} | {m['created'] if m else 'no'} | {key_numbers((m or {}).get('summary', {}))} |")
     if metrics:
         last = metrics[-1]
         lines += ["", "## Training (last optimizer step)", "",

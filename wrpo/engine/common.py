@@ -152,12 +152,16 @@ def last_checkpoint(cfg: TrainCommon) -> str | None:
 
 
 def save_final(trainer: Any, tokenizer: Any, out: Path) -> Path:
-    """<output>/model/: safetensors weights, config, generation config and tokenizer (rank 0 writes; under
-    ZeRO-3 every rank takes part in gathering the weights)."""
+    """<output>/model/: safetensors weights, config, generation config, tokenizer and the training arguments
+    as JSON (rank 0 writes; under ZeRO-3 every rank takes part in gathering the weights). The Trainer's
+    `training_args.bin` is a pickle: it is replaced by `training_args.json` (no pickle in a published model,
+    docs/eval.md)."""
     target = out / "model"
     trainer.save_model(str(target))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(target))
+        (target / "training_args.json").write_text(trainer.args.to_json_string())
+        (target / "training_args.bin").unlink(missing_ok=True)
     return target
 
 

@@ -145,10 +145,11 @@ def wrpo(ctx: StageContext) -> dict[str, Any]:
 
 def _model_card(ctx: StageContext, summary: dict[str, Any]) -> str:
     """The fused model's card: sources and their y_ws shares, reward model, hyper-parameters, hashes."""
-    from wrpo.pipeline.card import model_card
+    from wrpo.pipeline.card import model_card, read_target_card
 
     contributions = json.loads(ctx.run.stage("select-sources").read_text("contributions.json")).get("all")
-    return model_card(ctx.spec, ctx.hashes, contributions, summary)
+    target = read_target_card(ctx.spec.target.model, S3Options.from_spec(ctx.spec.storage))
+    return model_card(ctx.spec, ctx.hashes, contributions, summary, target=target)
 
 
 def _wrpo_summary(result: dict[str, Any], metrics: Path) -> dict[str, Any]:

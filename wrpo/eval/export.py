@@ -4,6 +4,9 @@ Every file of `<run>/wrpo/model/` is copied through a local temporary file that 
 stage's manifest (size and sha256) before it is uploaded. The card is the eval stage's `README.md` (with the
 eval table) when the eval stage was committed from this same fused model, else the wrpo stage's own card.
 `SHA256SUMS` lists every file (the `sha256sum -c` format) and is written last, so a DEST with it is complete.
+No pickle is shipped (`*.bin`, `*.pt`, optimizer and scheduler state: loading one runs code): the training
+arguments travel as `training_args.json`. A local DEST gets files 0644 and folders 0755 whatever the umask,
+so a serving account can read it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from wrpo.pipeline.rundir import RunDir
 from wrpo.storage import S3Options, open_backend, sha256_bytes
 
 CHECKSUMS = "SHA256SUMS"
+#: Pickle formats (torch.save, pickle) and trainer state that an export never ships.
+PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def shipped(name: str) -> bool:
+    """Whether a file of the fused model goes into an export: no pickle, no optimizer/scheduler/RNG state."""
+    base = name.rsplit("/", 1)[-1]
+    return not base.endswith(PICKLES) and not base.startswith(("optimizer", "scheduler", "rng_state"))
 
 
 def card_for(run: RunDir) -> tuple[bytes | None, str]:
@@ -40,10 +51,12 @@ def export_model(run_uri: str, dest: str, s3: S3Options | None = None) -> dict[s
         objects = run.stage("wrpo").objects()
     except StageNotCommitted:
         raise WrpoError(f"{run_uri}: the wrpo stage is not committed; there is no fused model to export") from None
-    names = sorted(n for n in objects if n.startswith("model/") and n != "model/README.md")
-    if not names:
-        raise WrpoError(f"{run_uri}: the wrpo stage lists no model/ files")
-    out = open_backend(dest.rstrip("/"), s3)
+    files = sorted(n for n in objects if n.startswith("model/") and n != "model/README.md")
+    names = [n for n in files if shipped(n)]
+    if not any(n.endswith(".safetensors") for n in names):
+        raise WrpoError(f"{run_uri}: the wrpo stage lists no safetensors weights under model/ "
+                        "(wrpo export ships no pickles)")
+    out = open_backend(dest.rstrip("/"), s3, public=True)
     sums: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="wrpo-export-") as tmp:
         for name in names:
@@ -59,6 +72,7 @@ def export_model(run_uri: str, dest: str, s3: S3Options | None = None) -> dict[s
     text = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(sums.items()))
     out.put_bytes(CHECKSUMS, text.encode())
     return {"dest": dest, "files": len(sums) + 1, "card": origin,
+            "left_out": [n.removeprefix("model/") for n in files if not shipped(n)],
             "bytes": sum(objects[n]["size"] for n in names) + (len(card) if card else 0)}
 
 

@@ -27,7 +27,7 @@ from wrpo.eval.answers import AnswerParams, answer_prompt, digest, run_sharded
 from wrpo.eval.questions import EvalPrompt, from_records, load_questions
 from wrpo.eval.stats import compare, points_from_scores
 from wrpo.eval.table import table_markdown
-from wrpo.pipeline.card import model_card
+from wrpo.pipeline.card import model_card, read_target_card
 from wrpo.pipeline.context import StageContext
 from wrpo.pipeline.plan import EVAL_ROLES, servers
 from wrpo.records import PromptRecord, dump_jsonl, parse_jsonl
@@ -227,7 +227,10 @@ def per_prompt(prompts: list[EvalPrompt], answers: dict[str, list[dict[str, Any]
 
 
 def status_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The manifest summary (and the FusionRun's status.eval): win rates in %, one decimal."""
+    """The manifest summary (and the FusionRun's status.eval): win rates in %, one decimal. `<model>_vs_<baseline>`
+    is the reward model's win rate, or the LLM judge's when there is no reward model (`eval.rewardModel: false`),
+    and `<model>_vs_<baseline>_by` says which ("reward model" or "judge"): the FUSED-VS-TARGET column of
+    `kubectl get fr` shows it (docs/eval.md, "Results")."""
     out: dict[str, Any] = {"prompts": results["prompts"]}
     for name, c in results.get("comparisons", {}).items():
         for judge, key, label in (("rm", "win_rate", ""), ("rm", "lc_win_rate", "lc_"),
@@ -235,6 +238,10 @@ def status_summary(results: dict[str, Any]) -> dict[str, Any]:
             value = (c.get(judge) or {}).get(key)
             if value is not None:
                 out[f"{label}{name}"] = round(100 * value, 1)
+        if name in out:
+            out[f"{name}_by"] = "reward model"
+        elif f"judge_{name}" in out:
+            out[name], out[f"{name}_by"] = out[f"judge_{name}"], "judge"
     return out
 
 
@@ -246,7 +253,9 @@ def _card(ctx: StageContext, results: dict[str, Any]) -> str:
     except StageNotCommitted:
         contrib = None
     training = ctx.run.stage("wrpo").manifest().get("summary")
-    return model_card(ctx.spec, ctx.hashes, contrib, training, table_markdown(results))
+    target = read_target_card(ctx.spec.target.model, S3Options.from_spec(ctx.spec.storage))
+    return model_card(ctx.spec, ctx.hashes, contrib, training, table_markdown(results), target=target,
+                      eval_results=results if results.get("prompts") else None)
 
 
 def evaluate(ctx: StageContext) -> dict[str, Any]:
