@@ -11,6 +11,12 @@ floats) and refuses, with file:line:column, what they read differently:
 - duplicate keys (PyYAML keeps the last silently, the apiserver's strict mode refuses them);
 - keys that are not strings, recursive aliases, and tags other than the core ones.
 
+YAML that could exhaust the machine is refused before it is built, each with one line naming the file
+and line: more than `MAX_CHARS` characters, nesting deeper than `MAX_DEPTH` (PyYAML's composer recurses and
+would end in a RecursionError), more than `MAX_ALIASES` aliases, or aliases that expand to more than
+`MAX_VALUES` values ("billion laughs": nine levels of nine aliases are 387 million strings). The limits are
+checked on the parser's event stream, which holds one value at a time.
+
 Anything else plain is a string, as kubectl reads it (dates, `1:20`). Whole numbers written as floats
 (`5.0`) are integers, as on the apiserver (JSON has one number type). `load_yaml` also returns the line
 of every path, so schema errors can name the line. `dump_yaml` writes YAML that `load_yaml` and Go read
@@ -43,13 +49,24 @@ _NAN = frozenset({".nan", ".NaN", ".NAN"})
 _AMBIGUOUS_NUMBER = re.compile(r"[-+]?(0[0-9_]+(\.[0-9_]*)?|0o[0-7_]+|0b[01_]+|[0-9][0-9_]*_[0-9_]*(\.[0-9_]*)?)")
 _MAX_EXACT = 2**53  # beyond this a float is not a JSON integer for the apiserver either
 
+#: Limits of one document (a spec is a few kilobytes; a FusionRun is at most about 1.5 MB in etcd).
+MAX_CHARS = 256 * 1024
+MAX_DEPTH = 64
+MAX_ALIASES = 1000
+MAX_VALUES = 20_000
+
 _CORE_TAGS = {
     "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
     "tag:yaml.org,2002:null", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq",
 }
 
 
-class _Loader(yaml.SafeLoader):
+#: libyaml's parser (PyYAML's wheels bundle it): the pure-Python scanner takes seconds per megabyte and grows
+#: quadratically with flow nesting, so a limit would not be reached within a second.
+_Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_Parser):  # type: ignore[misc, valid-type]
     """Composes nodes only; plain scalars keep their text (tag `_PLAIN`) for `_scalar` to resolve."""
 
     def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
@@ -73,7 +90,7 @@ def _short(tag: str) -> str:
     return tag.replace("tag:yaml.org,2002:", "!!")
 
 
-def _where(source: str, node: yaml.Node) -> str:
+def _where(source: str, node: yaml.Node | yaml.Event) -> str:
     return f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
 
 
@@ -125,8 +142,55 @@ def _explicit(node: yaml.ScalarNode) -> Any:
     return value
 
 
+def _limits(text: str, source: str) -> None:
+    """SpecError at the first limit `text` exceeds (see the module doc); YAML errors are left to the composer."""
+    if len(text) > MAX_CHARS:
+        line = text.count("\n", 0, MAX_CHARS) + 1
+        raise SpecError(f"{source}:{line}: longer than {MAX_CHARS} characters; a spec is a few kilobytes")
+    expanded: dict[str, tuple[int, int]] = {}  # anchor -> (values, depth) of its node with every alias expanded
+    open_: list[list[Any]] = [[0, 0, None]]  # per open collection: [values, depth below, anchor]
+    total = aliases = 0
+
+    def add(values: int, depth: int, event: yaml.Event) -> None:
+        nonlocal total
+        total += values
+        open_[-1][0] += values
+        open_[-1][1] = max(open_[-1][1], depth)
+        if total > MAX_VALUES:
+            what = f" (here: alias *{event.anchor})" if isinstance(event, yaml.AliasEvent) else ""
+            raise SpecError(f"{_where(source, event)}: aliases expand to more than {MAX_VALUES} values{what}; "
+                            "write the values out")
+        if len(open_) - 1 + depth > MAX_DEPTH:
+            raise SpecError(f"{_where(source, event)}: nesting deeper than {MAX_DEPTH} levels"
+                            + (f" (alias *{event.anchor} expanded)" if isinstance(event, yaml.AliasEvent) else ""))
+
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                add(1, 1, event)
+                open_.append([0, 0, event.anchor])
+            elif isinstance(event, yaml.CollectionEndEvent):
+                values, depth, anchor = open_.pop()
+                if anchor:
+                    expanded[anchor] = (values + 1, depth + 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                if event.anchor:
+                    expanded[event.anchor] = (1, 0)
+                add(1, 0, event)
+            elif isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > MAX_ALIASES:
+                    raise SpecError(f"{_where(source, event)}: more than {MAX_ALIASES} aliases; write the values out")
+                add(*expanded.get(event.anchor, (1, 0)), event)  # an open anchor is a recursive alias (refused later)
+    except yaml.YAMLError as e:  # the composer reports it, except libyaml's own depth limit (1000)
+        if "nesting depth" in str(getattr(e, "problem", "")) and getattr(e, "problem_mark", None):
+            raise SpecError(f"{source}:{e.problem_mark.line + 1}:{e.problem_mark.column + 1}: nesting deeper than "
+                            f"{MAX_DEPTH} levels") from None
+
+
 def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     """(data, line of every path) of one YAML document; SpecError listing every problem (see module doc)."""
+    _limits(text, source)
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
