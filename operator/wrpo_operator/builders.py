@@ -265,7 +265,8 @@ def _pod_spec(spec: FusionSpec, component: str, containers: list[Obj], volumes: 
     if c.node_selector or own.node_selector:
         pod["nodeSelector"] = {**c.node_selector, **own.node_selector}
     if c.tolerations or own.tolerations:
-        pod["tolerations"] = [dict(t) for t in [*c.tolerations, *own.tolerations]]
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True)
+                              for t in [*c.tolerations, *own.tolerations]]
     if own.affinity:
         pod["affinity"] = dict(own.affinity)
     if own.priority_class_name:

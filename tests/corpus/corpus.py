@@ -66,7 +66,8 @@ class ValidCase:
 def valid_cases() -> list[ValidCase]:
     """Specs that must pass everywhere (`wrpo spec validate --cluster` and the apiserver): valid things a
     rule once refused, and the edges of the rules."""
-    return [ValidCase(path, path.read_text().splitlines()[0].removeprefix("# ")) for path in sorted(VALID.glob("*.yaml"))]
+    return [ValidCase(path, path.read_text().splitlines()[0].removeprefix("# "))
+            for path in sorted(VALID.glob("*.yaml"))]
 
 
 @dataclass(frozen=True)

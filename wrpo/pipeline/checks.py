@@ -90,7 +90,8 @@ SECRET_KEY_RE = r"[-._a-zA-Z0-9]+"
 # An image reference as the kubelet parses it (distribution/reference's grammar, which is regular):
 # [domain[:port]/]path-component(/path-component)*[:tag][@digest], path components in lowercase.
 _IMAGE_PATH = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"
-_IMAGE_DOMAIN = r"([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9])(\.([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9]))*"
+_IMAGE_HOST_PART = r"([a-zA-Z0-9]|[a-zA-Z0-9][-a-zA-Z0-9]*[a-zA-Z0-9])"
+_IMAGE_DOMAIN = rf"{_IMAGE_HOST_PART}(\.{_IMAGE_HOST_PART})*"
 IMAGE_RE = (rf"(({_IMAGE_DOMAIN}|\[[a-fA-F0-9:]+\])(:[0-9]+)?/)?{_IMAGE_PATH}(/{_IMAGE_PATH})*"
             r"(:[\w][\w.-]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?")
 
@@ -99,7 +100,8 @@ DNS_SUBDOMAIN_MSG = ("must be a DNS subdomain name (a Kubernetes object name): l
                      "and '.', starting and ending with a letter or digit")
 ENV_NAME_MSG = "must be an environment variable name: letters, digits and '_', not starting with a digit"
 QUANTITY_MSG = "must be a positive Kubernetes quantity, e.g. 2, 500m, 8Gi"
-SECRET_KEY_MSG = "must be a Secret key: at most 253 letters, digits, '-', '_' or '.', not '.' or '..' and not starting with '..'"
+SECRET_KEY_MSG = ("must be a Secret key: at most 253 letters, digits, '-', '_' or '.', not '.' or '..' and not "
+                  "starting with '..'")
 LABEL_KEY_MSG = ("must be a label key: [prefix/]name, the name at most 63 letters, digits, '-', '_' or '.', the prefix "
                  "a DNS subdomain of at most 253 characters")
 IMAGE_MSG = ("must be an image reference: [registry[:port]/]name[:tag][@digest], the name in lowercase "

@@ -150,7 +150,8 @@ class TargetSpec(_Model):
 
     model: ModelUri = Field(description="Model folder, s3:// URI or hub id of the target LLM.")
     served_name: DnsLabel = Field(default="target", max_length=63, description="Name the vLLM server serves it as.")
-    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="vLLM tensor-parallel size for sample-target.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64,
+                                      description="vLLM tensor-parallel size for sample-target.")
     replicas: int = Field(default=1, ge=1, le=64,
                           description="Data-parallel vLLM replicas of Target-SFT for sample-target.")
     vllm_args: VllmArgs = Field(default_factory=list, description="Extra `vllm serve` arguments.")
@@ -163,7 +164,8 @@ class EndpointSpec(_Model):
     model: str = Field(min_length=1, description="The model name the server expects in requests.")
     api_key_env: EnvName | None = Field(
         default=None, description="Environment variable holding the API key (never logged).")
-    api_key_file: LocalFile | None = Field(default=None, description="File (e.g. a mounted Secret) holding the API key.")
+    api_key_file: LocalFile | None = Field(default=None,
+                                           description="File (e.g. a mounted Secret) holding the API key.")
     api_key_secret: DnsSubdomain | None = Field(
         default=None, description="Cluster only: Secret (key `api-key`) exposed to the sampling Job as `apiKeyEnv`.")
     allow_http: bool = Field(
@@ -493,7 +495,8 @@ class Probe(_Model):
     """An HTTP probe on the vLLM server's /health (readiness defaults)."""
 
     period_seconds: int = Field(default=5, ge=1, le=INT32_MAX, description="Seconds between probes.")
-    failure_threshold: int = Field(default=3, ge=1, le=INT32_MAX, description="Failed probes before it counts as failed.")
+    failure_threshold: int = Field(default=3, ge=1, le=INT32_MAX,
+                                   description="Failed probes before it counts as failed.")
     timeout_seconds: int = Field(default=5, ge=1, le=INT32_MAX, description="Seconds one probe may take.")
     initial_delay_seconds: int = Field(default=0, ge=0, le=INT32_MAX, description="Seconds before the first probe.")
 
@@ -562,7 +565,8 @@ class PodSettings(_Model):
     """Placement and extras of one component's pods, merged over the cluster-wide settings."""
 
     node_selector: LabelMap = Field(default_factory=dict, max_length=64, description="Added to cluster.nodeSelector.")
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Added to cluster.tolerations.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64,
+                                          description="Added to cluster.tolerations.")
     affinity: dict[str, Any] | None = Field(default=None, description="A Kubernetes Affinity.")
     priority_class_name: DnsSubdomain | None = Field(default=None, description="PriorityClass of the pods.")
     scheduler_name: str | None = Field(default=None, description="Scheduler of the pods (default scheduler if unset).")
@@ -573,7 +577,8 @@ class PodSettings(_Model):
                                        description="Added to cluster.podAnnotations.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Added to cluster.env.")
     volumes: list[dict[str, Any]] = Field(default_factory=list, max_length=64, description=(
-        "Extra Kubernetes Volumes, named unlike the operator's own (spec, scratch, dshm, models, weights, checkpoints)."))
+        "Extra Kubernetes Volumes, named unlike the operator's own (spec, scratch, dshm, models, weights, "
+        "checkpoints)."))
     volume_mounts: list[dict[str, Any]] = Field(
         default_factory=list, max_length=64, description="Extra VolumeMounts of the main container (of these volumes, "
         "not at the operator's mount paths /etc/wrpo, /work, /dev/shm, /models, /weights).")
@@ -607,8 +612,8 @@ def _volume_problems(pods: PodSettings, component: str) -> list[tuple[Loc, str]]
     for i, mount in enumerate(pods.volume_mounts):
         name, path = mount.get("name"), mount.get("mountPath")
         if name not in names:
-            found.append((("volumeMounts", i, "name"), f"{json.dumps(name) if not isinstance(name, str) else repr(name)}"
-                          f" names no volume in cluster.pods.{component}.volumes"))
+            shown = repr(name) if isinstance(name, str) else json.dumps(name)
+            found.append((("volumeMounts", i, "name"), f"{shown} names no volume in cluster.pods.{component}.volumes"))
         if not isinstance(path, str) or not path.startswith("/"):
             found.append((("volumeMounts", i, "mountPath"), "a mount needs an absolute mountPath"))
         elif path.rstrip("/") in OPERATOR_MOUNT_PATHS:
@@ -677,7 +682,8 @@ class ClusterSpec(_Model):
     image_pull_secrets: list[DnsSubdomain] = Field(default_factory=list, max_length=16,
                                                    description="Image pull Secrets of every pod.")
     node_selector: LabelMap = Field(default_factory=dict, max_length=64, description="Node selector of every pod.")
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations of every pod.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64,
+                                          description="Tolerations of every pod.")
     service_account: DnsSubdomain | None = Field(default=None, description="ServiceAccount of stage pods.")
     models_pvc: DnsSubdomain | None = Field(default=None, description="PVC with model weights mounted at /models.")
     small: StageResources = Field(default_factory=StageResources, description="prepare/select/build-pairs Jobs.")
@@ -730,7 +736,8 @@ class ClusterSpec(_Model):
         t = self.training
         if t.gpus and t.procs_per_node > t.gpus:
             raise problems("ClusterSpec", [(("training", "procsPerNode"), f"procsPerNode ({t.procs_per_node}) must "
-                                            f"not exceed gpus ({t.gpus}): torchrun starts one training process per GPU")])
+                                            f"not exceed gpus ({t.gpus}): torchrun starts one training process per "
+                                            "GPU")])
         return self
 
     @model_validator(mode="after")
@@ -973,6 +980,7 @@ def _path(loc: Loc) -> str:
     """`sources[1].endpoint.url` style, as the user wrote it (camelCase)."""
     out = ""
     for part in loc:
+        part = part if isinstance(part, int) or part.isprintable() else json.dumps(part)  # one line
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "<spec>"
 

@@ -25,6 +25,7 @@ back unchanged (strings that would resolve otherwise are quoted).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -94,6 +95,11 @@ def _where(source: str, node: yaml.Node | yaml.Event) -> str:
     return f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
 
 
+def quote(text: str) -> str:
+    """'text' for a message, JSON-escaped when it holds a line break or another unprintable character (one line)."""
+    return f"'{text}'" if text.isprintable() else json.dumps(text)
+
+
 def json_number(value: float) -> float | int:
     """A whole float as an int (5.0 -> 5), as the apiserver stores JSON numbers."""
     if math.isfinite(value) and value == int(value) and abs(value) < _MAX_EXACT:
@@ -138,7 +144,7 @@ def _explicit(node: yaml.ScalarNode) -> Any:
              "tag:yaml.org,2002:bool": bool}
     expected = kinds.get(tag)
     if expected is None or not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"'{text}' is not a valid {tag.rsplit(':', 1)[-1]}")
+        raise ValueError(f"{quote(text)} is not a valid {tag.rsplit(':', 1)[-1]}")
     return value
 
 
@@ -171,6 +177,8 @@ def _limits(text: str, source: str) -> None:
                 open_.append([0, 0, event.anchor])
             elif isinstance(event, yaml.CollectionEndEvent):
                 values, depth, anchor = open_.pop()
+                open_[-1][0] += values  # the parent holds them too (already counted in `total`)
+                open_[-1][1] = max(open_[-1][1], depth + 1)
                 if anchor:
                     expanded[anchor] = (values + 1, depth + 1)
             elif isinstance(event, yaml.ScalarEvent):
@@ -188,16 +196,25 @@ def _limits(text: str, source: str) -> None:
                             f"{MAX_DEPTH} levels") from None
 
 
+def _yaml_error(e: yaml.YAMLError, text: str, source: str) -> str:
+    """One line: `source:line: not valid YAML (problem)`."""
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow; it has a position, not a mark
+        line = text.count("\n", 0, e.position) + 1
+        char = e.character if isinstance(e.character, int) else ord(e.character[:1] or "\0")
+        return f"{source}:{line}: not valid YAML (character #x{char:04x}: {e.reason})"
+    mark = getattr(e, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    problem = " ".join((getattr(e, "problem", None) or str(e)).split())
+    return f"{where}: not valid YAML ({problem})"
+
+
 def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     """(data, line of every path) of one YAML document; SpecError listing every problem (see module doc)."""
     _limits(text, source)
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{where}: not valid YAML ({problem})") from None
+        raise SpecError(_yaml_error(e, text, source)) from None
     problems = YamlProblems()
     lines: dict[Path, int] = {}
     data = _build(root, (), source, problems, lines, set()) if root is not None else None
@@ -271,11 +288,11 @@ def _mapping(node: yaml.MappingNode, path: Path, source: str, problems: YamlProb
             continue
         key = _scalar(key_node, source, problems)
         if not isinstance(key, str):
-            problems.append(f"{_where(source, key_node)}: key '{key_node.value}' is read as {_describe(key)}; "
+            problems.append(f"{_where(source, key_node)}: key {quote(key_node.value)} is read as {_describe(key)}; "
                             "keys must be strings (quote it)")
             continue
         if key in out:
-            problems.append(f"{_where(source, key_node)}: duplicate key '{key}' (first on line "
+            problems.append(f"{_where(source, key_node)}: duplicate key {quote(key)} (first on line "
                             f"{lines[(*path, key)]})")
             continue
         lines[(*path, key)] = key_node.start_mark.line + 1
