@@ -159,7 +159,7 @@ CREDENTIALS_RE = r"[A-Za-z][A-Za-z0-9+.-]*://[^/]*@.*"
 CREDENTIALS_MSG = ("must not contain credentials (user:password@); give them as a Secret or an environment "
                    "variable (apiKeyEnv, apiKeySecret, storage.credentialsSecret)")
 S3_URI_RE = r"s3://[^/]+(/.*)?"  # an s3:// URI with a bucket (the bucket's rules are S3_BUCKET_MSG's)
-# S3's bucket naming rules (docs.aws.amazon.com, "Bucket naming rules"), as two regular expressions over the URI
+# S3's bucket naming rules (docs/spec.md, "Validation"), as two regular expressions over the URI
 S3_BUCKET_URI_RE = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
 S3_BAD_BUCKET_RE = r"s3://([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+|[^/]*\.\.[^/]*|xn--[^/]*|sthree-[^/]*|[^/]*-s3alias|[^/]*--ol-s3)(/.*)?"
 S3_BUCKET_MSG = ("an s3:// bucket name must be 3 to 63 lowercase letters, digits, '.' or '-', start and end with a "
