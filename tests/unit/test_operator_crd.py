@@ -75,7 +75,7 @@ def test_optional_fields_are_nullable_and_free_form_only_where_the_model_is():
     src = spec["sources"]["items"]["properties"]
     assert src["model"]["nullable"] and src["endpoint"]["nullable"] and src["endpoint"]["type"] == "object"
     toleration = spec["cluster"]["properties"]["tolerations"]["items"]  # typed, with Kubernetes' rules as CEL
-    assert toleration["properties"]["operator"]["enum"] == ["Exists", "Equal"]
+    assert toleration["properties"]["operator"]["enum"] == ["Exists", "Equal", ""]
     assert toleration["x-kubernetes-validations"]
     preserved = [p for p, n in _walk(_schema()) if n.get("x-kubernetes-preserve-unknown-fields")]
     # Kubernetes' own types passed through to pods (metadata is typed `object` by convention)

@@ -256,12 +256,13 @@ def test_the_largest_values_pass():
         ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, None),
         ({"key": "pool", "value": "a"}, None),  # operator Equal by default
         ({"key": "pool", "operator": "Equal", "value": ""}, None),
+        ({"key": "pool", "operator": "", "value": "a", "effect": ""}, None),  # '' is the default, as in Kubernetes
         ({"key": "x", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": -5}, None),
         ({}, "[0].operator: operator must be Exists when key is empty"),
         ({"value": "a"}, "[0].operator: operator must be Exists when key is empty"),
         ({"key": "k", "operator": "Exists", "value": "v"}, "[0].value: value must be empty when operator is Exists"),
         ({"key": "k", "operator": "Exists", "tolerationSeconds": 1}, "[0].effect: effect must be NoExecute"),
-        ({"key": "k", "operator": "In"}, "[0].operator: Input should be 'Exists' or 'Equal'"),
+        ({"key": "k", "operator": "In"}, "[0].operator: Input should be 'Exists', 'Equal' or ''"),
         ({"key": "k", "value": "a b"}, "[0].value: must be a label value"),
         ({"key": "-k", "operator": "Exists"}, "[0].key: must be a label key"),
     ],

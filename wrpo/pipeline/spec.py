@@ -540,10 +540,11 @@ class Toleration(_Model):
     """A Kubernetes Toleration, with the rules the apiserver applies to a pod's (ValidateTolerations)."""
 
     key: LabelKey | None = Field(default=None, description="The taint key; empty with operator Exists: every taint.")
-    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (the default).")
+    operator: Literal["Exists", "Equal", ""] | None = Field(default=None,
+                                                           description="Exists or Equal (the default; also '').")
     value: LabelValue | None = Field(default=None, description="The taint value (operator Equal).")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        default=None, description="The taint effect to tolerate (empty: every effect).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute", ""] | None = Field(
+        default=None, description="The taint effect to tolerate (empty or '': every effect).")
     toleration_seconds: int | None = Field(
         default=None, description="NoExecute only: how long the pod stays bound after the taint appears.")
 
