@@ -10,8 +10,9 @@ numbers are finite, YAML 1.1 ambiguities are refused (`wrpo.pipeline.strict_yaml
 carry their CEL twins (`wrpo.pipeline.checks`) and every cross-field rule a stage would trip over later
 is checked here, naming the field; `wrpo_operator.crd.CEL_RULES` holds the CEL twin of each validator.
 Rules that only the cluster needs (`CLUSTER_RULES`: an s3:// run directory, batches that fit the
-training devices) apply to FusionRun manifests, `--cluster` and the operator. This module imports only
-pydantic and yaml, so the operator image can use it.
+training devices) apply to FusionRun manifests, `--cluster` and the operator. Pod-level rules the CRD
+cannot express (`POD_VALIDATORS`: volumes, mounts, annotation sizes) are checked here only, before a stage
+pod would be refused. This module imports only pydantic and yaml, so the operator image can use it.
 """
 
 from __future__ import annotations
