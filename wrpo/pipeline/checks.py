@@ -211,16 +211,25 @@ HttpUrl = Annotated[str, Field(max_length=512), _NO_CREDENTIALS, Check(
 
 #: Flags of `vllm serve` that the operator and `wrpo run` set from the spec (wrpo_operator.builders.vllm_args):
 #: a user's copy would move the server off its Service's port, rename its model or change its GPUs or seed.
-#: vLLM reads `_` in a flag as `-`.
-OPERATOR_VLLM_FLAG_RE = (r"(-tp|--(model|served[-_]model[-_]name|host|port|tensor[-_]parallel[-_]size|"
-                         r"gpu[-_]memory[-_]utilization|max[-_]model[-_]len|seed|runner))(=.*)?")
+#: vLLM reads `_` in a flag as `-`. Compared as strings (`--flag` or `--flag=value`): a regular expression
+#: over every argument of every source costs the apiserver more than a CRD rule may.
+_OPERATOR_FLAGS = ("model", "served-model-name", "host", "port", "tensor-parallel-size", "gpu-memory-utilization",
+                   "max-model-len", "seed", "runner")
+OPERATOR_VLLM_FLAGS = ("-tp", *dict.fromkeys(f"--{spelling}" for flag in _OPERATOR_FLAGS
+                                             for spelling in (flag, flag.replace("-", "_"))))
 VLLM_ARGS_MSG = ("must not set what the operator sets (the model, --served-model-name, --host, --port, "
                  "--tensor-parallel-size, --gpu-memory-utilization, --max-model-len, --seed, --runner): use the "
                  "spec's fields")
-_operator_flag = full(OPERATOR_VLLM_FLAG_RE)
+
+
+def _operator_flag(arg: str) -> bool:
+    return any(arg == f or arg.startswith(f + "=") for f in OPERATOR_VLLM_FLAGS)
+
+
+_FLAG_LIST = "[" + ", ".join(f"'{f}'" for f in OPERATOR_VLLM_FLAGS) + "]"
 VllmArgs = Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=64), Check(
-    lambda v: not any(_operator_flag(a) for a in v), f"!self.exists(a, {cel_matches(OPERATOR_VLLM_FLAG_RE, 'a')})",
-    VLLM_ARGS_MSG)]
+    lambda v: not any(_operator_flag(a) for a in v),
+    f"!self.exists(a, {_FLAG_LIST}.exists(f, a == f || a.startsWith(f + '=')))", VLLM_ARGS_MSG)]
 
 
 def is_s3_uri(value: str) -> bool:
