@@ -79,7 +79,7 @@ NEW_FIELD_VALUES = {
         ["--port=1"],
         ["-tp", "2"],
         ["--served_model_name", "x"],
-        ["--max-model-len=8"],
+        ["--seed=8"],
     ],
     "cluster.tolerations": [
         [t]

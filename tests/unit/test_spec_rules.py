@@ -137,7 +137,15 @@ def test_every_uri_or_path_field_has_the_one_checked_type():
         ),
         (
             "VllmArgs",
-            [["--enable-prefix-caching"], ["--max-num-seqs", "8"], ["--seed-x"], ["--hostname"], []],
+            [
+                ["--enable-prefix-caching"],
+                ["--max-num-seqs", "8"],
+                ["--seed-x"],
+                ["--hostname"],
+                [],
+                ["--max-model-len", "1024"],
+                ["--gpu-memory-utilization=0.5"],
+            ],  # the target has no field for them
             [
                 ["--port", "1"],
                 ["--port=1"],
@@ -148,9 +156,7 @@ def test_every_uri_or_path_field_has_the_one_checked_type():
                 ["-tp", "2"],
                 ["--tensor-parallel-size=2"],
                 ["--seed", "1"],
-                ["--gpu-memory-utilization", "0.5"],
-                ["--max_model_len", "8"],
-                ["--runner", "pooling"],
+                ["--tensor_parallel_size", "1"],
             ],
         ),
     ],

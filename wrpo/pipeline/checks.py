@@ -211,15 +211,14 @@ HttpUrl = Annotated[str, Field(max_length=512), _NO_CREDENTIALS, Check(
 
 #: Flags of `vllm serve` that the operator and `wrpo run` set from the spec (wrpo_operator.builders.vllm_args):
 #: a user's copy would move the server off its Service's port, rename its model or change its GPUs or seed.
-#: vLLM reads `_` in a flag as `-`. Compared as strings (`--flag` or `--flag=value`): a regular expression
+#: (`--gpu-memory-utilization` and `--max-model-len` stay open: the target has no field for them, and a later
+#: flag wins.) vLLM reads `_` in a flag as `-`. Compared as strings (`--flag` or `--flag=value`): a regular expression
 #: over every argument of every source costs the apiserver more than a CRD rule may.
-_OPERATOR_FLAGS = ("model", "served-model-name", "host", "port", "tensor-parallel-size", "gpu-memory-utilization",
-                   "max-model-len", "seed", "runner")
+_OPERATOR_FLAGS = ("model", "served-model-name", "host", "port", "tensor-parallel-size", "seed")
 OPERATOR_VLLM_FLAGS = ("-tp", *dict.fromkeys(f"--{spelling}" for flag in _OPERATOR_FLAGS
                                              for spelling in (flag, flag.replace("-", "_"))))
 VLLM_ARGS_MSG = ("must not set what the operator sets (the model, --served-model-name, --host, --port, "
-                 "--tensor-parallel-size, --gpu-memory-utilization, --max-model-len, --seed, --runner): use the "
-                 "spec's fields")
+                 "--tensor-parallel-size, --seed): use the spec's fields")
 
 
 def _operator_flag(arg: str) -> bool:

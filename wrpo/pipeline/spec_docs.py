@@ -48,9 +48,8 @@ admission, with the same messages where a CEL rule can say it. A spec means the 
   fields (probes, `backoffLimit`, `nodes`, `minAvailable`, deadlines) at most 2147483647; seeds 0 to
   4294967295 (numpy's, which `vllm --seed` and the trainers' `set_seed` use). `vllmArgs` must not set
   what the operator sets (the model, `--served-model-name`, `--host`, `--port`, `--tensor-parallel-size`,
-  `--gpu-memory-utilization`, `--max-model-len`, `--seed`, `--runner`; `_` spellings too): the spec's
-  fields set them. Tolerations follow Kubernetes' rules (operator `Exists` when the key is empty, no
-  value with `Exists`, `tolerationSeconds` only with effect `NoExecute`).
+  `--seed`; `_` spellings too): the spec's fields set them. Tolerations follow Kubernetes' rules (operator
+  `Exists` when the key is empty, no value with `Exists`, `tolerationSeconds` only with effect `NoExecute`).
 - **Cross-field rules** a stage would otherwise trip over hours later: a global `batchSize` that
   `perDeviceBatchSize` divides; `wrpo.maxPromptLength < wrpo.maxLength`; every `selection.sourceGroups`
   entry names a source or a group; `selection.sourceRank` at most the selected sources;
