@@ -270,7 +270,8 @@ def _pod_spec(spec: FusionSpec, pod_class: str, containers: list[Obj], volumes: 
     if c.node_selector or pods.node_selector:
         pod["nodeSelector"] = {**c.node_selector, **pods.node_selector}
     if c.tolerations or pods.tolerations:
-        pod["tolerations"] = [dict(t) for t in [*c.tolerations, *pods.tolerations]]
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True)
+                              for t in [*c.tolerations, *pods.tolerations]]
     if pods.affinity:
         pod["affinity"] = dict(pods.affinity)
     if pods.priority_class_name:

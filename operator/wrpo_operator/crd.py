@@ -25,6 +25,7 @@ from pydantic_core import PydanticUndefined
 
 from wrpo.pipeline.checks import LOOPBACK_URL_RE, S3_URI_RE, cel_matches
 from wrpo.pipeline.spec import (
+    POD_VALIDATORS,
     TYPE_VALIDATORS,
     DatasetSpec,
     FusionSpec,
@@ -167,9 +168,33 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         "fieldPath": ".model",
     }],
     ("DatasetSpec", "_sizes"): [{
-        "rule": f"!{_set('maxPrompts')} || {get(DatasetSpec, 'evalSize')} < self.maxPrompts",
-        "message": "evalSize must be smaller than maxPrompts: the splits would be empty",
+        "rule": f"!{_set('maxPrompts')} || {get(DatasetSpec, 'evalSize')} + 2 <= self.maxPrompts",
+        "message": "evalSize leaves a split empty: maxPrompts must be at least evalSize + 2 (a prompt each for the "
+        "SFT and preference splits)",
         "fieldPath": ".evalSize",
+    }],
+    ("Toleration", "_kubernetes_rules"): [
+        {"rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+         "message": "operator must be Exists when key is empty (it then tolerates every taint)",
+         "fieldPath": ".operator"},
+        {"rule": "!(has(self.operator) && self.operator == 'Exists' && has(self.value) && self.value != '')",
+         "message": "value must be empty when operator is Exists", "fieldPath": ".value"},
+        {"rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+         "message": "effect must be NoExecute when tolerationSeconds is set", "fieldPath": ".effect"},
+    ],
+    ("ClusterSpec", "_procs_fit_gpus"): [{
+        "rule": "!has(self.training) || !has(self.training.gpus) || self.training.gpus == 0 "
+        "|| (has(self.training.procsPerNode) ? self.training.procsPerNode : 1) <= self.training.gpus",
+        "message": "procsPerNode must not exceed gpus: torchrun starts one training process per GPU",
+        "fieldPath": ".training.procsPerNode",
+    }],
+    ("ClusterSpec", "_gang_fits_pods"): [{
+        "rule": "!has(self.schedulingPolicy) || !has(self.schedulingPolicy.minAvailable) "
+        "|| self.schedulingPolicy.minAvailable <= ((has(self.training) && has(self.training.nodes)) "
+        "? self.training.nodes : 1)",
+        "message": "minAvailable exceeds the pods of a training job (cluster.training.nodes): the gang would never "
+        "be scheduled",
+        "fieldPath": ".schedulingPolicy.minAvailable",
     }],
     ("SFTSpec", "_batch_multiple"): [_batch_rule(SFTSpec)],
     ("WRPOSpec", "_batch_multiple"): [_batch_rule(WRPOSpec)],
@@ -255,7 +280,19 @@ def _fits(section: str) -> dict[str, str]:
 
 
 def _not_relative(expr: str) -> str:
+    """A model: not ./ or ../ (a bare org/name is a hub id)."""
     return f"!({expr}.startsWith('./') || {expr}.startsWith('../'))"
+
+
+def _absolute(expr: str) -> str:
+    """A data or file path: s3:// or absolute."""
+    return f"({expr}.startsWith('/') || {expr}.startsWith('s3://'))"
+
+
+def _judge_not_relative(section: str) -> dict[str, str]:
+    j = f"self.{section}.judge"
+    return {"rule": f"!has(self.{section}) || !has({j}) || !has({j}.model) || {_not_relative(j + '.model')}",
+            "message": _RELATIVE, "fieldPath": f".{section}.judge.model"}
 
 
 _RELATIVE = "a relative path means nothing in a pod: use s3://bucket/prefix, an absolute path (cluster.modelsPvc) " \
@@ -275,7 +312,15 @@ CLUSTER_CEL: dict[str, list[dict[str, str]]] = {
          "fieldPath": ".sources"},
         {"rule": f"!has(self.reward) || !has(self.reward.model) || {_not_relative('self.reward.model')}",
          "message": _RELATIVE, "fieldPath": ".reward.model"},
-        {"rule": _not_relative("self.dataset.uri"), "message": _RELATIVE, "fieldPath": ".dataset.uri"},
+        {"rule": _absolute("self.dataset.uri"), "message": _RELATIVE, "fieldPath": ".dataset.uri"},
+        _judge_not_relative("reward"),
+        _judge_not_relative("eval"),
+        {"rule": f"!has(self.eval) || !has(self.eval.prompts) || {_absolute('self.eval.prompts')}",
+         "message": _RELATIVE, "fieldPath": ".eval.prompts"},
+        {"rule": "self.sources.all(s, !has(s.endpoint) || !has(s.endpoint.apiKeyFile) || "
+         f"{_absolute('s.endpoint.apiKeyFile')})",
+         "message": "a relative path means nothing in a pod: use an absolute path (a mounted Secret)",
+         "fieldPath": ".sources"},
     ],
 }
 
@@ -314,7 +359,7 @@ def pydantic_validators(model: type[BaseModel] = FusionSpec) -> set[tuple[str, s
         seen.add(m)
         decorators = m.__pydantic_decorators__
         for name in [*decorators.model_validators, *decorators.field_validators]:
-            if name not in TYPE_VALIDATORS:
+            if name not in TYPE_VALIDATORS | POD_VALIDATORS:  # POD_VALIDATORS: validate-only (no CEL form)
                 found.add((m.__name__, name))
         for f in m.model_fields.values():
             for t in _model_types(f.annotation):

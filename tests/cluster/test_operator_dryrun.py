@@ -116,7 +116,7 @@ def test_the_eval_stages_gpu_budget_rule_is_the_apiservers_too(k8s_api_client, k
 
     def run(budget: int, judge_tp: int) -> dict:
         spec = {"target": {"model": "t", "tensorParallelSize": 2}, "sources": [{"name": "a", "model": "m"}],
-                "dataset": {"uri": "p.jsonl", "evalSize": 4}, "eval": {"judge": {"model": "j",
+                "dataset": {"uri": "/data/p.jsonl", "evalSize": 4}, "eval": {"judge": {"model": "j",
                                                                                 "tensorParallelSize": judge_tp}},
                 "storage": {"runUri": "s3://bucket/runs/budget"}, "cluster": {"gpuBudget": budget,
                                                                              "training": {"gpus": 4}}}

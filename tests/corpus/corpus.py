@@ -11,7 +11,11 @@ from wrpo.pipeline.strict_yaml import load_yaml
 
 ROOT = Path(__file__).resolve().parent
 SPECS = ROOT / "specs"
+VALID = ROOT / "valid"
 DATA = ROOT / "data"
+#: `# apiserver: accepted: validate-only: why`: a pod-level rule the CRD cannot express (docs/spec.md,
+#: "Validation"); the apiserver admits the FusionRun and `wrpo spec validate` refuses it.
+VALIDATE_ONLY = "accepted: validate-only: "
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,11 @@ class SpecCase:
     def is_manifest(self) -> bool:
         return "\nkind: FusionRun\n" in "\n" + self.path.read_text()
 
+    @property
+    def validate_only(self) -> bool:
+        """A pod-level mistake only `validate` (and a pod's creation) can see: the CRD admits it."""
+        return any(a.startswith(VALIDATE_ONLY) for a in self.apiserver)
+
 
 def spec_cases() -> list[SpecCase]:
     cases = []
@@ -42,6 +51,23 @@ def spec_cases() -> list[SpecCase]:
         assert expect and api, f"{path}: a case needs '# expect:' and '# apiserver:' lines"
         cases.append(SpecCase(path, header[0].removeprefix("# "), expect, api))
     return cases
+
+
+@dataclass(frozen=True)
+class ValidCase:
+    path: Path
+    why: str
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def valid_cases() -> list[ValidCase]:
+    """Specs that must pass everywhere (`wrpo spec validate --cluster` and the apiserver): valid things a
+    rule once refused, and the edges of the rules."""
+    return [ValidCase(path, path.read_text().splitlines()[0].removeprefix("# "))
+            for path in sorted(VALID.glob("*.yaml"))]
 
 
 @dataclass(frozen=True)

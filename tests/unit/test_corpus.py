@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpus"))
-from corpus import ROOT, data_cases, spec_cases  # noqa: E402
+from corpus import ROOT, data_cases, spec_cases, valid_cases  # noqa: E402
 
 from wrpo.cli.main import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_CASES = spec_cases()
 DATA_CASES = data_cases()
+VALID_CASES = valid_cases()
 
 
 def cli(capsys, *args: str) -> tuple[int, list[str], str]:
@@ -35,7 +36,7 @@ def cli(capsys, *args: str) -> tuple[int, list[str], str]:
 
 
 def test_the_corpus_is_as_large_as_promised():
-    assert len(SPEC_CASES) >= 60 and len(DATA_CASES) >= 15
+    assert len(SPEC_CASES) >= 60 and len(DATA_CASES) >= 15 and len(VALID_CASES) >= 8
     assert len({c.name for c in SPEC_CASES}) == len(SPEC_CASES)
 
 
@@ -44,6 +45,14 @@ def test_the_cases_start_from_valid_specs(capsys, path):
     """The cases change one thing in these: each fails for its own mistake only."""
     code, err, out = cli(capsys, "spec", "validate", str(path))
     assert code == 0 and err == [f"{path}: valid (2 sources)"], err
+    assert out.splitlines()[0].startswith("prepare ")
+
+
+@pytest.mark.parametrize("case", VALID_CASES, ids=lambda c: c.name)
+def test_valid_spec_passes_with_the_cluster_rules(capsys, case):
+    """Valid things once refused (Secret names with dots, generateName) and the edges of the rules."""
+    code, err, out = cli(capsys, "spec", "validate", "--cluster", str(case.path))
+    assert code == 0 and err == [f"{case.path}: valid (2 sources)"], err
     assert out.splitlines()[0].startswith("prepare ")
 
 

@@ -74,7 +74,7 @@ EXPECTED = {
     "Stalled": ("Degraded", "stage prepare (0/11): stalled: ImagePullBackOff: pod demo-prepare-p container stage: "
                             'Back-off pulling image "nope:1"'),
     "Suspended": ("Suspended", "suspended before stage prepare"),
-    "Succeeded": ("Healthy", "fused model at s3://b/runs/demo/wrpo/model/"),
+    "Succeeded": ("Healthy", "fused model at s3://bkt/runs/demo/wrpo/model/"),
     "Failed": ("Degraded", "stage prepare failed: BackoffLimitExceeded: Job has reached the specified backoff limit"),
 }
 

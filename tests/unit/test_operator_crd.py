@@ -74,12 +74,14 @@ def test_optional_fields_are_nullable_and_free_form_only_where_the_model_is():
     spec = _schema()["properties"]["spec"]["properties"]
     src = spec["sources"]["items"]["properties"]
     assert src["model"]["nullable"] and src["endpoint"]["nullable"] and src["endpoint"]["type"] == "object"
-    assert spec["cluster"]["properties"]["tolerations"]["items"]["x-kubernetes-preserve-unknown-fields"]
+    toleration = spec["cluster"]["properties"]["tolerations"]["items"]  # typed, with Kubernetes' rules as CEL
+    assert toleration["properties"]["operator"]["enum"] == ["Exists", "Equal", ""]
+    assert toleration["x-kubernetes-validations"]
     preserved = [p for p, n in _walk(_schema()) if n.get("x-kubernetes-preserve-unknown-fields")]
     # Kubernetes' own types passed through to pods (metadata is typed `object` by convention)
     per_component = [f"$.spec.cluster.pods.{c}.{f}" for c in ("vllm", "sampling", "scoring", "training", "small")
-                     for f in ("tolerations[]", "affinity", "volumes[]", "volumeMounts[]")]
-    assert sorted(preserved) == sorted(["$.spec.cluster.tolerations[]", *per_component])
+                     for f in ("affinity", "volumes[]", "volumeMounts[]")]
+    assert sorted(preserved) == sorted(per_component)
 
 
 def test_paper_defaults_and_bounds_reach_the_schema():
@@ -125,7 +127,7 @@ def test_field_checks_reach_the_crd():
     memory = spec["cluster"]["properties"]["vllm"]["properties"]["memory"]
     assert "isQuantity(self)" in _rules(memory)[0]["rule"] and memory["maxLength"] == 64
     run_uri = spec["storage"]["properties"]["runUri"]
-    assert run_uri["nullable"] and run_uri["maxLength"] == 1024 and len(_rules(run_uri)) == 2
+    assert run_uri["nullable"] and run_uri["maxLength"] == 1024 and len(_rules(run_uri)) == 3  # + the bucket's name
     assert "must not contain credentials" in _rules(run_uri)[0]["message"]
 
 

@@ -26,11 +26,11 @@ T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 def tiny_spec(**over):
     spec = {
-        "target": {"model": "s3://b/models/target"},
-        "sources": [{"name": "llama", "model": "s3://b/models/llama"},
+        "target": {"model": "s3://bkt/models/target"},
+        "sources": [{"name": "llama", "model": "s3://bkt/models/llama"},
                     {"name": "api", "endpoint": {"url": "https://api.example.com/v1", "model": "m"}}],
-        "dataset": {"uri": "s3://b/prompts.jsonl"},
-        "storage": {"runUri": "s3://b/runs/demo"},
+        "dataset": {"uri": "s3://bkt/prompts.jsonl"},
+        "storage": {"runUri": "s3://bkt/runs/demo"},
         "cluster": {"training": {"gpus": 1}},
     }
     spec.update(over)
@@ -229,9 +229,9 @@ def test_a_run_walks_every_stage_in_order_and_succeeds():
     status = kube.run["status"]
     all_stages = f"{len(STAGE_NAMES)}/{len(STAGE_NAMES)}"
     assert status["phase"] == "Succeeded" and status["progress"] == all_stages and status.get("stage") is None
-    assert status["outputUri"] == "s3://b/runs/demo/wrpo/model/"
+    assert status["outputUri"] == "s3://bkt/runs/demo/wrpo/model/"
     assert [s["state"] for s in status["stages"]] == ["Succeeded"] * len(STAGE_NAMES)
-    assert all(s["outputUri"] == f"s3://b/runs/demo/{s['name']}/" for s in status["stages"])
+    assert all(s["outputUri"] == f"s3://bkt/runs/demo/{s['name']}/" for s in status["stages"])
     conds = {c["type"]: c["status"] for c in status["conditions"]}
     assert conds == {"Ready": "True", "Progressing": "False", "Succeeded": "True", "Failed": "False",
                      "Suspended": "False", "Stalled": "False"}
@@ -474,7 +474,7 @@ def test_ttl_after_finish_deletes_the_run():
 
 def test_the_deadline_bounds_the_wait_for_servers():
     kube = FakeKube()
-    kube.add_run(tiny_spec(cluster={"activeDeadlineSeconds": 600}, sources=[{"name": "llama", "model": "s3://b/m"}]))
+    kube.add_run(tiny_spec(cluster={"activeDeadlineSeconds": 600}, sources=[{"name": "llama", "model": "s3://bkt/m"}]))
     step(kube)
     kube.finish("Job", "demo-prepare")
     d = step(kube)
@@ -515,7 +515,7 @@ def test_a_stage_that_finished_unwatched_still_gets_its_started_event():
     from wrpo_operator.status import transitions
 
     old = {"phase": "Running", "stages": [{"name": "prepare", "state": "Waiting"}]}
-    new = {"phase": "Running", "stages": [{"name": "prepare", "state": "Succeeded", "outputUri": "s3://b/r/prepare/"}]}
+    new = {"phase": "Running", "stages": [{"name": "prepare", "state": "Succeeded", "outputUri": "s3://bkt/r/prepare/"}]}
     reasons = [r for _, r, _ in transitions(old, new)]
     assert reasons == ["StageStarted", "StageSucceeded"]
     assert transitions(new, new) == []
@@ -822,7 +822,7 @@ def paper_spec(budget: int | None, extra: list | None = None) -> dict:
 
     doc = yaml.safe_load((Path(__file__).parents[2] / "manifests/examples/paper-llama3-8b.yaml").read_text())
     spec = doc["spec"]
-    spec["storage"] = {"runUri": "s3://b/runs/demo"}
+    spec["storage"] = {"runUri": "s3://bkt/runs/demo"}
     spec["sources"] = [*spec["sources"], *(extra or [])]
     spec["cluster"] = {"gpuBudget": budget, "training": {"gpus": 8, "procsPerNode": 8},
                        "scoring": {"gpus": 1}} if budget else {"training": {"gpus": 8, "procsPerNode": 8}}
@@ -942,7 +942,7 @@ def test_scoring_shards_run_as_an_indexed_job_then_a_commit_job():
     small = [{"name": f"s{i}", "model": f"/models/s{i}"} for i in range(3)]
     spec = parse_spec(paper_spec(3) | {"sources": small, "cluster": {
         "gpuBudget": 3, "training": {"gpus": 2, "procsPerNode": 2}, "scoring": {"gpus": 1, "parallelism": 6}}}, "t")
-    kids = b.stage_children(NAME, NS, spec, "score-sources", "s3://b/runs/demo", "h")
+    kids = b.stage_children(NAME, NS, spec, "score-sources", "s3://bkt/runs/demo", "h")
     shards, commit = kids.runners
     assert shards["spec"]["completionMode"] == "Indexed" and shards["spec"]["completions"] == 6
     assert shards["spec"]["parallelism"] == 3  # the budget's 3 GPUs, one per shard pod
@@ -953,7 +953,7 @@ def test_scoring_shards_run_as_an_indexed_job_then_a_commit_job():
     commit_container = commit["spec"]["template"]["spec"]["containers"][0]
     assert "--shard" not in commit_container["command"]
     assert "nvidia.com/gpu" not in commit_container["resources"]["requests"]  # it only commits the parts
-    plain = b.stage_children(NAME, NS, parse_spec(paper_spec(8), "t"), "score-sources", "s3://b/runs/demo", "h")
+    plain = b.stage_children(NAME, NS, parse_spec(paper_spec(8), "t"), "score-sources", "s3://bkt/runs/demo", "h")
     assert len(plain.runners) == 1 and "completionMode" not in plain.runners[0]["spec"]
 
 

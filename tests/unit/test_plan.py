@@ -48,7 +48,7 @@ def test_graph_is_ordered_and_closed():
         ({"target": {"model": "t", "replicas": 4}}, []),
         ({"sources": [{"name": "a", "model": "m", "replicas": 3}, {"name": "b", "model": "n"}]}, []),
         ({"cluster": {"nodeSelector": {"gpu": "a100"}}}, []),
-        ({"storage": {"runUri": "s3://b/r"}}, []),
+        ({"storage": {"runUri": "s3://bkt/r"}}, []),
         ({"dataset": {"seed": 7}}, list(STAGE_NAMES)),
     ],
 )

@@ -182,13 +182,13 @@ def test_a_spec_that_is_not_utf8_is_named(tmp_path):
 
 
 MANIFEST = (f"apiVersion: {API_VERSION}\nkind: FusionRun\nmetadata: {{name: x}}\nspec:\n"
-            "  target: {model: s3://b/models/target}\n  sources: [{name: a, model: s3://b/models/a}]\n"
-            "  dataset: {uri: s3://b/prompts.jsonl}\n  storage: {runUri: RUN}\n"
+            "  target: {model: s3://bkt/models/target}\n  sources: [{name: a, model: s3://bkt/models/a}]\n"
+            "  dataset: {uri: s3://bkt/prompts.jsonl}\n  storage: {runUri: RUN}\n"
             "  cluster: {training: {procsPerNode: 1}}\n")
 
 
 def test_fusionrun_manifests_get_the_clusters_rules():
-    assert load_spec_text(MANIFEST.replace("RUN", "s3://b/runs/x"), "run.yaml").storage.run_uri == "s3://b/runs/x"
+    assert load_spec_text(MANIFEST.replace("RUN", "s3://bkt/runs/x"), "run.yaml").storage.run_uri == "s3://bkt/runs/x"
     with pytest.raises(SpecError) as e:
         load_spec_text(MANIFEST.replace("RUN", "./runs/x"), "run.yaml")
     assert str(e.value) == ("run.yaml:8: spec.storage.runUri: a FusionRun needs an s3://bucket/prefix run "
@@ -198,11 +198,11 @@ def test_fusionrun_manifests_get_the_clusters_rules():
     with pytest.raises(SpecError, match="spec.yaml:4: storage.runUri"):
         load_spec_text(bare, "spec.yaml", cluster=True)  # `wrpo spec validate --cluster`
     with pytest.raises(SpecError, match="metadata.name: a FusionRun name must be a DNS-1035 label"):
-        load_spec_text(MANIFEST.replace("name: x", "name: X_1").replace("RUN", "s3://b/r"), "run.yaml")
+        load_spec_text(MANIFEST.replace("name: x", "name: X_1").replace("RUN", "s3://bkt/r"), "run.yaml")
 
 
 def test_cluster_batches_fit_the_training_devices():
-    data = with_("storage.runUri", "s3://b/runs/x")
+    data = with_("storage.runUri", "s3://bkt/runs/x")
     data["sft"] = {"batchSize": 8, "perDeviceBatchSize": 2}
     assert parse_spec(data)  # locally one process: 8 = 2 × 4 accumulation steps
     assert problems(data, cluster=True) == [  # default cluster.training: 1 node × 8 processes
@@ -250,7 +250,7 @@ def test_keys_go_over_https_unless_loopback_or_opted_in(url, extra, ok):
 @pytest.mark.parametrize(("check", "good", "bad"), [
     ("StorageUri", ["./runs/x", "/data/p.jsonl", "s3://bucket", "s3://my.bucket-1/a/b", "runs/x"],
      ["gs://b/x", "s3://", "s3:///x", "S3://b/x", "file:///x", "s3://k:s@b/x", ""]),
-    ("ModelUri", ["org/name", "name", "/models/m", "s3://b/models/m"], ["hf://org/name", "https://x/m"]),
+    ("ModelUri", ["org/name", "name", "/models/m", "s3://bkt/models/m"], ["hf://org/name", "https://x/m"]),
     ("HttpUrl", ["http://h", "https://h.example.com:443/v1/", "http://10.0.0.1:8000", "http://[::1]:80/v1",
                  "http://my_host:1/"], ["https://", "h:80", "https://h/v1?k=1", "https://h#f", "https://u:p@h",
                                         "https://h:0", "https://h:65536", "https://h/a b"]),

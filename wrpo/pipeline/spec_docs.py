@@ -33,20 +33,43 @@ admission, with the same messages where a CEL rule can say it. A spec means the 
   value `yes` as `true`, YAML 1.2 tools read strings; quote them (`'n': 4`) or write `true`/`false`.
   Numbers with a leading zero (`010`: 8 or 10?), `0o`/`0b` prefixes or `_` separators are refused too,
   and so are tags other than `!!str !!int !!float !!bool !!null`.
+- **YAML that cannot hurt.** A spec is at most 256 KiB, nested at most 64 levels deep, with at most
+  1000 aliases that expand to at most 20000 values ("billion laughs" is refused at its first alias over
+  the limit, within milliseconds); each limit is one error line naming the file and the line.
 - **Field checks** (the "rules" column below): Kubernetes quantities (`isQuantity`), object names (DNS
-  labels and subdomains), environment variable names, label and annotation keys, and URIs: `runUri` and
-  `dataset.uri` are local paths or `s3://bucket/prefix`; models are also hub ids (`org/name`); nothing
-  else (`gs://`, `https://`, `s3://` without a bucket) and never credentials (`user:password@`).
-  Endpoints are `http(s)://host[:port][/path]` without query or fragment.
+  labels and subdomains; Secret names may contain dots), Secret keys, environment variable names, label and
+  annotation keys, image references (`[registry[:port]/]name[:tag][@digest]`, what the kubelet can pull),
+  and URIs. Every URI or path field (models, judges, the dataset, eval prompts, `runUri`, `apiKeyFile`) has
+  one checked type: local paths or `s3://bucket/prefix`, models also hub ids (`org/name`); nothing else
+  (`gs://`, `https://`, `s3://` without a bucket), never credentials (`user:password@`), and bucket names
+  as S3 allows them (3 to 63 lowercase letters, digits, `.` and `-`, starting and ending with a letter or
+  digit, no IP address, no `..`, no `xn--`/`sthree-` prefix, no `-s3alias`/`--ol-s3` suffix). Endpoints
+  are `http(s)://host[:port][/path]` without query or fragment. Integers are 64-bit; Kubernetes' int32
+  fields (probes, `backoffLimit`, `nodes`, `minAvailable`, deadlines) at most 2147483647; seeds 0 to
+  4294967295 (numpy's, which `vllm --seed` and the trainers' `set_seed` use). `vllmArgs` must not set
+  what the operator sets (the model, `--served-model-name`, `--host`, `--port`, `--tensor-parallel-size`,
+  `--seed`; `_` spellings too): the spec's fields set them. Tolerations follow Kubernetes' rules (operator
+  `Exists` when the key is empty, no value with `Exists`, `tolerationSeconds` only with effect `NoExecute`).
 - **Cross-field rules** a stage would otherwise trip over hours later: a global `batchSize` that
   `perDeviceBatchSize` divides; `wrpo.maxPromptLength < wrpo.maxLength`; every `selection.sourceGroups`
   entry names a source or a group; `selection.sourceRank` at most the selected sources;
   `selection.topKSources` at most `sampling.n` × the selected sources; `selection.rejectedSource` equal to
-  `wrpo.rejectedSource`; a source's `maxModelLen` above `sampling.maxTokens`; `dataset.evalSize` below
-  `dataset.maxPrompts`; `sampling.n` ≥ 2 and `sampling.temperature` > 0 (y_wt and y_l are the best and
-  worst of N different answers); 0 < `dataset.sftFraction` < 1; every reward type has a `model`.
+  `wrpo.rejectedSource`; a source's `maxModelLen` above `sampling.maxTokens`; `dataset.maxPrompts` at
+  least `dataset.evalSize` + 2 (a prompt each for the SFT and preference splits beside the eval prompts);
+  `sampling.n` ≥ 2 and `sampling.temperature` > 0 (y_wt and y_l are the best and worst of N different
+  answers); 0 < `dataset.sftFraction` < 1; every reward type has a `model`; `cluster.training.procsPerNode`
+  at most its `gpus` (one process per GPU); `cluster.schedulingPolicy.minAvailable` at most the training
+  job's pods (`cluster.training.nodes`).
+- **Pod-level rules** that Kubernetes applies only when a stage pod is created, checked by `wrpo spec
+  validate`, `wrpo run` and the operator (the CRD cannot express them, so the apiserver admits the
+  FusionRun): `cluster.pods.*.volumes` are named by unique DNS labels unlike the operator's own volumes
+  (`spec`, `scratch`, `dshm`, `models`, `weights`, `checkpoints`); each of `volumeMounts` mounts one of
+  them at an absolute path that is not one of the operator's (`/etc/wrpo`, `/work`, `/dev/shm`, `/models`,
+  `/weights`); a pod's annotations (`cluster.podAnnotations` with the component's own) total at most
+  256 KiB.
 - **The cluster's rules** apply to FusionRun manifests (`wrpo spec validate run.yaml`, `wrpo run
-  run.yaml`), to `wrpo spec validate --cluster` and on the apiserver: RULES.
+  run.yaml`), to `wrpo spec validate --cluster` and on the apiserver: RULES. A manifest may use
+  `metadata.generateName` (at most 35 characters: the apiserver adds 5) instead of `metadata.name`.
 
 Every problem is reported at once, one line each, naming the file, the line and the field path
 (`fusion.yaml:23: sampling.n: Input should be greater than or equal to 2`); the command exits with code
@@ -73,7 +96,8 @@ _CLUSTER_RULE_WORDS = {
     "run_on_s3": "`storage.runUri` is `s3://bucket/prefix` (the pods share no local disk)",
     "batches_fit_devices": "`sft.batchSize` and `wrpo.batchSize` are multiples of `perDeviceBatchSize` × "
     "`cluster.training.nodes` × `procsPerNode`",
-    "no_relative_paths": "no `./` or `../` paths for models and the dataset",
+    "no_relative_paths": "no `./` or `../` paths for models and judges, and only absolute or s3:// paths for "
+    "the dataset, eval prompts and `apiKeyFile`",
 }
 
 

@@ -11,6 +11,12 @@ floats) and refuses, with file:line:column, what they read differently:
 - duplicate keys (PyYAML keeps the last silently, the apiserver's strict mode refuses them);
 - keys that are not strings, recursive aliases, and tags other than the core ones.
 
+YAML that could exhaust the machine is refused before it is built, each with one line naming the file
+and line: more than `MAX_CHARS` characters, nesting deeper than `MAX_DEPTH` (PyYAML's composer recurses and
+would end in a RecursionError), more than `MAX_ALIASES` aliases, or aliases that expand to more than
+`MAX_VALUES` values ("billion laughs": nine levels of nine aliases are 387 million strings). The limits are
+checked on the parser's event stream, which holds one value at a time.
+
 Anything else plain is a string, as kubectl reads it (dates, `1:20`). Whole numbers written as floats
 (`5.0`) are integers, as on the apiserver (JSON has one number type). `load_yaml` also returns the line
 of every path, so schema errors can name the line. `dump_yaml` writes YAML that `load_yaml` and Go read
@@ -19,6 +25,7 @@ back unchanged (strings that would resolve otherwise are quoted).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -43,13 +50,24 @@ _NAN = frozenset({".nan", ".NaN", ".NAN"})
 _AMBIGUOUS_NUMBER = re.compile(r"[-+]?(0[0-9_]+(\.[0-9_]*)?|0o[0-7_]+|0b[01_]+|[0-9][0-9_]*_[0-9_]*(\.[0-9_]*)?)")
 _MAX_EXACT = 2**53  # beyond this a float is not a JSON integer for the apiserver either
 
+#: Limits of one document (a spec is a few kilobytes; a FusionRun is at most about 1.5 MB in etcd).
+MAX_CHARS = 256 * 1024
+MAX_DEPTH = 64
+MAX_ALIASES = 1000
+MAX_VALUES = 20_000
+
 _CORE_TAGS = {
     "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
     "tag:yaml.org,2002:null", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq",
 }
 
 
-class _Loader(yaml.SafeLoader):
+#: libyaml's parser (PyYAML's wheels bundle it): the pure-Python scanner takes seconds per megabyte and grows
+#: quadratically with flow nesting, so a limit would not be reached within a second.
+_Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_Parser):  # type: ignore[misc, valid-type]
     """Composes nodes only; plain scalars keep their text (tag `_PLAIN`) for `_scalar` to resolve."""
 
     def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
@@ -73,8 +91,13 @@ def _short(tag: str) -> str:
     return tag.replace("tag:yaml.org,2002:", "!!")
 
 
-def _where(source: str, node: yaml.Node) -> str:
+def _where(source: str, node: yaml.Node | yaml.Event) -> str:
     return f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+
+def quote(text: str) -> str:
+    """'text' for a message, JSON-escaped when it holds a line break or another unprintable character (one line)."""
+    return f"'{text}'" if text.isprintable() else json.dumps(text)
 
 
 def json_number(value: float) -> float | int:
@@ -121,19 +144,77 @@ def _explicit(node: yaml.ScalarNode) -> Any:
              "tag:yaml.org,2002:bool": bool}
     expected = kinds.get(tag)
     if expected is None or not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"'{text}' is not a valid {tag.rsplit(':', 1)[-1]}")
+        raise ValueError(f"{quote(text)} is not a valid {tag.rsplit(':', 1)[-1]}")
     return value
+
+
+def _limits(text: str, source: str) -> None:
+    """SpecError at the first limit `text` exceeds (see the module doc); YAML errors are left to the composer."""
+    if len(text) > MAX_CHARS:
+        line = text.count("\n", 0, MAX_CHARS) + 1
+        raise SpecError(f"{source}:{line}: longer than {MAX_CHARS} characters; a spec is a few kilobytes")
+    expanded: dict[str, tuple[int, int]] = {}  # anchor -> (values, depth) of its node with every alias expanded
+    open_: list[list[Any]] = [[0, 0, None]]  # per open collection: [values, depth below, anchor]
+    total = aliases = 0
+
+    def add(values: int, depth: int, event: yaml.Event) -> None:
+        nonlocal total
+        total += values
+        open_[-1][0] += values
+        open_[-1][1] = max(open_[-1][1], depth)
+        if total > MAX_VALUES:
+            what = f" (here: alias *{event.anchor})" if isinstance(event, yaml.AliasEvent) else ""
+            raise SpecError(f"{_where(source, event)}: aliases expand to more than {MAX_VALUES} values{what}; "
+                            "write the values out")
+        if len(open_) - 1 + depth > MAX_DEPTH:
+            raise SpecError(f"{_where(source, event)}: nesting deeper than {MAX_DEPTH} levels"
+                            + (f" (alias *{event.anchor} expanded)" if isinstance(event, yaml.AliasEvent) else ""))
+
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                add(1, 1, event)
+                open_.append([0, 0, event.anchor])
+            elif isinstance(event, yaml.CollectionEndEvent):
+                values, depth, anchor = open_.pop()
+                open_[-1][0] += values  # the parent holds them too (already counted in `total`)
+                open_[-1][1] = max(open_[-1][1], depth + 1)
+                if anchor:
+                    expanded[anchor] = (values + 1, depth + 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                if event.anchor:
+                    expanded[event.anchor] = (1, 0)
+                add(1, 0, event)
+            elif isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > MAX_ALIASES:
+                    raise SpecError(f"{_where(source, event)}: more than {MAX_ALIASES} aliases; write the values out")
+                add(*expanded.get(event.anchor, (1, 0)), event)  # an open anchor is a recursive alias (refused later)
+    except yaml.YAMLError as e:  # the composer reports it, except libyaml's own depth limit (1000)
+        if "nesting depth" in str(getattr(e, "problem", "")) and getattr(e, "problem_mark", None):
+            raise SpecError(f"{source}:{e.problem_mark.line + 1}:{e.problem_mark.column + 1}: nesting deeper than "
+                            f"{MAX_DEPTH} levels") from None
+
+
+def _yaml_error(e: yaml.YAMLError, text: str, source: str) -> str:
+    """One line: `source:line: not valid YAML (problem)`."""
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow; it has a position, not a mark
+        line = text.count("\n", 0, e.position) + 1
+        char = e.character if isinstance(e.character, int) else ord(e.character[:1] or "\0")
+        return f"{source}:{line}: not valid YAML (character #x{char:04x}: {e.reason})"
+    mark = getattr(e, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    problem = " ".join((getattr(e, "problem", None) or str(e)).split())
+    return f"{where}: not valid YAML ({problem})"
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     """(data, line of every path) of one YAML document; SpecError listing every problem (see module doc)."""
+    _limits(text, source)
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{where}: not valid YAML ({problem})") from None
+        raise SpecError(_yaml_error(e, text, source)) from None
     problems = YamlProblems()
     lines: dict[Path, int] = {}
     data = _build(root, (), source, problems, lines, set()) if root is not None else None
@@ -207,11 +288,11 @@ def _mapping(node: yaml.MappingNode, path: Path, source: str, problems: YamlProb
             continue
         key = _scalar(key_node, source, problems)
         if not isinstance(key, str):
-            problems.append(f"{_where(source, key_node)}: key '{key_node.value}' is read as {_describe(key)}; "
+            problems.append(f"{_where(source, key_node)}: key {quote(key_node.value)} is read as {_describe(key)}; "
                             "keys must be strings (quote it)")
             continue
         if key in out:
-            problems.append(f"{_where(source, key_node)}: duplicate key '{key}' (first on line "
+            problems.append(f"{_where(source, key_node)}: duplicate key {quote(key)} (first on line "
                             f"{lines[(*path, key)]})")
             continue
         lines[(*path, key)] = key_node.start_mark.line + 1
