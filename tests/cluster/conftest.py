@@ -283,3 +283,12 @@ def k8s_controllers(request) -> k8s_harness.Controllers:
         pytest.skip(str(e))
     cluster = request.getfixturevalue("k8s_cluster")
     return k8s_harness.start_controllers(cluster, bin_dir=bin_dir)
+
+
+@pytest.fixture
+def kueue_namespace(k8s_controllers, k8s_api_client):
+    """A fresh kwok namespace that Kueue manages (label `k8s_harness.KUEUE_NAMESPACE_LABEL`) with the LocalQueue
+    `k8s_harness.KUEUE_LOCAL_QUEUE` feeding the harness's 8-GPU ClusterQueue."""
+    for name in _namespace(k8s_api_client, "t-", dict([k8s_harness.KUEUE_NAMESPACE_LABEL])):
+        k8s_controllers.local_queue(name)
+        yield name

@@ -713,6 +713,10 @@ KUEUE_FRAMEWORKS = ("batch/job", "pod", "deployment", "kubeflow.org/pytorchjob",
 #: The Kueue API version v0.17 stores and serves (v1beta1 is still served, converted by Kueue's webhook).
 KUEUE_API = ("kueue.x-k8s.io", "v1beta2")
 KUEUE_NAMESPACE = "kueue-system"
+#: Kueue manages Jobs, pods and Deployments only in namespaces with this label (`managedJobsNamespaceSelector`,
+#: which v0.17 always respects), so the session's other tests, whose children carry queue labels without a
+#: Kueue to admit them, run as before. Fixture `kueue_namespace` makes such a namespace with a LocalQueue.
+KUEUE_NAMESPACE_LABEL = ("wrpo.test/kueue", "true")
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_CLUSTER_QUEUE = "wrpo-cluster-queue"
 KUEUE_LOCAL_QUEUE = "wrpo-queue"
@@ -727,13 +731,12 @@ _KUEUE_CONVERTED_CRDS = ("localqueues", "clusterqueues", "cohorts", "workloads",
 # see JobSet pods, Kueue's pod/Deployment/StatefulSet webhooks skip kube-system and Kueue's namespace.
 _JOBSET_POD_SELECTOR = {"objectSelector": {"matchExpressions": [
     {"key": "jobset.sigs.k8s.io/jobset-name", "operator": "Exists"}]}}
-_KUEUE_NAMESPACE_SELECTOR = {"namespaceSelector": {"matchExpressions": [
-    {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", KUEUE_NAMESPACE]}]}}
+# Kueue's release limits its pod, Deployment and StatefulSet webhooks to namespaces other than kube-system and
+# its own; here every webhook of a Kueue integration (not those of Kueue's own kinds) is limited to the
+# namespaces KUEUE_NAMESPACE_LABEL opts in, which excludes those two as well.
+_KUEUE_NAMESPACE_SELECTOR = {"namespaceSelector": {"matchLabels": dict([KUEUE_NAMESPACE_LABEL])}}
 _WEBHOOK_PATCHES = {
     "jobset": {"mpod.kb.io": _JOBSET_POD_SELECTOR, "vpod.kb.io": _JOBSET_POD_SELECTOR},
-    "kueue": {name: _KUEUE_NAMESPACE_SELECTOR for name in (
-        "mpod.kb.io", "vpod.kb.io", "mdeployment.kb.io", "vdeployment.kb.io",
-        "mstatefulset.kb.io", "vstatefulset.kb.io")},
 }
 _CONTROLLER_FILES = {
     "jobset": ("jobset", "jobset-crds", "webhooks/jobset.yaml"),
@@ -838,7 +841,8 @@ def _install_crds(cluster: Cluster, crd_dir: Path, timeout: float, conversion_po
 def _register_webhooks(cluster: Cluster, name: str, manifest: Path, port: int) -> list[str]:
     """Create the Mutating/ValidatingWebhookConfigurations of a release's webhook manifest (named
     `<name>-<kind>`), each webhook pointed at https://127.0.0.1:<port><its path> with the harness CA,
-    with the selectors of the release's kustomization (_WEBHOOK_PATCHES). Returns the webhook names."""
+    with the selectors of the release's kustomization (_WEBHOOK_PATCHES; Kueue's integrations: only the
+    namespaces labelled KUEUE_NAMESPACE_LABEL). Returns the webhook names."""
     from kubernetes import client
 
     assert cluster.ca is not None
@@ -856,6 +860,9 @@ def _register_webhooks(cluster: Cluster, name: str, manifest: Path, port: int) -
                 webhook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle}
                 webhook["timeoutSeconds"] = 10
                 webhook.update(_WEBHOOK_PATCHES.get(name, {}).get(webhook["name"], {}))
+                groups = {g for rule in webhook.get("rules", []) for g in rule.get("apiGroups", [])}
+                if name == "kueue" and KUEUE_API[0] not in groups:
+                    webhook.update(_KUEUE_NAMESPACE_SELECTOR)
                 registered.append(webhook["name"])
             if kind == "MutatingWebhookConfiguration":
                 admission.create_mutating_webhook_configuration(document)
@@ -910,6 +917,7 @@ def kueue_configuration(*, webhook_port: int, probe_port: int, metrics_port: int
         "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
         "namespace": KUEUE_NAMESPACE,
         "manageJobsWithoutQueueName": False,
+        "managedJobsNamespaceSelector": {"matchLabels": dict([KUEUE_NAMESPACE_LABEL])},
         "leaderElection": {"leaderElect": False},
         "internalCertManagement": {"enable": False},
         "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},

@@ -12,6 +12,7 @@ import pytest
 from k8s_harness import (
     JOBSET_API,
     KUEUE_API,
+    KUEUE_LOCAL_QUEUE,
     KUEUE_QUEUE_LABEL,
     RUN_DURATION_ANNOTATION,
     TRAINER_API,
@@ -181,15 +182,14 @@ def _gpu_job(name: str, queue: str, gpus: int, run_for: str) -> dict:
     }
 
 
-def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, k8s_api_client, k8s_namespace):
+def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, k8s_api_client, kueue_namespace):
     custom, batch, core = (
         client.CustomObjectsApi(k8s_api_client),
         client.BatchV1Api(k8s_api_client),
         client.CoreV1Api(k8s_api_client),
     )
     group, version = KUEUE_API
-    ns = k8s_namespace
-    queue = k8s_controllers.local_queue(ns)["metadata"]["name"]
+    ns, queue = kueue_namespace, KUEUE_LOCAL_QUEUE
 
     def workload(job_name: str) -> dict | None:
         for wl in custom.list_namespaced_custom_object(group, version, ns, "workloads")["items"]:
@@ -229,3 +229,16 @@ def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, 
     wait_for("Job second complete", lambda: batch.read_namespaced_job("second", ns).status.succeeded == 1, 60)
     first = workload("first")
     assert (_condition(first, "Finished") or {}).get("status") == "True", first.get("status")
+
+
+def test_kueue_leaves_namespaces_it_does_not_manage_alone(k8s_controllers, k8s_api_client, k8s_namespace):
+    """The session's other tests label children for a queue no Kueue serves: outside the namespaces labelled
+    KUEUE_NAMESPACE_LABEL, Kueue neither suspends such a Job nor makes a Workload for it."""
+    batch, custom = client.BatchV1Api(k8s_api_client), client.CustomObjectsApi(k8s_api_client)
+    group, version = KUEUE_API
+    created = batch.create_namespaced_job(k8s_namespace, _gpu_job("unmanaged", "team-gpus", 6, "1s"))
+    assert created.spec.suspend is False
+    wait_for(
+        "Job unmanaged complete", lambda: batch.read_namespaced_job("unmanaged", k8s_namespace).status.succeeded, 60
+    )
+    assert not custom.list_namespaced_custom_object(group, version, k8s_namespace, "workloads")["items"]
