@@ -140,21 +140,21 @@ build_kueue() {
 go 1.26
 
 require sigs.k8s.io/kueue ${KUEUE_VERSION}")"
-  printf 'package kueue\n' >"${dir}/doc.go"
   local kueue
   kueue="$(module_dir sigs.k8s.io/kueue "${KUEUE_VERSION}")"
   # With its own certificate management off (the harness gives the webhook a certificate from its
   # CA), cmd/kueue reads the metrics server's certificate from the fixed /etc/kueue/metrics/certs
-  # and exits without it. A build overlay (go build -overlay: the module stays untouched) makes that
-  # folder the value of $KUEUE_METRICS_CERT_DIR, so tests need no file outside their work dir.
+  # and exits without it. The wrapper's main.go is cmd/kueue/main.go of the module with that constant
+  # replaced by $KUEUE_METRICS_CERT_DIR (written here, never committed; go build -overlay may not
+  # replace files of the module cache), so tests need no file outside their work dir. Everything
+  # else is the module's own packages.
   local main="${kueue}/cmd/kueue/main.go" fixed='metricsCertPath := "/etc/kueue/metrics/certs"'
   grep -qF "${fixed}" "${main}" || { log "kueue ${KUEUE_VERSION}: '${fixed}' not found in ${main}"; exit 1; }
-  mkdir -p "${dir}/overlay"
-  sed "s|${fixed}|metricsCertPath := os.Getenv(\"KUEUE_METRICS_CERT_DIR\")|" "${main}" >"${dir}/overlay/main.go"
-  printf '{"Replace": {"%s": "%s"}}\n' "${main}" "${dir}/overlay/main.go" >"${dir}/overlay.json"
+  sed "s|${fixed}|metricsCertPath := os.Getenv(\"KUEUE_METRICS_CERT_DIR\")|" "${main}" >"${dir}/main.go"
+  rm -f "${dir}/doc.go"
   local v="sigs.k8s.io/kueue/pkg/version"
-  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -overlay "${dir}/overlay.json" \
-    -ldflags "${LDFLAGS} -X ${v}.GitVersion=${KUEUE_VERSION}" -o "${OUT}/kueue" sigs.k8s.io/kueue/cmd/kueue)
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" \
+    -ldflags "${LDFLAGS} -X ${v}.GitVersion=${KUEUE_VERSION}" -o "${OUT}/kueue" .)
   touch "${OUT}/.kueue-metrics-cert-dir"
   copy_manifests kueue-crds "${kueue}/config/components/crd/bases"
   mkdir -p "${OUT}/webhooks"
