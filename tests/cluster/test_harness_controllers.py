@@ -132,7 +132,7 @@ def test_trainjob_runs_as_jobset_pods_with_torch_rendezvous_env(
         {
             "JOB_COMPLETION_INDEX": str(rank),
             "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
-            "PET_MASTER_PORT": "29400",
+            "PET_MASTER_PORT": "29500",
             "PET_NNODES": "2",
             "PET_NODE_RANK": str(rank),
             "PET_NPROC_PER_NODE": "1",
