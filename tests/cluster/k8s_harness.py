@@ -5,7 +5,8 @@ kube-scheduler, kwok (fake Nodes and pod lifecycles from ``kwok/stages.yaml``) a
 training-operator (PyTorchJob controller and validating webhook) run as local processes, every
 listener on 127.0.0.1 with a free port. Binaries come from ``tests/cluster/build-binaries.sh``
 (``WRPO_K8S_BIN``). Each process logs to a file under the cluster's work directory and is stopped
-by PID. See docs/cluster-harness.md.
+by PID. Only when asked, ``start_controllers`` adds JobSet, Kubeflow Trainer v2 and Kueue (built by
+``tests/cluster/build-controllers.sh``, ``WRPO_CONTROLLERS_BIN``). See docs/cluster-harness.md.
 """
 
 from __future__ import annotations
