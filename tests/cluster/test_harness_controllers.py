@@ -154,6 +154,34 @@ def test_trainer_webhook_rejects_a_trainjob_it_cannot_run(k8s_controllers, k8s_a
     assert "specified trainingRuntime must be created before the TrainJob is created" in refused.value.body
 
 
+def test_jobset_webhook_rejects_a_success_policy_on_a_job_it_does_not_have(
+    k8s_controllers, k8s_api_client, k8s_namespace
+):
+    custom = client.CustomObjectsApi(k8s_api_client)
+    group, version = JOBSET_API
+    job_template = {
+        "spec": {
+            "template": {
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "example.invalid/x:1"}]}
+            }
+        }
+    }
+    jobset = {
+        "apiVersion": f"{group}/{version}",
+        "kind": "JobSet",
+        "metadata": {"name": "bad-target"},
+        "spec": {
+            "replicatedJobs": [{"name": "workers", "replicas": 1, "template": job_template}],
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": ["leader"]},
+        },
+    }
+    with pytest.raises(ApiException) as refused:
+        custom.create_namespaced_custom_object(group, version, k8s_namespace, "jobsets", jobset)
+    # JobSet's validating webhook (served on 127.0.0.1 with the harness CA), not the CRD schema.
+    assert "vjobset.kb.io" in refused.value.body, refused.value.body
+    assert "invalid replicatedJob name 'leader' does not appear in .spec.ReplicatedJobs" in refused.value.body
+
+
 def _gpu_job(name: str, queue: str, gpus: int, run_for: str) -> dict:
     return {
         "apiVersion": "batch/v1",
