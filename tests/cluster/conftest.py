@@ -7,6 +7,7 @@ same, named "local-*" so that kwok leaves its pods to a PodRunner), `restricted_
 `restricted_local_namespace` (the same with the `restricted` Pod Security Standard enforced),
 `helm_install`, `service_account` (identity of a ServiceAccount, RBAC enforced), `pod_runner`.
 Session scope also: `kubectl` (the harness's kubectl, built with the control plane).
+Session scope, only when asked: `k8s_controllers` (JobSet, Trainer v2 and Kueue; tests/cluster/build-controllers.sh).
 
 Without the binaries these tests skip, or fail when WRPO_REQUIRE_CLUSTER=1.
 """
@@ -265,3 +266,29 @@ def operator(run_namespace, helm_install, service_account, tmp_path):
     yield op
     op.kill(signal.SIGTERM)
     print(f"\noperator log: {op.log}")
+
+
+# -- optional controllers (tests/cluster/build-controllers.sh) ----------------------------------------
+
+@pytest.fixture(scope="session")
+def k8s_controllers(request) -> k8s_harness.Controllers:
+    """JobSet, Kubeflow Trainer v2 and Kueue (with the ClusterQueue `k8s_harness.KUEUE_CLUSTER_QUEUE`) running
+    on the session's cluster, started by the first test that asks and stopped with the cluster. Skips without
+    the controllers' build, fails instead with WRPO_REQUIRE_CONTROLLERS=1."""
+    try:
+        bin_dir = k8s_harness.find_controllers()
+    except k8s_harness.ControllersMissing as e:
+        if os.environ.get("WRPO_REQUIRE_CONTROLLERS") == "1":
+            pytest.fail(f"WRPO_REQUIRE_CONTROLLERS=1 but {e}", pytrace=False)
+        pytest.skip(str(e))
+    cluster = request.getfixturevalue("k8s_cluster")
+    return k8s_harness.start_controllers(cluster, bin_dir=bin_dir)
+
+
+@pytest.fixture
+def kueue_namespace(k8s_controllers, k8s_api_client):
+    """A fresh kwok namespace that Kueue manages (label `k8s_harness.KUEUE_NAMESPACE_LABEL`) with the LocalQueue
+    `k8s_harness.KUEUE_LOCAL_QUEUE` feeding the harness's 8-GPU ClusterQueue."""
+    for name in _namespace(k8s_api_client, "t-", dict([k8s_harness.KUEUE_NAMESPACE_LABEL])):
+        k8s_controllers.local_queue(name)
+        yield name

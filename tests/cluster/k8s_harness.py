@@ -5,7 +5,8 @@ kube-scheduler, kwok (fake Nodes and pod lifecycles from ``kwok/stages.yaml``) a
 training-operator (PyTorchJob controller and validating webhook) run as local processes, every
 listener on 127.0.0.1 with a free port. Binaries come from ``tests/cluster/build-binaries.sh``
 (``WRPO_K8S_BIN``). Each process logs to a file under the cluster's work directory and is stopped
-by PID. See docs/cluster-harness.md.
+by PID. Only when asked, ``start_controllers`` adds JobSet, Kubeflow Trainer v2 and Kueue (built by
+``tests/cluster/build-controllers.sh``, ``WRPO_CONTROLLERS_BIN``). See docs/cluster-harness.md.
 """
 
 from __future__ import annotations
@@ -692,3 +693,296 @@ def running_cluster(work_dir: Path, **kwargs) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Optional controllers: JobSet, Kubeflow Trainer v2, Kueue (tests/cluster/build-controllers.sh)
+#
+# Started only when asked (`start_controllers`, fixture `k8s_controllers`), on a running cluster. Each
+# gets its CRDs from the module it was built from, serves its webhooks on 127.0.0.1 with a certificate of
+# the harness CA (their own certificate rotation is off), and the webhook configurations of its release
+# manifests are registered with URL client configs; metrics and health listeners are on 127.0.0.1,
+# leader election is off. They run as the admin (as the training-operator does). See docs/cluster-harness.md.
+
+#: The controllers `start_controllers` knows, in start order (Trainer needs JobSet's CRD and controller;
+#: Kueue's integrations need the CRDs of the kinds it manages).
+CONTROLLERS = ("jobset", "trainer", "kueue")
+#: Kueue's integrations a FusionRun needs (batch Jobs, the pods of vLLM Deployments, PyTorchJob, TrainJob),
+#: plus JobSet, which Kueue enables by default and whose JobSets Trainer creates.
+KUEUE_FRAMEWORKS = ("batch/job", "pod", "deployment", "kubeflow.org/pytorchjob",
+                    "trainer.kubeflow.org/trainjob", "jobset.x-k8s.io/jobset")
+#: The Kueue API version v0.17 stores and serves (v1beta1 is still served, converted by Kueue's webhook).
+KUEUE_API = ("kueue.x-k8s.io", "v1beta2")
+KUEUE_NAMESPACE = "kueue-system"
+#: Kueue manages Jobs, pods and Deployments only in namespaces with this label (`managedJobsNamespaceSelector`,
+#: which v0.17 always respects), so the session's other tests, whose children carry queue labels without a
+#: Kueue to admit them, run as before. Fixture `kueue_namespace` makes such a namespace with a LocalQueue.
+KUEUE_NAMESPACE_LABEL = ("wrpo.test/kueue", "true")
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_CLUSTER_QUEUE = "wrpo-cluster-queue"
+KUEUE_LOCAL_QUEUE = "wrpo-queue"
+KUEUE_FLAVOR = "default-flavor"
+#: The ClusterQueue's nominal quota: 8 GPUs (one kwok Node's worth), CPU and memory of the three Nodes.
+KUEUE_QUOTA = {"cpu": "96", "memory": "768Gi", "nvidia.com/gpu": "8"}
+TRAINER_API = ("trainer.kubeflow.org", "v1alpha1")
+JOBSET_API = ("jobset.x-k8s.io", "v1alpha2")
+# Kueue's CRDs that its release installs with a conversion webhook (config/components/crd/kustomization.yaml).
+_KUEUE_CONVERTED_CRDS = ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueueclusters")
+# The selectors the releases' kustomizations patch into their webhook manifests: JobSet's pod webhooks only
+# see JobSet pods, Kueue's pod/Deployment/StatefulSet webhooks skip kube-system and Kueue's namespace.
+_JOBSET_POD_SELECTOR = {"objectSelector": {"matchExpressions": [
+    {"key": "jobset.sigs.k8s.io/jobset-name", "operator": "Exists"}]}}
+# Kueue's release limits its pod, Deployment and StatefulSet webhooks to namespaces other than kube-system and
+# its own; here every webhook of a Kueue integration (not those of Kueue's own kinds) is limited to the
+# namespaces KUEUE_NAMESPACE_LABEL opts in, which excludes those two as well.
+_KUEUE_NAMESPACE_SELECTOR = {"namespaceSelector": {"matchLabels": dict([KUEUE_NAMESPACE_LABEL])}}
+_WEBHOOK_PATCHES = {
+    "jobset": {"mpod.kb.io": _JOBSET_POD_SELECTOR, "vpod.kb.io": _JOBSET_POD_SELECTOR},
+}
+_CONTROLLER_FILES = {
+    "jobset": ("jobset", "jobset-crds", "webhooks/jobset.yaml"),
+    "trainer": ("trainer-local", "trainer-crds", "webhooks/trainer.yaml"),
+    "kueue": ("kueue", "kueue-crds", "webhooks/kueue.yaml"),
+}
+
+
+class ControllersMissing(BinariesMissing):
+    """The optional controllers are not built (run tests/cluster/build-controllers.sh)."""
+
+
+def find_controllers(names: tuple[str, ...] = CONTROLLERS) -> Path:
+    """The directory of build-controllers.sh's output: $WRPO_CONTROLLERS_BIN, else the cache's
+    `controllers/current` link; raises ControllersMissing naming what is not there."""
+    configured = os.environ.get("WRPO_CONTROLLERS_BIN")
+    cache = Path(os.environ.get("WRPO_BIN_CACHE", Path.home() / ".cache/wrpo/k8s-bin")) / "controllers"
+    bin_dir = Path(configured) if configured else cache / "current"
+    missing = [f for name in names for f in _CONTROLLER_FILES[name] if not (bin_dir / f).exists()]
+    if missing:
+        source = "WRPO_CONTROLLERS_BIN" if configured else f"{cache}/current (WRPO_CONTROLLERS_BIN unset)"
+        raise ControllersMissing(
+            f"controllers missing in {bin_dir} [{source}]: {', '.join(missing)}; build them with "
+            "tests/cluster/build-controllers.sh and export WRPO_CONTROLLERS_BIN=<dir>"
+        )
+    return bin_dir
+
+
+@dataclass
+class Controllers:
+    """What `start_controllers` started on a cluster."""
+
+    cluster: Cluster
+    bin_dir: Path
+    names: tuple[str, ...]
+    cluster_queue: str = KUEUE_CLUSTER_QUEUE
+
+    def local_queue(self, namespace: str, name: str = KUEUE_LOCAL_QUEUE) -> dict:
+        """A Kueue LocalQueue `name` in `namespace` that feeds the harness's ClusterQueue."""
+        return create_local_queue(self.cluster, namespace, name, self.cluster_queue)
+
+
+def start_controllers(cluster: Cluster, names: tuple[str, ...] = CONTROLLERS, *, bin_dir: Path | None = None,
+                      timeout: float = 120.0) -> Controllers:
+    """Install the CRDs of `names` (JobSet, Trainer, Kueue; Trainer brings JobSet) and run their controllers
+    on `cluster`; Kueue also gets the ClusterQueue KUEUE_CLUSTER_QUEUE. Processes join the cluster's
+    components (stopped with it)."""
+    wanted = set(names) | ({"jobset"} if "trainer" in names else set())
+    unknown = wanted - set(CONTROLLERS)
+    if unknown:
+        raise ValueError(f"unknown controllers {sorted(unknown)}; known: {', '.join(CONTROLLERS)}")
+    ordered = tuple(n for n in CONTROLLERS if n in wanted)
+    bin_dir = bin_dir or find_controllers(ordered)
+    starters = {"jobset": _start_jobset, "trainer": _start_trainer, "kueue": _start_kueue}
+    for name in ordered:
+        starters[name](cluster, bin_dir, timeout)
+    return Controllers(cluster, bin_dir, ordered)
+
+
+def _serving_cert_dir(cluster: Cluster, name: str) -> Path:
+    """tls.crt/tls.key for 127.0.0.1 from the harness CA, in <work>/<name>-certs."""
+    assert cluster.ca is not None
+    cert_dir = cluster.work_dir / f"{name}-certs"
+    cert_dir.mkdir(exist_ok=True)
+    crt, key = cluster.ca.issue(name, f"/CN={name}", server_names=("127.0.0.1",))
+    (cert_dir / "tls.crt").write_bytes(crt.read_bytes())
+    (cert_dir / "tls.key").write_bytes(key.read_bytes())
+    return cert_dir
+
+
+def _install_crds(cluster: Cluster, crd_dir: Path, timeout: float, conversion_port: int | None = None,
+                  converted: tuple[str, ...] = ()) -> None:
+    """Create every CRD of `crd_dir` and wait until each is Established. CRDs whose plural is in `converted`
+    get a conversion webhook at https://127.0.0.1:<conversion_port>/convert, as their release installs them."""
+    from kubernetes import client
+
+    assert cluster.ca is not None
+    ca_bundle = base64.b64encode(cluster.ca.cert.read_bytes()).decode()
+    names = []
+    with contextlib.closing(cluster.api_client()) as api:
+        ext = client.ApiextensionsV1Api(api)
+        for path in sorted(crd_dir.glob("*.yaml")):
+            crd = yaml.safe_load(path.read_text())
+            if crd["spec"]["names"]["plural"] in converted:
+                crd["spec"]["conversion"] = {"strategy": "Webhook", "webhook": {
+                    "conversionReviewVersions": ["v1"],
+                    "clientConfig": {"url": f"https://127.0.0.1:{conversion_port}/convert", "caBundle": ca_bundle},
+                }}
+            ext.create_custom_resource_definition(crd)
+            names.append(crd["metadata"]["name"])
+
+        def established():
+            for name in names:
+                crd = ext.read_custom_resource_definition(name)
+                if not any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
+                    return False
+            return True
+
+        wait_for(f"CRDs of {crd_dir.name} Established", established, timeout)
+
+
+def _register_webhooks(cluster: Cluster, name: str, manifest: Path, port: int) -> list[str]:
+    """Create the Mutating/ValidatingWebhookConfigurations of a release's webhook manifest (named
+    `<name>-<kind>`), each webhook pointed at https://127.0.0.1:<port><its path> with the harness CA,
+    with the selectors of the release's kustomization (_WEBHOOK_PATCHES; Kueue's integrations: only the
+    namespaces labelled KUEUE_NAMESPACE_LABEL). Returns the webhook names."""
+    from kubernetes import client
+
+    assert cluster.ca is not None
+    ca_bundle = base64.b64encode(cluster.ca.cert.read_bytes()).decode()
+    registered = []
+    with contextlib.closing(cluster.api_client()) as api:
+        admission = client.AdmissionregistrationV1Api(api)
+        for document in yaml.safe_load_all(manifest.read_text()):
+            if not document:
+                continue
+            kind = document["kind"]
+            document["metadata"] = {"name": f"{name}-{kind.removesuffix('WebhookConfiguration').lower()}"}
+            for webhook in document["webhooks"]:
+                path = webhook["clientConfig"]["service"]["path"]
+                webhook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle}
+                webhook["timeoutSeconds"] = 10
+                webhook.update(_WEBHOOK_PATCHES.get(name, {}).get(webhook["name"], {}))
+                groups = {g for rule in webhook.get("rules", []) for g in rule.get("apiGroups", [])}
+                if name == "kueue" and KUEUE_API[0] not in groups:
+                    webhook.update(_KUEUE_NAMESPACE_SELECTOR)
+                registered.append(webhook["name"])
+            if kind == "MutatingWebhookConfiguration":
+                admission.create_mutating_webhook_configuration(document)
+            elif kind == "ValidatingWebhookConfiguration":
+                admission.create_validating_webhook_configuration(document)
+            else:
+                raise ValueError(f"{manifest}: unexpected kind {kind}")
+    return registered
+
+
+def _start_jobset(cluster: Cluster, bin_dir: Path, timeout: float) -> None:
+    """JobSet's stock controller manager with a Configuration file (config.jobset.x-k8s.io/v1alpha1)."""
+    _install_crds(cluster, bin_dir / "jobset-crds", timeout)
+    webhook_port, probe_port, metrics_port = free_port(), free_port(), free_port()
+    config = {
+        "apiVersion": "config.jobset.x-k8s.io/v1alpha1", "kind": "Configuration",
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(_serving_cert_dir(cluster, "jobset"))},
+        "metrics": {"bindAddress": f"127.0.0.1:{metrics_port}"},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{probe_port}"},
+    }
+    config_file = cluster.work_dir / "jobset-config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    jobset = cluster.start_process("jobset", [
+        str(bin_dir / "jobset"), f"--config={config_file}", "--zap-log-level=info",
+    ], env=cluster.kubectl_env())
+    cluster.wait_ready(jobset, "jobset /readyz",
+                       lambda: _http_get(f"http://127.0.0.1:{probe_port}/readyz") == "ok", timeout)
+    _register_webhooks(cluster, "jobset", bin_dir / "webhooks/jobset.yaml", webhook_port)
+
+
+def _start_trainer(cluster: Cluster, bin_dir: Path, timeout: float) -> None:
+    """Trainer v2 (trainer-local: the stock controllers and webhooks, certificate from a directory)."""
+    _install_crds(cluster, bin_dir / "trainer-crds", timeout)
+    webhook_port, probe_port, metrics_port = free_port(), free_port(), free_port()
+    trainer = cluster.start_process("trainer", [
+        str(bin_dir / "trainer-local"), "--bind-host=127.0.0.1", f"--webhook-server-port={webhook_port}",
+        f"--cert-dir={_serving_cert_dir(cluster, 'trainer')}",
+        f"--health-probe-bind-address=127.0.0.1:{probe_port}", f"--metrics-bind-address=127.0.0.1:{metrics_port}",
+        "--zap-log-level=info",
+    ], env=cluster.kubectl_env())
+    cluster.wait_ready(trainer, "trainer /readyz",
+                       lambda: _http_get(f"http://127.0.0.1:{probe_port}/readyz") == "ok", timeout)
+    _register_webhooks(cluster, "trainer", bin_dir / "webhooks/trainer.yaml", webhook_port)
+
+
+def kueue_configuration(*, webhook_port: int, probe_port: int, metrics_port: int, cert_dir: Path,
+                        frameworks: tuple[str, ...] = KUEUE_FRAMEWORKS) -> dict:
+    """Kueue's Configuration (config.kueue.x-k8s.io/v1beta2, the version v0.17 reads) for the harness."""
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "manageJobsWithoutQueueName": False,
+        "managedJobsNamespaceSelector": {"matchLabels": dict([KUEUE_NAMESPACE_LABEL])},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
+        "metrics": {"bindAddress": f"127.0.0.1:{metrics_port}"},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{probe_port}"},
+        # The visibility API server (an aggregated API on its own port, every interface) is not needed.
+        "featureGates": {"VisibilityOnDemand": False},
+        "integrations": {"frameworks": list(frameworks)},
+    }
+
+
+def _start_kueue(cluster: Cluster, bin_dir: Path, timeout: float) -> None:
+    """Kueue's stock controller manager (built with its metrics certificate folder from
+    $KUEUE_METRICS_CERT_DIR, see build-controllers.sh), its ResourceFlavor and the ClusterQueue."""
+    from kubernetes import client
+
+    webhook_port, probe_port, metrics_port = free_port(), free_port(), free_port()
+    _install_crds(cluster, bin_dir / "kueue-crds", timeout, conversion_port=webhook_port,
+                  converted=_KUEUE_CONVERTED_CRDS)
+    with contextlib.closing(cluster.api_client()) as api:
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": KUEUE_NAMESPACE}})
+    cert_dir = _serving_cert_dir(cluster, "kueue")
+    config_file = cluster.work_dir / "kueue-config.yaml"
+    config_file.write_text(yaml.safe_dump(kueue_configuration(
+        webhook_port=webhook_port, probe_port=probe_port, metrics_port=metrics_port, cert_dir=cert_dir)))
+    kueue = cluster.start_process("kueue", [
+        str(bin_dir / "kueue"), f"--config={config_file}", "--zap-log-level=info",
+    ], env={**cluster.kubectl_env(), "KUEUE_METRICS_CERT_DIR": str(cert_dir)})
+    cluster.wait_ready(kueue, "kueue /readyz",
+                       lambda: _http_get(f"http://127.0.0.1:{probe_port}/readyz") == "ok", timeout)
+    _register_webhooks(cluster, "kueue", bin_dir / "webhooks/kueue.yaml", webhook_port)
+    group, version = KUEUE_API
+    with contextlib.closing(cluster.api_client()) as api:
+        custom = client.CustomObjectsApi(api)
+        custom.create_cluster_custom_object(group, version, "resourceflavors", {
+            "apiVersion": f"{group}/{version}", "kind": "ResourceFlavor", "metadata": {"name": KUEUE_FLAVOR}})
+        custom.create_cluster_custom_object(group, version, "clusterqueues", {
+            "apiVersion": f"{group}/{version}", "kind": "ClusterQueue", "metadata": {"name": KUEUE_CLUSTER_QUEUE},
+            "spec": {
+                "namespaceSelector": {},
+                "resourceGroups": [{
+                    "coveredResources": list(KUEUE_QUOTA),
+                    "flavors": [{"name": KUEUE_FLAVOR, "resources": [
+                        {"name": resource, "nominalQuota": quota} for resource, quota in KUEUE_QUOTA.items()]}],
+                }],
+            },
+        })
+
+        def active():
+            queue = custom.get_cluster_custom_object(group, version, "clusterqueues", KUEUE_CLUSTER_QUEUE)
+            return any(c["type"] == "Active" and c["status"] == "True"
+                       for c in queue.get("status", {}).get("conditions", []))
+
+        cluster.wait_ready(kueue, f"ClusterQueue {KUEUE_CLUSTER_QUEUE} Active", active, timeout)
+
+
+def create_local_queue(cluster: Cluster, namespace: str, name: str = KUEUE_LOCAL_QUEUE,
+                       cluster_queue: str = KUEUE_CLUSTER_QUEUE) -> dict:
+    """A Kueue LocalQueue in `namespace` feeding `cluster_queue`; Jobs name it in KUEUE_QUEUE_LABEL."""
+    from kubernetes import client
+
+    group, version = KUEUE_API
+    with contextlib.closing(cluster.api_client()) as api:
+        return client.CustomObjectsApi(api).create_namespaced_custom_object(group, version, namespace, "localqueues", {
+            "apiVersion": f"{group}/{version}", "kind": "LocalQueue",
+            "metadata": {"name": name, "namespace": namespace}, "spec": {"clusterQueue": cluster_queue},
+        })

@@ -1,0 +1,272 @@
+"""The optional controllers of the harness do their real work: Kubeflow Trainer v2 turns a TrainJob into a
+JobSet, the JobSet controller makes its Jobs and pods (run by the pod runner) and the TrainJob completes;
+Kueue admits Jobs against a ClusterQueue's GPU quota and keeps the rest suspended. Skipped without
+tests/cluster/build-controllers.sh's output, failed instead with WRPO_REQUIRE_CONTROLLERS=1
+(docs/cluster-harness.md, "Optional controllers")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from k8s_harness import (
+    JOBSET_API,
+    KUEUE_API,
+    KUEUE_LOCAL_QUEUE,
+    KUEUE_QUEUE_LABEL,
+    RUN_DURATION_ANNOTATION,
+    TRAINER_API,
+    wait_for,
+)
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+pytestmark = pytest.mark.cluster
+
+# What the runtime's container runs: print the rendezvous variables the Trainer's torch plugin gave it.
+PRINT_PET_ENV = (
+    "import json, os; print(json.dumps({k: v for k, v in sorted(os.environ.items()) "
+    "if k.startswith('PET_') or k == 'JOB_COMPLETION_INDEX'}))"
+)
+
+
+def _condition(obj: dict, kind: str) -> dict | None:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), None)
+
+
+def _training_runtime(name: str) -> dict:
+    """A namespaced TrainingRuntime with a JobSet template: one replicated Job `node` (the Trainer's
+    ancestor step `trainer`, container `node`), torch policy so the torch plugin adds the PET_* variables."""
+    group, version = TRAINER_API
+    return {
+        "apiVersion": f"{group}/{version}",
+        "kind": "TrainingRuntime",
+        "metadata": {"name": name},
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": 1}},
+            "template": {
+                "spec": {
+                    "replicatedJobs": [
+                        {
+                            "name": "node",
+                            "template": {
+                                "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                                "spec": {
+                                    "template": {
+                                        "spec": {
+                                            "restartPolicy": "Never",
+                                            "containers": [
+                                                {
+                                                    "name": "node",
+                                                    "image": "example.invalid/torch:1",
+                                                    "command": ["python", "-c", PRINT_PET_ENV],
+                                                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+                                                }
+                                            ],
+                                        }
+                                    }
+                                },
+                            },
+                        }
+                    ]
+                }
+            },
+        },
+    }
+
+
+def _train_job(name: str, runtime: str, num_nodes: int) -> dict:
+    group, version = TRAINER_API
+    return {
+        "apiVersion": f"{group}/{version}",
+        "kind": "TrainJob",
+        "metadata": {"name": name},
+        "spec": {
+            "runtimeRef": {"name": runtime, "apiGroup": group, "kind": "TrainingRuntime"},
+            "trainer": {"numNodes": num_nodes},
+        },
+    }
+
+
+def test_trainjob_runs_as_jobset_pods_with_torch_rendezvous_env(
+    k8s_controllers, k8s_api_client, local_namespace, pod_runner
+):
+    custom, batch, core = (
+        client.CustomObjectsApi(k8s_api_client),
+        client.BatchV1Api(k8s_api_client),
+        client.CoreV1Api(k8s_api_client),
+    )
+    group, version = TRAINER_API
+    ns, name = local_namespace, "echo"
+    runner = pod_runner(ns)
+    custom.create_namespaced_custom_object(group, version, ns, "trainingruntimes", _training_runtime("torch-echo"))
+    custom.create_namespaced_custom_object(group, version, ns, "trainjobs", _train_job(name, "torch-echo", 2))
+
+    def complete():
+        job = custom.get_namespaced_custom_object(group, version, ns, "trainjobs", name)
+        failed = _condition(job, "Failed")
+        assert not (failed and failed["status"] == "True"), f"TrainJob failed: {failed}"
+        done = _condition(job, "Complete")
+        return job if done and done["status"] == "True" else None
+
+    try:
+        train_job = wait_for(f"TrainJob {name} Complete", complete, 120)
+    finally:
+        print(f"pod runner errors: {runner.errors}")
+    # The Trainer made the JobSet (owned by the TrainJob), the JobSet controller made the Job and its pods.
+    js_group, js_version = JOBSET_API
+    jobset = custom.get_namespaced_custom_object(js_group, js_version, ns, "jobsets", name)
+    assert [o["uid"] for o in jobset["metadata"]["ownerReferences"]] == [train_job["metadata"]["uid"]]
+    assert _condition(jobset, "Completed")["status"] == "True"
+    jobs = batch.list_namespaced_job(ns, label_selector=f"jobset.sigs.k8s.io/jobset-name={name}").items
+    assert [j.metadata.name for j in jobs] == [f"{name}-node-0"]
+    assert jobs[0].spec.completion_mode == "Indexed" and jobs[0].spec.completions == 2
+    pods = core.list_namespaced_pod(ns, label_selector=f"jobset.sigs.k8s.io/jobset-name={name}").items
+    assert sorted(p.status.phase for p in pods) == ["Succeeded", "Succeeded"]
+    # What each process got: torchrun's rendezvous variables, one node rank per pod.
+    envs = sorted(
+        (json.loads(runner.logs(p.metadata.name).strip().splitlines()[-1]) for p in pods),
+        key=lambda env: env["PET_NODE_RANK"],
+    )
+    assert envs == [
+        {
+            "JOB_COMPLETION_INDEX": str(rank),
+            "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+            "PET_MASTER_PORT": "29500",
+            "PET_NNODES": "2",
+            "PET_NODE_RANK": str(rank),
+            "PET_NPROC_PER_NODE": "1",
+        }
+        for rank in (0, 1)
+    ]
+
+
+def test_trainer_webhook_rejects_a_trainjob_it_cannot_run(k8s_controllers, k8s_api_client, k8s_namespace):
+    custom = client.CustomObjectsApi(k8s_api_client)
+    group, version = TRAINER_API
+    with pytest.raises(ApiException) as refused:
+        custom.create_namespaced_custom_object(
+            group, version, k8s_namespace, "trainjobs", _train_job("no-runtime", "missing", 1)
+        )
+    # The Trainer's validating webhook (not the CRD schema) names the runtime it does not know.
+    assert refused.value.status in (400, 403, 422), refused.value.body
+    assert "validator.trainjob.trainer.kubeflow.org" in refused.value.body
+    assert "specified trainingRuntime must be created before the TrainJob is created" in refused.value.body
+
+
+def test_jobset_webhook_rejects_a_success_policy_on_a_job_it_does_not_have(
+    k8s_controllers, k8s_api_client, k8s_namespace
+):
+    custom = client.CustomObjectsApi(k8s_api_client)
+    group, version = JOBSET_API
+    job_template = {
+        "spec": {
+            "template": {
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "example.invalid/x:1"}]}
+            }
+        }
+    }
+    jobset = {
+        "apiVersion": f"{group}/{version}",
+        "kind": "JobSet",
+        "metadata": {"name": "bad-target"},
+        "spec": {
+            "replicatedJobs": [{"name": "workers", "replicas": 1, "template": job_template}],
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": ["leader"]},
+        },
+    }
+    with pytest.raises(ApiException) as refused:
+        custom.create_namespaced_custom_object(group, version, k8s_namespace, "jobsets", jobset)
+    # JobSet's validating webhook (served on 127.0.0.1 with the harness CA), not the CRD schema.
+    assert "vjobset.kb.io" in refused.value.body, refused.value.body
+    assert "invalid replicatedJob name 'leader' does not appear in .spec.ReplicatedJobs" in refused.value.body
+
+
+def _gpu_job(name: str, queue: str, gpus: int, run_for: str) -> dict:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": {KUEUE_QUEUE_LABEL: queue}},
+        "spec": {
+            "suspend": False,  # Kueue's webhook suspends it on creation; Kueue unsuspends it when admitted
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"annotations": {RUN_DURATION_ANNOTATION: run_for}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "example.invalid/train:1",
+                            "resources": {
+                                "requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": str(gpus)},
+                                "limits": {"nvidia.com/gpu": str(gpus)},
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, k8s_api_client, kueue_namespace):
+    custom, batch, core = (
+        client.CustomObjectsApi(k8s_api_client),
+        client.BatchV1Api(k8s_api_client),
+        client.CoreV1Api(k8s_api_client),
+    )
+    group, version = KUEUE_API
+    ns, queue = kueue_namespace, KUEUE_LOCAL_QUEUE
+
+    def workload(job_name: str) -> dict | None:
+        for wl in custom.list_namespaced_custom_object(group, version, ns, "workloads")["items"]:
+            if any(o["kind"] == "Job" and o["name"] == job_name for o in wl["metadata"].get("ownerReferences", [])):
+                return wl
+        return None
+
+    def admitted(job_name: str):
+        wl = workload(job_name)
+        return wl if wl and (_condition(wl, "Admitted") or {}).get("status") == "True" else None
+
+    # Each Job asks 6 of the ClusterQueue's 8 GPUs (a kwok Node has 8): only one fits at a time.
+    created = batch.create_namespaced_job(ns, _gpu_job("first", queue, 6, "20s"))
+    assert created.spec.suspend is True  # Kueue's mutating webhook, at admission
+    wait_for("Workload of Job first admitted", lambda: admitted("first"), 60)
+    wait_for("Job first unsuspended", lambda: batch.read_namespaced_job("first", ns).spec.suspend is False, 30)
+    batch.create_namespaced_job(ns, _gpu_job("second", queue, 6, "1s"))
+
+    def pending_for_quota():
+        wl = workload("second")
+        reserved = _condition(wl, "QuotaReserved") if wl else None
+        waiting = reserved and reserved["status"] == "False" and "insufficient" in reserved["message"]
+        return reserved if waiting else None
+
+    reason = wait_for("Workload of Job second pending for quota", pending_for_quota, 30)
+    assert reason["reason"] == "Pending"
+    assert "nvidia.com/gpu" in reason["message"], reason["message"]
+    # While the first runs, the second stays suspended and has no pod: nothing runs beyond the quota.
+    assert batch.read_namespaced_job("first", ns).status.active == 1
+    assert batch.read_namespaced_job("second", ns).spec.suspend is True
+    assert not core.list_namespaced_pod(ns, label_selector="job-name=second").items
+    assert admitted("second") is None
+
+    # Once the first finishes, its quota comes back and Kueue admits the second.
+    wait_for("Job first complete", lambda: batch.read_namespaced_job("first", ns).status.succeeded == 1, 60)
+    wait_for("Workload of Job second admitted", lambda: admitted("second"), 60)
+    wait_for("Job second complete", lambda: batch.read_namespaced_job("second", ns).status.succeeded == 1, 60)
+    first = workload("first")
+    assert (_condition(first, "Finished") or {}).get("status") == "True", first.get("status")
+
+
+def test_kueue_leaves_namespaces_it_does_not_manage_alone(k8s_controllers, k8s_api_client, k8s_namespace):
+    """The session's other tests label children for a queue no Kueue serves: outside the namespaces labelled
+    KUEUE_NAMESPACE_LABEL, Kueue neither suspends such a Job nor makes a Workload for it."""
+    batch, custom = client.BatchV1Api(k8s_api_client), client.CustomObjectsApi(k8s_api_client)
+    group, version = KUEUE_API
+    created = batch.create_namespaced_job(k8s_namespace, _gpu_job("unmanaged", "team-gpus", 6, "1s"))
+    assert created.spec.suspend is False
+    wait_for(
+        "Job unmanaged complete", lambda: batch.read_namespaced_job("unmanaged", k8s_namespace).status.succeeded, 60
+    )
+    assert not custom.list_namespaced_custom_object(group, version, k8s_namespace, "workloads")["items"]
