@@ -155,7 +155,7 @@ def test_no_stage_name_dispatch_in_the_runtime():
 NAMED_ELSEWHERE = {
     "wrpo/pipeline/spec.py": {"sft", "wrpo", "eval", "ghcr.io/wrpo/wrpo-runtime:0.1.0",
                               "ghcr.io/wrpo/wrpo-vllm:0.1.0"},
-    "operator/wrpo_operator/crd.py": {"sft", "wrpo"},
+    "operator/wrpo_operator/crd.py": {"sft", "wrpo", "eval"},  # the spec sections of those names
     "operator/wrpo_operator/builders.py": {"wrpo"},
     "wrpo/pipeline/rundir.py": {"wrpo"},
     "wrpo/pipeline/workdir.py": {"wrpo"},

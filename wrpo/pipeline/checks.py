@@ -105,7 +105,7 @@ SECRET_KEY_MSG = ("must be a Secret key: at most 253 letters, digits, '-', '_' o
 LABEL_KEY_MSG = ("must be a label key: [prefix/]name, the name at most 63 letters, digits, '-', '_' or '.', the prefix "
                  "a DNS subdomain of at most 253 characters")
 IMAGE_MSG = ("must be an image reference: [registry[:port]/]name[:tag][@digest], the name in lowercase "
-             "(e.g. ghcr.io/wrpo/wrpo-vllm:0.1.0)")
+             "(e.g. registry.example.com/team/vllm:0.32)")
 
 
 def _prefix_fits(key: str) -> bool:
