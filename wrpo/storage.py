@@ -7,6 +7,11 @@ Atomicity: a local object is written to a temporary file and renamed into place;
 (or one multipart upload, which S3 only makes visible once completed), so a partial object is never
 visible under its final name.
 
+Streaming: `iter_chunks` reads an object in chunks of 1 MiB (an S3 read that breaks off is resumed
+with a ranged GET from the byte it stopped at) and `open_write` writes one through a file object (a
+local temporary file renamed into place; on S3 a temporary file spilled to disk past 64 MiB, uploaded
+on close, in parts when large), so no object is ever held whole in memory (docs/data.md, "Scale").
+
 S3 access uses boto3 with its own retry machinery (standard mode: throttling, 5xx and connection errors
 are retried with exponential backoff), the endpoint and region from the spec, and credentials from the
 standard chain (env vars, shared files, instance/pod roles).
@@ -20,7 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -95,6 +100,8 @@ class Backend(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def iter_chunks(self, key: str) -> Iterator[bytes]: ...
+    def open_write(self, key: str) -> AbstractContextManager[IO[bytes]]: ...
     def download(self, key: str, path: Path) -> None: ...
     def size(self, key: str) -> int | None: ...
     def list(self, prefix: str) -> dict[str, int]: ...
@@ -114,7 +121,8 @@ class LocalBackend:
         return str(self._path(key))
 
     @contextmanager
-    def _atomic(self, key: str) -> Iterator[IO[bytes]]:
+    def open_write(self, key: str) -> Iterator[IO[bytes]]:
+        """A file to write the object through; it appears under its name only when the block ends."""
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
@@ -129,11 +137,11 @@ class LocalBackend:
             raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        with self._atomic(key) as f:
+        with self.open_write(key) as f:
             f.write(data)
 
     def put_file(self, key: str, path: Path) -> None:
-        with self._atomic(key) as f, open(path, "rb") as src:
+        with self.open_write(key) as f, open(path, "rb") as src:
             shutil.copyfileobj(src, f, _CHUNK)
 
     def get_bytes(self, key: str) -> bytes:
@@ -141,6 +149,14 @@ class LocalBackend:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise ObjectNotFound(f"{self.uri(key)}: no such object") from None
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        try:
+            f = open(self._path(key), "rb")  # noqa: SIM115 (closed below, also when the reader stops early)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"{self.uri(key)}: no such object") from None
+        with f:
+            yield from iter(lambda: f.read(_CHUNK), b"")
 
     def download(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +190,7 @@ class S3Backend:
         from botocore.config import Config
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.max_attempts = options.max_attempts
         config = Config(
             retries={"max_attempts": options.max_attempts, "mode": options.retry_mode},
             connect_timeout=options.connect_timeout_s, read_timeout=options.read_timeout_s,
@@ -219,6 +236,39 @@ class S3Backend:
         with self._errors(key):
             self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
         return buf.getvalue()
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        """The object in chunks; a body that breaks off mid-way is asked for again from where it stopped
+        (boto3 retries a request, not a body being read)."""
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        offset, failures = 0, 0
+        while True:
+            extra = {"Range": f"bytes={offset}-"} if offset else {}
+            with self._errors(key):
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"]
+            try:
+                for chunk in body.iter_chunks(_CHUNK):
+                    offset += len(chunk)
+                    yield chunk
+                return
+            except (BotoCoreError, HTTPError, OSError) as e:
+                failures += 1
+                if failures >= self.max_attempts:
+                    raise StorageError(f"{self.uri(key)}: reading broke off at byte {offset} "
+                                       f"{failures} times ({e})") from None
+            finally:
+                body.close()
+
+    @contextmanager
+    def open_write(self, key: str) -> Iterator[IO[bytes]]:
+        """A temporary file (in memory up to 64 MiB, then on disk) uploaded when the block ends."""
+        with tempfile.SpooledTemporaryFile(max_size=MULTIPART_THRESHOLD) as f:
+            yield f  # type: ignore[misc]
+            f.seek(0)
+            with self._errors(key):
+                self.client.upload_fileobj(f, self.bucket, self._key(key), Config=self.transfer)
 
     def download(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
