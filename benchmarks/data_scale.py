@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 STAGES = ("sample-sources", "score-sources", "select-sources", "sample-target", "score-target", "build-pairs")
 ENDPOINT = "http://127.0.0.1:9/v1"  # never asked: every sampling shard is committed
