@@ -1,0 +1,214 @@
+"""The streamed data stages (docs/data.md, "Scale") give byte for byte the outputs of the whole-file
+implementation they replaced, on a fabricated 2k-prompt run with ties, duplicate and empty answers,
+prompts a source has no record of, and target answers that drop prompts for every reason.
+
+The oracle is the previous implementation of select-sources and build-pairs (whole objects parsed into
+lists and dicts, then `choose_sources` / `build_pairs` over them), kept here verbatim apart from
+returning its objects instead of writing them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from wrpo.data.selection import (
+    SourceChoice,
+    build_pairs,
+    choose_sources,
+    contributions,
+    join_candidates,
+    source_names,
+)
+from wrpo.errors import DataError
+from wrpo.pipeline.plan import stage_hashes
+from wrpo.pipeline.rundir import RunDir
+from wrpo.pipeline.runtime import run_stage
+from wrpo.pipeline.spec import parse_spec
+from wrpo.records import PromptRecord, SampleRecord, ScoreRecord, dump_jsonl, lines_of, parse_jsonl, split_lines
+from wrpo.storage import StorageError
+
+SPLITS = ("sft", "po", "eval")
+SOURCES = ("a", "b", "c")
+N = 4
+PROMPTS = 2000
+
+
+# ---------------------------------------------------------------------------------------------- the oracle
+
+
+def _read(run, stage, name, model):
+    sd = run.stage(stage)
+    return parse_jsonl(sd.read_text(name), model, sd.uri(name))
+
+
+def _candidates(run, sample_stage, score_stage, file):
+    samples = _read(run, sample_stage, file, SampleRecord)
+    scores = {s.prompt_id: s for s in _read(run, score_stage, file, ScoreRecord)}
+    out = {}
+    for s in samples:
+        if s.prompt_id not in scores:
+            raise DataError(run.stage(score_stage).uri(file), f"no scores for prompt '{s.prompt_id}'")
+        out[s.prompt_id] = join_candidates(s, scores[s.prompt_id], run.stage(score_stage).uri(file))
+    return out
+
+
+def oracle_select(spec, run) -> dict[str, bytes]:
+    splits = {name: _read(run, "prepare", f"{name}.jsonl", PromptRecord) for name in SPLITS}
+    names = source_names(spec.sources, spec.selection.source_groups)
+    cands = {}
+    for name in names:
+        for pid, cs in _candidates(run, "sample-sources", "score-sources", f"{name}.jsonl").items():
+            cands.setdefault(pid, []).extend(cs)
+    ids = [p.prompt_id for split in SPLITS for p in splits[split]]
+    choices, dropped = choose_sources(ids, cands, names, spec.selection)
+    by_id = {c.prompt_id: c for c in choices}
+    sft = [{"prompt_id": p.prompt_id, "prompt": [m.model_dump() for m in p.prompt],
+            "response": by_id[p.prompt_id].chosen.text, "source_model": by_id[p.prompt_id].chosen.model,
+            "score": by_id[p.prompt_id].chosen.score} for p in splits["sft"] if p.prompt_id in by_id]
+    report = {"sources": names, "all": contributions(choices, names)}
+    for split in SPLITS:
+        ids_split = {p.prompt_id for p in splits[split]}
+        report[split] = contributions([c for c in choices if c.prompt_id in ids_split], names)
+    return {"sft.jsonl": dump_jsonl(sft).encode(),
+            "chosen_source.jsonl": dump_jsonl(c.to_json() for c in choices).encode(),
+            "contributions.json": (json.dumps(report, indent=2) + "\n").encode()}
+
+
+def oracle_pairs(spec, run) -> dict[str, bytes]:
+    choices = {c["prompt_id"]: SourceChoice.from_json(c)
+               for c in (json.loads(line) for line in
+                         run.stage("select-sources").read_text("chosen_source.jsonl").splitlines() if line)}
+    target = _candidates(run, "sample-target", "score-target", "target.jsonl")
+    stats, out = {}, {}
+    for split, file in (("po", "train.jsonl"), ("eval", "eval.jsonl")):
+        prompts = _read(run, "prepare", f"{split}.jsonl", PromptRecord)
+        records, st = build_pairs(prompts, choices, target, spec.selection.min_reward_gap)
+        out[file] = dump_jsonl(records).encode()
+        stats[file.removesuffix(".jsonl")] = st.to_json()
+    out["stats.json"] = (json.dumps(stats, indent=2) + "\n").encode()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def make_spec(tmp: Path, selection: dict | None = None):
+    return parse_spec({
+        "target": {"model": str(tmp / "target")},
+        "sources": [{"name": s, "endpoint": {"url": "http://127.0.0.1:9/v1", "model": s}} for s in SOURCES],
+        "reward": {"type": "sequence-classification", "model": str(tmp / "reward")},
+        "dataset": {"uri": str(tmp / "prompts.jsonl"), "evalSize": 50},
+        "sampling": {"n": N},
+        "selection": selection or {},
+        **({"wrpo": {"rejectedSource": True}} if (selection or {}).get("rejectedSource") else {}),
+    })
+
+
+def _answers(rng: random.Random, pid: str, model: str) -> tuple[list[str], list[float]]:
+    words = ["yes", "no", "maybe", "it depends", "42"]  # few texts: duplicates within and across sources
+    texts, scores = [], []
+    for j in range(N):
+        roll = rng.random()
+        texts.append("" if roll < 0.1 else "  " if roll < 0.13 else f"{rng.choice(words)} ({model})"
+                     if rng.random() < 0.5 else rng.choice(words))
+        scores.append(rng.choice([0.0, 0.25, 0.5, 1.0, -0.5]))  # ties everywhere
+    return texts, scores
+
+
+def fabricate(root: Path, spec, prompts: int = PROMPTS, seed: int = 0) -> RunDir:
+    """prepare, sample-/score-sources and sample-/score-target committed as the stages write them."""
+    rng = random.Random(seed)
+    run, hashes = RunDir(str(root)), stage_hashes(spec)
+    ids = [f"p{i:05d}" for i in range(prompts)]
+    split = {"sft": ids[:prompts // 3], "po": ids[prompts // 3:-50], "eval": ids[-50:]}
+    out = run.stage("prepare").writer()
+    for name, pids in split.items():
+        out.put_text(f"{name}.jsonl", dump_jsonl(
+            PromptRecord(prompt_id=p, prompt=[{"role": "user", "content": f"q {p} \u2028 é"}]) for p in pids))
+    out.commit(hashes["prepare"], summary={k: len(v) for k, v in split.items()})
+    order = split["sft"] + split["po"] + split["eval"]
+    groups = {"sample-sources": {s: order for s in SOURCES}, "sample-target": {"target": split["po"] + split["eval"]}}
+    for sample_stage, files in groups.items():
+        score_stage = sample_stage.replace("sample", "score")
+        samples, scores = run.stage(sample_stage).writer(), run.stage(score_stage).writer()
+        for model, pids in files.items():
+            srecs, crecs = [], []
+            for k, pid in enumerate(pids):
+                if model == "c" and k % 5 == 0 or model == "target" and k % 13 == 0:
+                    continue  # no record of this prompt at all
+                texts, values = _answers(rng, pid, model)
+                if model == "c" and k % 11 == 0:
+                    texts = [""] * N  # only empty answers
+                if model == "target" and k % 7 == 0:
+                    texts = ["same"] * N
+                if model == "target" and k % 17 == 0:
+                    values = [0.5] * N
+                srecs.append(SampleRecord(prompt_id=pid, model=model, responses=texts,
+                                          finish_reasons=["stop"] * N, sampling={"n": N}))
+                crecs.append(ScoreRecord(prompt_id=pid, model=model, scores=values, reward_model="rm"))
+            samples.put_text(f"{model}.jsonl", dump_jsonl(srecs))
+            scores.put_text(f"{model}.jsonl", dump_jsonl(crecs))
+        samples.commit(hashes[sample_stage])
+        scores.commit(hashes[score_stage])
+    return run
+
+
+def made(tmp_path: Path, selection: dict | None = None):
+    """(spec, run): a fabricated run for this selection (the target's stages hash the selection too)."""
+    spec = make_spec(tmp_path, selection)
+    return spec, fabricate(tmp_path / "run", spec)
+
+
+SELECTIONS = [{}, {"rejectedSource": True, "topKSources": 3}, {"sourceRank": 2, "minRewardGap": 0.3},
+              {"sourceGroups": ["c", "a"], "topKSources": 2}]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=["default", "y_ls-top3", "rank2-gap", "groups"])
+def test_streamed_selection_and_pairs_equal_the_whole_file_implementation(tmp_path, selection):
+    spec, run = made(tmp_path, selection)
+    for name, oracle in (("select-sources", oracle_select), ("build-pairs", oracle_pairs)):
+        assert run_stage(spec, run, name).status == "done"
+        expected = oracle(spec, run)
+        sd = run.stage(name)
+        for obj, data in expected.items():
+            assert sd.read_bytes(obj) == data, f"{name}/{obj} differs from the whole-file implementation"
+    stats = json.loads(run.stage("build-pairs").read_text("stats.json"))
+    assert stats["train"]["pairs"] > 100 and len(stats["train"]["dropped"]) >= 3  # the run exercises drops
+
+
+def test_a_record_out_of_the_prompts_order_names_file_and_line(tmp_path):
+    spec, run = made(tmp_path)
+    sd = run.stage("sample-sources")
+    lines = sd.read_text("b.jsonl").splitlines(keepends=True)
+    lines[10], lines[11] = lines[11], lines[10]
+    manifest = sd.manifest()
+    data = "".join(lines).encode()
+    (tmp_path / "run" / "sample-sources" / "b.jsonl").write_bytes(data)
+    out = sd.writer()
+    out.put_bytes("b.jsonl", data)
+    out.adopt({k: v for k, v in manifest["objects"].items() if k != "b.jsonl"})
+    out.commit(manifest["spec_hash"])
+    with pytest.raises(DataError, match=r"b\.jsonl:12: .*p00010.* out of the prepared prompts' order"):
+        run_stage(spec, run, "select-sources")
+    assert not run.stage("select-sources").is_committed()
+
+
+def test_a_corrupt_object_is_caught_by_the_streaming_check(tmp_path):
+    spec, run = made(tmp_path)
+    path = tmp_path / "run" / "score-sources" / "a.jsonl"
+    path.write_bytes(path.read_bytes().replace(b'"rm"', b'"RM"'))  # same size, other bytes, still valid
+    with pytest.raises(StorageError, match=r"a\.jsonl: content does not match the manifest"):
+        run_stage(spec, run, "select-sources")
+    assert not run.stage("select-sources").is_committed()
+
+
+@pytest.mark.parametrize("text", ["", "a\n", "a\nb", "a\r\nb\r\n", "x\u2028y\n\nz\u0085\n", "é" * 3000 + "\n"])
+def test_split_lines_equals_lines_of_whatever_the_chunks(text):
+    data = text.encode()
+    for size in (1, 2, 3, 7, 4096):
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        assert list(split_lines(chunks)) == lines_of(text)
