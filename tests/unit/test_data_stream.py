@@ -2,9 +2,8 @@
 implementation they replaced, on a fabricated 2k-prompt run with ties, duplicate and empty answers,
 prompts a source has no record of, and target answers that drop prompts for every reason.
 
-The oracle is the previous implementation of select-sources and build-pairs (whole objects parsed into
-lists and dicts, then `choose_sources` / `build_pairs` over them), kept here verbatim apart from
-returning its objects instead of writing them.
+The oracle (tests/data_oracle.py) is the previous implementation of select-sources and build-pairs
+(whole objects parsed into lists and dicts, then `choose_sources` / `build_pairs` over them).
 """
 
 from __future__ import annotations
@@ -14,83 +13,20 @@ import random
 from pathlib import Path
 
 import pytest
+from data_oracle import oracle_pairs, oracle_select
 
-from wrpo.data.selection import (
-    SourceChoice,
-    build_pairs,
-    choose_sources,
-    contributions,
-    join_candidates,
-    source_names,
-)
 from wrpo.errors import DataError
 from wrpo.pipeline.plan import stage_hashes
 from wrpo.pipeline.rundir import RunDir
 from wrpo.pipeline.runtime import run_stage
 from wrpo.pipeline.spec import parse_spec
-from wrpo.records import PromptRecord, SampleRecord, ScoreRecord, dump_jsonl, lines_of, parse_jsonl, split_lines
+from wrpo.records import PromptRecord, SampleRecord, ScoreRecord, dump_jsonl, lines_of, split_lines
 from wrpo.storage import StorageError
 
 SPLITS = ("sft", "po", "eval")
 SOURCES = ("a", "b", "c")
 N = 4
 PROMPTS = 2000
-
-
-# ---------------------------------------------------------------------------------------------- the oracle
-
-
-def _read(run, stage, name, model):
-    sd = run.stage(stage)
-    return parse_jsonl(sd.read_text(name), model, sd.uri(name))
-
-
-def _candidates(run, sample_stage, score_stage, file):
-    samples = _read(run, sample_stage, file, SampleRecord)
-    scores = {s.prompt_id: s for s in _read(run, score_stage, file, ScoreRecord)}
-    out = {}
-    for s in samples:
-        if s.prompt_id not in scores:
-            raise DataError(run.stage(score_stage).uri(file), f"no scores for prompt '{s.prompt_id}'")
-        out[s.prompt_id] = join_candidates(s, scores[s.prompt_id], run.stage(score_stage).uri(file))
-    return out
-
-
-def oracle_select(spec, run) -> dict[str, bytes]:
-    splits = {name: _read(run, "prepare", f"{name}.jsonl", PromptRecord) for name in SPLITS}
-    names = source_names(spec.sources, spec.selection.source_groups)
-    cands = {}
-    for name in names:
-        for pid, cs in _candidates(run, "sample-sources", "score-sources", f"{name}.jsonl").items():
-            cands.setdefault(pid, []).extend(cs)
-    ids = [p.prompt_id for split in SPLITS for p in splits[split]]
-    choices, dropped = choose_sources(ids, cands, names, spec.selection)
-    by_id = {c.prompt_id: c for c in choices}
-    sft = [{"prompt_id": p.prompt_id, "prompt": [m.model_dump() for m in p.prompt],
-            "response": by_id[p.prompt_id].chosen.text, "source_model": by_id[p.prompt_id].chosen.model,
-            "score": by_id[p.prompt_id].chosen.score} for p in splits["sft"] if p.prompt_id in by_id]
-    report = {"sources": names, "all": contributions(choices, names)}
-    for split in SPLITS:
-        ids_split = {p.prompt_id for p in splits[split]}
-        report[split] = contributions([c for c in choices if c.prompt_id in ids_split], names)
-    return {"sft.jsonl": dump_jsonl(sft).encode(),
-            "chosen_source.jsonl": dump_jsonl(c.to_json() for c in choices).encode(),
-            "contributions.json": (json.dumps(report, indent=2) + "\n").encode()}
-
-
-def oracle_pairs(spec, run) -> dict[str, bytes]:
-    choices = {c["prompt_id"]: SourceChoice.from_json(c)
-               for c in (json.loads(line) for line in
-                         run.stage("select-sources").read_text("chosen_source.jsonl").splitlines() if line)}
-    target = _candidates(run, "sample-target", "score-target", "target.jsonl")
-    stats, out = {}, {}
-    for split, file in (("po", "train.jsonl"), ("eval", "eval.jsonl")):
-        prompts = _read(run, "prepare", f"{split}.jsonl", PromptRecord)
-        records, st = build_pairs(prompts, choices, target, spec.selection.min_reward_gap)
-        out[file] = dump_jsonl(records).encode()
-        stats[file.removesuffix(".jsonl")] = st.to_json()
-    out["stats.json"] = (json.dumps(stats, indent=2) + "\n").encode()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -108,10 +44,10 @@ def make_spec(tmp: Path, selection: dict | None = None):
     })
 
 
-def _answers(rng: random.Random, pid: str, model: str) -> tuple[list[str], list[float]]:
+def _answers(rng: random.Random, model: str) -> tuple[list[str], list[float]]:
     words = ["yes", "no", "maybe", "it depends", "42"]  # few texts: duplicates within and across sources
     texts, scores = [], []
-    for j in range(N):
+    for _ in range(N):
         roll = rng.random()
         texts.append("" if roll < 0.1 else "  " if roll < 0.13 else f"{rng.choice(words)} ({model})"
                      if rng.random() < 0.5 else rng.choice(words))
@@ -140,7 +76,7 @@ def fabricate(root: Path, spec, prompts: int = PROMPTS, seed: int = 0) -> RunDir
             for k, pid in enumerate(pids):
                 if model == "c" and k % 5 == 0 or model == "target" and k % 13 == 0:
                     continue  # no record of this prompt at all
-                texts, values = _answers(rng, pid, model)
+                texts, values = _answers(rng, model)
                 if model == "c" and k % 11 == 0:
                     texts = [""] * N  # only empty answers
                 if model == "target" and k % 7 == 0:
