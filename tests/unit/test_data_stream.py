@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 from data_oracle import oracle_pairs, oracle_select
 
 from wrpo.errors import DataError
-from wrpo.pipeline.plan import stage_hashes
+from wrpo.pipeline.plan import plan_hashes, stage_hashes
 from wrpo.pipeline.rundir import RunDir
 from wrpo.pipeline.runtime import run_stage
 from wrpo.pipeline.spec import parse_spec
@@ -148,3 +149,59 @@ def test_split_lines_equals_lines_of_whatever_the_chunks(text):
     for size in (1, 2, 3, 7, 4096):
         chunks = [data[i:i + size] for i in range(0, len(data), size)]
         assert list(split_lines(chunks)) == lines_of(text)
+
+
+class DyingScorer:
+    """A stand-in for the reward model (the scorer is the one part that needs a model): a score from
+    the text, and a RuntimeError - the pod killed - once `die_after` answers are scored."""
+
+    name = "stand-in"
+
+    def __init__(self, die_after: int | None = None):
+        self.die_after, self.scored = die_after, 0
+
+    def score(self, pairs):
+        from wrpo.data.scoring import Score
+
+        if self.die_after is not None and self.scored + len(pairs) > self.die_after:
+            raise RuntimeError("scoring pod killed")
+        self.scored += len(pairs)
+        return [Score(float(len(text) % 7)) for _, text in pairs]
+
+
+@pytest.mark.parametrize("shard", [(0, 1), (1, 2)])
+def test_a_killed_scoring_unit_resumes_after_its_last_checkpoint(tmp_path, monkeypatch, shard):
+    from contextlib import contextmanager
+
+    import wrpo.data.stages as data_stages
+    from wrpo.pipeline.context import StageOptions
+
+    spec, run = made(tmp_path)
+    ref = RunDir(str(tmp_path / "ref"))
+    monkeypatch.setattr(data_stages, "SCORE_CHECKPOINT", 300)  # records: 1200 answers, past the 1024 chunks
+    scorer = DyingScorer()
+    monkeypatch.setattr(data_stages, "reward_scorer", contextmanager(lambda ctx: (yield scorer)))
+    for name in ("prepare", "sample-sources"):  # the same inputs, scored uninterrupted as the reference
+        shutil.copytree(run.stage(name).uri(), ref.stage(name).uri())
+    opts = StageOptions(units=["a"], shard=shard)
+    run_stage(spec, ref, "score-sources", opts)
+    whole = scorer.scored
+
+    shutil.rmtree(run.stage("score-sources").uri())
+    scorer.die_after, scorer.scored = 2500, 0  # dies in the third checkpoint of the unit
+    with pytest.raises(RuntimeError, match="scoring pod killed"):
+        run_stage(spec, run, "score-sources", opts)
+    assert not run.stage("score-sources").committed_units()
+    scorer.die_after, scorer.scored = None, 0
+    run_stage(spec, run, "score-sources", opts)
+    assert scorer.scored == whole - 2 * 1200  # the two committed checkpoints were not scored again
+    # and the result is the uninterrupted one, byte for byte (sizes and sha256 of the unit's or part's objects)
+    unit_hash = plan_hashes(spec).units["score-sources"]["a"]
+
+    def objects(rd: RunDir) -> dict:
+        sd = rd.stage("score-sources")
+        if shard[1] == 1:
+            return sd.committed_units()["a"]["objects"]
+        return sd.committed_parts("a", unit_hash, shard[1])[shard[0]]["objects"]
+
+    assert objects(run) == objects(ref) and objects(run)["a.jsonl"]["size"] > 0

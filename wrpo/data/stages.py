@@ -12,6 +12,7 @@ endpoint in `ctx.options` (the operator's Services) is used as it is; the others
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -314,24 +315,44 @@ def judge_backend(ctx: StageContext, judge: Any, served: list[Server]) -> Iterat
         yield backend
 
 
+SCORE_CHECKPOINT = 1024  # sample records per committed scoring checkpoint: with N answers each, a multiple
+# of the scorer's 1024-answer chunks, so checkpoints do not change what the scorer is sent together
+
+
 def _score_file(ctx: StageContext, stage: str, name: str, splits: Sequence[str]) -> dict[str, Any]:
     """Score this shard's share of the sample records in `stage`/`name` into `name` (ScoreRecords in the
-    samples' order), streamed: the samples are read line by line, only this shard's lines are parsed,
-    and the scores are written as they come (docs/data.md, "Scale"). The summary is additive over shards
-    (`answers`, `score_sum`; an LLM judge's `unparsed`), and so is an LLM judge's
-    `<name>.verdicts.jsonl`."""
+    samples' order), streamed (docs/data.md, "Scale"): the samples are read line by line and only this
+    shard's lines are parsed; every SCORE_CHECKPOINT records the scores are committed as a checkpoint
+    (a `_shards/` group of this stage, keyed by the unit's hash, the shard and the samples' sha256), so
+    a killed unit or shard resumes after its last checkpoint; the object is then assembled from them.
+    The summary is additive over shards (`answers`, `score_sum`; an LLM judge's `unparsed`), and so is
+    an LLM judge's `<name>.verdicts.jsonl`."""
+    import hashlib
+
     from wrpo.data.scoring import score_stream
 
     sd = ctx.run.stage(stage)
     i, k = ctx.shard
-    lo, hi, total = 0, None, None
+    lo, hi = 0, None
     if k > 1:  # this shard's contiguous share (ctx.my_part) of the records, counted without parsing
         total = sum(1 for line in sd.iter_lines(name) if line.strip())
         lo, hi = total * i // k, total * (i + 1) // k
-    prompts = InOrder(iter_prompts(ctx.run, splits), "prepare")
+    stem = name.removesuffix(".jsonl")
+    group, verdict_group = f"{stem}.{i}-of-{k}", f"{stem}.{i}-of-{k}.verdicts"
+    made_from = f"{ctx.unit_hash}:{i}/{k}:{sd.objects()[name]['sha256']}"
+
+    def key(index: int) -> str:
+        return hashlib.sha256(f"{made_from}:{index}".encode()).hexdigest()
+
+    store = ctx.out.stage
+    done = store.committed_shards(group)
+    reused = 0
+    while reused in done and done[reused].key == key(reused):
+        reused += 1
+    skip = sum(done[j].meta["records"] for j in range(reused))
     scorer = ctx.shared("reward", lambda: reward_scorer(ctx))  # loaded once for all units
     judge = getattr(scorer, "verdicts", None) is not None
-    keys: list[dict[str, Any]] = []
+    prompts = InOrder(iter_prompts(ctx.run, splits), "prepare")
 
     def mine() -> Iterator[tuple[SampleRecord, PromptRecord | None]]:
         number = 0
@@ -339,30 +360,39 @@ def _score_file(ctx: StageContext, stage: str, name: str, splits: Sequence[str])
             if not text.strip():
                 continue
             number += 1
-            if number <= lo:
+            if number <= lo + skip:
                 continue
             if hi is not None and number > hi:
                 return
             sample = parse_line(text, SampleRecord, sd.uri(name), line)
-            if judge:
-                keys.extend({"prompt_id": sample.prompt_id, "model": sample.model, "response": j}
-                            for j in range(len(sample.responses)))
             yield sample, prompts.seek(sample.prompt_id)
 
-    answers, score_sum = 0, 0.0
-    with progress(f"score {name}", "answer") as bar, ctx.out.open(name) as out:
-        for rec in score_stream(scorer, mine(), progress=bar.update):
-            out.write_line(dump_line(rec))
-            answers += len(rec.scores)
-            for v in rec.scores:
-                score_sum += v
-    summary = {"answers": answers, "score_sum": score_sum}
-    if judge:  # an LLM judge: every raw verdict, in the order the answers were scored
-        verdicts = scorer.verdicts
-        mine_v = verdicts[len(verdicts) - answers:]
-        ctx.out.put_text(name.removesuffix(".jsonl") + ".verdicts.jsonl",
-                         dump_jsonl(k | v for k, v in zip(keys, mine_v, strict=True)))
-        summary["unparsed"] = sum(v["value"] is None for v in mine_v)
+    index, records = reused, mine()
+    with progress(f"score {name}", "answer") as bar:
+        bar.update(sum(done[j].meta["answers"] for j in range(reused)))
+        while batch := list(itertools.islice(records, SCORE_CHECKPOINT)):
+            scores = list(score_stream(scorer, batch, progress=bar.update))
+            answers = sum(len(r.scores) for r in scores)
+            meta = {"records": len(scores), "answers": answers, "score_sum": sum(v for r in scores for v in r.scores)}
+            if judge:  # an LLM judge: every raw verdict, in the order the answers were scored
+                mine_v = scorer.verdicts[len(scorer.verdicts) - answers:]
+                keys = [{"prompt_id": r.prompt_id, "model": r.model, "response": j} for r in scores
+                        for j in range(len(r.scores))]
+                ctx.out.commit_shard(verdict_group, index, dump_jsonl(
+                    kv | v for kv, v in zip(keys, mine_v, strict=True)).encode(), key(index))
+                meta["unparsed"] = sum(v["value"] is None for v in mine_v)
+            ctx.out.commit_shard(group, index, dump_jsonl(scores).encode(), key(index), meta)
+            index += 1
+    done = store.committed_shards(group)
+    ctx.out.put_chunks(name, (c for j in range(index) for c in store.iter_shard(done[j])))
+    metas = [done[j].meta for j in range(index)]
+    summary = {"answers": sum(m["answers"] for m in metas), "score_sum": 0.0}
+    for m in metas:
+        summary["score_sum"] += m["score_sum"]
+    if judge:
+        verdicts = store.committed_shards(verdict_group)
+        ctx.out.put_chunks(f"{stem}.verdicts.jsonl", (c for j in range(index) for c in store.iter_shard(verdicts[j])))
+        summary["unparsed"] = sum(m["unparsed"] for m in metas)
     return summary
 
 
