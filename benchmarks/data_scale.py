@@ -11,9 +11,12 @@ line: prompts, wall and CPU seconds, peak RSS of its process (`wait4`), records/
 read per CPU second) and `rss_growth_mb_per_10k_prompts` against the smallest size.
 
 The data goes under `--tmp` (default: the system's temp dir; 60k prompts need ~10 GB free) and is
-deleted after each size.
+deleted after each size. With `--s3-endpoint URL --bucket NAME` (credentials from the environment) the
+run lives on S3 instead, and each line also counts the stage's S3 requests by operation
+(`s3_requests`) and its GETs per source unit (`gets_per_source`).
 
     python benchmarks/data_scale.py [--prompts 1000,10000,60000] [--full] [--sources 10] [--n 5]
+                                    [--s3-endpoint URL --bucket NAME]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 STAGES = ("sample-sources", "score-sources", "select-sources", "sample-target", "score-target", "build-pairs")
 ENDPOINT = "http://127.0.0.1:9/v1"  # never asked: every sampling shard is committed
@@ -60,18 +64,24 @@ def _sample_line(pid: str, model: str, answers: list[str], params: dict, server_
     return (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-def fabricate(root: str, prompts: int, sources: int, n: int) -> dict:
+def run_dir(root: str, endpoint: str | None):
+    from wrpo.pipeline.rundir import RunDir
+    from wrpo.storage import S3Options
+
+    return RunDir(root, S3Options(endpoint_url=endpoint) if endpoint else None)
+
+
+def fabricate(root: str, prompts: int, sources: int, n: int, endpoint: str | None = None) -> dict:
     """A run with prepare and sft committed and every sampling shard of both sampling stages committed,
     byte for byte as the stages write them (records.dump_jsonl's format, StageWriter's commits)."""
     from wrpo.data.sampling import SamplingParams, shard_key
     from wrpo.pipeline.plan import servers, stage_hashes
-    from wrpo.pipeline.rundir import RunDir
     from wrpo.records import PromptRecord, dump_jsonl
 
     eval_size = max(1, prompts // 100)
     spec = make_spec(sources, n, eval_size)
     hashes = stage_hashes(spec)
-    run = RunDir(root)
+    run = run_dir(root, endpoint)
     rng = random.Random(0)
     pool = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz      .,") for _ in range(1 << 16))
     ids = [f"p{i:07d}" for i in range(prompts)]
@@ -121,12 +131,25 @@ class StandInScorer:
         return [Score(float(len(text) % 97) / 8) for _, text in pairs]
 
 
-def child(stage: str, root: str, sources: int, n: int, prompts: int) -> None:
-    """Run one stage as its pod would (run_stage), with the stand-in scorer for the scoring stages."""
+def child(stage: str, root: str, sources: int, n: int, prompts: int, endpoint: str | None = None,
+          requests_out: str | None = None) -> None:
+    """Run one stage as its pod would (run_stage), with the stand-in scorer for the scoring stages; on
+    S3, count the requests by operation into `requests_out`."""
+    from collections import Counter
+
     import wrpo.data.stages as stages
+    import wrpo.storage
     from wrpo.pipeline.context import StageOptions
-    from wrpo.pipeline.rundir import RunDir
     from wrpo.pipeline.runtime import run_stage
+
+    requests: Counter[str] = Counter()
+    init = wrpo.storage.S3Backend.__init__
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.client.meta.events.register("before-call.s3", lambda model, **_: requests.update([model.name]))
+
+    wrpo.storage.S3Backend.__init__ = counting_init
 
     @contextmanager
     def stand_in(ctx):
@@ -135,15 +158,20 @@ def child(stage: str, root: str, sources: int, n: int, prompts: int) -> None:
     stages.reward_scorer = stand_in
     spec = make_spec(sources, n, max(1, prompts // 100))
     options = StageOptions(endpoints={s.name: ENDPOINT for s in spec.sources}, target_endpoint=ENDPOINT,
-                           workdir=os.path.join(root, "_work"))
-    result = run_stage(spec, RunDir(root), stage, options)
+                           workdir=tempfile.mkdtemp() if endpoint else os.path.join(root, "_work"))
+    result = run_stage(spec, run_dir(root, endpoint), stage, options)
     if result.status != "done":
         raise SystemExit(f"{stage}: {result.status}")
+    if requests_out:
+        Path(requests_out).write_text(json.dumps(dict(requests)))
 
 
 def measure(stage: str, root: str, args, prompts: int) -> dict:
+    counts = Path(tempfile.mkdtemp()) / "requests.json"
     cmd = [sys.executable, __file__, "--child", stage, "--root", root, "--sources", str(args.sources),
-           "--n", str(args.n), "--prompts", str(prompts)]
+           "--n", str(args.n), "--prompts", str(prompts), "--requests-out", str(counts)]
+    if args.s3_endpoint:
+        cmd += ["--s3-endpoint", args.s3_endpoint]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -153,9 +181,15 @@ def measure(stage: str, root: str, args, prompts: int) -> dict:
     cpu = usage.ru_utime + usage.ru_stime
     target = stage in ("sample-target", "score-target", "build-pairs")  # the PO and eval prompts only
     answers = (prompts - prompts // 3) * args.n if target else prompts * args.n * args.sources
-    return {"stage": stage, "prompts": prompts, "answers": answers, "wall_s": round(wall, 2),
-            "cpu_s": round(cpu, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "records_per_cpu_s": round(answers / cpu) if cpu else None}
+    row = {"stage": stage, "prompts": prompts, "answers": answers, "wall_s": round(wall, 2),
+           "cpu_s": round(cpu, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+           "records_per_cpu_s": round(answers / cpu) if cpu else None}
+    if args.s3_endpoint:
+        requests = json.loads(counts.read_text())
+        units = 1 if target else args.sources
+        row |= {"s3_requests": requests, "gets_per_source": round(requests.get("GetObject", 0) / units, 1)}
+    shutil.rmtree(counts.parent, ignore_errors=True)
+    return row
 
 
 def main() -> None:
@@ -166,19 +200,25 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--tmp", default=tempfile.gettempdir())
+    ap.add_argument("--s3-endpoint", help="Keep the run on this S3 endpoint (with --bucket) and count requests.")
+    ap.add_argument("--bucket")
     ap.add_argument("--child")
     ap.add_argument("--root")
+    ap.add_argument("--requests-out")
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.root, args.sources, args.n, int(args.prompts))
+        child(args.child, args.root, args.sources, args.n, int(args.prompts), args.s3_endpoint, args.requests_out)
         return
     sizes = [int(p) for p in args.prompts.split(",")] + ([600_000] if args.full else [])
     first: dict[str, dict] = {}
     for prompts in sizes:
-        root = tempfile.mkdtemp(prefix=f"wrpo-data-scale-{prompts}-", dir=args.tmp)
+        if args.s3_endpoint:
+            root = f"s3://{args.bucket}/wrpo-data-scale-{prompts}-{os.getpid()}"
+        else:
+            root = tempfile.mkdtemp(prefix=f"wrpo-data-scale-{prompts}-", dir=args.tmp)
         try:
             t0 = time.perf_counter()
-            made = fabricate(root, prompts, args.sources, args.n)
+            made = fabricate(root, prompts, args.sources, args.n, args.s3_endpoint)
             print(json.dumps({"fabricated": made, "seconds": round(time.perf_counter() - t0, 1)}),
                   file=sys.stderr, flush=True)
             for stage in args.stages.split(","):
@@ -190,7 +230,11 @@ def main() -> None:
                                    / ((prompts - base["prompts"]) / 10_000), 1)
                 print(json.dumps(row | {"rss_growth_mb_per_10k_prompts": growth}), flush=True)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            if args.s3_endpoint:
+                backend = run_dir(root, args.s3_endpoint).backend
+                backend.delete(list(backend.list("")))
+            else:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
