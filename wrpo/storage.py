@@ -9,8 +9,9 @@ visible under its final name.
 
 Streaming: `iter_chunks` reads an object in chunks of 1 MiB (an S3 read that breaks off is resumed
 with a ranged GET from the byte it stopped at) and `open_write` writes one through a file object (a
-local temporary file renamed into place; on S3 a temporary file spilled to disk past 64 MiB, uploaded
-on close, in parts when large), so no object is ever held whole in memory (docs/data.md, "Scale").
+local temporary file renamed into place; on S3 one PUT under 16 MiB, else a multipart upload of 16 MiB
+parts sent as they fill, aborted if the writing fails), so no object is ever held whole in memory
+(docs/data.md, "Scale").
 
 S3 access uses boto3 with its own retry machinery (standard mode: throttling, 5xx and connection errors
 are retried with exponential backoff), the endpoint and region from the spec, and credentials from the
@@ -19,6 +20,7 @@ standard chain (env vars, shared files, instance/pod roles).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -263,12 +265,15 @@ class S3Backend:
 
     @contextmanager
     def open_write(self, key: str) -> Iterator[IO[bytes]]:
-        """A temporary file (in memory up to 64 MiB, then on disk) uploaded when the block ends."""
-        with tempfile.SpooledTemporaryFile(max_size=MULTIPART_THRESHOLD) as f:
-            yield f  # type: ignore[misc]
-            f.seek(0)
-            with self._errors(key):
-                self.client.upload_fileobj(f, self.bucket, self._key(key), Config=self.transfer)
+        """A writer that uploads as it goes: one PUT for an object under PART_SIZE, else a multipart
+        upload of PART_SIZE parts (aborted if the block fails), so memory holds one part at most."""
+        w = _MultipartWriter(self, key)
+        try:
+            yield w  # type: ignore[misc]
+            w.finish()
+        except BaseException:
+            w.abort()
+            raise
 
     def download(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +303,56 @@ class S3Backend:
             batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
             with self._errors(keys[i]):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+PART_SIZE = 16 * 1024 * 1024  # parts of a streamed S3 upload (S3 allows 10,000: objects up to 160 GB)
+
+
+class _MultipartWriter:
+    """`S3Backend.open_write`'s file object: buffers one part, uploads it when full; `finish` completes
+    the upload (or PUTs a small object whole), `abort` drops the parts so nothing becomes visible."""
+
+    def __init__(self, backend: S3Backend, key: str):
+        self.b, self.key = backend, key
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+
+    def write(self, data: bytes) -> int:
+        self.buf += data
+        while len(self.buf) >= PART_SIZE:
+            self._part(bytes(self.buf[:PART_SIZE]))
+            del self.buf[:PART_SIZE]
+        return len(data)
+
+    def _part(self, data: bytes) -> None:
+        b = self.b
+        with b._errors(self.key):
+            if self.upload_id is None:
+                self.upload_id = b.client.create_multipart_upload(Bucket=b.bucket, Key=b._key(self.key))["UploadId"]
+            n = len(self.parts) + 1
+            etag = b.client.upload_part(Bucket=b.bucket, Key=b._key(self.key), UploadId=self.upload_id,
+                                        PartNumber=n, Body=data)["ETag"]
+        self.parts.append({"PartNumber": n, "ETag": etag})
+
+    def finish(self) -> None:
+        b = self.b
+        if self.upload_id is None:
+            with b._errors(self.key):
+                b.client.put_object(Bucket=b.bucket, Key=b._key(self.key), Body=bytes(self.buf))
+            return
+        if self.buf:
+            self._part(bytes(self.buf))
+            self.buf.clear()
+        with b._errors(self.key):
+            b.client.complete_multipart_upload(Bucket=b.bucket, Key=b._key(self.key), UploadId=self.upload_id,
+                                               MultipartUpload={"Parts": self.parts})
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):  # the write failed already; lifecycle rules clear leftovers
+                self.b.client.abort_multipart_upload(Bucket=self.b.bucket, Key=self.b._key(self.key),
+                                                     UploadId=self.upload_id)
 
 
 def open_backend(uri: str, s3: S3Options | None = None) -> Backend:
