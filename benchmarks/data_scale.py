@@ -7,8 +7,10 @@ stage as its pod would (`run_stage`) in a fresh process: sample-sources and samp
 sampling shard is committed, so only the assembly runs; no server is asked), score-sources and
 score-target (a stand-in scorer instead of the reward model: the scorer is the one part that needs a
 model, this measures everything around it), select-sources and build-pairs. Each stage prints one JSON
-line: prompts, wall and CPU seconds, peak RSS of its process (`wait4`), records/s (answers the stage
-read per CPU second) and `rss_growth_mb_per_10k_prompts` against the smallest size.
+line: prompts, wall and CPU seconds (`wait4`), peak RSS of its process (VmHWM, read by the process
+itself as it exits: `ru_maxrss` of a child also counts its parent's RSS at the fork), records/s
+(answers the stage read per CPU second) and `rss_growth_mb_per_10k_prompts` against the smallest size.
+The run is fabricated in a process of its own too, so the stages' parent stays small.
 
 The data goes under `--tmp` (default: the system's temp dir; 60k prompts need ~10 GB free) and is
 deleted after each size. With `--s3-endpoint URL --bucket NAME` (credentials from the environment) the
@@ -132,9 +134,9 @@ class StandInScorer:
 
 
 def child(stage: str, root: str, sources: int, n: int, prompts: int, endpoint: str | None = None,
-          requests_out: str | None = None) -> None:
-    """Run one stage as its pod would (run_stage), with the stand-in scorer for the scoring stages; on
-    S3, count the requests by operation into `requests_out`."""
+          report: str | None = None) -> None:
+    """Run one stage as its pod would (run_stage), with the stand-in scorer for the scoring stages;
+    write its peak RSS and (on S3) its requests by operation into `report`."""
     from collections import Counter
 
     import wrpo.data.stages as stages
@@ -162,14 +164,16 @@ def child(stage: str, root: str, sources: int, n: int, prompts: int, endpoint: s
     result = run_stage(spec, run_dir(root, endpoint), stage, options)
     if result.status != "done":
         raise SystemExit(f"{stage}: {result.status}")
-    if requests_out:
-        Path(requests_out).write_text(json.dumps(dict(requests)))
+    if report:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        hwm_kb = int(status["VmHWM"].split()[0])
+        Path(report).write_text(json.dumps({"peak_rss_mb": round(hwm_kb / 1024, 1), "requests": dict(requests)}))
 
 
 def measure(stage: str, root: str, args, prompts: int) -> dict:
-    counts = Path(tempfile.mkdtemp()) / "requests.json"
+    counts = Path(tempfile.mkdtemp()) / "report.json"
     cmd = [sys.executable, __file__, "--child", stage, "--root", root, "--sources", str(args.sources),
-           "--n", str(args.n), "--prompts", str(prompts), "--requests-out", str(counts)]
+           "--n", str(args.n), "--prompts", str(prompts), "--report", str(counts)]
     if args.s3_endpoint:
         cmd += ["--s3-endpoint", args.s3_endpoint]
     t0 = time.perf_counter()
@@ -182,14 +186,27 @@ def measure(stage: str, root: str, args, prompts: int) -> dict:
     target = stage in ("sample-target", "score-target", "build-pairs")  # the PO and eval prompts only
     answers = (prompts - prompts // 3) * args.n if target else prompts * args.n * args.sources
     row = {"stage": stage, "prompts": prompts, "answers": answers, "wall_s": round(wall, 2),
-           "cpu_s": round(cpu, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+           "cpu_s": round(cpu, 2), "peak_rss_mb": json.loads(counts.read_text())["peak_rss_mb"],
            "records_per_cpu_s": round(answers / cpu) if cpu else None}
     if args.s3_endpoint:
-        requests = json.loads(counts.read_text())
+        requests = json.loads(counts.read_text())["requests"]
         units = 1 if target else args.sources
         row |= {"s3_requests": requests, "gets_per_source": round(requests.get("GetObject", 0) / units, 1)}
     shutil.rmtree(counts.parent, ignore_errors=True)
     return row
+
+
+def fabricate_apart(root: str, prompts: int, args) -> dict:
+    """`fabricate` in a process of its own (its memory must not count towards the stages')."""
+    report = Path(tempfile.mkdtemp()) / "made.json"
+    cmd = [sys.executable, __file__, "--fabricate", "--root", root, "--sources", str(args.sources), "--n",
+           str(args.n), "--prompts", str(prompts), "--report", str(report)]
+    if args.s3_endpoint:
+        cmd += ["--s3-endpoint", args.s3_endpoint]
+    subprocess.run(cmd, check=True)
+    made = json.loads(report.read_text())
+    shutil.rmtree(report.parent, ignore_errors=True)
+    return made
 
 
 def main() -> None:
@@ -204,10 +221,15 @@ def main() -> None:
     ap.add_argument("--bucket")
     ap.add_argument("--child")
     ap.add_argument("--root")
-    ap.add_argument("--requests-out")
+    ap.add_argument("--report")
+    ap.add_argument("--fabricate", action="store_true")
     args = ap.parse_args()
+    if args.fabricate:
+        made = fabricate(args.root, int(args.prompts), args.sources, args.n, args.s3_endpoint)
+        Path(args.report).write_text(json.dumps(made))
+        return
     if args.child:
-        child(args.child, args.root, args.sources, args.n, int(args.prompts), args.s3_endpoint, args.requests_out)
+        child(args.child, args.root, args.sources, args.n, int(args.prompts), args.s3_endpoint, args.report)
         return
     sizes = [int(p) for p in args.prompts.split(",")] + ([600_000] if args.full else [])
     first: dict[str, dict] = {}
@@ -218,7 +240,7 @@ def main() -> None:
             root = tempfile.mkdtemp(prefix=f"wrpo-data-scale-{prompts}-", dir=args.tmp)
         try:
             t0 = time.perf_counter()
-            made = fabricate(root, prompts, args.sources, args.n, args.s3_endpoint)
+            made = fabricate_apart(root, prompts, args)
             print(json.dumps({"fabricated": made, "seconds": round(time.perf_counter() - t0, 1)}),
                   file=sys.stderr, flush=True)
             for stage in args.stages.split(","):
