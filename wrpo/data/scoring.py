@@ -13,7 +13,8 @@ detail. Backends:
   An answer whose verdict cannot be parsed scores 0, below every graded answer (so it is never chosen over
   one), and is counted; the raw verdicts are kept for the stage to store (docs/eval.md).
 
-`score_samples` scores whole sample records and stops on a NaN/inf score with the prompt_id named.
+`score_samples` scores whole sample records and stops on a NaN/inf score with the prompt_id named;
+`score_stream` does the same for records as they stream in (docs/data.md, "Scale").
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ def score_stream(scorer: Scorer, items: Iterable[tuple[SampleRecord, PromptRecor
     for sample, prompt in items:
         if prompt is None:
             raise ScoringError(f"sampled prompt '{sample.prompt_id}' (model '{sample.model}') is not among "
-                               "the prepared prompts")
+                               "the prepared prompts, or not in their order")
         entry = [sample, [math.nan] * len(sample.responses), len(sample.responses)]
         waiting.append(entry)
         messages = [m.model_dump() for m in prompt.prompt]
