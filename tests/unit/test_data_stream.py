@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from data_oracle import oracle_pairs, oracle_select
 
+from wrpo.data.scoring import ScoringError
 from wrpo.errors import DataError
 from wrpo.pipeline.plan import plan_hashes, stage_hashes
 from wrpo.pipeline.rundir import RunDir
@@ -205,3 +206,37 @@ def test_a_killed_scoring_unit_resumes_after_its_last_checkpoint(tmp_path, monke
         return sd.committed_parts("a", unit_hash, shard[1])[shard[0]]["objects"]
 
     assert objects(run) == objects(ref) and objects(run)["a.jsonl"]["size"] > 0
+
+
+class RecordingScorer:
+    name = "recording"
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def score(self, pairs):
+        from wrpo.data.scoring import Score
+
+        self.calls.append([text for _, text in pairs])
+        return [Score(float(len(text))) for _, text in pairs]
+
+
+def test_scoring_checkpoints_send_the_scorer_the_same_chunks_as_one_pass():
+    """1024 records of N answers are whole 1024-answer chunks: scoring checkpoint by checkpoint sends the
+    scorer exactly what scoring everything at once does (so checkpoints cannot move a score)."""
+    import itertools
+
+    from wrpo.data.scoring import score_samples, score_stream
+    from wrpo.data.stages import SCORE_CHECKPOINT
+
+    prompt = PromptRecord(prompt_id="p", prompt=[{"role": "user", "content": "q"}])
+    samples = [SampleRecord(prompt_id=f"p{i}", model="m", responses=[f"{i}-{j}" for j in range(5)])
+               for i in range(2 * SCORE_CHECKPOINT + 77)]
+    whole = RecordingScorer()
+    expected = score_samples(whole, samples, {s.prompt_id: prompt for s in samples})
+    parts, got, records = RecordingScorer(), [], iter(samples)
+    while batch := list(itertools.islice(records, SCORE_CHECKPOINT)):
+        got += score_stream(parts, [(s, prompt) for s in batch])
+    assert parts.calls == whole.calls and got == expected
+    with pytest.raises(ScoringError, match="'p0' .*not among the prepared prompts"):
+        list(score_stream(parts, [(samples[0], None)]))
