@@ -234,10 +234,8 @@ class S3Backend:
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
 
     def get_bytes(self, key: str) -> bytes:
-        buf = io.BytesIO()
-        with self._errors(key):
-            self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
-        return buf.getvalue()
+        """One GET (the transfer manager would HEAD first: twice the requests for every marker)."""
+        return b"".join(self.iter_chunks(key))
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         """The object in chunks; a body that breaks off mid-way is asked for again from where it stopped

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from wrpo.errors import WrpoError
 from wrpo.pipeline.checks import redact_url
-from wrpo.pipeline.rundir import StageWriter
+from wrpo.pipeline.rundir import ShardInfo, StageWriter
 from wrpo.records import PromptRecord, SampleRecord, dump_jsonl, iter_jsonl, split_lines
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,7 @@ async def sample_group(backend: ChatBackend, prompts: Iterable[PromptRecord], pa
                 tasks = [group.create_task(one(p)) for p in chunk]
             records = [t.result() for t in tasks]
             data = dump_jsonl(records).encode()
-            await asyncio.to_thread(out.commit_shard, file, i, data, key, shard_counts(records, params.n))
+            done[i] = await asyncio.to_thread(out.commit_shard, file, i, data, key, shard_counts(records, params.n))
         finally:
             ahead.release()
 
@@ -410,7 +410,7 @@ async def sample_group(backend: ChatBackend, prompts: Iterable[PromptRecord], pa
         raise first_error(eg) from None
     finally:
         bar.close()
-    return _assemble(out, file, n_shards, reused, params.n)
+    return _assemble(out, file, n_shards, reused, params.n, done)
 
 
 def shard_counts(records: Sequence[SampleRecord], n: int) -> dict[str, Any]:
@@ -428,11 +428,11 @@ def first_error(eg: BaseExceptionGroup) -> BaseException:
     return err
 
 
-def _assemble(out: StageWriter, name: str, n_shards: int, reused: int, n: int) -> dict[str, Any]:
-    """Concatenate the committed shards (in order) into `<name>.jsonl`, streamed (each shard checked
-    against its marker on the way); summary counts from the shards' markers (a shard committed without
-    them is parsed as it streams through)."""
-    done = out.stage.committed_shards(name)
+def _assemble(out: StageWriter, name: str, n_shards: int, reused: int, n: int,
+              done: dict[int, ShardInfo]) -> dict[str, Any]:
+    """Concatenate the committed shards `done` (in order) into `<name>.jsonl`, streamed (each shard
+    checked against its marker on the way); summary counts from the shards' markers (a shard committed
+    without them is parsed as it streams through)."""
     prompts = short = 0
     reasons: Counter[str] = Counter()
     with out.open(f"{name}.jsonl") as w:
