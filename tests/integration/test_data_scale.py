@@ -5,7 +5,7 @@ of ~1.5 KB for 24k prompts (~430 MB of samples), with their scores.
 
 The cap is on virtual memory, which counts reservations as well as use: glibc reserves 64 MiB per
 thread arena and OpenBLAS a buffer per thread, so the child runs with MALLOC_ARENA_MAX=2 and one BLAS
-thread. The streamed stage peaks at ~320 MB of address space and ~140 MB of RSS whatever the number of
+thread. The streamed stage peaks at ~340 MB of address space and ~150 MB of RSS whatever the number of
 prompts; the whole-file implementation it replaced peaked at 905 MB of RSS on this run, so it cannot
 run under the cap, and fails the RSS bound too.
 """
