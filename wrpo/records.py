@@ -212,6 +212,21 @@ def lines_of(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The JSONL lines of a byte stream read in chunks (`lines_of` of the decoded whole, without ever
+    holding the whole): split at b'\n' only, each line decoded as UTF-8 with a '\r' before the '\n'
+    dropped; a last line without '\n' is yielded too, and an empty stream is one empty line, as in
+    `lines_of`. Stage objects are written as UTF-8 by `dump_jsonl`; users' files go through
+    `decode_text`."""
+    tail = b""
+    for chunk in chunks:
+        lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            yield line.decode("utf-8").removesuffix("\r")
+    yield tail.decode("utf-8").removesuffix("\r")
+
+
 def iter_objects(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSONL document."""
     for number, line in enumerate(lines_of(text), start=1):
@@ -250,13 +265,15 @@ def parse_jsonl(text: str, model: type[R], source: str, unique_ids: bool = True)
     return records
 
 
+def dump_line(rec: BaseModel | dict[str, Any]) -> str:
+    """One record as a JSONL line, '\n' included (compact, UTF-8 kept readable)."""
+    obj = rec.model_dump(exclude_none=True) if isinstance(rec, BaseModel) else rec
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
 def dump_jsonl(records: Iterable[BaseModel | dict[str, Any]]) -> str:
     """Serialise records to JSONL text (one compact object a line, UTF-8 kept readable)."""
-    out = []
-    for rec in records:
-        obj = rec.model_dump(exclude_none=True) if isinstance(rec, BaseModel) else rec
-        out.append(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
-    return "".join(line + "\n" for line in out)
+    return "".join(dump_line(rec) for rec in records)
 
 
 class SFTRecord(BaseModel):

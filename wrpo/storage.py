@@ -9,6 +9,12 @@ visible under its final name. The temporary file is created as `open()` would cr
 0666 less the process umask, not mkstemp's 0600); a `public` folder (`wrpo export`) gets files 0644 and
 the folders it creates 0755 whatever the umask, so a serving account can read it (docs/eval.md).
 
+Streaming: `iter_chunks` reads an object in chunks of 1 MiB (an S3 read that breaks off is resumed
+with a ranged GET from the byte it stopped at) and `open_write` writes one through a file object (a
+local temporary file renamed into place; on S3 one PUT under 16 MiB, else a multipart upload of 16 MiB
+parts sent as they fill, aborted if the writing fails), so no object is ever held whole in memory
+(docs/data.md, "Scale").
+
 S3 access uses boto3 with its own retry machinery (standard mode: throttling, 5xx and connection errors
 are retried with exponential backoff), the endpoint and region from the spec, and credentials from the
 standard chain (env vars, shared files, instance/pod roles).
@@ -16,13 +22,14 @@ standard chain (env vars, shared files, instance/pod roles).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -97,6 +104,8 @@ class Backend(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def iter_chunks(self, key: str) -> Iterator[bytes]: ...
+    def open_write(self, key: str) -> AbstractContextManager[IO[bytes]]: ...
     def download(self, key: str, path: Path) -> None: ...
     def size(self, key: str) -> int | None: ...
     def list(self, prefix: str) -> dict[str, int]: ...
@@ -118,7 +127,8 @@ class LocalBackend:
         return str(self._path(key))
 
     @contextmanager
-    def _atomic(self, key: str) -> Iterator[IO[bytes]]:
+    def open_write(self, key: str) -> Iterator[IO[bytes]]:
+        """A file to write the object through; it appears under its name only when the block ends."""
         dest = self._path(key)
         self._mkdirs(dest.parent)
         tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.partial"
@@ -143,11 +153,11 @@ class LocalBackend:
             p.chmod(0o755)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        with self._atomic(key) as f:
+        with self.open_write(key) as f:
             f.write(data)
 
     def put_file(self, key: str, path: Path) -> None:
-        with self._atomic(key) as f, open(path, "rb") as src:
+        with self.open_write(key) as f, open(path, "rb") as src:
             shutil.copyfileobj(src, f, _CHUNK)
 
     def get_bytes(self, key: str) -> bytes:
@@ -155,6 +165,14 @@ class LocalBackend:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise ObjectNotFound(f"{self.uri(key)}: no such object") from None
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        try:
+            f = open(self._path(key), "rb")  # noqa: SIM115 (closed below, also when the reader stops early)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"{self.uri(key)}: no such object") from None
+        with f:
+            yield from iter(lambda: f.read(_CHUNK), b"")
 
     def download(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +206,7 @@ class S3Backend:
         from botocore.config import Config
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.max_attempts = options.max_attempts
         config = Config(
             retries={"max_attempts": options.max_attempts, "mode": options.retry_mode},
             connect_timeout=options.connect_timeout_s, read_timeout=options.read_timeout_s,
@@ -229,10 +248,44 @@ class S3Backend:
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
 
     def get_bytes(self, key: str) -> bytes:
-        buf = io.BytesIO()
-        with self._errors(key):
-            self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
-        return buf.getvalue()
+        """One GET (the transfer manager would HEAD first: twice the requests for every marker)."""
+        return b"".join(self.iter_chunks(key))
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        """The object in chunks; a body that breaks off mid-way is asked for again from where it stopped
+        (boto3 retries a request, not a body being read)."""
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        offset, failures = 0, 0
+        while True:
+            extra = {"Range": f"bytes={offset}-"} if offset else {}
+            with self._errors(key):
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"]
+            try:
+                for chunk in body.iter_chunks(_CHUNK):
+                    offset += len(chunk)
+                    yield chunk
+                return
+            except (BotoCoreError, HTTPError, OSError) as e:
+                failures += 1
+                if failures >= self.max_attempts:
+                    raise StorageError(f"{self.uri(key)}: reading broke off at byte {offset} "
+                                       f"{failures} times ({e})") from None
+            finally:
+                body.close()
+
+    @contextmanager
+    def open_write(self, key: str) -> Iterator[IO[bytes]]:
+        """A writer that uploads as it goes: one PUT for an object under PART_SIZE, else a multipart
+        upload of PART_SIZE parts (aborted if the block fails), so memory holds one part at most."""
+        w = _MultipartWriter(self, key)
+        try:
+            yield w  # type: ignore[misc]
+            w.finish()
+        except BaseException:
+            w.abort()
+            raise
 
     def download(self, key: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,6 +315,56 @@ class S3Backend:
             batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
             with self._errors(keys[i]):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+PART_SIZE = 16 * 1024 * 1024  # parts of a streamed S3 upload (S3 allows 10,000: objects up to 160 GB)
+
+
+class _MultipartWriter:
+    """`S3Backend.open_write`'s file object: buffers one part, uploads it when full; `finish` completes
+    the upload (or PUTs a small object whole), `abort` drops the parts so nothing becomes visible."""
+
+    def __init__(self, backend: S3Backend, key: str):
+        self.b, self.key = backend, key
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+
+    def write(self, data: bytes) -> int:
+        self.buf += data
+        while len(self.buf) >= PART_SIZE:
+            self._part(bytes(self.buf[:PART_SIZE]))
+            del self.buf[:PART_SIZE]
+        return len(data)
+
+    def _part(self, data: bytes) -> None:
+        b = self.b
+        with b._errors(self.key):
+            if self.upload_id is None:
+                self.upload_id = b.client.create_multipart_upload(Bucket=b.bucket, Key=b._key(self.key))["UploadId"]
+            n = len(self.parts) + 1
+            etag = b.client.upload_part(Bucket=b.bucket, Key=b._key(self.key), UploadId=self.upload_id,
+                                        PartNumber=n, Body=data)["ETag"]
+        self.parts.append({"PartNumber": n, "ETag": etag})
+
+    def finish(self) -> None:
+        b = self.b
+        if self.upload_id is None:
+            with b._errors(self.key):
+                b.client.put_object(Bucket=b.bucket, Key=b._key(self.key), Body=bytes(self.buf))
+            return
+        if self.buf:
+            self._part(bytes(self.buf))
+            self.buf.clear()
+        with b._errors(self.key):
+            b.client.complete_multipart_upload(Bucket=b.bucket, Key=b._key(self.key), UploadId=self.upload_id,
+                                               MultipartUpload={"Parts": self.parts})
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):  # the write failed already; lifecycle rules clear leftovers
+                self.b.client.abort_multipart_upload(Bucket=self.b.bucket, Key=self.b._key(self.key),
+                                                     UploadId=self.upload_id)
 
 
 def open_backend(uri: str, s3: S3Options | None = None, public: bool = False) -> Backend:

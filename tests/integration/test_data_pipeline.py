@@ -139,3 +139,14 @@ def test_quadruples_load_in_the_trainer(pipeline):
     target = records(run, "sample-target", "target.jsonl", SampleRecord)
     assert len(target) == stats["train"]["prompts"] + stats["eval"]["prompts"]
     assert {t.sampling["server_model"] for t in target} == {"source-qwen"}  # the alias' server
+
+
+def test_streamed_outputs_equal_the_whole_file_implementation(pipeline):
+    """select-sources and build-pairs stream their inputs from S3 (docs/data.md, "Scale"); on the real
+    samples and scores they give the bytes of the implementation that loaded them whole."""
+    from data_oracle import oracle_pairs, oracle_select
+
+    spec, run, _, _ = pipeline
+    for name, oracle in (("select-sources", oracle_select), ("build-pairs", oracle_pairs)):
+        for obj, data in oracle(spec, run).items():
+            assert run.stage(name).read_bytes(obj) == data, f"{name}/{obj}"

@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from wrpo.errors import WrpoError
 from wrpo.pipeline.checks import redact_url
-from wrpo.pipeline.rundir import StageWriter
-from wrpo.records import PromptRecord, SampleRecord, dump_jsonl, parse_jsonl
+from wrpo.pipeline.rundir import ShardInfo, StageWriter
+from wrpo.records import PromptRecord, SampleRecord, dump_jsonl, iter_jsonl, split_lines
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -345,6 +346,13 @@ async def sample_prompt(backend: ChatBackend, prompt: PromptRecord, params: Samp
                         finish_reasons=reasons, sampling=sampling)
 
 
+def batched(items: Iterable[PromptRecord], size: int) -> Iterator[list[PromptRecord]]:
+    """Consecutive lists of `size` items (the last one shorter), read lazily."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
 def shard_key(name: str, backend_model: str, params: SamplingParams, prompts: Sequence[PromptRecord]) -> str:
     """What a shard was made from: model, parameters and the exact prompts; a changed input re-samples."""
     blob = json.dumps({"name": name, "model": backend_model, "params": params.to_json(),
@@ -352,43 +360,64 @@ def shard_key(name: str, backend_model: str, params: SamplingParams, prompts: Se
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-async def sample_group(backend: ChatBackend, prompts: Sequence[PromptRecord], params: SamplingParams,
+async def sample_group(backend: ChatBackend, prompts: Iterable[PromptRecord], params: SamplingParams,
                        out: StageWriter, name: str, shard_size: int, progress: bool = True,
-                       file: str | None = None) -> dict[str, Any]:
+                       file: str | None = None, total: int | None = None) -> dict[str, Any]:
     """Sample every prompt with one model into `<file>.jsonl` (default: the model's name), committing shard
-    by shard (resumable); `name` is recorded as the records' model."""
+    by shard (resumable); `name` is recorded as the records' model.
+
+    The prompts stream in (`total` sizes the progress bar when they are not a list): a shard's prompts
+    are read when it starts, and only a few shards are in flight at a time - enough to keep the
+    backend's `concurrency` requests busy - so memory does not grow with the number of prompts (docs/
+    data.md, "Scale"). Each shard's marker records its counts, which the assembly adds up."""
     file = file or name
     from tqdm.auto import tqdm
 
-    shards = [list(prompts[i:i + shard_size]) for i in range(0, len(prompts), shard_size)]
-    keys = [shard_key(name, backend.model, params, s) for s in shards]
     done = out.stage.committed_shards(file)
-    reused = {i for i, k in enumerate(keys) if i in done and done[i].key == k}
-    bar = tqdm(total=len(prompts), initial=sum(len(shards[i]) for i in reused), desc=f"sample {name}",
+    bar = tqdm(total=len(prompts) if isinstance(prompts, Sized) else total, desc=f"sample {name}",
                unit="prompt", disable=not progress)
+    concurrency = getattr(backend, "concurrency", 1)
+    ahead = asyncio.Semaphore(max(2, -(-2 * concurrency // shard_size)))  # shards in flight
+    n_shards = reused = 0
 
     async def one(p: PromptRecord) -> SampleRecord:
         rec = await sample_prompt(backend, p, params, name)
         bar.update(1)
         return rec
 
-    async def shard(i: int) -> None:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(p)) for p in shards[i]]
-        records = [t.result() for t in tasks]
-        data = dump_jsonl(records).encode()
-        await asyncio.to_thread(out.commit_shard, file, i, data, keys[i], {"prompts": len(records)})
+    async def shard(i: int, chunk: list[PromptRecord], key: str) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(p)) for p in chunk]
+            records = [t.result() for t in tasks]
+            data = dump_jsonl(records).encode()
+            done[i] = await asyncio.to_thread(out.commit_shard, file, i, data, key, shard_counts(records, params.n))
+        finally:
+            ahead.release()
 
     try:
         async with asyncio.TaskGroup() as group:
-            for i in range(len(shards)):
-                if i not in reused:
-                    group.create_task(shard(i))
+            for i, chunk in enumerate(batched(prompts, shard_size)):
+                n_shards += 1
+                key = shard_key(name, backend.model, params, chunk)
+                if i in done and done[i].key == key:
+                    reused += 1
+                    bar.update(len(chunk))
+                    continue
+                await ahead.acquire()
+                group.create_task(shard(i, list(chunk), key))
     except ExceptionGroup as eg:
         raise first_error(eg) from None
     finally:
         bar.close()
-    return _assemble(out, file, len(shards), len(reused), params.n)
+    return _assemble(out, file, n_shards, reused, params.n, done)
+
+
+def shard_counts(records: Sequence[SampleRecord], n: int) -> dict[str, Any]:
+    """What a sampling shard's marker records for the summary: prompts, prompts short of N answers, and
+    the finish reasons (in order of first appearance)."""
+    return {"prompts": len(records), "short_prompts": sum(1 for r in records if len(r.responses) < n),
+            "finish_reasons": dict(Counter(str(f) for r in records for f in r.finish_reasons))}
 
 
 def first_error(eg: BaseExceptionGroup) -> BaseException:
@@ -399,14 +428,30 @@ def first_error(eg: BaseExceptionGroup) -> BaseException:
     return err
 
 
-def _assemble(out: StageWriter, name: str, n_shards: int, reused: int, n: int) -> dict[str, Any]:
-    """Concatenate the committed shards (in order) into `<name>.jsonl`; summary counts."""
-    done = out.stage.committed_shards(name)
-    chunks = [out.stage.read_shard(done[i]) for i in range(n_shards)]
-    data = b"".join(chunks)
-    records = parse_jsonl(data.decode(), SampleRecord, f"{name}.jsonl")
-    short = sum(1 for r in records if len(r.responses) < n)
-    reasons = Counter(str(f) for r in records for f in r.finish_reasons)
-    out.put_bytes(f"{name}.jsonl", data)
-    return {"prompts": len(records), "shards": n_shards, "shards_reused": reused, "short_prompts": short,
+def _assemble(out: StageWriter, name: str, n_shards: int, reused: int, n: int,
+              done: dict[int, ShardInfo]) -> dict[str, Any]:
+    """Concatenate the committed shards `done` (in order) into `<name>.jsonl`, streamed (each shard
+    checked against its marker on the way); summary counts from the shards' markers (a shard committed
+    without them is parsed as it streams through)."""
+    prompts = short = 0
+    reasons: Counter[str] = Counter()
+    with out.open(f"{name}.jsonl") as w:
+        for i in range(n_shards):
+            meta = done[i].meta
+            chunks = out.stage.iter_shard(done[i])
+            if {"prompts", "short_prompts", "finish_reasons"} <= set(meta):
+                for chunk in chunks:
+                    w.write(chunk)
+            else:
+                def through(chunks: Iterator[bytes] = chunks) -> Iterator[bytes]:
+                    for chunk in chunks:
+                        w.write(chunk)
+                        yield chunk
+
+                records = [r for _, r in iter_jsonl(split_lines(through()), SampleRecord, f"{name}.jsonl")]
+                meta = shard_counts(records, n)
+            prompts += meta["prompts"]
+            short += meta["short_prompts"]
+            reasons.update(meta["finish_reasons"])
+    return {"prompts": prompts, "shards": n_shards, "shards_reused": reused, "short_prompts": short,
             "finish_reasons": dict(reasons)}

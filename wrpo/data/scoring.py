@@ -13,14 +13,16 @@ detail. Backends:
   An answer whose verdict cannot be parsed scores 0, below every graded answer (so it is never chosen over
   one), and is counted; the raw verdicts are kept for the stage to store (docs/eval.md).
 
-`score_samples` scores whole sample records and stops on a NaN/inf score with the prompt_id named.
+`score_samples` scores whole sample records and stops on a NaN/inf score with the prompt_id named;
+`score_stream` does the same for records as they stream in (docs/data.md, "Scale").
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -287,26 +289,54 @@ class JudgeScorer:
 
 def score_samples(scorer: Scorer, samples: Sequence[SampleRecord], prompts: Mapping[str, PromptRecord],
                   chunk: int = 1024, progress: Callable[[int], Any] | None = None) -> list[ScoreRecord]:
-    """ScoreRecords aligned with the samples' responses; non-finite scores stop with the prompt named.
-
-    Pairs are sent to the scorer in chunks of `chunk` (which it batches by length)."""
+    """ScoreRecords aligned with the samples' responses; non-finite scores stop with the prompt named."""
     missing = [s.prompt_id for s in samples if s.prompt_id not in prompts]
     if missing:
         raise ScoringError(f"{len(missing)} sampled prompt(s) not among the prepared prompts, "
                            f"e.g. '{missing[0]}'")
-    flat = [(i, j) for i, s in enumerate(samples) for j in range(len(s.responses))]
-    values: list[list[float]] = [[math.nan] * len(s.responses) for s in samples]
-    for start in range(0, len(flat), chunk):
-        part = flat[start:start + chunk]
-        pairs = [([m.model_dump() for m in prompts[samples[i].prompt_id].prompt], samples[i].responses[j])
-                 for i, j in part]
-        for (i, j), sc in zip(part, scorer.score(pairs), strict=True):
+    return list(score_stream(scorer, ((s, prompts[s.prompt_id]) for s in samples), chunk, progress))
+
+
+def score_stream(scorer: Scorer, items: Iterable[tuple[SampleRecord, PromptRecord | None]], chunk: int = 1024,
+                 progress: Callable[[int], Any] | None = None) -> Iterator[ScoreRecord]:
+    """ScoreRecords of (sample, its prompt) pairs as they stream in, in the samples' order; only about
+    `chunk` answers are held at a time (docs/data.md, "Scale").
+
+    Answers are sent to the scorer in chunks of `chunk` over the flattened stream - the same chunks,
+    whatever the records' boundaries, as scoring the whole list at once - which it batches by length.
+    A prompt of None (not prepared) or a non-finite score stops with the prompt named."""
+    waiting: deque[list[Any]] = deque()  # [sample, values, answers not scored yet], in order
+    pending: list[tuple[list[Any], int, Messages, str]] = []
+
+    def score(part: list[tuple[list[Any], int, Messages, str]]) -> None:
+        for (entry, j, _, _), sc in zip(part, scorer.score([(m, r) for _, _, m, r in part]), strict=True):
             if not math.isfinite(sc.value):
                 raise ScoringError(f"reward model '{scorer.name}' gave {sc.value} for prompt "
-                                   f"'{samples[i].prompt_id}' (model '{samples[i].model}', response {j})")
-            values[i][j] = sc.value
+                                   f"'{entry[0].prompt_id}' (model '{entry[0].model}', response {j})")
+            entry[1][j] = sc.value
+            entry[2] -= 1
         if progress:
             progress(len(part))
-    return [ScoreRecord(prompt_id=s.prompt_id, model=s.model, scores=v, reward_model=scorer.name)
-            for s, v in zip(samples, values, strict=True)]
+
+    def ready() -> Iterator[ScoreRecord]:
+        while waiting and waiting[0][2] == 0:
+            sample, values, _ = waiting.popleft()
+            yield ScoreRecord(prompt_id=sample.prompt_id, model=sample.model, scores=values,
+                              reward_model=scorer.name)
+
+    for sample, prompt in items:
+        if prompt is None:
+            raise ScoringError(f"sampled prompt '{sample.prompt_id}' (model '{sample.model}') is not among "
+                               "the prepared prompts, or not in their order")
+        entry = [sample, [math.nan] * len(sample.responses), len(sample.responses)]
+        waiting.append(entry)
+        messages = [m.model_dump() for m in prompt.prompt]
+        pending.extend((entry, j, messages, text) for j, text in enumerate(sample.responses))
+        while len(pending) >= chunk:
+            score(pending[:chunk])
+            del pending[:chunk]
+        yield from ready()
+    if pending:
+        score(pending)
+    yield from ready()
 

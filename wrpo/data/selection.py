@@ -150,20 +150,34 @@ def choose_sources(prompt_ids: Iterable[str], cands: Mapping[str, list[Candidate
     """SourceChoice per prompt (in order) under a SelectionSpec; counts prompts without one."""
     choices, dropped = [], Counter[str]()
     for pid in prompt_ids:
-        choice = choose_source(pid, cands.get(pid, []), model_order, selection.source_rank,
-                               selection.top_k_sources, selection.rejected_source)
-        if choice is None:
-            dropped["too_few_source_answers"] += 1
-        elif selection.rejected_source and choice.rejected is None:
-            dropped["no_rejected_source"] += 1
-        else:
+        choice = choose_one(pid, cands.get(pid, []), model_order, selection, dropped)
+        if choice is not None:
             choices.append(choice)
     return choices, dropped
 
 
+def choose_one(prompt_id: str, cands: Sequence[Candidate], model_order: Sequence[str], selection: Any,
+               dropped: Counter[str]) -> SourceChoice | None:
+    """`choose_sources` for one prompt (the streamed select-sources): its SourceChoice, or None with
+    the reason counted in `dropped`."""
+    choice = choose_source(prompt_id, cands, model_order, selection.source_rank, selection.top_k_sources,
+                           selection.rejected_source)
+    if choice is None:
+        dropped["too_few_source_answers"] += 1
+    elif selection.rejected_source and choice.rejected is None:
+        dropped["no_rejected_source"] += 1
+    else:
+        return choice
+    return None
+
+
 def contributions(choices: Iterable[SourceChoice], model_order: Sequence[str]) -> dict[str, Any]:
     """Share of y_ws per source model (paper Table 1): counts and fractions, every source listed."""
-    counts = Counter(c.chosen.model for c in choices)
+    return contribution_counts(Counter(c.chosen.model for c in choices), model_order)
+
+
+def contribution_counts(counts: Mapping[str, int], model_order: Sequence[str]) -> dict[str, Any]:
+    """`contributions` from the number of y_ws per source model (counted while streaming)."""
     total = sum(counts.values())
     return {
         "total": total,
@@ -179,18 +193,26 @@ def build_pairs(prompts: Sequence[PromptRecord], source: Mapping[str, SourceChoi
     stats = stats or PairStats()
     records = []
     for p in prompts:
-        stats.prompts += 1
-        choice = source.get(p.prompt_id)
-        if choice is None:
-            stats.dropped["no_source_choice"] += 1
-            continue
-        picked = choose_target(target.get(p.prompt_id, []), min_gap)
-        if isinstance(picked, str):
-            stats.dropped[picked] += 1
-            continue
-        records.append(quadruple(p, choice, *picked))
-        stats.pairs += 1
+        rec = pair_for(p, source.get(p.prompt_id), target.get(p.prompt_id, []), min_gap, stats)
+        if rec is not None:
+            records.append(rec)
     return records, stats
+
+
+def pair_for(prompt: PromptRecord, choice: SourceChoice | None, target: Sequence[Candidate], min_gap: float,
+             stats: PairStats) -> PreferenceRecord | None:
+    """`build_pairs` for one prompt (the streamed build-pairs): its quadruple, or None with the reason
+    counted in `stats`."""
+    stats.prompts += 1
+    if choice is None:
+        stats.dropped["no_source_choice"] += 1
+        return None
+    picked = choose_target(target, min_gap)
+    if isinstance(picked, str):
+        stats.dropped[picked] += 1
+        return None
+    stats.pairs += 1
+    return quadruple(prompt, choice, *picked)
 
 
 def quadruple(prompt: PromptRecord, choice: SourceChoice, chosen: Candidate,

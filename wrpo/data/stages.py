@@ -12,9 +12,11 @@ others are served locally by `wrpo.data.serving`: vLLM if available, else transf
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -24,7 +26,16 @@ from wrpo.errors import DataError, WrpoError
 from wrpo.pipeline.context import StageContext
 from wrpo.pipeline.plan import servers
 from wrpo.pipeline.rundir import RunDir
-from wrpo.records import PromptRecord, SampleRecord, ScoreRecord, dump_jsonl, parse_jsonl
+from wrpo.records import (
+    PromptRecord,
+    SampleRecord,
+    ScoreRecord,
+    dump_jsonl,
+    dump_line,
+    iter_jsonl,
+    parse_jsonl,
+    parse_line,
+)
 from wrpo.storage import S3Options
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,68 @@ def read_records(run: RunDir, stage: str, name: str, model: type) -> list[Any]:
 def read_prompts(run: RunDir, splits: Sequence[str] = SPLITS) -> list[PromptRecord]:
     """Prepared prompts of the given splits, in split order."""
     return [p for split in splits for p in read_records(run, "prepare", f"{split}.jsonl", PromptRecord)]
+
+
+def iter_records(run: RunDir, stage: str, name: str, model: type) -> Iterator[tuple[int, Any]]:
+    """(line, record) of a committed stage's JSONL object, streamed (docs/data.md, "Scale"): one line
+    in memory at a time; errors name the object's URI and line, and the object is checked against the
+    manifest when its end is reached."""
+    sd = run.stage(stage)
+    return iter_jsonl(sd.iter_lines(name), model, sd.uri(name))
+
+
+def iter_prompts(run: RunDir, splits: Sequence[str] = SPLITS) -> Iterator[tuple[int, PromptRecord]]:
+    """`read_prompts`, streamed."""
+    for split in splits:
+        yield from iter_records(run, "prepare", f"{split}.jsonl", PromptRecord)
+
+
+class InOrder:
+    """The records of one stream read alongside the prepared prompts, which every data stage writes in
+    the same order (prepare's sft, po, eval; docs/data.md, "Scale"): `take(pid)` gives the record of
+    the current prompt (None when the stream has none), `seek(pid)` skips to it. Only the next record is
+    held. A record left over at `finish` was out of that order, repeated or of an unknown prompt."""
+
+    def __init__(self, records: Iterator[tuple[int, Any]], uri: str, key: Callable[[Any], str] | None = None):
+        self._records, self.uri = records, uri
+        self._key = key or (lambda r: r.prompt_id)
+        self._next = next(self._records, None)
+
+    def take(self, pid: str) -> Any | None:
+        if self._next is None or self._key(self._next[1]) != pid:
+            return None
+        rec = self._next[1]
+        self._next = next(self._records, None)
+        return rec
+
+    def seek(self, pid: str) -> Any | None:
+        while self._next is not None and self._key(self._next[1]) != pid:
+            self._next = next(self._records, None)
+        return self.take(pid)
+
+    def finish(self) -> None:
+        if self._next is not None:
+            line, rec = self._next
+            raise DataError(self.uri, f"the record of prompt '{self._key(rec)}' is out of the prepared prompts' "
+                            "order (sft, po, eval), repeated, or of a prompt that was not prepared; the data "
+                            "stages stream their inputs in that order", line, "prompt_id")
+
+
+def progress(desc: str, unit: str, total: int | None = None) -> Any:
+    """A progress bar (records done, records/s) for `wrpo run` and a pod's log: refreshed twice a second
+    on a terminal, every 30 s otherwise, so a log gets a line now and then."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+
+def split_sizes(run: RunDir, splits: Sequence[str] = SPLITS) -> int | None:
+    """How many prompts the splits hold (prepare's summary), for progress bars; None if unknown."""
+    summary = run.stage("prepare").manifest().get("summary", {})
+    sizes = [summary.get(split) for split in splits]
+    return sum(sizes) if all(isinstance(n, int) for n in sizes) else None
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -70,20 +143,20 @@ def prepare(ctx: StageContext) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-async def _sample(backend: Any, prompts: Sequence[PromptRecord], ctx: StageContext, name: str,
-                  file: str) -> dict[str, Any]:
+async def _sample(backend: Any, ctx: StageContext, splits: Sequence[str], name: str, file: str) -> dict[str, Any]:
+    """Sample the prompts of `splits`, streamed from prepare's objects (docs/data.md, "Scale")."""
     from wrpo.data.sampling import SamplingParams, sample_group
 
     params = SamplingParams.from_spec(ctx.spec.sampling)
+    prompts = (p for _, p in iter_prompts(ctx.run, splits))
     async with backend:
         return await sample_group(backend, prompts, params, ctx.out, name, ctx.spec.sampling.shard_size,
-                                  file=file)
+                                  file=file, total=split_sizes(ctx.run, splits))
 
 
 def sample_sources(ctx: StageContext) -> dict[str, Any]:
     """One unit: N answers per prompt (all splits) from source `ctx.unit` into `<source>.jsonl`, shard by
     shard (a killed unit resumes at its first uncommitted shard)."""
-    prompts = read_prompts(ctx.run)
     src = next(s for s in ctx.spec.sources if s.name == ctx.unit)
     with ExitStack() as stack:
         given = ctx.options.endpoints.get(src.name)  # a running server for this source wins
@@ -94,126 +167,210 @@ def sample_sources(ctx: StageContext) -> dict[str, Any]:
         else:
             (server,) = [s for s in servers(ctx.spec, ctx.name, ctx.run.uri) if s.source == src.name]
             backend = stack.enter_context(chat_backend(ctx, server))
-        return {"prompts": len(prompts), **asyncio.run(_sample(backend, prompts, ctx, src.name, src.name))}
+        return asyncio.run(_sample(backend, ctx, SPLITS, src.name, src.name))
 
 
 def sample_target(ctx: StageContext) -> dict[str, Any]:
     """N answers of Target-SFT per PO/eval prompt into `target.jsonl`."""
-    prompts = read_prompts(ctx.run, ("po", "eval"))
     (server,) = servers(ctx.spec, ctx.name, ctx.run.uri)
     model_dir = None
     if given_endpoint(ctx, server) is None:
         model_dir = str(ctx.work.fetch(ctx.run, "sft", tree="model"))
     with chat_backend(ctx, server, model_dir) as backend:
-        result = asyncio.run(_sample(backend, prompts, ctx, server.served_name, "target"))
-    return {"prompts": len(prompts), **result}
+        return asyncio.run(_sample(backend, ctx, ("po", "eval"), server.served_name, "target"))
 
 
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def _score_file(ctx: StageContext, stage: str, name: str, prompts: dict[str, PromptRecord]) -> dict[str, Any]:
+SCORE_CHECKPOINT = 1024  # sample records per committed scoring checkpoint: with N answers each, a multiple
+# of the scorer's 1024-answer chunks, so checkpoints do not change what the scorer is sent together
+
+
+def _score_file(ctx: StageContext, stage: str, name: str, splits: Sequence[str]) -> dict[str, Any]:
     """Score this shard's share of the sample records in `stage`/`name` into `name` (ScoreRecords in the
-    samples' order). The summary is additive over shards (`answers`, `score_sum`; an LLM judge's
-    `unparsed`), and so is an LLM judge's `<name>.verdicts.jsonl`."""
-    from tqdm.auto import tqdm
+    samples' order), streamed (docs/data.md, "Scale"): the samples are read line by line and only this
+    shard's lines are parsed; every SCORE_CHECKPOINT records the scores are committed as a checkpoint
+    (a `_shards/` group of this stage, keyed by the unit's hash, the shard and the samples' sha256), so
+    a killed unit or shard resumes after its last checkpoint; the object is then assembled from them.
+    The summary is additive over shards (`answers`, `score_sum`; an LLM judge's `unparsed`), and so is
+    an LLM judge's `<name>.verdicts.jsonl`."""
+    import hashlib
 
-    from wrpo.data.scoring import score_samples
+    from wrpo.data.scoring import score_stream
 
-    samples = ctx.my_part(read_records(ctx.run, stage, name, SampleRecord))
-    total = sum(len(s.responses) for s in samples)
+    sd = ctx.run.stage(stage)
+    i, k = ctx.shard
+    lo, hi = 0, None
+    if k > 1:  # this shard's contiguous share (ctx.my_part) of the records, counted without parsing
+        total = sum(1 for line in sd.iter_lines(name) if line.strip())
+        lo, hi = total * i // k, total * (i + 1) // k
+    stem = name.removesuffix(".jsonl")
+    group, verdict_group = f"{stem}.{i}-of-{k}", f"{stem}.{i}-of-{k}.verdicts"
+    made_from = f"{ctx.unit_hash}:{i}/{k}:{sd.objects()[name]['sha256']}"
+
+    def key(index: int) -> str:
+        return hashlib.sha256(f"{made_from}:{index}".encode()).hexdigest()
+
+    store = ctx.out.stage
+    done = store.committed_shards(group)
+    reused = 0
+    while reused in done and done[reused].key == key(reused):
+        reused += 1
+    skip = sum(done[j].meta["records"] for j in range(reused))
     scorer = ctx.shared("reward", lambda: reward_scorer(ctx))  # loaded once for all units
-    with tqdm(total=total, desc=f"score {name}", unit="answer") as bar:
-        scores = score_samples(scorer, samples, prompts, progress=bar.update)
-    ctx.out.put_text(name, dump_jsonl(scores))
-    summary = {"answers": total, "score_sum": sum(v for s in scores for v in s.scores)}
-    verdicts = getattr(scorer, "verdicts", None)
-    if verdicts is not None:  # an LLM judge: every raw verdict, in the order the answers were scored
-        keys = [{"prompt_id": s.prompt_id, "model": s.model, "response": j} for s in samples
-                for j in range(len(s.responses))]
-        mine = verdicts[len(verdicts) - total:]
-        ctx.out.put_text(name.removesuffix(".jsonl") + ".verdicts.jsonl",
-                         dump_jsonl(k | v for k, v in zip(keys, mine, strict=True)))
-        summary["unparsed"] = sum(v["value"] is None for v in mine)
+    judge = getattr(scorer, "verdicts", None) is not None
+    prompts = InOrder(iter_prompts(ctx.run, splits), "prepare")
+
+    def mine() -> Iterator[tuple[SampleRecord, PromptRecord | None]]:
+        number = 0
+        for line, text in enumerate(sd.iter_lines(name), start=1):
+            if not text.strip():
+                continue
+            number += 1
+            if number <= lo + skip:
+                continue
+            if hi is not None and number > hi:
+                return
+            sample = parse_line(text, SampleRecord, sd.uri(name), line)
+            yield sample, prompts.seek(sample.prompt_id)
+
+    index, records = reused, mine()
+    with progress(f"score {name}", "answer") as bar:
+        bar.update(sum(done[j].meta["answers"] for j in range(reused)))
+        while batch := list(itertools.islice(records, SCORE_CHECKPOINT)):
+            scores = list(score_stream(scorer, batch, progress=bar.update))
+            answers = sum(len(r.scores) for r in scores)
+            meta = {"records": len(scores), "answers": answers, "score_sum": sum(v for r in scores for v in r.scores)}
+            if judge:  # an LLM judge: every raw verdict, in the order the answers were scored
+                mine_v = scorer.verdicts[len(scorer.verdicts) - answers:]
+                keys = [{"prompt_id": r.prompt_id, "model": r.model, "response": j} for r in scores
+                        for j in range(len(r.scores))]
+                ctx.out.commit_shard(verdict_group, index, dump_jsonl(
+                    kv | v for kv, v in zip(keys, mine_v, strict=True)).encode(), key(index))
+                meta["unparsed"] = sum(v["value"] is None for v in mine_v)
+            ctx.out.commit_shard(group, index, dump_jsonl(scores).encode(), key(index), meta)
+            index += 1
+    done = store.committed_shards(group)
+    ctx.out.put_chunks(name, (c for j in range(index) for c in store.iter_shard(done[j])))
+    metas = [done[j].meta for j in range(index)]
+    summary = {"answers": sum(m["answers"] for m in metas), "score_sum": 0.0}
+    for m in metas:
+        summary["score_sum"] += m["score_sum"]
+    if judge:
+        verdicts = store.committed_shards(verdict_group)
+        ctx.out.put_chunks(f"{stem}.verdicts.jsonl", (c for j in range(index) for c in store.iter_shard(verdicts[j])))
+        summary["unparsed"] = sum(m["unparsed"] for m in metas)
     return summary
 
 
 def score_sources(ctx: StageContext) -> dict[str, Any]:
     """One unit: the reward of every answer of source `ctx.unit` into `<source>.jsonl`."""
-    prompts = {p.prompt_id: p for p in read_prompts(ctx.run)}
-    return _score_file(ctx, "sample-sources", f"{ctx.unit}.jsonl", prompts)
+    return _score_file(ctx, "sample-sources", f"{ctx.unit}.jsonl", SPLITS)
 
 
 def score_target(ctx: StageContext) -> dict[str, Any]:
     """Reward of every Target-SFT answer into `target.jsonl`."""
-    prompts = {p.prompt_id: p for p in read_prompts(ctx.run, ("po", "eval"))}
-    return _score_file(ctx, "sample-target", "target.jsonl", prompts)
+    return _score_file(ctx, "sample-target", "target.jsonl", ("po", "eval"))
 
 
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def _candidates(run: RunDir, sample_stage: str, score_stage: str, file: str) -> dict[str, list[Any]]:
-    """prompt_id -> scored candidates of one model's sample and score files."""
-    from wrpo.data.selection import join_candidates
+class Scored:
+    """One model's sample and score objects read side by side in prompt order (`InOrder`): `take(pid)`
+    gives the prompt's scored candidates (none when the model has no record of it)."""
 
-    samples = read_records(run, sample_stage, file, SampleRecord)
-    scores = {s.prompt_id: s for s in read_records(run, score_stage, file, ScoreRecord)}
-    out = {}
-    for s in samples:
-        if s.prompt_id not in scores:
-            raise DataError(run.stage(score_stage).uri(file), f"no scores for prompt '{s.prompt_id}'")
-        out[s.prompt_id] = join_candidates(s, scores[s.prompt_id], run.stage(score_stage).uri(file))
-    return out
+    def __init__(self, run: RunDir, sample_stage: str, score_stage: str, file: str):
+        self.uri = run.stage(score_stage).uri(file)
+        self.samples = InOrder(iter_records(run, sample_stage, file, SampleRecord), run.stage(sample_stage).uri(file))
+        self.scores = InOrder(iter_records(run, score_stage, file, ScoreRecord), self.uri)
+
+    def take(self, pid: str) -> list[Any]:
+        from wrpo.data.selection import join_candidates
+
+        sample, score = self.samples.take(pid), self.scores.take(pid)
+        if sample is None:
+            return []
+        if score is None:
+            raise DataError(self.uri, f"no scores for prompt '{pid}'")
+        return join_candidates(sample, score, self.uri)
+
+    def finish(self) -> None:
+        self.samples.finish()
+        self.scores.finish()
 
 
 def select_sources(ctx: StageContext) -> dict[str, Any]:
-    """y_ws per prompt (sft.jsonl for Target-SFT, chosen_source.jsonl for all) and the contributions."""
-    from wrpo.data.selection import choose_sources, contributions, plot_contributions, source_names
+    """y_ws per prompt (sft.jsonl for Target-SFT, chosen_source.jsonl for all) and the contributions.
+
+    Streamed (docs/data.md, "Scale"): the prompts and every source's samples and scores are read side
+    by side in prompt order, and each prompt's choice is written before the next prompt is read."""
+    from wrpo.data.selection import choose_one, contribution_counts, plot_contributions, source_names
 
     spec, run, out = ctx.spec, ctx.run, ctx.out
-
-    splits = {name: read_records(run, "prepare", f"{name}.jsonl", PromptRecord) for name in SPLITS}
     names = source_names(spec.sources, spec.selection.source_groups)
-    cands: dict[str, list[Any]] = {}
-    for name in names:
-        for pid, cs in _candidates(run, "sample-sources", "score-sources", f"{name}.jsonl").items():
-            cands.setdefault(pid, []).extend(cs)
-    ids = [p.prompt_id for split in SPLITS for p in splits[split]]
-    choices, dropped = choose_sources(ids, cands, names, spec.selection)
-    by_id = {c.prompt_id: c for c in choices}
-    sft = [{"prompt_id": p.prompt_id, "prompt": [m.model_dump() for m in p.prompt],
-            "response": by_id[p.prompt_id].chosen.text, "source_model": by_id[p.prompt_id].chosen.model,
-            "score": by_id[p.prompt_id].chosen.score} for p in splits["sft"] if p.prompt_id in by_id]
-    out.put_text("sft.jsonl", dump_jsonl(sft))
-    out.put_text("chosen_source.jsonl", dump_jsonl(c.to_json() for c in choices))
-    report = {"sources": names, "all": contributions(choices, names)}
+    sources = [Scored(run, "sample-sources", "score-sources", f"{name}.jsonl") for name in names]
+    counts: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
+    dropped: Counter[str] = Counter()
+    prompts = sft_examples = 0
+    with out.open("sft.jsonl") as sft, out.open("chosen_source.jsonl") as chosen, \
+            progress("select-sources", "prompt", split_sizes(run)) as bar:
+        for split in SPLITS:
+            for _, p in iter_records(run, "prepare", f"{split}.jsonl", PromptRecord):
+                prompts += 1
+                cands = [c for src in sources for c in src.take(p.prompt_id)]
+                choice = choose_one(p.prompt_id, cands, names, spec.selection, dropped)
+                bar.update()
+                if choice is None:
+                    continue
+                counts[split][choice.chosen.model] += 1
+                chosen.write_line(dump_line(choice.to_json()))
+                if split == "sft":
+                    sft.write_line(dump_line({"prompt_id": p.prompt_id, "prompt": [m.model_dump() for m in p.prompt],
+                                              "response": choice.chosen.text, "source_model": choice.chosen.model,
+                                              "score": choice.chosen.score}))
+                    sft_examples += 1
+    for src in sources:
+        src.finish()
+    report = {"sources": names, "all": contribution_counts(sum(counts.values(), Counter()), names)}
     for split in SPLITS:
-        ids_split = {p.prompt_id for p in splits[split]}
-        report[split] = contributions([c for c in choices if c.prompt_id in ids_split], names)
+        report[split] = contribution_counts(counts[split], names)
     out.put_text("contributions.json", json.dumps(report, indent=2) + "\n")
     out.put_bytes("contributions.png", plot_contributions(report["all"]))
-    return {"prompts": len(ids), "chosen": len(choices), "sft_examples": len(sft), **dict(dropped),
+    return {"prompts": prompts, "chosen": report["all"]["total"], "sft_examples": sft_examples, **dict(dropped),
             "shares": {k: round(v, 4) for k, v in report["all"]["shares"].items()}}
 
 
 def build_pairs(ctx: StageContext) -> dict[str, Any]:
-    """WRPO quadruples for the PO split (train.jsonl) and the eval holdout (eval.jsonl), plus stats.json."""
-    from wrpo.data.selection import SourceChoice
-    from wrpo.data.selection import build_pairs as make_pairs
+    """WRPO quadruples for the PO split (train.jsonl) and the eval holdout (eval.jsonl), plus stats.json.
+
+    Streamed like select-sources: the prompts, the source choices and the target's samples and scores
+    side by side in prompt order, each quadruple written as it is made."""
+    from wrpo.data.selection import PairStats, SourceChoice, pair_for
 
     spec, run, out = ctx.spec, ctx.run, ctx.out
-
-    choices = {c["prompt_id"]: SourceChoice.from_json(c)
-               for c in (json.loads(line) for line in
-                         run.stage("select-sources").read_text("chosen_source.jsonl").splitlines() if line)}
-    target = _candidates(run, "sample-target", "score-target", "target.jsonl")
+    sd = run.stage("select-sources")
+    lines = enumerate(sd.iter_lines("chosen_source.jsonl"), start=1)
+    choices = InOrder(((n, SourceChoice.from_json(json.loads(line))) for n, line in lines if line),
+                      sd.uri("chosen_source.jsonl"))
+    target = Scored(run, "sample-target", "score-target", "target.jsonl")
+    for _, p in iter_records(run, "prepare", "sft.jsonl", PromptRecord):  # chosen_source.jsonl starts with them
+        choices.take(p.prompt_id)
     stats: dict[str, Any] = {}
-    for split, file in (("po", "train.jsonl"), ("eval", "eval.jsonl")):
-        prompts = read_records(run, "prepare", f"{split}.jsonl", PromptRecord)
-        records, st = make_pairs(prompts, choices, target, spec.selection.min_reward_gap)
-        out.put_text(file, dump_jsonl(records))
-        stats[file.removesuffix(".jsonl")] = st.to_json()
+    with progress("build-pairs", "prompt", split_sizes(run, ("po", "eval"))) as bar:
+        for split, file in (("po", "train.jsonl"), ("eval", "eval.jsonl")):
+            st = PairStats()
+            with out.open(file) as f:
+                for _, p in iter_records(run, "prepare", f"{split}.jsonl", PromptRecord):
+                    rec = pair_for(p, choices.take(p.prompt_id), target.take(p.prompt_id),
+                                   spec.selection.min_reward_gap, st)
+                    bar.update()
+                    if rec is not None:
+                        f.write_line(dump_line(rec))
+            stats[file.removesuffix(".jsonl")] = st.to_json()
+    choices.finish()
+    target.finish()
     if stats["train"]["pairs"] == 0:
         raise WrpoError(f"build-pairs: no training pairs survived ({json.dumps(stats['train']['dropped'])})")
     out.put_text("stats.json", json.dumps(stats, indent=2) + "\n")

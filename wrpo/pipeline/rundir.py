@@ -14,19 +14,30 @@ a `.done` marker; when all K parts are there the unit's objects are assembled fr
 concatenated in part order, any other object identical in every part) and the unit commits. The stage
 manifest, written last as always, lists the objects of all its units. See docs/architecture.md,
 "Units and shards". Storage itself (local folders, S3) is `wrpo.storage`.
+
+Objects stream both ways (docs/data.md, "Scale"): `StageDir.iter_lines` reads a committed object
+chunk by chunk, checking its size and sha256 against the manifest as it goes (a mismatch raises
+when the end is reached, before the reading stage can commit), and `StageWriter.open` writes one
+through a file object, computing its size and sha256 on the way. Markers are fetched by a bounded
+pool of threads, and commits check their objects one by one instead of listing the stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 from wrpo.errors import StageNotCommitted
+from wrpo.records import split_lines
 from wrpo.storage import ObjectNotFound, S3Options, StorageError, open_backend, sha256_bytes, sha256_file
 
 MANIFEST = "_MANIFEST.json"
@@ -34,6 +45,30 @@ SHARDS = "_shards"
 UNITS = "_units"
 PARTS = "_parts"
 _RESERVED = (SHARDS, UNITS, PARTS)
+POOL = 8  # parallel requests for markers and presence checks
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def pooled(fn: Callable[[T], U], items: Iterable[T]) -> list[U]:
+    """`[fn(x) for x in items]` with up to POOL requests in flight (boto3 clients are thread-safe)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(POOL, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def checked_chunks(chunks: Iterable[bytes], size: int | None, sha256: str, what: str) -> Iterator[bytes]:
+    """`chunks` passed through, hashed on the way; a StorageError naming `what` at the end when the size
+    or the sha256 differ from the expected ones."""
+    h, n = hashlib.sha256(), 0
+    for chunk in chunks:
+        h.update(chunk)
+        n += len(chunk)
+        yield chunk
+    if (size is not None and n != size) or h.hexdigest() != sha256:
+        raise StorageError(what)
 
 
 def tool_versions() -> dict[str, str]:
@@ -119,6 +154,17 @@ class StageDir:
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
 
+    def iter_chunks(self, name: str) -> Iterator[bytes]:
+        """A committed object in chunks, checked against its manifest entry as it streams (the check
+        fails at the end, after the last chunk)."""
+        entry = self._entry(name)
+        yield from checked_chunks(self.backend.iter_chunks(self.key(name)), entry["size"], entry["sha256"],
+                                  f"{self.uri(name)}: content does not match the manifest (size/sha256)")
+
+    def iter_lines(self, name: str) -> Iterator[str]:
+        """The lines of a committed JSONL object (`records.split_lines`), streamed and checked."""
+        return split_lines(self.iter_chunks(name))
+
     def download(self, name: str, path: str | Path) -> Path:
         """Copy a committed object to a local file, checked against the manifest."""
         entry, path = self._entry(name), Path(path)
@@ -150,34 +196,44 @@ class StageDir:
         """Shards of `group` whose object and `.done` marker both exist and agree in size."""
         listing = self.backend.list(self._shard_prefix(group))
         out: dict[int, ShardInfo] = {}
-        for key in listing:
-            if not key.endswith(".done"):
-                continue
-            marker = json.loads(self.backend.get_bytes(key))
+        for marker in self._markers(k for k in listing if k.endswith(".done")):
             obj_key = self.key(marker["name"])
             if listing.get(obj_key) == marker["size"]:
                 out[int(marker["index"])] = ShardInfo(marker["name"], marker["size"], marker["sha256"],
                                                       marker["key"], marker.get("meta", {}))
         return out
 
+    def _markers(self, keys: Iterable[str]) -> list[dict[str, Any]]:
+        """The JSON markers at `keys`, fetched by the bounded pool."""
+        return pooled(lambda k: json.loads(self.backend.get_bytes(k)), keys)
+
     def read_shard(self, info: ShardInfo) -> bytes:
-        data = self.backend.get_bytes(self.key(info.name))
-        if sha256_bytes(data) != info.sha256:
-            raise StorageError(f"{self.uri(info.name)}: shard content does not match its marker")
-        return data
+        return b"".join(self.iter_shard(info))
+
+    def iter_shard(self, info: ShardInfo) -> Iterator[bytes]:
+        """A committed shard in chunks, checked against its marker as it streams."""
+        yield from checked_chunks(self.backend.iter_chunks(self.key(info.name)), info.size, info.sha256,
+                                  f"{self.uri(info.name)}: shard content does not match its marker")
+
+    def present(self, names: Iterable[str], prefix: str = "") -> dict[str, int | None]:
+        """name -> size of the objects `names` (under `prefix`), None when absent: one HEAD each by the
+        bounded pool, never a listing of the stage (which holds every sampling shard)."""
+        names = list(names)
+        keys = [self.key(f"{prefix}/{n}" if prefix else n) for n in names]
+        if len(keys) > 64:  # many objects (a model folder): one listing of their folder costs less
+            listing = self.backend.list(self.key(f"{prefix}/" if prefix else ""))
+            return {n: listing.get(k) for n, k in zip(names, keys, strict=True)}
+        return dict(zip(names, pooled(self.backend.size, keys), strict=True))
 
     # -- units and parts (docs/architecture.md, "Units and shards")
 
     def committed_units(self) -> dict[str, dict[str, Any]]:
         """unit -> its marker, for units whose marker exists and whose objects are all present."""
-        listing = self.backend.list(self.key(""))
-        out: dict[str, dict[str, Any]] = {}
-        for key in listing:
-            if key.startswith(self.key(f"{UNITS}/")) and key.endswith(".json"):
-                marker = json.loads(self.backend.get_bytes(key))
-                if all(listing.get(self.key(n)) == e["size"] for n, e in marker["objects"].items()):
-                    out[marker["unit"]] = marker
-        return out
+        listing = self.backend.list(self.key(f"{UNITS}/"))
+        markers = self._markers(k for k in listing if k.endswith(".json"))
+        sizes = self.present({n for m in markers for n in m["objects"]})
+        return {m["unit"]: m for m in markers
+                if all(sizes[n] == e["size"] for n, e in m["objects"].items())}
 
     def part_prefix(self, unit: str, unit_hash: str, index: int, count: int) -> str:
         return f"{PARTS}/{unit}/{unit_hash[:16]}/{index}-of-{count}"
@@ -185,21 +241,19 @@ class StageDir:
     def committed_parts(self, unit: str, unit_hash: str, count: int) -> dict[int, dict[str, Any]]:
         """index -> marker of the committed parts i-of-`count` of a unit's work for this unit hash."""
         base = self.key(f"{PARTS}/{unit}/{unit_hash[:16]}/")
-        out = {}
-        for key in self.backend.list(base):
-            if key.endswith(f"-of-{count}.done"):
-                marker = json.loads(self.backend.get_bytes(key))
-                out[int(marker["index"])] = marker
-        return out
+        keys = [k for k in self.backend.list(base) if k.endswith(f"-of-{count}.done")]
+        return {int(m["index"]): m for m in self._markers(keys)}
 
     def read_part(self, marker: dict[str, Any], name: str) -> bytes:
         """One object of a committed part, checked against the part's marker."""
+        return b"".join(self.iter_part(marker, name))
+
+    def iter_part(self, marker: dict[str, Any], name: str) -> Iterator[bytes]:
+        """One object of a committed part in chunks, checked against the part's marker as it streams."""
         entry = marker["objects"][name]
         key = f"{marker['prefix']}/{name}"
-        data = self.backend.get_bytes(self.key(key))
-        if len(data) != entry["size"] or sha256_bytes(data) != entry["sha256"]:
-            raise StorageError(f"{self.uri(key)}: content does not match its part marker")
-        return data
+        yield from checked_chunks(self.backend.iter_chunks(self.key(key)), entry["size"], entry["sha256"],
+                                  f"{self.uri(key)}: content does not match its part marker")
 
     def reset(self, shards: bool = False, keep_units: dict[str, str] | None = None) -> int:
         """Drop the manifest (first) and every other object. Survive: committed sampling shards (unless
@@ -253,6 +307,23 @@ class StageWriter:
     def put_text(self, name: str, text: str) -> None:
         self.put_bytes(name, text.encode("utf-8"))
 
+    @contextmanager
+    def open(self, name: str) -> Iterator[_HashingWriter]:
+        """Write object `name` through a file object (bytes); its size and sha256 are computed on the
+        way and recorded when the block ends (the object appears whole, or not at all)."""
+        self._check_name(name)
+        with self.stage.backend.open_write(self._object_key(name)) as f:
+            w = _HashingWriter(f)
+            yield w
+            w.flush()
+        self._objects[name] = {"size": w.size, "sha256": w.sha256.hexdigest()}
+
+    def put_chunks(self, name: str, chunks: Iterable[bytes]) -> None:
+        """Write object `name` from a stream of chunks (e.g. parts or shards being concatenated)."""
+        with self.open(name) as w:
+            for chunk in chunks:
+                w.write(chunk)
+
     def put_file(self, name: str, path: str | Path) -> None:
         self._check_name(name)
         path = Path(path)
@@ -298,9 +369,9 @@ class StageWriter:
     def commit_part(self, index: int, summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """A part writer's commit: its `.done` marker, after checking its objects are present."""
         assert self.prefix, "commit_part is for part writers (StageWriter.part)"
-        listing = self.stage.backend.list(self.stage.key(self.prefix + "/"))
+        sizes = self.stage.present(self._objects, self.prefix)
         for name, entry in self._objects.items():
-            if listing.get(self._object_key(name)) != entry["size"]:
+            if sizes[name] != entry["size"]:
                 raise StorageError(f"{self.stage.uri(self.prefix + '/' + name)}: missing or truncated")
         marker = {"index": index, "prefix": self.prefix, "objects": dict(sorted(self._objects.items())),
                   "summary": summary or {}}
@@ -308,9 +379,9 @@ class StageWriter:
         return marker
 
     def _check_present(self, objects: dict[str, dict[str, Any]]) -> None:
-        listing = self.stage.backend.list(self.stage.key(""))
+        sizes = self.stage.present(objects)
         for name, entry in objects.items():
-            if listing.get(self.stage.key(name)) != entry["size"]:
+            if sizes[name] != entry["size"]:
                 raise StorageError(f"{self.stage.uri(name)}: missing or truncated; stage not committed")
 
     def commit(self, spec_hash: str, inputs: dict[str, Any] | None = None,
@@ -329,3 +400,32 @@ class StageWriter:
         blob = json.dumps(manifest, indent=2, sort_keys=False).encode()
         self.stage.backend.put_bytes(self.stage.key(MANIFEST), blob)
         return manifest
+
+
+class _HashingWriter:
+    """A binary writer that buffers into the backend's file and keeps the size and sha256 of what went
+    through (`StageWriter.open`); `write_line` takes text."""
+
+    BUFFER = 1 << 20
+
+    def __init__(self, f: IO[bytes]):
+        self._f, self.size, self.sha256 = f, 0, hashlib.sha256()
+        self._buf: list[bytes] = []
+        self._pending = 0
+
+    def write(self, data: bytes) -> None:
+        self._buf.append(data)
+        self._pending += len(data)
+        if self._pending >= self.BUFFER:
+            self.flush()
+
+    def write_line(self, text: str) -> None:
+        self.write(text.encode("utf-8"))
+
+    def flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._f.write(data)
+            self.sha256.update(data)
+            self.size += len(data)
+            self._buf, self._pending = [], 0

@@ -209,10 +209,12 @@ def assemble_unit(sd, unit: str, unit_hash: str, count: int) -> bool:
     names = sorted(set().union(*(p["objects"] for p in ordered)))
     out = sd.writer()
     for obj in names:
-        blobs = [sd.read_part(p, obj) for p in ordered if obj in p["objects"]]
-        if obj.endswith(".jsonl"):
-            out.put_bytes(obj, b"".join(blobs))
-        elif any(b != blobs[0] for b in blobs):
+        having = [p for p in ordered if obj in p["objects"]]
+        if obj.endswith(".jsonl"):  # streamed from the parts (docs/data.md, "Scale")
+            out.put_chunks(obj, (chunk for p in having for chunk in sd.iter_part(p, obj)))
+            continue
+        blobs = [sd.read_part(p, obj) for p in having]
+        if any(b != blobs[0] for b in blobs):
             raise WrpoError(f"{sd.uri(obj)}: the shards of unit '{unit}' disagree on this object")
         else:
             out.put_bytes(obj, blobs[0])
