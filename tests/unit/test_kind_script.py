@@ -3,7 +3,7 @@
 S3 endpoint and Secret are the ones the script creates, the upload Job puts every input the FusionRun
 names into the bucket, and `helm template` renders the chart with the operator image of images/build.sh.
 Needs the helm binary of tests/cluster/build-binaries.sh (skips without it, fails with
-WRPO_REQUIRE_CLUSTER=1)."""
+WRPO_REQUIRE_CLUSTER=1 and in CI: tests/binaries.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from binaries import missing
 
 from wrpo.models.tiny import MODEL_NAMES
 from wrpo.pipeline.spec import FusionSpec
@@ -30,9 +31,7 @@ def helm_path() -> Path:
     bin_dir = Path(configured) if configured else Path.home() / ".cache/wrpo/k8s-bin/current"
     helm = bin_dir / "helm"
     if not helm.is_file():
-        if os.environ.get("WRPO_REQUIRE_CLUSTER") == "1":
-            pytest.fail(f"WRPO_REQUIRE_CLUSTER=1 but no helm in {bin_dir}", pytrace=False)
-        pytest.skip(f"no helm in {bin_dir} (tests/cluster/build-binaries.sh)")
+        missing(f"no helm in {bin_dir} (tests/cluster/build-binaries.sh)", "WRPO_REQUIRE_CLUSTER")
     return helm
 
 
