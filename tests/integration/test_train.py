@@ -195,3 +195,41 @@ def torch_close(a, b) -> None:
 
     assert a.dtype == torch.float64
     assert ((a - b).norm() / b.norm()).item() < REL
+
+
+def test_fault_point_stops_after_the_checkpoint_and_the_resumed_run_goes_through(tiny_models, tmp_path):
+    """WRPO_FAULT_AFTER_CHECKPOINT=sft:1 (wrpo.engine.trainer.FaultPoint, the cluster tests' way to stop a
+    pod at a known point): the process waits after saving checkpoint 1 and writes nothing more; run again
+    with the same setting, it resumes from checkpoint 1 and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sft"
+    argv = [sys.executable, "-m", "wrpo.cli", "sft", "--model", str(tiny_models / "target"), "--data",
+            str(EXAMPLES / "sft.jsonl"), "--output-dir", str(out), "--batch-size", "2", "--per-device-batch-size",
+            "2", "--max-steps", "2", "--save-steps", "1", "--no-gradient-checkpointing", "--max-length", "160",
+            "--max-prompt-length", "80"]
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "WRPO_FAULT_AFTER_CHECKPOINT": "sft:1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "first.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600  # a hang detector: the step takes seconds
+        while "WRPO_FAULT_AFTER_CHECKPOINT: sft saved checkpoint 1" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, f"exited ({proc.returncode}) before its fault point:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no fault point after 600 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+        assert not (out / "checkpoints" / "checkpoint-2").exists() and proc.poll() is None  # it waits there
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "WRPO_FAULT_AFTER_CHECKPOINT" not in again.stderr
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
