@@ -8,10 +8,15 @@ the loss of steps 1–3 and the final weights equal a single-process run with th
 (accumulation making up the missing rank), rank 0 alone writes metrics.jsonl (one line per step), and
 under ZeRO-3 every rank loads its partition of each model.
 
-Every run trains in float64 (`--precision fp64`), so that the comparisons hold on any CPU, thread count and
-ATEN_CPU_CAPABILITY: the runs differ in summation order only (other batch shapes, gradients summed over
-ranks), by at most 2·n·u·κ relative with n < 4·10^3 terms in the longest chain of sums, u = 2^-53 and
-κ ≤ 10^3 (derived in test_train_exact's docstring): REL. In float32 the same bound is 0.5.
+The single-process reference trains in float64 (`--precision fp64`), so that the comparisons hold on any
+CPU, thread count and ATEN_CPU_CAPABILITY. DDP (stage 0) runs in float64 too: the runs differ in summation
+order only (other batch shapes, gradients summed over ranks), by at most 2·n·u·κ relative with n < 4·10^3
+terms in the longest chain of sums, u = 2^-53 and κ ≤ 10^3 (derived in test_train_exact's docstring): REL.
+DeepSpeed's CPU accelerator computes in float32 only (fp32/bf16), so the ZeRO runs are compared with the
+exact float64 result at float32's own accuracy: a chain of n roundings with random signs grows like √n·u
+(probabilistic error analysis, Higham & Mary 2019), u = 2^-24, n < 4·10^3, and a conditioning of at most 10^2
+(κ: the terms' magnitudes over the result's) gives 10^2·√(4·10^3)·2^-24 ≈ 3.8·10^-4: REL32. The three steps
+move the weights by more than 10^-2 (asserted), far above it.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ LIMITS = ["--max-length", "160", "--max-prompt-length", "80"]
 # for WRPO (16 records = 2 steps per epoch)
 SCHEDULE = ["--batch-size", "8", "--per-device-batch-size", "2", "--max-steps", "3", "--learning-rate", "1e-4",
             "--warmup-ratio", "0", "--lr-scheduler", "constant", "--logps-chunk-size", "8",
-            "--no-gradient-checkpointing", "--save-steps", "100", "--precision", "fp64"]
-REL = 1e-9
+            "--no-gradient-checkpointing", "--save-steps", "100"]
+REL, REL32 = 1e-9, 3.8e-4  # float64 and float32 bounds (module docstring)
 
 
 def _free_port() -> int:
@@ -112,7 +117,7 @@ def single(tiny_models: Path, wrpo_data: Path, tmp_path_factory: pytest.TempPath
     runs = {}
     for kind, data in (("wrpo", wrpo_data), ("sft", EXAMPLES / "sft.jsonl")):
         out = folder / kind
-        result = CliRunner().invoke(app, _train_args(kind, tiny_models, data, out, ()))
+        result = CliRunner().invoke(app, _train_args(kind, tiny_models, data, out, ("--precision", "fp64")))
         assert result.exit_code == 0, result.output
         runs[kind] = out
     return runs
@@ -136,7 +141,9 @@ def test_two_ranks_equal_one_process(kind, stage, extra, tiny_models, wrpo_data,
 
     data = wrpo_data if kind == "wrpo" else EXAMPLES / "sft.jsonl"
     out = tmp_path / "out"
-    proc = _wrpo_cli(*_train_args(kind, tiny_models, data, out, ("--deepspeed-stage", str(stage), *extra)), nproc=2)
+    precision, rel = ("fp64", REL) if stage == 0 else ("fp32", REL32)  # DeepSpeed on CPU: fp32 (docstring)
+    args = ("--deepspeed-stage", str(stage), "--precision", precision, *extra)
+    proc = _wrpo_cli(*_train_args(kind, tiny_models, data, out, args), nproc=2)
     # ZeRO-3: each rank loads its partition of the policy, which needs the DeepSpeed config registered before
     # from_pretrained (docs/training.md, "Distributed and GPU"); the on-the-fly reference is loaded the same
     # way once the Trainer exists, when it has turned rank 1's log level down to warnings: one line more
@@ -144,7 +151,7 @@ def test_two_ranks_equal_one_process(kind, stage, extra, tiny_models, wrpo_data,
     assert proc.stderr.count("Detected DeepSpeed ZeRO-3: activating zero.init() for this model") == loads
     ours, reference = _metrics(out), _metrics(single[kind])
     first = {m["step"]: m for m in reversed(ours)}  # the losses first: they say more than a doubled line
-    assert [first[s]["loss"] for s in (1, 2, 3)] == pytest.approx([m["loss"] for m in reference], rel=REL)
+    assert [first[s]["loss"] for s in (1, 2, 3)] == pytest.approx([m["loss"] for m in reference], rel=rel)
     assert [m["step"] for m in ours] == [1, 2, 3]  # rank 0 alone writes, once per step
     if kind == "wrpo":
         assert [m["alpha"] for m in ours] == [0.0, 0.25, 0.5]
@@ -152,11 +159,10 @@ def test_two_ranks_equal_one_process(kind, stage, extra, tiny_models, wrpo_data,
     initial = _weights(tiny_models / "target")
     assert set(expected) <= set(trained)  # DeepSpeed also saves a tied head (lm_head = embed_tokens)
     for key in expected:  # norm-wise relative error of each tensor (see _relative)
-        assert trained[key].dtype == torch.float64
-        assert _relative(trained[key], expected[key]) < REL, key
+        assert _relative(trained[key], expected[key]) < rel, key
     moved = _relative(torch.cat([expected[k].flatten() for k in expected]),
                       torch.cat([initial[k].flatten() for k in expected]))
-    assert moved > 1e-3  # the three updates moved the weights 10^6× more than the tolerance
+    assert moved > 1e-2  # the three updates moved the weights far more than either tolerance
 
 
 def _relative(a, b) -> float:

@@ -23,6 +23,8 @@ from wrpo.pipeline.spec import FusionSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "kind" / "e2e.sh"
+# helm comes from tests/cluster/build-binaries.sh: scripts/test.sh runs these in its cluster tier, after the build
+uses_k8s_bin = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,7 @@ def test_bad_arguments_print_the_usage_and_exit_2():
         assert "tests/kind/e2e.sh --render DIR" in result.stderr
 
 
+@uses_k8s_bin
 def test_missing_files_and_tools_are_named(tmp_path, helm_path):
     # a checkout without the example manifest
     copy = tmp_path / "repo"
@@ -80,6 +83,7 @@ def test_missing_files_and_tools_are_named(tmp_path, helm_path):
     assert result.returncode == 1 and "'docker' is required" in result.stderr
 
 
+@uses_k8s_bin
 def test_the_fusionrun_is_the_tiny_example_with_the_built_images(rendered):
     names = build_names()
     run = yaml.safe_load((rendered / "fusionrun.yaml").read_text())
@@ -92,6 +96,7 @@ def test_the_fusionrun_is_the_tiny_example_with_the_built_images(rendered):
     assert run == example
 
 
+@uses_k8s_bin
 def test_s3_endpoint_secret_and_uploads_match_the_fusionrun(rendered):
     spec = yaml.safe_load((rendered / "fusionrun.yaml").read_text())["spec"]
     objects = load_all(rendered / "seaweedfs.yaml")
@@ -126,6 +131,7 @@ def test_s3_endpoint_secret_and_uploads_match_the_fusionrun(rendered):
     assert prompts == (ROOT / "examples" / "tiny" / "prompts.jsonl").read_text()
 
 
+@uses_k8s_bin
 def test_helm_template_renders_the_operator_image_never_pulled(rendered):
     deployment = next(o for o in load_all(rendered / "chart.yaml") if o["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]

@@ -27,6 +27,10 @@ HELM_CANDIDATES = [os.environ.get("WRPO_K8S_BIN", "") + "/helm",
                    *glob.glob(str(Path.home() / ".cache/wrpo/k8s-bin/*/helm"))]
 
 
+# helm comes from tests/cluster/build-binaries.sh: scripts/test.sh runs these in its cluster tier, after the build
+uses_k8s_bin = pytest.mark.cluster
+
+
 def helm(*args: str) -> str:
     """`helm ARGS`. Every helm test goes through here: it skips without helm (fails in CI: tests/binaries.py),
     so no test can forget a skip marker."""
@@ -84,17 +88,20 @@ def test_values_schema_is_json_and_covers_every_value():
     assert set(values) == set(schema["properties"])
 
 
+@uses_k8s_bin
 def test_helm_lint_is_clean():
     out = helm("lint", "--strict", str(CHART))
     assert "0 chart(s) failed" in out
 
 
+@uses_k8s_bin
 def test_values_schema_rejects_bad_values():
     with pytest.raises(subprocess.CalledProcessError) as e:
         render("scope=everywhere")
     assert "scope" in e.value.stderr
 
 
+@uses_k8s_bin
 def test_replicas_need_leader_election():
     (dep,) = [d for d in render("replicaCount=2") if d["kind"] == "Deployment"]
     assert dep["spec"]["replicas"] == 2
@@ -106,6 +113,7 @@ def test_replicas_need_leader_election():
     assert not [d for d in render("leaderElection.enabled=false") if d["kind"] == "Role"]
 
 
+@uses_k8s_bin
 def test_operator_deployment():
     (dep,) = [d for d in render() if d["kind"] == "Deployment"]
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "RollingUpdate"}
@@ -120,6 +128,7 @@ def test_operator_deployment():
     assert pod["serviceAccountName"] == "wrpo-operator" and pod["securityContext"]["runAsNonRoot"]
 
 
+@uses_k8s_bin
 @pytest.mark.parametrize("scope,kinds", [
     ("cluster", ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]),
     ("namespace", ["Role", "Role", "Role", "RoleBinding", "RoleBinding", "RoleBinding"]),  # + the Lease's
@@ -138,6 +147,7 @@ def test_rbac_modes(scope, kinds):
                                                                                     "wrpo-system"}
 
 
+@uses_k8s_bin
 def test_rbac_is_least_privilege_and_covers_what_the_operator_calls():
     (role,) = [d for d in render() if d["kind"] == "ClusterRole"]
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
@@ -163,6 +173,7 @@ def test_rbac_is_least_privilege_and_covers_what_the_operator_calls():
                                "verbs": ["get", "create", "update", "patch"]}]
 
 
+@uses_k8s_bin
 def test_plain_rbac_matches_the_chart():
     def strip(d):
         labels = d["metadata"].get("labels", {})
@@ -181,6 +192,7 @@ def test_chart_crd_is_the_generated_one():
         MANIFESTS / "crd" / "fusionruns.fusion.wrpo.io.yaml").read_text()
 
 
+@uses_k8s_bin
 def test_the_run_state_read_uses_the_operators_own_credentials():
     """runState: on by default without credentials (a pod role); a Secret of the release namespace as
     references only; off on request."""
