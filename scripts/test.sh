@@ -4,8 +4,9 @@
 # control plane built from Go modules). Extra arguments go to pytest.
 #
 # The Kubernetes binaries (tests/cluster/build-binaries.sh, the longest step when its cache is cold) build
-# in the background while the environments are made and the unit and integration tiers run: only
-# tests/cluster needs them. With extra arguments, one pytest run over `tests` follows the build.
+# in the background while the environments are made and the tests not marked `cluster` run; the tests
+# marked `cluster` (the control plane, kubectl, helm) follow the build. With extra arguments, one pytest
+# run over `tests` follows the build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -60,10 +61,10 @@ pytest_tier() {  # ARGS...: one pytest run; exit 5 (nothing collected) is a fail
     [[ $r -eq 0 ]] || rc=$r
 }
 if [[ $# -eq 0 ]]; then
-    pytest_tier tests --ignore=tests/cluster
-    echo "test.sh: unit and integration tiers done ($((SECONDS - t0)) s)"
+    pytest_tier tests -m "not cluster"
+    echo "test.sh: the tests without the Kubernetes binaries done ($((SECONDS - t0)) s)"
     wait_binaries
-    pytest_tier tests/cluster
+    pytest_tier tests -m cluster
 else
     wait_binaries
     pytest_tier tests "$@"
