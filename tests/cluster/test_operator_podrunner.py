@@ -90,7 +90,7 @@ def tiny_spec(tiny_models: Path, server) -> dict:
     spec["training"].update(saveSteps=1)
     spec["eval"] = {"maxTokens": 12}
     spec["storage"].update(runUri=f"s3://{server.bucket}/runs/tiny", s3Endpoint=server.endpoint_url)
-    spec["cluster"]["activeDeadlineSeconds"] = 900
+    spec["cluster"]["activeDeadlineSeconds"] = 2700  # a hang detector per stage (README.md, "Testing")
     # the SFT process waits after saving checkpoint 1 until the test deletes its pod (wrpo.engine.trainer.FaultPoint)
     pods = spec["cluster"].setdefault("pods", {}).setdefault("training", {})
     pods.setdefault("env", []).append({"name": "WRPO_FAULT_AFTER_CHECKPOINT", "value": FAULT})
@@ -110,6 +110,8 @@ def pod_commands(vllm_python: str) -> dict:
             "vllm": vllm_serve}
 
 
+# Timeouts are hang detectors (README.md, "Testing"): ≥ 3× the 900 s this took on a loaded 2-core machine
+@pytest.mark.timeout(3600)
 def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
         restricted_local_namespace, helm_install, service_account, pod_runner, weed, vllm_python, tiny_models,
         k8s_api_client, tmp_path):
@@ -134,7 +136,7 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
     try:
         create_run(custom, ns, "tiny", tiny_spec(tiny_models, server))
         checkpoint = _interrupt_sft_after_its_first_checkpoint(runner, core, ns, operator)
-        status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 900, operator)
+        status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 2700, operator)
         assert status["phase"] == "Succeeded", (status, runner.errors, runner.log_tails())
         # the Job's completion may reach the operator before its pod's termination message: the summary
         # follows a moment later
@@ -188,7 +190,7 @@ def _interrupt_sft_after_its_first_checkpoint(runner, core, ns: str, operator) -
         log = runner.logs("tiny-sft-master-0")[-1500:] if "tiny-sft-master-0" in runner.pods else "<no SFT pod yet>"
         return f"newest SFT checkpoint {saved()}, pods {sorted(runner.pods)}, SFT log tail:\n{log}"
 
-    wait(waiting, 900, "the SFT pod waiting at its fault point after checkpoint 1 (its log line)", operator,
+    wait(waiting, 1800, "the SFT pod waiting at its fault point after checkpoint 1 (its log line)", operator,
          interval=0.5, seen=seen)
     core.delete_namespaced_pod("tiny-sft-master-0", ns, grace_period_seconds=0)
     return saved()

@@ -44,7 +44,7 @@ def _spec(tiny_models: Path, run_uri: str):
         # no checkpoint PVC: each pod keeps its scratch in its own folder here (the shared ReadWriteMany
         # checkpoint volume a multi-node spec needs is tested by the pod-runner run, one node)
         "cluster": {"training": {"nodes": 2, "procsPerNode": 1, "gpus": 0, "cpu": "1", "memory": "2Gi"},
-                    "checkpoints": {"enabled": False}, "activeDeadlineSeconds": 900, "backoffLimit": 0},
+                    "checkpoints": {"enabled": False}, "activeDeadlineSeconds": 1800, "backoffLimit": 0},
     })
 
 
@@ -76,6 +76,7 @@ def _relative(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.timeout(2700)  # a hang detector (README.md, "Testing"): ≥ 3× its time on a loaded machine
 def test_wrpo_master_and_worker_commit_the_single_process_model(
         local_namespace, pod_runner, k8s_api_client, tiny_models, tmp_path):
     import torch
@@ -108,7 +109,7 @@ def test_wrpo_master_and_worker_commit_the_single_process_model(
                         command_map=commands)
     custom.create_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", job)
 
-    deadline, conditions = time.monotonic() + 600, set()
+    deadline, conditions = time.monotonic() + 1800, set()  # a hang detector: ≥ 3× a loaded machine's time
     while time.monotonic() < deadline and not conditions & {"Succeeded", "Failed"}:
         time.sleep(2)
         status = custom.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "mn-wrpo")
