@@ -163,9 +163,12 @@ build_helm() {
 
 build_training_operator() {
   local mod="github.com/kubeflow/training-operator"
-  # The stock binary, for reference and for users who run it in a cluster.
-  go_install "${mod}/cmd/training-operator.v1" "${TRAINING_OPERATOR_VERSION}" ""
-  mv "${OUT}/training-operator.v1" "${OUT}/training-operator"
+  # The stock binary, for reference and for users who run it in a cluster: the tests use
+  # training-operator-local only, so it is built on request (WRPO_STOCK_TRAINING_OPERATOR=1; a link less).
+  if [[ "${WRPO_STOCK_TRAINING_OPERATOR:-0}" == 1 ]]; then
+    go_install "${mod}/cmd/training-operator.v1" "${TRAINING_OPERATOR_VERSION}" ""
+    mv "${OUT}/training-operator.v1" "${OUT}/training-operator"
+  fi
   # The test entry point (training-operator-local/main.go): same reconciler and webhook
   # packages, every listener on 127.0.0.1, certificates from a directory we choose.
   local dir
@@ -318,7 +321,7 @@ log "go ${GO_VERSION}, ${JOBS} parallel jobs, output ${OUT}"
 step etcd etcd -- build_etcd
 step kwok kwok -- build_kwok
 step helm helm -- build_helm
-step training-operator training-operator training-operator-local "${LOCAL_STAMP}" \
+step training-operator training-operator-local "${LOCAL_STAMP}" \
   training-operator-crds -- build_training_operator
 step kubernetes kube-apiserver kube-controller-manager kube-scheduler -- build_kubernetes
 step kubectl kubectl -- build_kubectl
