@@ -15,9 +15,10 @@ t0=$SECONDS
 
 # Without the real node's binaries: its tests run in scripts/test-images.sh (docs/images.md "Cost").
 k8s_log="$(mktemp "${TMPDIR:-/tmp}/wrpo-build-binaries.XXXXXX")"
-WRPO_NODE_BINARIES=0 bash tests/cluster/build-binaries.sh >"$k8s_log" 2>&1 &
+# Its own session, so that an early exit stops the whole build (go and its compilers), not just the script.
+WRPO_NODE_BINARIES=0 setsid bash tests/cluster/build-binaries.sh >"$k8s_log" 2>&1 &
 k8s_pid=$!
-trap 'kill "$k8s_pid" 2>/dev/null || true' EXIT
+trap 'kill -- -"$k8s_pid" 2>/dev/null || true' EXIT
 wait_binaries() {
     local rc=0
     wait "$k8s_pid" || rc=$?
