@@ -40,6 +40,12 @@ LOCAL_STAMP=".training-operator-local-$(sha256sum "${HERE}/training-operator-loc
 
 GO_VERSION="$(go env GOVERSION)"
 KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_to-${TRAINING_OPERATOR_VERSION}_${GO_VERSION}"
+# WRPO_GO_GCFLAGS (e.g. "-N -l": no optimisation, no inlining) is passed as -gcflags=all=...: about 40% less
+# compile CPU (measured on etcd: 88 → 52 CPU-s, 27 → 34 MB) for slower binaries; such builds get their own key.
+GCFLAGS="${WRPO_GO_GCFLAGS:-}"
+if [[ -n "${GCFLAGS}" ]]; then
+  KEY+="_gcflags-$(printf '%s' "${GCFLAGS}" | sha256sum | cut -c1-8)"
+fi
 CACHE_ROOT="${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}"
 OUT="${CACHE_ROOT}/${KEY}"
 WORK="${CACHE_ROOT}/.work/${KEY}"
@@ -47,6 +53,9 @@ mkdir -p "${OUT}" "${WORK}"
 
 LDFLAGS_BASE="-s -w"
 BUILD_FLAGS=(-trimpath -p "${JOBS}")
+if [[ -n "${GCFLAGS}" ]]; then
+  BUILD_FLAGS+=("-gcflags=all=${GCFLAGS}")
+fi
 
 log() { printf '[build-binaries %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
