@@ -2,24 +2,47 @@
 # Install everything the tests need (cached under ${WRPO_CACHE:-~/.cache/wrpo}) and run the whole suite:
 # lint, unit, integration (real SeaweedFS and vLLM servers, tiny models) and cluster (a real
 # control plane built from Go modules). Extra arguments go to pytest.
+#
+# The Kubernetes binaries (tests/cluster/build-binaries.sh, the longest step when its cache is cold) build
+# in the background while the environments are made and the tests not marked `cluster` run; the tests
+# marked `cluster` (the control plane, kubectl, helm) follow the build. With extra arguments, one pytest
+# run over `tests` follows the build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export WRPO_CACHE="${WRPO_CACHE:-$HOME/.cache/wrpo}"
 t0=$SECONDS
 
+# Without the real node's binaries: its tests run in scripts/test-images.sh (docs/images.md "Cost").
+k8s_log="$(mktemp "${TMPDIR:-/tmp}/wrpo-build-binaries.XXXXXX")"
+# Its own session, so that an early exit stops the whole build (go and its compilers), not just the script.
+WRPO_NODE_BINARIES=0 setsid bash tests/cluster/build-binaries.sh >"$k8s_log" 2>&1 &
+k8s_pid=$!
+trap 'kill -- -"$k8s_pid" 2>/dev/null || true' EXIT
+wait_binaries() {
+    local rc=0
+    wait "$k8s_pid" || rc=$?
+    trap - EXIT
+    if [[ $rc -ne 0 ]]; then
+        tail -n 40 "$k8s_log" >&2
+        echo "test.sh: tests/cluster/build-binaries.sh failed ($rc), log $k8s_log" >&2
+        exit 1
+    fi
+    local line
+    line="$(tail -n1 "$k8s_log")"
+    export WRPO_K8S_BIN="${line#WRPO_K8S_BIN=}"
+    grep -h 'built in\|cached\|all binaries' "$k8s_log" >&2 || true
+    echo "test.sh: Kubernetes binaries $WRPO_K8S_BIN ($((SECONDS - t0)) s)"
+}
+
+# This checkout's python on the cached dependencies (never another clone's code: scripts/install.sh).
 py="$(bash scripts/install.sh all --venv | tail -n1)"
 echo "test.sh: main environment $py ($((SECONDS - t0)) s)"
 
 export WRPO_VLLM_PYTHON="$(bash scripts/setup-vllm-env.sh | tail -n1)"
 echo "test.sh: vLLM environment $WRPO_VLLM_PYTHON ($((SECONDS - t0)) s)"
 
-# Without the real node's binaries: its tests run in scripts/test-images.sh (docs/images.md "Cost").
-k8s_line="$(WRPO_NODE_BINARIES=0 bash tests/cluster/build-binaries.sh | tail -n1)"
-export WRPO_K8S_BIN="${k8s_line#WRPO_K8S_BIN=}"
-echo "test.sh: Kubernetes binaries $WRPO_K8S_BIN ($((SECONDS - t0)) s)"
-
-# In CI every real component must be there: a missing one fails instead of skipping.
+# In CI every real component must be there: a missing one fails instead of skipping (tests/binaries.py).
 if [[ "${CI:-}" == "true" ]]; then
     export WRPO_REQUIRE_VLLM=1 WRPO_REQUIRE_CLUSTER=1
 fi
@@ -28,13 +51,24 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PATH="$(dirname "$py"):$PATH"
 "$py" -m ruff check .
 "$py" -m ruff format --check wrpo operator tests benchmarks >/dev/null 2>&1 || echo "test.sh: note: ruff format would reformat some files"
 
-set +e
-"$py" -m pytest tests "$@"
-rc=$?
-set -e
-if [[ $rc -eq 5 ]]; then
-    echo "test.sh: pytest collected no tests - that is a failure for this project" >&2
-    exit 1
+rc=0
+pytest_tier() {  # ARGS...: one pytest run; exit 5 (nothing collected) is a failure for this project
+    local r=0
+    "$py" -m pytest "$@" || r=$?
+    if [[ $r -eq 5 ]]; then
+        echo "test.sh: pytest collected no tests ($*) - that is a failure for this project" >&2
+        r=1
+    fi
+    [[ $r -eq 0 ]] || rc=$r
+}
+if [[ $# -eq 0 ]]; then
+    pytest_tier tests -m "not cluster"
+    echo "test.sh: the tests without the Kubernetes binaries done ($((SECONDS - t0)) s)"
+    wait_binaries
+    pytest_tier tests -m cluster
+else
+    wait_binaries
+    pytest_tier tests "$@"
 fi
 echo "test.sh: done in $((SECONDS - t0)) s (pytest exit $rc)"
 exit $rc

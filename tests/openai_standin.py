@@ -1,10 +1,11 @@
 """A STAND-IN OpenAI-compatible server (aiohttp, 127.0.0.1) for fault tests of the sampling client.
 
 It is not vLLM: it answers `/v1/chat/completions` with deterministic texts (or what `reply` makes of
-the request: scripted judge verdicts), and can be told to fail (500/429), to be slow, or to return
-fewer choices than asked. Every request is logged (prompt text, n, seed, Authorization header) so
-tests can check that nothing was asked twice. The happy path of the data
-pipeline is tested against a real vLLM server (tests/integration).
+the request: scripted judge verdicts), and can be told to fail (500/429), to be slow, to hold every
+request after the first `hold_after` unanswered (until `hold_after` is set to None: a client stopped at a
+known point), or to return fewer choices than asked. Every request is logged (prompt text, n, seed,
+Authorization header) so tests can check that nothing was asked twice. The happy path of the data pipeline
+is tested against a real vLLM server (tests/integration).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class StandIn:
     max_choices: int | None = None
     retry_after: str | None = None
     reply: Callable[[dict[str, Any]], str] | None = None  # the answer text for a request body (judge tests)
+    hold_after: int | None = None  # requests after this many wait (unanswered) while it is set
     bodies: list[dict[str, Any]] = field(default_factory=list)  # every request body, in order
     requests: list[Request] = field(default_factory=list)
     port: int = 0
@@ -53,6 +55,9 @@ class StandIn:
         status = self.fail_statuses.pop(0) if self.fail_statuses else 200
         self.requests.append(Request(prompt, body.get("n", 1), body.get("seed"),
                                      request.headers.get("Authorization"), status))
+        index = len(self.requests)
+        while self.hold_after is not None and index > self.hold_after:
+            await asyncio.sleep(0.05)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if status != 200:

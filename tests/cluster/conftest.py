@@ -9,7 +9,8 @@ same, named "local-*" so that kwok leaves its pods to a PodRunner), `restricted_
 Session scope also: `kubectl` (the harness's kubectl, built with the control plane).
 Session scope, only when asked: `k8s_controllers` (JobSet, Trainer v2 and Kueue; tests/cluster/build-controllers.sh).
 
-Without the binaries these tests skip, or fail when WRPO_REQUIRE_CLUSTER=1.
+Without the binaries these tests skip, or fail when WRPO_REQUIRE_CLUSTER=1, WRPO_REQUIRE_ALL=1 or CI=true
+(tests/binaries.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import binaries
 import k8s_harness
 import pytest
 from k8s_podrunner import PodRunner
@@ -55,9 +57,7 @@ def k8s_bin_dir() -> Path:
     try:
         return k8s_harness.find_binaries()
     except k8s_harness.BinariesMissing as e:
-        if os.environ.get("WRPO_REQUIRE_CLUSTER") == "1":
-            pytest.fail(f"WRPO_REQUIRE_CLUSTER=1 but {e}", pytrace=False)
-        pytest.skip(str(e))
+        binaries.missing(str(e), "WRPO_REQUIRE_CLUSTER")
 
 
 @pytest.fixture(scope="session")
@@ -137,10 +137,8 @@ def kubectl(k8s_cluster):
     """kubectl(*args, kubeconfig=None, check=True, stdin=None) -> CompletedProcess: the harness's kubectl;
     the test skips without it (fails with WRPO_REQUIRE_CLUSTER=1)."""
     if not (k8s_cluster.bin_dir / "kubectl").is_file():
-        message = f"kubectl missing in {k8s_cluster.bin_dir}: run tests/cluster/build-binaries.sh"
-        if os.environ.get("WRPO_REQUIRE_CLUSTER") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        binaries.missing(f"kubectl missing in {k8s_cluster.bin_dir}: run tests/cluster/build-binaries.sh",
+                         "WRPO_REQUIRE_CLUSTER")
     return k8s_cluster.kubectl
 
 
@@ -222,10 +220,7 @@ def real_node(k8s_cluster, tmp_path_factory):
         tags = k8s_node.archive_tags(archive)
         missing += [f"{names[t]} in {archive}" for t in ("operator", "runtime-cpu", "vllm-cpu") if names[t] not in tags]
     if missing:
-        message = f"the real node needs: {', '.join(missing)}"
-        if required:
-            pytest.fail(f"WRPO_REQUIRE_NODE=1 but {message}", pytrace=False)
-        pytest.skip(message)
+        binaries.missing(f"the real node needs: {', '.join(missing)}", "WRPO_REQUIRE_NODE")
     cache = Path(os.environ.get("WRPO_CACHE", Path.home() / ".cache" / "wrpo"))
     node = k8s_node.start_node(k8s_cluster, tmp_path_factory.mktemp("node"), cache / "node" / "containerd",
                                [archive])

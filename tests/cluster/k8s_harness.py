@@ -91,10 +91,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.2):
-    """Poll `check` until it returns a truthy value; raise TimeoutError naming `what`."""
+def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.2,
+             seen: Callable[[], str] | None = None):
+    """Poll `check` until it returns a truthy value. A timeout is a hang detector: the TimeoutError names
+    `what`, the last value `check` returned, its last error and what `seen()` describes then (when given)."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
+    result: object = None
     while time.monotonic() < deadline:
         try:
             result = check()
@@ -103,7 +106,9 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, interval: f
         except Exception as e:  # noqa: BLE001 - any failure means "not yet"
             last_error = e
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+    saw = f"; then: {seen()}" if seen else ""
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {result!r}, last error: "
+                       f"{last_error}){saw}")
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -102,15 +102,35 @@ class Operator:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
 
-def wait(check, timeout: float, what: str, operator: Operator | None = None, interval: float = 0.5):
+def _transient(e: Exception) -> bool:
+    """A server error (5xx) or a dropped connection: the condition is unknown yet, not false."""
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    return (isinstance(e, ApiException) and (e.status or 0) >= 500) or isinstance(e, HTTPError | ConnectionError)
+
+
+def wait(check, timeout: float, what: str, operator: Operator | None = None, interval: float = 0.5,
+         seen=None):
+    """`check()` once it is truthy. A timeout is a hang detector: the error names the condition (`what`), the
+    last value `check` returned, what `seen()` describes then (when given), and the operator's log tail."""
     deadline = time.monotonic() + timeout
+    value, error = None, None
     while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
+        try:
+            value = check()
+        except Exception as e:  # noqa: BLE001 - re-raised unless transient
+            if not _transient(e):
+                raise
+            error = e  # an overloaded apiserver answers 5xx (504 Gateway Timeout) now and then: not yet
+        else:
+            if value:
+                return value
         time.sleep(interval)
+    saw = f"; last check returned {value!r}" + (f" (last transient error: {error})" if error else "") + \
+        (f"; then: {seen()}" if seen else "")
     detail = operator.tail() if operator else ""
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{detail}")
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{saw}\n{detail}")
 
 
 def create_run(custom, ns: str, name: str, spec: dict, annotations: dict | None = None) -> dict:
@@ -133,12 +153,21 @@ def wait_phase(custom, ns, name, phases, timeout, operator, generation: int = 0)
     spec change, pass the generation the patch returned)."""
     phases = {phases} if isinstance(phases, str) else set(phases)
 
+    last: dict = {}
+
     def check():
-        status = get_run(custom, ns, name).get("status") or {}
+        last.update(status=get_run(custom, ns, name).get("status") or {})
+        status = last["status"]
         fresh = (status.get("observedGeneration") or 0) >= generation
         return status if fresh and status.get("phase") in phases else None
 
-    return wait(check, timeout, f"FusionRun {name} phase in {phases}", operator)
+    def seen() -> str:
+        status = last.get("status") or {}
+        stages = {s.get("name"): s.get("state") or s.get("phase") for s in status.get("stages") or []}
+        return (f"phase {status.get('phase')!r}, observedGeneration {status.get('observedGeneration')} "
+                f"(want ≥ {generation}), stages {stages}, message {status.get('message')!r}")
+
+    return wait(check, timeout, f"FusionRun {name} phase in {phases}", operator, seen=seen)
 
 
 def children(apis, ns, name) -> dict[str, list[dict]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 
 import pytest
 from operator_harness import (
@@ -112,8 +111,10 @@ def test_a_restarted_operator_creates_nothing_for_a_finished_run(operator, apis,
     n_events = len(wait_events(core, ns, "done", {"RunSucceeded"}, 30, operator))
     operator.kill(signal.SIGTERM)
     operator.start()
-    time.sleep(5)  # it has listed everything and reconciled the run
-    assert operator.metrics().get('wrpo_reconciles_total{result="ok"}', 0) >= 1
+    # it has listed everything and reconciled the run: waited for, not slept for (a loaded machine is slow)
+    wait(lambda: operator.metrics().get('wrpo_reconciles_total{result="ok"}', 0) >= 1, 300,
+         "the restarted operator's first reconcile of the finished run", operator,
+         seen=lambda: f"metrics {operator.metrics()}")
     calls = {k: v for k, v in operator.metrics().items() if k.startswith("wrpo_apiserver_requests_total")}
     assert sum(calls.values()) == 0, calls  # not one write
     after = get_run(custom, ns, "done")["status"]

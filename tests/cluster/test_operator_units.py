@@ -3,10 +3,12 @@ the operator as the chart's ServiceAccount, kwok nodes with 8 GPUs each completi
 scheduler, Deployment and Job controllers. The paper's ten sources (39 GPUs of servers at once) run under
 `gpuBudget: 8`; a sampler thread sums the GPU requests of the run's live pods and Deployments the whole
 time. Scoring runs as an Indexed Job of 3 shards; one shard's pod is deleted while it runs and only that
-index is run again."""
+index is run again: the scoring pods are held Running (kwok's `wrpo.test/hold` fault point) until the
+deletion, so no shard can finish first however loaded the machine."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX = "batch.kubernetes.io/job-completion-index"
+HOLD = "wrpo.test/hold"  # kwok keeps such a pod Running until the annotation is removed (kwok/stages.yaml)
 
 
 def paper_sources() -> list[dict]:
@@ -33,7 +36,7 @@ def budget_spec() -> dict:
                      small={"cpu": "100m", "memory": "128Mi"},
                      scoring={"gpus": 1, "parallelism": 3, "cpu": "100m", "memory": "128Mi"},
                      training={"gpus": 1, "procsPerNode": 1, "cpu": "100m", "memory": "128Mi"},
-                     pods={"scoring": {"annotations": {"wrpo.test/run-duration": "8s"}}})
+                     pods={"scoring": {"annotations": {HOLD: "true"}}})
     spec["sources"] = paper_sources()
     return spec
 
@@ -66,12 +69,44 @@ def _gpus(container) -> int:
     return int(((container.resources and container.resources.requests) or {}).get("nvidia.com/gpu", 0))
 
 
-def test_ten_sources_run_under_a_budget_of_8_and_an_added_source_runs_alone(operator, apis, run_namespace):
+class Releaser(threading.Thread):
+    """Removes the hold annotation from every held pod of the namespace, until stopped."""
+
+    def __init__(self, core, ns: str):
+        super().__init__(daemon=True)
+        self.core, self.ns = core, ns
+        self.stop = threading.Event()
+
+    def run(self) -> None:  # noqa: D102 - threading.Thread
+        from kubernetes.client.rest import ApiException
+
+        while not self.stop.is_set():
+            for pod in self.core.list_namespaced_pod(self.ns).items:
+                if HOLD in (pod.metadata.annotations or {}):
+                    with contextlib.suppress(ApiException):  # gone meanwhile
+                        self.core.patch_namespaced_pod(pod.metadata.name, self.ns,
+                                                       {"metadata": {"annotations": {HOLD: None}}})
+            self.stop.wait(0.2)
+
+
+@pytest.fixture
+def releaser(apis, run_namespace):
+    """A Releaser of the test's namespace, started by the test (after its fault), stopped afterwards."""
+    thread = Releaser(apis[3], run_namespace)
+    yield thread
+    thread.stop.set()
+    if thread.is_alive():
+        thread.join()
+
+
+def test_ten_sources_run_under_a_budget_of_8_and_an_added_source_runs_alone(operator, apis, run_namespace,
+                                                                               releaser):
     custom, batch, apps, core = apis
     sampler = GpuSampler(core, apps, run_namespace, "budget")
     sampler.start()
     create_run(custom, run_namespace, "budget", budget_spec())
     killed, killed_at = _kill_one_shard(core, run_namespace, "budget", operator)
+    releaser.start()  # the held shards (and every later scoring pod) may complete now
     status = wait_phase(custom, run_namespace, "budget", ["Succeeded", "Failed"], 420, operator)
     sampler.stop.set()
     sampler.join()
@@ -113,8 +148,8 @@ def test_ten_sources_run_under_a_budget_of_8_and_an_added_source_runs_alone(oper
 
 
 def _kill_one_shard(core, ns: str, run: str, operator):
-    """Delete the running pod of shard 1 of score-sources' Indexed Job once all three run; returns its name
-    and when it was deleted."""
+    """Delete the running pod of shard 1 of score-sources' Indexed Job once all three run (held there by
+    HOLD, so none can have finished); returns its name and when it was deleted."""
     def running_shard():
         pods = core.list_namespaced_pod(ns, label_selector=f"job-name={run}-score-sources-shards").items
         if sum(p.status.phase == "Running" for p in pods) < 3:

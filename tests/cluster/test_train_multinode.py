@@ -25,6 +25,7 @@ from k8s_podrunner import DEFAULT_COMMAND_MAP
 pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "tiny"
+REL32 = 100 * (4e3) ** 0.5 * 2**-24  # ≈ 3.8e-4: float32 against the exact float64 result (test_train_multirank)
 
 
 def _spec(tiny_models: Path, run_uri: str):
@@ -43,7 +44,7 @@ def _spec(tiny_models: Path, run_uri: str):
         # no checkpoint PVC: each pod keeps its scratch in its own folder here (the shared ReadWriteMany
         # checkpoint volume a multi-node spec needs is tested by the pod-runner run, one node)
         "cluster": {"training": {"nodes": 2, "procsPerNode": 1, "gpus": 0, "cpu": "1", "memory": "2Gi"},
-                    "checkpoints": {"enabled": False}, "activeDeadlineSeconds": 900, "backoffLimit": 0},
+                    "checkpoints": {"enabled": False}, "activeDeadlineSeconds": 1800, "backoffLimit": 0},
     })
 
 
@@ -75,6 +76,7 @@ def _relative(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@pytest.mark.timeout(2700)  # a hang detector (README.md, "Testing"): ≥ 3× its time on a loaded machine
 def test_wrpo_master_and_worker_commit_the_single_process_model(
         local_namespace, pod_runner, k8s_api_client, tiny_models, tmp_path):
     import torch
@@ -107,7 +109,7 @@ def test_wrpo_master_and_worker_commit_the_single_process_model(
                         command_map=commands)
     custom.create_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", job)
 
-    deadline, conditions = time.monotonic() + 600, set()
+    deadline, conditions = time.monotonic() + 1800, set()  # a hang detector: ≥ 3× a loaded machine's time
     while time.monotonic() < deadline and not conditions & {"Succeeded", "Failed"}:
         time.sleep(2)
         status = custom.get_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs", "mn-wrpo")
@@ -129,17 +131,20 @@ def test_wrpo_master_and_worker_commit_the_single_process_model(
     assert [m["step"] for m in metrics] == [1, 2, 3]  # global rank 0 alone wrote them
     assert manifest["summary"]["steps"] == 3
 
-    # the same stage config in one process, without DeepSpeed: the same global batches of 8
+    # the same stage config in one process, without DeepSpeed: the same global batches of 8, in float64 (the
+    # exact result); the two-node run computes in float32 (DeepSpeed's CPU accelerator), so it must be within
+    # float32's own accuracy of it: REL32, derived in tests/integration/test_train_multirank.py's docstring
     work = Workdir(run_uri, tmp_path / "single-work")
     data = fetch_pairs(run, work) / "train.jsonl"
-    cfg = wrpo_config(spec, fetch_sft_model(run, work), data, tmp_path / "single", deepspeed_stage=0)
+    cfg = wrpo_config(spec, fetch_sft_model(run, work), data, tmp_path / "single", deepspeed_stage=0,
+                      precision="fp64")
     run_wrpo(cfg)
     expected = load_file(tmp_path / "single" / "model" / "model.safetensors")
     single = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in single], rel=1e-5)
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in single], rel=REL32)
     initial = load_file(tiny_models / "target" / "model.safetensors")
     assert _relative(torch.cat([expected[k].flatten() for k in expected]),
                      torch.cat([initial[k].flatten() for k in expected])) > 1e-3
     for key in expected:
-        assert _relative(trained[key], expected[key]) < 1e-5, key
+        assert _relative(trained[key], expected[key]) < REL32, key
     print("\nMULTI-NODE RUN:", json.dumps({"losses": [m["loss"] for m in metrics]}))

@@ -103,7 +103,9 @@ def test_scores_in_process_equal_vllm_pooling(pipeline):
                              ScoreRecord, src)
         assert [r.prompt_id for r in local] == [r.prompt_id for r in remote]
         for a, b in zip(local, remote, strict=True):
-            assert b.scores == pytest.approx(a.scores, abs=1e-4)
+            # vLLM's and transformers' float32 forwards differ in summation order and kernels: ≤ 100·√n·u32
+            # relative, n < 4·10^3, u32 = 2^-24 (tests/integration/test_train_multirank.py's REL32)
+            assert b.scores == pytest.approx(a.scores, rel=3.8e-4, abs=3.8e-4)
     run.stage("score-sources-remote").reset(shards=True)
 
 

@@ -240,19 +240,25 @@ def test_ctrl_c_stops_cleanly_and_keeps_committed_stages(tiny_models, tmp_path):
 
     spec, run = make_spec(tiny_models, tmp_path / "fusion.yaml"), tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "WRPO_VLLM_PYTHON"}
-    env.update(PYTHONPATH=str(ROOT), WRPO_WORKDIR=str(tmp_path / "work"), HF_HUB_OFFLINE="1")
+    # the run waits before sample-sources (a fault point, wrpo.pipeline.runner) until the SIGINT: no race
+    env.update(PYTHONPATH=str(ROOT), WRPO_WORKDIR=str(tmp_path / "work"), HF_HUB_OFFLINE="1",
+               WRPO_FAULT_BEFORE_STAGE="sample-sources")
     # SIGINT as a terminal delivers it, even when the suite itself runs in the background (a shell starts
     # background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt)
-    proc = subprocess.Popen([sys.executable, "-m", "wrpo.cli", "run", str(spec), "--run-uri", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not (run / "prepare" / "_MANIFEST.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "prepare never committed"
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "wrpo.cli", "run", str(spec), "--run-uri", str(run)],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 600  # a hang detector: prepare takes seconds
+    while "WRPO_FAULT_BEFORE_STAGE: waiting before sample-sources" not in log.read_text():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before its fault point: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"no fault point after 600 s: {log.read_text()[-2000:]}"
         time.sleep(0.2)
     committed = (run / "prepare" / "_MANIFEST.json").read_bytes()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=600)
+    err = log.read_text()
     assert proc.returncode == 130, err[-2000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["stages"]["prepare"] == "done" and result["interrupted_at"] == "sample-sources"

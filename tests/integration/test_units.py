@@ -157,7 +157,9 @@ def test_a_sharded_scoring_stage_equals_one_invocation_and_retries_one_shard(tmp
         parts = parse_jsonl(sd.read_text(f"{src}.jsonl"), ScoreRecord, "sharded")
         assert [r.prompt_id for r in parts] == [r.prompt_id for r in one]
         for x, y in zip(parts, one, strict=True):
-            assert x.scores == pytest.approx(y.scores, abs=1e-5)
+            # float32 forwards over other batches: summation order only, ≤ 100·√n·u32 relative with
+            # n < 4·10^3, u32 = 2^-24 (tests/integration/test_train_multirank.py's REL32)
+            assert x.scores == pytest.approx(y.scores, rel=3.8e-4, abs=3.8e-4)
     summary = sd.manifest()["summary"]["units"]
     assert summary["a"]["answers"] == 2 * PROMPTS
     assert json.loads(json.dumps(summary)) == summary

@@ -3,7 +3,7 @@
 S3 endpoint and Secret are the ones the script creates, the upload Job puts every input the FusionRun
 names into the bucket, and `helm template` renders the chart with the operator image of images/build.sh.
 Needs the helm binary of tests/cluster/build-binaries.sh (skips without it, fails with
-WRPO_REQUIRE_CLUSTER=1)."""
+WRPO_REQUIRE_CLUSTER=1 and in CI: tests/binaries.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from binaries import missing
 
 from wrpo.models.tiny import MODEL_NAMES
 from wrpo.pipeline.spec import FusionSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "kind" / "e2e.sh"
+# helm comes from tests/cluster/build-binaries.sh: scripts/test.sh runs these in its cluster tier, after the build
+uses_k8s_bin = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,7 @@ def helm_path() -> Path:
     bin_dir = Path(configured) if configured else Path.home() / ".cache/wrpo/k8s-bin/current"
     helm = bin_dir / "helm"
     if not helm.is_file():
-        if os.environ.get("WRPO_REQUIRE_CLUSTER") == "1":
-            pytest.fail(f"WRPO_REQUIRE_CLUSTER=1 but no helm in {bin_dir}", pytrace=False)
-        pytest.skip(f"no helm in {bin_dir} (tests/cluster/build-binaries.sh)")
+        missing(f"no helm in {bin_dir} (tests/cluster/build-binaries.sh)", "WRPO_REQUIRE_CLUSTER")
     return helm
 
 
@@ -67,6 +68,7 @@ def test_bad_arguments_print_the_usage_and_exit_2():
         assert "tests/kind/e2e.sh --render DIR" in result.stderr
 
 
+@uses_k8s_bin
 def test_missing_files_and_tools_are_named(tmp_path, helm_path):
     # a checkout without the example manifest
     copy = tmp_path / "repo"
@@ -81,6 +83,7 @@ def test_missing_files_and_tools_are_named(tmp_path, helm_path):
     assert result.returncode == 1 and "'docker' is required" in result.stderr
 
 
+@uses_k8s_bin
 def test_the_fusionrun_is_the_tiny_example_with_the_built_images(rendered):
     names = build_names()
     run = yaml.safe_load((rendered / "fusionrun.yaml").read_text())
@@ -93,6 +96,7 @@ def test_the_fusionrun_is_the_tiny_example_with_the_built_images(rendered):
     assert run == example
 
 
+@uses_k8s_bin
 def test_s3_endpoint_secret_and_uploads_match_the_fusionrun(rendered):
     spec = yaml.safe_load((rendered / "fusionrun.yaml").read_text())["spec"]
     objects = load_all(rendered / "seaweedfs.yaml")
@@ -127,6 +131,7 @@ def test_s3_endpoint_secret_and_uploads_match_the_fusionrun(rendered):
     assert prompts == (ROOT / "examples" / "tiny" / "prompts.jsonl").read_text()
 
 
+@uses_k8s_bin
 def test_helm_template_renders_the_operator_image_never_pulled(rendered):
     deployment = next(o for o in load_all(rendered / "chart.yaml") if o["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]

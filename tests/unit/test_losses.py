@@ -1,4 +1,8 @@
-"""The preference losses against hand-derived values (Table 5, Eq. 6, 8, 9) and their limit cases."""
+"""The preference losses against hand-derived values (Table 5, Eq. 6, 8, 9) and their limit cases.
+
+All in float64 (`t`): each value takes < 20 operations, so its rounding error is below 20·u·κ ≈ 10^-14
+(u = 2^-53, κ ≤ 10^2) on any CPU; the tolerances used (torch's float64 default 1e-7, and 1e-6) are far above
+that and far below any formula error."""
 
 from __future__ import annotations
 

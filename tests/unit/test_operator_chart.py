@@ -1,16 +1,17 @@
-"""The Helm chart, plain manifests, examples and Argo CD health check (helm checks skip without helm)."""
+"""The Helm chart, plain manifests, examples and Argo CD health check (helm checks skip without helm, and fail
+without it in CI: tests/binaries.py)."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from binaries import require_binary
 
 from wrpo.pipeline.spec import parse_spec
 from wrpo_operator.kube import RESOURCES
@@ -22,18 +23,20 @@ MANIFESTS = ROOT / "manifests"
 EXAMPLES = sorted((MANIFESTS / "examples").glob("*.yaml"))
 
 
-def _helm() -> str | None:
-    candidates = [os.environ.get("WRPO_K8S_BIN", "") + "/helm",
-                  *glob.glob(str(Path.home() / ".cache/wrpo/k8s-bin/*/helm")), shutil.which("helm") or ""]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+HELM_CANDIDATES = [os.environ.get("WRPO_K8S_BIN", "") + "/helm",
+                   *glob.glob(str(Path.home() / ".cache/wrpo/k8s-bin/*/helm"))]
 
 
-HELM = _helm()
-needs_helm = pytest.mark.skipif(HELM is None, reason="helm not built (tests/cluster/build-binaries.sh)")
+# helm comes from tests/cluster/build-binaries.sh: scripts/test.sh runs these in its cluster tier, after the build
+uses_k8s_bin = pytest.mark.cluster
 
 
 def helm(*args: str) -> str:
-    return subprocess.run([HELM, *args], capture_output=True, text=True, check=True).stdout
+    """`helm ARGS`. Every helm test goes through here: it skips without helm (fails in CI: tests/binaries.py),
+    so no test can forget a skip marker."""
+    binary = require_binary("helm", HELM_CANDIDATES, "tests/cluster/build-binaries.sh builds it")
+    return subprocess.run([binary, *args], capture_output=True, text=True, check=True).stdout
+
 
 
 def render(*sets: str) -> list[dict]:
@@ -85,20 +88,20 @@ def test_values_schema_is_json_and_covers_every_value():
     assert set(values) == set(schema["properties"])
 
 
-@needs_helm
+@uses_k8s_bin
 def test_helm_lint_is_clean():
     out = helm("lint", "--strict", str(CHART))
     assert "0 chart(s) failed" in out
 
 
-@needs_helm
+@uses_k8s_bin
 def test_values_schema_rejects_bad_values():
     with pytest.raises(subprocess.CalledProcessError) as e:
         render("scope=everywhere")
     assert "scope" in e.value.stderr
 
 
-@needs_helm
+@uses_k8s_bin
 def test_replicas_need_leader_election():
     (dep,) = [d for d in render("replicaCount=2") if d["kind"] == "Deployment"]
     assert dep["spec"]["replicas"] == 2
@@ -110,7 +113,7 @@ def test_replicas_need_leader_election():
     assert not [d for d in render("leaderElection.enabled=false") if d["kind"] == "Role"]
 
 
-@needs_helm
+@uses_k8s_bin
 def test_operator_deployment():
     (dep,) = [d for d in render() if d["kind"] == "Deployment"]
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "RollingUpdate"}
@@ -125,7 +128,7 @@ def test_operator_deployment():
     assert pod["serviceAccountName"] == "wrpo-operator" and pod["securityContext"]["runAsNonRoot"]
 
 
-@needs_helm
+@uses_k8s_bin
 @pytest.mark.parametrize("scope,kinds", [
     ("cluster", ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]),
     ("namespace", ["Role", "Role", "Role", "RoleBinding", "RoleBinding", "RoleBinding"]),  # + the Lease's
@@ -144,7 +147,7 @@ def test_rbac_modes(scope, kinds):
                                                                                     "wrpo-system"}
 
 
-@needs_helm
+@uses_k8s_bin
 def test_rbac_is_least_privilege_and_covers_what_the_operator_calls():
     (role,) = [d for d in render() if d["kind"] == "ClusterRole"]
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
@@ -170,7 +173,7 @@ def test_rbac_is_least_privilege_and_covers_what_the_operator_calls():
                                "verbs": ["get", "create", "update", "patch"]}]
 
 
-@needs_helm
+@uses_k8s_bin
 def test_plain_rbac_matches_the_chart():
     def strip(d):
         labels = d["metadata"].get("labels", {})
@@ -184,12 +187,12 @@ def test_plain_rbac_matches_the_chart():
     assert plain == chart
 
 
-@needs_helm
 def test_chart_crd_is_the_generated_one():
     assert (CHART / "crds" / "fusionruns.fusion.wrpo.io.yaml").read_text() == (
         MANIFESTS / "crd" / "fusionruns.fusion.wrpo.io.yaml").read_text()
 
 
+@uses_k8s_bin
 def test_the_run_state_read_uses_the_operators_own_credentials():
     """runState: on by default without credentials (a pod role); a Secret of the release namespace as
     references only; off on request."""

@@ -48,6 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     except (WrpoError, ValidationError) as e:
         print_error(e)
         sys.exit(2)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun: end the process group before exit. A gloo group left to the interpreter's exit can
+    abort the process after the work is done ("terminate called without an active exception", exit -6),
+    seen in tests/integration/test_train_multirank.py on a loaded machine."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch itself: the CLI shell is torch-free
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ def use_bf16(precision: str) -> bool:
     return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def model_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype: bf16 (`use_bf16`), fp64 when asked (CPU exactness tests, docs/training.md), else fp32."""
+    if precision == "fp64":
+        return torch.float64
+    return torch.bfloat16 if use_bf16(precision) else torch.float32
+
+
 def attn_implementation(cfg: TrainCommon) -> str:
     return cfg.attn_implementation or "sdpa"
 
@@ -62,8 +69,7 @@ def load_causal_lm(model_dir: Path, cfg: TrainCommon) -> Any:
     config that TrainingArguments registers makes from_pretrained load each rank's partition only."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if use_bf16(cfg.precision) else torch.float32
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype(cfg.precision),
                                                 attn_implementation=attn_implementation(cfg))
 
 

@@ -55,7 +55,8 @@ class TrainCommon:
     logps_chunk_size: int = _f(1024, "Response tokens per LM-head chunk in the log-prob computation.")
     deepspeed_stage: Literal[0, 2, 3] = _f(0, "DeepSpeed ZeRO stage (0 = off; the paper used 3).")
     gradient_checkpointing: bool = _f(True, "Trade compute for activation memory.")
-    precision: Literal["auto", "bf16", "fp32"] = _f("auto", "auto = bf16 on a GPU that has it, else fp32.")
+    precision: Literal["auto", "bf16", "fp32", "fp64"] = _f(
+        "auto", "auto = bf16 on a GPU that has it, else fp32; fp64 for exactness checks on CPU.")
     seed: int = _f(42, "Training seed.")
     save_steps: int = _f(500, "Checkpoint every this many optimizer steps.")
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints.")

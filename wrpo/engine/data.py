@@ -163,7 +163,7 @@ class PreferenceCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate([it["example"] for it in items], self.layout, self.pad_id)
         if items[0].get("reference") is not None:
-            batch["reference_logps"] = torch.tensor([it["reference"] for it in items], dtype=torch.float32)
+            batch["reference_logps"] = torch.tensor([it["reference"] for it in items], dtype=torch.float64)
         return batch
 
 

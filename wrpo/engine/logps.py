@@ -48,8 +48,13 @@ def supports_selective(model: Any) -> bool:
         all(getattr(config, name, None) in (None, 1.0) for name in _SCALED_LOGITS)
 
 
+def _wide(x: Tensor) -> Tensor:
+    """At least fp32 (bf16 logits are upcast; fp64 ones, `precision: fp64`, stay fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _chunk_logps(hidden: Tensor, targets: Tensor, head: torch.nn.Module) -> Tensor:
-    logits = head(hidden).float()  # (n, V)
+    logits = _wide(head(hidden))  # (n, V)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (n,)
 
 
@@ -86,19 +91,19 @@ def token_logps_from_hidden(hidden: Tensor, targets: Tensor, head: torch.nn.Modu
     """
     parts = [_head_call(h, t, head) for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size),
                                                         strict=True)]
-    anchor = hidden.new_zeros((), dtype=torch.float32)
+    anchor = _wide(hidden.new_zeros(()))
     for _ in range(len(parts), calls or 0):
         dummy = hidden[:1].sum(0, keepdim=True) * 0  # (1, H), part of the graph even when n = 0
         anchor = anchor + _head_call(dummy, targets.new_zeros(1), head).sum() * 0
-    logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(parts) if parts else _wide(hidden.new_zeros(0))
     return logps, anchor
 
 
 def token_logps_from_logits(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
     """The same from precomputed logits [n, V] (the plain path), without an [n, V] fp32 copy at once."""
-    parts = [lg.float().gather(-1, t.unsqueeze(-1)).squeeze(-1) - lg.float().logsumexp(-1)
+    parts = [_wide(lg).gather(-1, t.unsqueeze(-1)).squeeze(-1) - _wide(lg).logsumexp(-1)
              for lg, t in zip(logits.split(chunk_size), targets.split(chunk_size), strict=True)]
-    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts) if parts else _wide(logits.new_zeros(0))
 
 
 def attention_implementation(model: Any) -> str:

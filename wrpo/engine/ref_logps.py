@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from wrpo.engine.collate import EncodedExample, Limits, collate, encode_example
-from wrpo.engine.common import use_bf16
+from wrpo.engine.common import model_dtype
 from wrpo.engine.config import default_ref_path
 from wrpo.engine.data import load_preferences, messages, record_responses, ref_meta, write_ref_logps
 from wrpo.engine.logps import sequence_logps
@@ -53,8 +53,7 @@ def compute_reference_logps(model_dir: Path, data_path: Path, out_path: Path | N
     tok, limits = load_tokenizer(Path(model_dir)), Limits(max_length, max_prompt_length)
     records = load_preferences(Path(data_path), ())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if use_bf16(precision) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype(precision),
                                                  attn_implementation=attn_implementation).to(device).eval()
     rows: dict[str, dict[str, dict[str, float]]] = {r.prompt_id: {"logps": {}, "tokens": {}} for r in records}
     with torch.no_grad():

@@ -21,6 +21,9 @@ lines after it dropped), evaluation, and the final save.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +165,27 @@ class StepLines(TrainerCallback):
                 fh.write(json.dumps(row) + "\n")
 
 
+class FaultPoint(TrainerCallback):
+    """Test hook (README.md, "Testing"): with WRPO_FAULT_AFTER_CHECKPOINT=KIND:N (KIND sft or wrpo),
+    the process stops at a known point: after it saved checkpoint N it says so on stderr and waits to be
+    killed. A resumed run saves only later checkpoints, so the restarted process runs through."""
+
+    def __init__(self, kind: str, step: int):
+        self.kind, self.step = kind, step
+
+    @classmethod
+    def from_env(cls, kind: str) -> FaultPoint | None:
+        name, _, step = os.environ.get("WRPO_FAULT_AFTER_CHECKPOINT", "").partition(":")
+        return cls(kind, int(step)) if name == kind and step.isdigit() else None
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            print(f"WRPO_FAULT_AFTER_CHECKPOINT: {self.kind} saved checkpoint {self.step}; waiting to be killed",
+                  file=sys.stderr, flush=True)
+            while True:
+                time.sleep(60)
+
+
 def window_means(rows: list[dict[str, float]]) -> dict[str, float]:
     """Means of the per-step metrics since the last Trainer log (for report_to)."""
     keys = {k for r in rows for k in r if k != "step"}
@@ -208,6 +232,9 @@ def run_training(cfg: TrainCommon, job: TrainingJob) -> dict[str, Any]:
     trainer = job.trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                 processing_class=tok, data_collator=job.collator(tok, model),
                                 metrics_path=metrics, **job.trainer_kwargs)
+    fault = FaultPoint.from_env(type(cfg).__name__.removesuffix("Config").lower())  # "sft" or "wrpo"
+    if fault:
+        trainer.add_callback(fault)
     checkpoint = last_checkpoint(cfg)
     if trainer.is_world_process_zero():
         truncate_metrics(metrics, checkpoint_step(checkpoint))

@@ -82,11 +82,11 @@ class WRPOTrainer(StepTrainer):
         return example_logps(model, inputs, self.wrpo.logps_chunk_size,
                              same_calls_on_all_ranks=self.same_calls_on_all_ranks)
 
-    def _reference(self, inputs: dict[str, torch.Tensor], k: int) -> ResponseLogps | None:
+    def _reference(self, inputs: dict[str, torch.Tensor], k: int, dtype: torch.dtype) -> ResponseLogps | None:
         if not self.wrpo.needs_reference:
             return None
         if "reference_logps" in inputs:
-            ref = inputs["reference_logps"]  # (B, R)
+            ref = inputs["reference_logps"].to(dtype)  # (B, R), stored fp64 → the policy's log-prob dtype
         else:
             with torch.no_grad():
                 ref, _ = self._logps(self.ref_model, inputs)
@@ -97,7 +97,7 @@ class WRPOTrainer(StepTrainer):
         k, c = len(self.chosen_names), self.wrpo
         logps, tokens = self._logps(model, inputs)  # (B, R), (B, R)
         policy = ResponseLogps(logps[:, :k], logps[:, k:], tokens[:, :k], tokens[:, k:])
-        reference = self._reference(inputs, k)
+        reference = self._reference(inputs, k, logps.dtype)
         if c.baseline == "none":
             return wrpo_loss(policy, reference, alpha, c.objective, c.beta, c.gamma, c.tau, c.label_smoothing)
         return weighted_preference_loss(policy, reference, [1.0], [1.0], c.objective, c.beta, c.gamma, c.tau,

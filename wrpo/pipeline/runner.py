@@ -9,6 +9,7 @@ stage is committed, the run's local workdir (input copies, downloaded models) is
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -68,6 +69,7 @@ def run_pipeline(spec: FusionSpec, run_uri: str | None = None, start: str | None
             console.print(f"{stage}: unit {unit} {status} in {seconds:.1f}s")
 
         try:
+            _fault_point(name, console)
             result = run_stage(spec, run, name, replace(options, on_unit=unit_done))
         except KeyboardInterrupt:
             report.interrupted_at = name
@@ -84,6 +86,14 @@ def run_pipeline(spec: FusionSpec, run_uri: str | None = None, start: str | None
     report.seconds = time.monotonic() - t0
     console.print(summary_table(report))
     return report
+
+
+def _fault_point(stage: str, console: Console) -> None:
+    """Test hook (README.md, "Testing"): WRPO_FAULT_BEFORE_STAGE=NAME waits before stage NAME until stopped."""
+    if os.environ.get("WRPO_FAULT_BEFORE_STAGE") == stage:
+        console.print(f"WRPO_FAULT_BEFORE_STAGE: waiting before {stage}")
+        while True:
+            time.sleep(60)
 
 
 def _unit_counts(states: dict[str, str]) -> str:
