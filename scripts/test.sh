@@ -14,9 +14,12 @@ export WRPO_CACHE="${WRPO_CACHE:-$HOME/.cache/wrpo}"
 t0=$SECONDS
 
 # Without the real node's binaries: its tests run in scripts/test-images.sh (docs/images.md "Cost").
+# Then the Kubeflow Trainer v2, JobSet and Kueue controllers (tests/cluster/build-controllers.sh), whose last
+# line follows the binaries' line in the same log.
 k8s_log="$(mktemp "${TMPDIR:-/tmp}/wrpo-build-binaries.XXXXXX")"
 # Its own session, so that an early exit stops the whole build (go and its compilers), not just the script.
-WRPO_NODE_BINARIES=0 setsid bash tests/cluster/build-binaries.sh >"$k8s_log" 2>&1 &
+setsid bash -c 'set -e; WRPO_NODE_BINARIES=0 bash tests/cluster/build-binaries.sh; bash tests/cluster/build-controllers.sh' \
+    >"$k8s_log" 2>&1 &
 k8s_pid=$!
 trap 'kill -- -"$k8s_pid" 2>/dev/null || true' EXIT
 wait_binaries() {
@@ -25,14 +28,16 @@ wait_binaries() {
     trap - EXIT
     if [[ $rc -ne 0 ]]; then
         tail -n 40 "$k8s_log" >&2
-        echo "test.sh: tests/cluster/build-binaries.sh failed ($rc), log $k8s_log" >&2
+        echo "test.sh: tests/cluster/build-binaries.sh or build-controllers.sh failed ($rc), log $k8s_log" >&2
         exit 1
     fi
     local line
-    line="$(tail -n1 "$k8s_log")"
+    line="$(grep '^WRPO_K8S_BIN=' "$k8s_log" | tail -n1)"
     export WRPO_K8S_BIN="${line#WRPO_K8S_BIN=}"
+    line="$(grep '^WRPO_CONTROLLERS_BIN=' "$k8s_log" | tail -n1)"
+    export WRPO_CONTROLLERS_BIN="${line#WRPO_CONTROLLERS_BIN=}"
     grep -h 'built in\|cached\|all binaries' "$k8s_log" >&2 || true
-    echo "test.sh: Kubernetes binaries $WRPO_K8S_BIN ($((SECONDS - t0)) s)"
+    echo "test.sh: Kubernetes binaries $WRPO_K8S_BIN, controllers $WRPO_CONTROLLERS_BIN ($((SECONDS - t0)) s)"
 }
 
 # This checkout's python on the cached dependencies (never another clone's code: scripts/install.sh).
@@ -44,7 +49,7 @@ echo "test.sh: vLLM environment $WRPO_VLLM_PYTHON ($((SECONDS - t0)) s)"
 
 # In CI every real component must be there: a missing one fails instead of skipping (tests/binaries.py).
 if [[ "${CI:-}" == "true" ]]; then
-    export WRPO_REQUIRE_VLLM=1 WRPO_REQUIRE_CLUSTER=1
+    export WRPO_REQUIRE_VLLM=1 WRPO_REQUIRE_CLUSTER=1 WRPO_REQUIRE_CONTROLLERS=1
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PATH="$(dirname "$py"):$PATH"
 
