@@ -59,6 +59,11 @@ deps="$("$python" -c 'import json, sys, tomllib; p = tomllib.load(open(sys.argv[
 print(json.dumps([p["dependencies"], p["optional-dependencies"]], sort_keys=True))' "$root/pyproject.toml")"
 key="$(printf '%s\n' "$deps" | cat - "$root/requirements/constraints.txt" | sha256sum | cut -c1-12)"
 venv="$cache/venvs/$extras-$key"
+mkdir -p "$cache/venvs"
+# Two clones installing at once (a user's checkout and a CI clone) build one venv: the second waits for the
+# first under a lock and then finds it complete.
+exec 9>"$venv.lock"
+flock 9
 if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
     echo "install.sh: creating $venv" >&2
     rm -rf "$venv"
@@ -69,6 +74,7 @@ if [[ ! -x "$venv/bin/python" || ! -f "$venv/.complete" ]]; then
     "$venv/bin/python" -m pip install -q -c "$root/requirements/constraints.txt" -r "$venv/requirements.txt" >&2
     touch "$venv/.complete"
 fi
+flock -u 9
 
 # This checkout's commands: its code on the shared venv's dependencies.
 bin="$root/.wrpo/bin"
