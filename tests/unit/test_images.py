@@ -145,3 +145,33 @@ def test_build_script_rejects_unknown_arguments():
     for bad in (["--bogus"], ["gpu-runtime"]):
         r = subprocess.run(["bash", str(IMAGES / "build.sh"), *bad, "--list"], capture_output=True, text=True)
         assert r.returncode != 0 and ("unknown" in r.stderr), r.stderr
+
+
+def test_an_archive_is_known_by_its_images_not_its_mtime(tmp_path):
+    """The real node imports an archive again only when its images changed (k8s_node.archive_digest):
+    the same images saved again (a new file, a new mtime) have the same digest; other images do not."""
+    sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+    try:
+        import k8s_node
+    finally:
+        sys.path.remove(str(ROOT / "tests" / "cluster"))
+    import os
+
+    binary = tmp_path / "pause"
+    binary.write_bytes(b"\x7fELF one")
+    first = k8s_node.pause_archive(binary, tmp_path / "a.tar")
+    again = k8s_node.pause_archive(binary, tmp_path / "b.tar")
+    os.utime(again, (1, 1))
+    assert k8s_node.archive_digest(first) == k8s_node.archive_digest(again)
+    binary.write_bytes(b"\x7fELF two")
+    other = k8s_node.pause_archive(binary, tmp_path / "c.tar")
+    assert k8s_node.archive_digest(other) != k8s_node.archive_digest(first)
+    assert k8s_node.archive_tags(other) == {k8s_node.PAUSE_IMAGE}
+
+
+def test_build_leaves_an_unchanged_archive_alone():
+    """build.sh compares the images' IDs with those the archive was saved from before saving it again."""
+    build = (IMAGES / "build.sh").read_text()
+    save = build.index("podman save --quiet --multi-image-archive")
+    check = build.index('"$(cat "${archive}.ids")" == "${ids}"')
+    assert check < save and "{{.Id}}" in build[:check]
