@@ -367,3 +367,24 @@ def test_build_leaves_an_unchanged_archive_alone():
     save = build.index("podman save --quiet --multi-image-archive")
     check = build.index('"$(cat "${archive}.ids")" == "${ids}"')
     assert check < save and "{{.Id}}" in build[:check]
+
+
+@pytest.mark.slow
+def test_jit_check_passes_with_a_compiler_and_fails_without(tmp_path):
+    """images/jit_check.py, the smoke tests' check that kernels can compile at run time, here with this
+    environment's torch and Triton (the images' versions): it passes with gcc/g++ and Python's headers,
+    and fails naming both compiling paths when no compiler is on PATH (the smoke tests run both ways in
+    the GPU images)."""
+    pytest.importorskip("triton")
+    if shutil.which("gcc") is None or shutil.which("g++") is None:
+        pytest.skip("no gcc/g++ on this machine")
+    check = [sys.executable, str(IMAGES / "jit_check.py")]
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")}
+    ok = subprocess.run(check, capture_output=True, text=True, env=env, timeout=600)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "triton_extension: ok" in ok.stdout and "inductor_cpu: ok" in ok.stdout
+    bare = subprocess.run(check, capture_output=True, text=True, timeout=600,
+                          env={**env, "PATH": str(Path(sys.executable).parent)})
+    assert bare.returncode == 1, bare.stdout + bare.stderr
+    assert "triton_extension: FAILED" in bare.stderr and "Failed to find C compiler" in bare.stderr
+    assert "inductor_cpu: FAILED" in bare.stderr
