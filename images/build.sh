@@ -20,6 +20,9 @@
 #                        (default: the host's bundle, when there is one)
 #   WRPO_DEBIAN_SUITE, WRPO_DEBIAN_MIRROR   the Debian release and mirror of the base (bookworm)
 #   WRPO_IMAGE_REVISION  the OCI revision label (default: git HEAD of this checkout)
+#   WRPO_NO_CACHE=1      build every layer again (podman's --no-cache): with the package-set check, a
+#                        second build of the same commit that installed anything else fails
+#   WRPO_UPDATE_LOCKS=1  write images/locks/<target>.packages instead of comparing with them
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -138,6 +141,7 @@ build_args=(--pull=never --layers --format docker --ignorefile "${HERE}/containe
   --label "org.opencontainers.image.version=${VERSION}"
   --label "org.opencontainers.image.revision=${REVISION}"
   --label "org.opencontainers.image.licenses=Apache-2.0")
+[[ "${WRPO_NO_CACHE:-0}" == 1 ]] && build_args+=(--no-cache)
 # An empty secret when there is no bundle: the Containerfile then uses the image's own CA store.
 [[ -n "${ca}" ]] || { ca="${IMAGE_CACHE}/no-ca.pem"; : >"${ca}"; }
 build_args+=(--secret "id=ca,src=${ca}")
