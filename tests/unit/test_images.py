@@ -388,3 +388,33 @@ def test_jit_check_passes_with_a_compiler_and_fails_without(tmp_path):
     assert bare.returncode == 1, bare.stdout + bare.stderr
     assert "triton_extension: FAILED" in bare.stderr and "Failed to find C compiler" in bare.stderr
     assert "inductor_cpu: FAILED" in bare.stderr
+
+
+IMAGE_LAYERS = {"operator": ("base", "operator"), "runtime": ("base", "torch", "runtime"),
+                "runtime-cpu": ("base", "torch", "runtime"), "vllm-cpu": ("base", "torch", "vllm-cpu"),
+                "vllm": ("base", "torch", "vllm")}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_recorded_package_set_is_what_the_locks_install(target):
+    """images/locks/<target>.packages (what build.sh found in the built image, and compares every build
+    with) holds exactly the Python packages of the image's hash-checked locks, later layers winning,
+    plus the package itself (and vllm-cpu's `vllm` name entry, Containerfile), and Debian packages."""
+    recorded = LOCKS / f"{target}.packages"
+    if not recorded.exists():
+        pytest.skip(f"{recorded.name} not written yet (WRPO_UPDATE_LOCKS=1 bash images/build.sh {target})")
+    lines = [line.split() for line in recorded.read_text().splitlines()]
+    assert all(len(parts) == 3 and parts[0] in ("deb", "pip") for parts in lines), recorded
+    pip = {re.sub(r"[-_.]+", "-", name.lower()): version for kind, name, version in lines if kind == "pip"}
+    expected: dict[str, str] = {}
+    for layer in IMAGE_LAYERS[target]:
+        expected.update({re.sub(r"[-_.]+", "-", n): v for n, v in lock_pins(layer).items()})
+    expected["wrpo"] = pip.get("wrpo", "missing") if target in ("operator", "runtime", "runtime-cpu") else None
+    if target == "vllm-cpu":
+        expected["vllm"] = pip.get("vllm", "missing")
+    expected = {n: v for n, v in expected.items() if v is not None}
+    assert pip == expected, {n: (pip.get(n), expected.get(n)) for n in pip.keys() ^ expected.keys()
+                             or {n for n in pip if pip[n] != expected[n]}}
+    debs = {name.split(":")[0] for kind, name, _ in lines if kind == "deb"}
+    assert {"python3.11", "ca-certificates"} <= debs
+    assert ({"gcc", "g++", "libpython3.11-dev"} <= debs) == (target != "operator"), target
