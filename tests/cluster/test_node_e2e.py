@@ -169,11 +169,12 @@ def test_a_service_name_resolves_and_routes_to_a_pod_on_the_real_node(real_node,
     print("\nSERVICE ROUTING:", json.dumps({"client_attempts": len(pods), "latencies": pod_latencies(pods)}))
 
 
-#: Written by the pod of the volume test: every writable mount gets a file, the spec is read.
+#: Written by the pod of the volume test: every writable path gets a file and a folder, the spec is read.
 VOLUME_PROBE = """
 import os, sys
 print("uid", os.getuid(), "gid", os.getgid(), "groups", sorted(os.getgroups()))
 for path in sys.argv[1:]:
+    os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "probe"), "w") as f:
         f.write("written by the pod")
     os.mkdir(os.path.join(path, "sub"))
@@ -184,60 +185,58 @@ print("read spec", len(open("/etc/wrpo/spec.yaml").read()), "bytes")
 
 def test_a_restricted_pod_writes_to_every_kind_of_volume_the_operator_mounts(
         real_node, k8s_namespace, k8s_api_client):
-    """The volumes of the stage pods, made by the operator's own builders, on the real kubelet, in a pod
-    with the stage pods' security (non-root uid 1000, fsGroup, no capabilities): a sized emptyDir, a
-    generic ephemeral volume and the checkpoint PVC (both hostPath volumes of the harness provisioner,
-    to which the kubelet applies no fsGroup), the memory-backed /dev/shm, and the spec ConfigMap (read)."""
+    """The training stage's pod exactly as the operator builds it (builders._stage_pod: its security,
+    non-root uid 1000 with fsGroup and no capabilities, its volumes and init containers), with a probe
+    for command, on the real kubelet in the runtime image: it writes to the scratch volume at
+    WRPO_WORKDIR (a generic ephemeral volume, then a sized emptyDir), to the run's work folder there,
+    around the checkpoint PVC that is mounted inside it, to that PVC and to /dev/shm, and reads the spec
+    ConfigMap. The two claims are hostPath volumes of the harness provisioner (no fsGroup from the
+    kubelet); the checkpoint PVC's mount point would be made by the container runtime as root."""
     from kubernetes import client
 
-    from wrpo.pipeline.spec import VolumeSpec, parse_spec
+    from wrpo.pipeline.spec import parse_spec
     from wrpo_operator import builders
 
     node, ns = real_node, k8s_namespace
     core = client.CoreV1Api(k8s_api_client)
-    image = k8s_node.image_names(ROOT)["operator"]
-    raw = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())["spec"]
-    raw["cluster"]["checkpoints"] = {"size": "1Gi"}
-    spec = parse_spec(raw)
-    core.create_namespaced_config_map(ns, builders.build_spec_configmap("vol", ns, spec))
-    core.create_namespaced_persistent_volume_claim(ns, builders.build_checkpoints_pvc("vol", ns, spec))
-    spec_volume, spec_mount = builders._spec_volume("vol", spec)
-    shm_volume, shm_mount = builders._shm_volume("64Mi")
-    volumes = [
-        builders._volume("empty", VolumeSpec(type="emptyDir", size="1Gi")),
-        builders._volume("ephemeral", VolumeSpec(type="ephemeral", size="1Gi")),
-        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": builders.checkpoints_pvc_name("vol")}},
-        shm_volume, spec_volume,
-    ]
-    writable = {"empty": "/work/empty", "ephemeral": "/work/ephemeral", "checkpoints": "/work/checkpoints"}
-    mounts = [{"name": n, "mountPath": p} for n, p in writable.items()] + [shm_mount, spec_mount]
-    core.create_namespaced_pod(ns, {
-        "metadata": {"name": "volumes"},
-        "spec": {"nodeSelector": {"kubernetes.io/hostname": node.name}, "restartPolicy": "Never",
-                 "enableServiceLinks": False, "securityContext": dict(builders.POD_SECURITY),
-                 "volumes": volumes,
-                 "containers": [{"name": "probe", "image": image, "imagePullPolicy": "Never",
-                                 "securityContext": dict(builders.CONTAINER_SECURITY),
-                                 "command": ["python", "-c", VOLUME_PROBE, *writable.values(), "/dev/shm"],
-                                 "volumeMounts": mounts}]}})
+    images = k8s_node.image_names(ROOT)
+    run_uri = "s3://wrpo/runs/vol"
+    checkpoints = builders.checkpoints_mount_path(run_uri)
+    run_folder = checkpoints.rsplit("/", 1)[0]  # /work/<run>: the stages write inputs/, outputs/ there
+    writable = [builders.WORK_DIR, f"{run_folder}/inputs", checkpoints, "/dev/shm"]
+    core.create_namespaced_secret(ns, {"metadata": {"name": "s3-credentials"},
+                                       "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}})
+    for scratch in ("ephemeral", "emptyDir"):
+        raw = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())["spec"]
+        raw["cluster"].update(
+            runtimeImage=images["runtime-cpu"], imagePullPolicy="Never",
+            nodeSelector={"kubernetes.io/hostname": node.name},
+            checkpoints={"size": "1Gi"}, scratch={"type": scratch, "size": "1Gi"})
+        spec = parse_spec(raw)
+        run = f"vol-{scratch.lower()}"
+        core.create_namespaced_config_map(ns, builders.build_spec_configmap(run, ns, spec))
+        core.create_namespaced_persistent_volume_claim(ns, builders.build_checkpoints_pvc(run, ns, spec))
+        pod_spec = builders._stage_pod(run, ns, spec, "sft", run_uri, "probe",
+                                       ["python", "-c", VOLUME_PROBE, *writable], "Never", res=spec.cluster.small)
+        mounts = {m["mountPath"] for m in pod_spec["containers"][0]["volumeMounts"]}
+        assert {builders.WORK_DIR, checkpoints, "/dev/shm", "/etc/wrpo"} <= mounts, mounts
+        core.create_namespaced_pod(ns, {"metadata": {"name": run}, "spec": pod_spec})
 
-    def finished():
-        return core.read_namespaced_pod("volumes", ns).status.phase in ("Succeeded", "Failed")
+        def finished(name=run):
+            return core.read_namespaced_pod(name, ns).status.phase in ("Succeeded", "Failed")
 
-    k8s_node.wait_for("the volume pod", finished, 180)
-    pod = core.read_namespaced_pod("volumes", ns)
-    log = core.read_namespaced_pod_log("volumes", ns)
-    assert pod.status.phase == "Succeeded", (log, pod.status.container_statuses)
-    assert pod.spec.node_name == node.name
-    uid = builders.POD_SECURITY["runAsUser"]
-    assert f"uid {uid} gid {uid}" in log, log
-    for path in [*writable.values(), "/dev/shm"]:
-        assert f"wrote {path}\n" in log, log
-    assert "read spec" in log, log
-    # both claims were provisioned by the harness provisioner (hostPath volumes on this machine)
+        k8s_node.wait_for(f"the volume pod ({scratch} scratch)", finished, 300)
+        pod = core.read_namespaced_pod(run, ns)
+        log = core.read_namespaced_pod_log(run, ns, container="probe")
+        assert pod.status.phase == "Succeeded", (scratch, log, pod.status.container_statuses)
+        uid = builders.POD_SECURITY["runAsUser"]
+        assert f"uid {uid} gid {uid}" in log, log
+        for path in writable:
+            assert f"wrote {path}\n" in log, log
+        assert "read spec" in log, log
+        print(f"\nVOLUMES ({scratch} scratch):", json.dumps({"log": log.splitlines()}))
     claims = core.list_namespaced_persistent_volume_claim(ns).items
-    assert len(claims) == 2 and all(c.status.phase == "Bound" for c in claims), claims
-    print("\nVOLUMES:", json.dumps({"log": log.splitlines()}))
+    assert claims and all(c.status.phase == "Bound" for c in claims), claims
 
 
 @pytest.mark.timeout(3000)  # about 17 minutes on a loaded 2-core machine, ten vLLM/torch pod starts
