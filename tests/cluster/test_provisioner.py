@@ -23,9 +23,13 @@ def test_a_claim_gets_a_world_writable_host_folder(k8s_cluster, k8s_namespace, k
 
     core = client.CoreV1Api(k8s_api_client)
     node = core.list_node(label_selector="type=kwok").items[0].metadata.name
-    core.create_namespaced_persistent_volume_claim(k8s_namespace, {
-        "metadata": {"name": "data", "annotations": {SELECTED_NODE: node}},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    core.create_namespaced_persistent_volume_claim(
+        k8s_namespace,
+        {
+            "metadata": {"name": "data", "annotations": {SELECTED_NODE: node}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
 
     def bound():
         claim = core.read_namespaced_persistent_volume_claim("data", k8s_namespace)
