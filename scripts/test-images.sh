@@ -5,6 +5,12 @@
 # CoreDNS on a test-owned bridge) beside the harness's control plane, and the tiny FusionRun with every
 # stage pod running there inside the built images. Needs root; installs the Debian packages it needs
 # when they are missing. Extra arguments go to pytest.
+#
+#   WRPO_PYTHON   a Python that already has the `all` extra's dependencies (e.g. a shared CI venv):
+#                 used as it is, with this checkout first on PYTHONPATH, instead of scripts/install.sh's
+#                 venv (which installs this checkout into it)
+#   WRPO_K8S_BIN  the binaries of tests/cluster/build-binaries.sh, node binaries included, when they
+#                 are already built elsewhere (default: build them, or reuse its cache)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -22,9 +28,16 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-py="$(bash scripts/install.sh all --venv | tail -n1)"
-k8s_line="$(bash tests/cluster/build-binaries.sh | tail -n1)"
-export WRPO_K8S_BIN="${k8s_line#WRPO_K8S_BIN=}"
+if [[ -n "${WRPO_PYTHON:-}" ]]; then
+    py="$WRPO_PYTHON"
+    export PYTHONPATH="$root:$root/operator${PYTHONPATH:+:$PYTHONPATH}"
+else
+    py="$(bash scripts/install.sh all --venv | tail -n1)"
+fi
+if [[ -z "${WRPO_K8S_BIN:-}" ]]; then
+    k8s_line="$(bash tests/cluster/build-binaries.sh | tail -n1)"
+    export WRPO_K8S_BIN="${k8s_line#WRPO_K8S_BIN=}"
+fi
 echo "test-images.sh: environment and Kubernetes binaries ready ($((SECONDS - t0)) s)"
 
 archive_line="$(bash images/build.sh | tail -n1)"

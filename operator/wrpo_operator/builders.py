@@ -541,17 +541,23 @@ def _stage_pod(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_
     for vol, mount in _models_volume(spec):
         volumes.append(vol)
         mounts.append(mount)
+    init: list[Obj] = []
     if plan_stage(stage).distributed and spec.cluster.checkpoints.enabled:
         volumes.append({"name": "checkpoints",
                         "persistentVolumeClaim": {"claimName": checkpoints_pvc_name(run_name)}})
         mounts.append({"name": "checkpoints", "mountPath": checkpoints_mount_path(run_uri)})
+        # The checkpoint PVC is mounted inside the scratch volume. The container runtime would make its
+        # mount point, and so the run's folder around it where the stage writes, as root (0755): a
+        # non-root stage could not write there. Made first, as the pod's user, with the scratch volume only.
+        init.append(_runtime_container(spec, pod_class, "workdir", ["mkdir", "-p", checkpoints_mount_path(run_uri)],
+                                       [], [scratch_mount], _resources(spec.cluster.small)))
     env = [*_s3_env(spec), {"name": "WRPO_STAGE", "value": stage}]
     env += _api_key_env(external_endpoints(spec, stage))  # external endpoints' keys, from their Secrets
     container = _runtime_container(spec, pod_class, container_name, command, env, [*mounts, *pods.volume_mounts],
                                    _resources(res or stage_resources(spec, stage)))
     if ports:
         container["ports"] = ports
-    return _pod_spec(spec, pod_class, [container], volumes, restart)
+    return _pod_spec(spec, pod_class, [container], volumes, restart, init=init or None)
 
 
 def _runner_labels(run_name: str, spec: FusionSpec, stage: str, stage_hash: str | None) -> dict[str, str]:

@@ -8,6 +8,11 @@ the real PV controller binds the two and the scheduler binds the pod. A PV of ou
 ephemeral volumes (the ephemeral-volume controller makes their claims) and WaitForFirstConsumer scheduling
 all behave as on a real cluster; the pod runner maps each claim to a folder (k8s_podrunner.py).
 
+A volume's folder is made world-writable (0777), as a local-path provisioner makes it (rancher's
+local-path-provisioner, kind's default, runs `mkdir -m 0777 -p`): the kubelet applies a pod's `fsGroup`
+to emptyDir, ConfigMap and CSI volumes, but never to a hostPath volume, so on the real node
+(k8s_node.py) a root-owned 0755 folder is one the stage pods (uid 1000) cannot write to.
+
 Run by the harness as a component: python k8s_provisioner.py --kubeconfig K --root DIR
 """
 
@@ -41,11 +46,22 @@ def _ours(pvc, classes: dict[str, str]) -> bool:
     return sc is not None and classes.get(sc) == PROVISIONER
 
 
+#: The mode of a volume's folder: writable by any pod user (see the module's docstring).
+VOLUME_MODE = 0o777
+
+
+def volume_folder(root: Path, name: str) -> Path:
+    """The folder of volume `name` under `root`, created (again) with VOLUME_MODE whatever the umask."""
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(VOLUME_MODE)
+    return path
+
+
 def provision(core, pvc, root: Path) -> None:
     meta = pvc.metadata
     name = f"pvc-{meta.uid}"
-    path = root / name
-    path.mkdir(parents=True, exist_ok=True)
+    path = volume_folder(root, name)
     pv = {
         "apiVersion": "v1", "kind": "PersistentVolume",
         "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},

@@ -169,6 +169,76 @@ def test_a_service_name_resolves_and_routes_to_a_pod_on_the_real_node(real_node,
     print("\nSERVICE ROUTING:", json.dumps({"client_attempts": len(pods), "latencies": pod_latencies(pods)}))
 
 
+#: Written by the pod of the volume test: every writable path gets a file and a folder, the spec is read.
+VOLUME_PROBE = """
+import os, sys
+print("uid", os.getuid(), "gid", os.getgid(), "groups", sorted(os.getgroups()))
+for path in sys.argv[1:]:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "probe"), "w") as f:
+        f.write("written by the pod")
+    os.mkdir(os.path.join(path, "sub"))
+    print("wrote", path)
+print("read spec", len(open("/etc/wrpo/spec.yaml").read()), "bytes")
+"""
+
+
+def test_a_restricted_pod_writes_to_every_kind_of_volume_the_operator_mounts(
+        real_node, k8s_namespace, k8s_api_client):
+    """The training stage's pod exactly as the operator builds it (builders._stage_pod: its security,
+    non-root uid 1000 with fsGroup and no capabilities, its volumes and init containers), with a probe
+    for command, on the real kubelet in the runtime image: it writes to the scratch volume at
+    WRPO_WORKDIR (a generic ephemeral volume, then a sized emptyDir), to the run's work folder there,
+    around the checkpoint PVC that is mounted inside it, to that PVC and to /dev/shm, and reads the spec
+    ConfigMap. The two claims are hostPath volumes of the harness provisioner (no fsGroup from the
+    kubelet); the checkpoint PVC's mount point would be made by the container runtime as root."""
+    from kubernetes import client
+
+    from wrpo.pipeline.spec import parse_spec
+    from wrpo_operator import builders
+
+    node, ns = real_node, k8s_namespace
+    core = client.CoreV1Api(k8s_api_client)
+    images = k8s_node.image_names(ROOT)
+    run_uri = "s3://wrpo/runs/vol"
+    checkpoints = builders.checkpoints_mount_path(run_uri)
+    run_folder = checkpoints.rsplit("/", 1)[0]  # /work/<run>: the stages write inputs/, outputs/ there
+    writable = [builders.WORK_DIR, f"{run_folder}/inputs", checkpoints, "/dev/shm"]
+    core.create_namespaced_secret(ns, {"metadata": {"name": "s3-credentials"},
+                                       "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}})
+    for scratch in ("ephemeral", "emptyDir"):
+        raw = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())["spec"]
+        raw["cluster"].update(
+            runtimeImage=images["runtime-cpu"], imagePullPolicy="Never",
+            nodeSelector={"kubernetes.io/hostname": node.name},
+            checkpoints={"size": "1Gi"}, scratch={"type": scratch, "size": "1Gi"})
+        spec = parse_spec(raw)
+        run = f"vol-{scratch.lower()}"
+        core.create_namespaced_config_map(ns, builders.build_spec_configmap(run, ns, spec))
+        core.create_namespaced_persistent_volume_claim(ns, builders.build_checkpoints_pvc(run, ns, spec))
+        pod_spec = builders._stage_pod(run, ns, spec, "sft", run_uri, "probe",
+                                       ["python", "-c", VOLUME_PROBE, *writable], "Never", res=spec.cluster.small)
+        mounts = {m["mountPath"] for m in pod_spec["containers"][0]["volumeMounts"]}
+        assert {builders.WORK_DIR, checkpoints, "/dev/shm", "/etc/wrpo"} <= mounts, mounts
+        core.create_namespaced_pod(ns, {"metadata": {"name": run}, "spec": pod_spec})
+
+        def finished(name=run):
+            return core.read_namespaced_pod(name, ns).status.phase in ("Succeeded", "Failed")
+
+        k8s_node.wait_for(f"the volume pod ({scratch} scratch)", finished, 300)
+        pod = core.read_namespaced_pod(run, ns)
+        log = core.read_namespaced_pod_log(run, ns, container="probe")
+        assert pod.status.phase == "Succeeded", (scratch, log, pod.status.container_statuses)
+        uid = builders.POD_SECURITY["runAsUser"]
+        assert f"uid {uid} gid {uid}" in log, log
+        for path in writable:
+            assert f"wrote {path}\n" in log, log
+        assert "read spec" in log, log
+        print(f"\nVOLUMES ({scratch} scratch):", json.dumps({"log": log.splitlines()}))
+    claims = core.list_namespaced_persistent_volume_claim(ns).items
+    assert claims and all(c.status.phase == "Bound" for c in claims), claims
+
+
 @pytest.mark.timeout(3000)  # about 17 minutes on a loaded 2-core machine, ten vLLM/torch pod starts
 def test_tiny_fusion_on_the_real_node_in_the_built_images(
         real_node, bridge_weed, k8s_namespace, helm_install, service_account, tiny_models,
