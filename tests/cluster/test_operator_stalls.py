@@ -108,18 +108,20 @@ def test_fixing_the_image_of_a_stalled_stage_replaces_its_children_and_the_run_g
 def test_a_child_the_apiserver_refuses_fails_the_stage_at_once(operator, apis, run_namespace):
     custom, _, _, core = apis
     ns = run_namespace
-    # valid to the FusionRun's schema (volumeMounts pass through), invalid to the Job's: a mount of no volume
-    broken = {"pods": {"small": {"volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}}}
+    # valid to the FusionRun's schema (an affinity passes through as it is), invalid to the Job's: a required
+    # node affinity without a term
+    required = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
+    broken = {"pods": {"small": {"affinity": {"nodeAffinity": required}}}}
     create_run(custom, ns, "refused", tiny_spec(**broken))
     status = wait_phase(custom, ns, "refused", "Failed", 60, operator)
     assert status["stage"] == "prepare"
     assert "cannot create Job refused-prepare" in status["message"]
-    assert 'volumeMounts[3].name: Not found: "cache"' in status["message"], status["message"]
+    assert "nodeSelectorTerms: Required value" in status["message"], status["message"]
     wait(lambda: [m for t, r, m in events(core, ns, "refused") if r == "StageFailed"], 30, "StageFailed", operator)
     failed = [m for t, r, m in events(core, ns, "refused") if r == "StageFailed"]
-    assert 'Not found: "cache"' in failed[0]
+    assert "nodeSelectorTerms: Required value" in failed[0]
     # the user fixes the spec: the stage runs again
-    fixed = patch_run(custom, ns, "refused", {"spec": {"cluster": {"pods": {"small": {"volumeMounts": []}}}}})
+    fixed = patch_run(custom, ns, "refused", {"spec": {"cluster": {"pods": {"small": {"affinity": None}}}}})
     generation = fixed["metadata"]["generation"]
     wait(lambda: (get_run(custom, ns, "refused")["status"]["observedGeneration"] == generation
                   and get_run(custom, ns, "refused")["status"]["stages"][0]["state"] == "Succeeded"), 120,
