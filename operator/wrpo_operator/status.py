@@ -173,9 +173,10 @@ def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str
         prev = (before.get(s["name"]) or {}).get("state", "Pending")
         if s["state"] == prev:
             continue
-        if s["state"] == "Running" or (s["state"] in ("Succeeded", "Failed") and prev in ("Pending", "Waiting",
-                                                                                       "Queued")):
-            # a stage that ran to its end while no operator watched still gets its StageStarted
+        if s["state"] == "Running" or (prev in ("Pending", "Waiting", "Queued") and (
+                s["state"] == "Succeeded" or (s["state"] == "Failed" and s.get("retries")))):
+            # a stage that ran to its end while no operator watched still gets its StageStarted; one that
+            # failed before a pod of it ran (a deadline while waiting, a refused child, a stall) does not
             events.append(("Normal", "StageStarted", f"stage {s['name']} started"))
         if s["state"] == "Waiting":
             events.append(("Normal", "StageWaiting", f"stage {s['name']}: {s.get('message') or 'waiting'}"))
