@@ -149,6 +149,7 @@ class _Pass:
     drop: set[Key] = field(default_factory=set)  # children built from another spec: replaced
     d: Decision = field(default_factory=Decision)
     previous: Obj = field(default_factory=dict)  # the stall the current stage reported before
+    waiting_since: str | None = None  # since when the current stage waits for the GPU budget, if it did
 
     def __post_init__(self) -> None:
         self.run_uri = (self.spec.storage.run_uri or "").rstrip("/")
@@ -232,6 +233,7 @@ def _lasted(ps: _Pass, stall: Stall) -> bool:
 def _advance(ps: _Pass, entry: Obj) -> bool:
     """Advance the current stage; True when it succeeded in this pass (the next one starts now)."""
     want = stage_children(ps.name, ps.ns, ps.spec, entry["name"], ps.run_uri, entry["hash"])
+    ps.waiting_since = entry.pop("waitingSince", None)  # set again below while it still waits
     _mark_outdated(ps, want.all())
     found = {_key(r): ps.kids.get(_key(r)) for r in want.runners if _key(r) not in ps.drop}
     if entry["state"] == "Failed":
@@ -421,10 +423,11 @@ def _budget_stall(ps: _Pass, entry: Obj, need: int, holders: list[tuple[str, str
     stalled (`WaitingForGPUBudget`, naming the pods that hold the GPUs); it fails only at
     `cluster.activeDeadlineSeconds`: the holders are the run's own pods, which end (docs/operator.md,
     "Stalls")."""
+    entry["waitingSince"] = ps.waiting_since or ps.stamp
     if entry.get("stall"):
         return  # a cause seen on the stage's own children comes first
     timeout, budget = ps.spec.cluster.stall_timeout_seconds, ps.spec.cluster.gpu_budget
-    left = parse_time(entry["startTime"]).timestamp() + timeout - ps.now.timestamp()
+    left = parse_time(entry["waitingSince"]).timestamp() + timeout - ps.now.timestamp()
     if left > 0:
         _wait(ps.d, left, f"stage {entry['name']} waiting for the GPU budget")
         return

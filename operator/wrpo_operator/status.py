@@ -63,6 +63,8 @@ class StageStatus(_Status):
     output_uri: str | None = Field(default=None, description="<run>/<stage>/ once committed.")
     retries: int = Field(default=0, description="Failed pods so far (retried up to cluster.backoffLimit).")
     stall: StallStatus | None = Field(default=None, description="Set while the stage is stalled.")
+    waiting_since: Timestamp | None = Field(default=None, description="When it began to wait for "
+                                            "cluster.gpuBudget, while it waits (WaitingForGPUBudget counts from here).")
     units: str | None = Field(default=None, description="Units done / all units, for a stage made of units "
                               "(sample-sources: one per source), e.g. 4/10.")
 

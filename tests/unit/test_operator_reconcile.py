@@ -1182,3 +1182,27 @@ def test_a_stage_that_failed_while_waiting_posts_no_started_event():
     assert status_of(kube, "sample-sources")["state"] == "Failed"
     mine = [r for _, r, m in kube.events if "sample-sources" in m]
     assert "StageFailed" in mine and "StageStarted" not in mine
+
+
+def test_units_that_cannot_start_for_the_gpu_budget_past_the_stall_timeout_name_what_holds_it():
+    spec = paper_spec(8)
+    spec["cluster"]["stallTimeoutSeconds"] = 600
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    stray = kube.add_pod("demo-prepare", "stray", {"phase": "Running"})  # still holds 8 GPUs
+    stray["spec"] = {"containers": [{"name": "stage", "resources": {"requests": {"nvidia.com/gpu": "8"}}}]}
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    st = status_of(kube, "sample-sources")
+    assert st["state"] == "Waiting" and "stall" not in st and st["waitingSince"] and not unit_jobs(kube, "sample-sources")
+    step(kube, minutes=5)
+    assert "stall" not in status_of(kube, "sample-sources")  # 5 of 10 minutes
+    step(kube, minutes=6)
+    stall = status_of(kube, "sample-sources")["stall"]
+    assert stall["reason"] == "WaitingForGPUBudget" and stall["subject"] == "pods stray"
+    assert "8 are held by: pod stray (prepare) 8" in stall["message"]
+    del kube.objects[("Pod", "stray")]
+    step(kube)
+    st = status_of(kube, "sample-sources")
+    assert "stall" not in st and "waitingSince" not in st and kube.kinds("Deployment")
