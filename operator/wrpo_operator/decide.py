@@ -195,7 +195,7 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
             found += deployment_stalls(have)
     for runner in runners:  # each Job on its own: another unit's running pod hides nothing
         have = ps.kids.get(_key(runner))
-        live = [p for p in job_pods(have or runner, pods)
+        live = [p for p in job_pods(runner, pods)
                 if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
         if have is not None and not live:  # no pod: was its creation refused?
             uid = have["metadata"].get("uid")
