@@ -533,15 +533,16 @@ def _create_and_keep(ps: _Pass, entry: Obj, want: StageChildren, found: dict[Key
 
 
 def _operator_deadline(ps: _Pass, entry: Obj) -> None:
-    """`cluster.activeDeadlineSeconds` also bounds the wait for the stage's servers (the Job's own
-    deadline only starts with the Job)."""
+    """`cluster.activeDeadlineSeconds` also bounds the wait for the stage's servers and for the GPU budget
+    (the Job's own deadline only starts with the Job)."""
     deadline = ps.spec.cluster.active_deadline_seconds
     if not deadline or entry["state"] != "Waiting":
         return
     left = parse_time(entry["startTime"]).timestamp() + deadline - ps.now.timestamp()
     if left <= 0:
         entry.update(state="Failed", completionTime=ps.stamp,
-                     message=f"DeadlineExceeded: the stage waited longer than {deadline}s for its servers")
+                     message=f"DeadlineExceeded: the stage waited longer than {deadline}s for its servers or the "
+                     "GPU budget")
     else:
         _wait(ps.d, left, f"deadline of stage {entry['name']}")
 

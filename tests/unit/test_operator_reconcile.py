@@ -1206,3 +1206,22 @@ def test_units_that_cannot_start_for_the_gpu_budget_past_the_stall_timeout_name_
     step(kube)
     st = status_of(kube, "sample-sources")
     assert "stall" not in st and "waitingSince" not in st and kube.kinds("Deployment")
+
+
+def test_the_deadline_bounds_the_wait_for_the_gpu_budget():
+    spec = paper_spec(8)
+    spec["cluster"].update(scoring={"gpus": 1, "parallelism": 4}, activeDeadlineSeconds=600)
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    drive_units(kube, [])
+    kube.finish("Job", "demo-sample-sources")
+    pod = kube.add_pod("demo-sample-sources", "server-stuck", {"phase": "Running"})
+    pod["spec"] = {"containers": [{"name": "vllm", "resources": {"requests": {"nvidia.com/gpu": "8"}}}]}
+    d = step(kube)
+    assert status_of(kube, "score-sources")["state"] == "Waiting" and 0 < d.requeue <= 600
+    step(kube, minutes=11)
+    status = kube.run["status"]
+    assert status["phase"] == "Failed" and status["stage"] == "score-sources"
+    assert "DeadlineExceeded: the stage waited longer than 600s for its servers or the GPU budget" in status["message"]
