@@ -1195,7 +1195,8 @@ def test_units_that_cannot_start_for_the_gpu_budget_past_the_stall_timeout_name_
     kube.finish("Job", "demo-prepare")
     step(kube)
     st = status_of(kube, "sample-sources")
-    assert st["state"] == "Waiting" and "stall" not in st and st["waitingSince"] and not unit_jobs(kube, "sample-sources")
+    assert st["state"] == "Waiting" and "stall" not in st and st["waitingSince"]
+    assert not unit_jobs(kube, "sample-sources")
     step(kube, minutes=5)
     assert "stall" not in status_of(kube, "sample-sources")  # 5 of 10 minutes
     step(kube, minutes=6)
