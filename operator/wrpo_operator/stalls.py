@@ -117,17 +117,23 @@ def mount_stalls(pod: Obj, events: list[Obj]) -> list[Stall]:
 
 
 def server_not_ready(pod: Obj, budget_s: int) -> list[Stall]:
-    """A vLLM server pod whose container runs but is not Ready `budget_s` after it started (its startup
-    budget: the startup probe's initialDelaySeconds + failureThreshold × periodSeconds)."""
+    """A vLLM server pod whose container runs but is not Ready `budget_s` after the pod became not Ready
+    (its `Ready` condition; else the container's start), `budget_s` being its startup budget: the startup
+    probe's initialDelaySeconds + failureThreshold × periodSeconds. Counted from the condition, not the
+    container, so a container the startup probe restarts does not reset the clock."""
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     if meta.get("deletionTimestamp") or status.get("phase") != "Running":
         return []
+    ready = _conditions(pod).get("Ready") or {}
+    not_ready_since = ready.get("lastTransitionTime") if ready.get("status") == "False" else None
     out = []
     for cs in status.get("containerStatuses") or []:
         started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
         if started and not cs.get("ready"):
+            started = min(started, not_ready_since or started)
             out.append(Stall("ServerNotReady", f"pod {meta.get('name', '?')} container {cs.get('name', '?')}",
-                             f"not Ready {budget_s}s after it started (the startup probe's budget)", started,
+                             f"not Ready {budget_s}s after it started (the startup probe's budget), "
+                             f"{cs.get('restartCount', 0)} restarts", started,
                              budget_s))
     return out
 

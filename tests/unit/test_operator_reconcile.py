@@ -1143,6 +1143,25 @@ def test_a_vllm_server_never_ready_within_its_startup_budget_is_a_stall():
     assert "60s" in stall["message"]
 
 
+def test_a_vllm_server_the_startup_probe_restarts_is_not_ready_since_its_pod_condition():
+    """The startup probe restarts the container at the end of each budget: the clock is the pod's Ready
+    condition, which a restart does not move."""
+    spec = stall_settings()
+    spec["cluster"]["vllm"] = {"startupProbe": {"periodSeconds": 10, "failureThreshold": 6}}  # 60 s
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    kube.add_pod("demo-src-llama", "demo-src-llama-abc", {
+        "phase": "Running", "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": _at(-5)}],
+        "containerStatuses": [{"name": "vllm", "ready": False, "restartCount": 4,
+                               "state": {"running": {"startedAt": _at(1)}}}]})  # restarted just now
+    step(kube)
+    stall = status_of(kube, "sample-sources")["stall"]
+    assert stall["reason"] == "ServerNotReady" and stall["message"].endswith("4 restarts")
+
+
 def test_a_stage_waiting_for_the_gpu_budget_past_the_stall_timeout_names_what_holds_it():
     spec = paper_spec(8)
     spec["cluster"].update(scoring={"gpus": 1, "parallelism": 4}, stallTimeoutSeconds=600)
