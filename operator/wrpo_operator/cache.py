@@ -15,7 +15,7 @@ from typing import Any
 
 from wrpo_operator import LABEL_RUN, LABEL_RUN_UID
 from wrpo_operator.decide import Observed
-from wrpo_operator.stalls import CREATE_FAILURES
+from wrpo_operator.stalls import CREATE_FAILURES, MOUNT_FAILURES
 
 Obj = dict[str, Any]
 RunKey = tuple[str, str]  # (namespace, name)
@@ -75,14 +75,16 @@ def trim_pod(pod: Obj) -> Obj:
 
 
 def trim_event(event: Obj) -> Obj | None:
-    """A Warning Event that says pod creation was refused (None for any other Event)."""
-    if event.get("reason") not in CREATE_FAILURES:
+    """A Warning Event that says pod creation was refused, or a pod's volumes could not be mounted (None for
+    any other Event)."""
+    if event.get("reason") not in (*CREATE_FAILURES, *MOUNT_FAILURES):
         return None
     inv = event.get("involvedObject") or {}
     return {"metadata": {k: _meta(event).get(k) for k in ("name", "namespace", "uid", "resourceVersion")},
             "involvedObject": {k: inv.get(k) for k in ("kind", "name", "uid")},
             "reason": event.get("reason"), "message": event.get("message", ""),
             "lastTimestamp": event.get("lastTimestamp") or event.get("eventTime") or "",
+            "firstTimestamp": event.get("firstTimestamp") or event.get("eventTime") or "",
             "count": event.get("count", 1)}
 
 
@@ -96,7 +98,7 @@ class Cache:
         self._orphans: dict[RunKey, set[ObjKey]] = defaultdict(set)  # (ns, run label) → uncontrolled children
         self._pods: dict[str, set[ObjKey]] = defaultdict(set)  # run UID label → pods
         self._events: dict[str, set[ObjKey]] = defaultdict(set)  # involved object's UID → events
-        self._child_by_uid: dict[str, ObjKey] = {}
+        self._child_by_uid: dict[str, ObjKey] = {}  # children and pods (the objects Events are about)
         self._gone: dict[ObjKey, str] = {}  # deleted by us: ignore older events of that UID until its DELETED
 
     # -- runs ------------------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ class Cache:
         return None
 
     def _index(self, key: ObjKey, obj: Obj) -> None:
-        if key[0] not in ("Pod", "Event") and _meta(obj).get("uid"):
+        if key[0] != "Event" and _meta(obj).get("uid"):
             self._child_by_uid[_meta(obj)["uid"]] = key
         slot = self._slot_of(key, obj)
         if slot is not None:
@@ -225,7 +227,7 @@ class Cache:
             children = [self._objects[k] for k in sorted(self._by_owner.get(uid, ()))]
             children += [self._objects[k] for k in sorted(self._orphans.get((ns, meta.get("name", "")), ()))]
             pods = [self._objects[k] for k in sorted(self._pods.get(uid, ()))]
-            uids = {_meta(c).get("uid") for c in children}
+            uids = {_meta(c).get("uid") for c in [*children, *pods]}
             events = [self._objects[k] for u in uids for k in sorted(self._events.get(u or "", ()))]
         return Observed(children, pods, events)
 

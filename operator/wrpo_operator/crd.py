@@ -122,6 +122,11 @@ _KEYED = "has(self.apiKeyEnv) || has(self.apiKeyFile) || has(self.apiKeySecret)"
 _JUDGE_GPUS = ("((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus"
                " : (has({j}.tensorParallelSize) ? {j}.tensorParallelSize : 1))")
 
+#: cluster.scoring.gpus and cluster.small.gpus with their defaults (1 and 0: `ClusterSpec`).
+_SCORING_GPUS = ("(!has(self.cluster.scoring) ? 1"
+                 " : (has(self.cluster.scoring.gpus) ? self.cluster.scoring.gpus : 0))")
+_SMALL_GPUS = "((has(self.cluster.small) && has(self.cluster.small.gpus)) ? self.cluster.small.gpus : 0)"
+
 #: The CEL twin of every pydantic cross-field validator, keyed by (model title, validator name).
 CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
     ("SourceSpec", "_one_of"): [{
@@ -235,6 +240,23 @@ CEL_RULES: dict[tuple[str, str], list[dict[str, str]]] = {
         " <= self.cluster.gpuBudget",
         "message": "cluster.gpuBudget is smaller than the GPUs the eval stage holds at once (3 × the target's "
         "servers, a local judge, a served reward model, cluster.scoring.gpus)",
+        "fieldPath": ".cluster.gpuBudget",
+    }],
+    ("FusionSpec", "_stages_fit_the_gpu_budget"): [{
+        # FusionSpec.stage_gpu_parts: a reward stage's server + its scoring Job, sample-target's server + its
+        # Job, and each source's server + its sampling Job
+        "rule": "!has(self.cluster) || !has(self.cluster.gpuBudget) || ("
+        "(!has(self.reward) ? 0 : ((has(self.reward.type) && self.reward.type == 'remote'"
+        " && !has(self.reward.endpoint))"
+        " ? ((has(self.cluster.vllm) && has(self.cluster.vllm.gpus)) ? self.cluster.vllm.gpus : 1)"
+        " : ((has(self.reward.type) && self.reward.type == 'judge' && has(self.reward.judge)"
+        f" && has(self.reward.judge.model)) ? {_JUDGE_GPUS.format(j='self.reward.judge')} : 0)))"
+        f" + {_SCORING_GPUS} <= self.cluster.gpuBudget"
+        f" && {_SERVER_GPUS.format(s='self.target')} + {_SMALL_GPUS} <= self.cluster.gpuBudget"
+        f" && self.sources.all(s, !has(s.model) || {_SERVER_GPUS.format(s='s')} + {_SMALL_GPUS}"
+        " <= self.cluster.gpuBudget))",
+        "message": "a stage's servers and the Job beside them need more GPUs at once than cluster.gpuBudget "
+        "(a served reward model + cluster.scoring.gpus, or a server + cluster.small.gpus)",
         "fieldPath": ".cluster.gpuBudget",
     }],
     ("FusionSpec", "_names_distinct"): [{

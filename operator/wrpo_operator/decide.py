@@ -38,8 +38,11 @@ from wrpo_operator.stalls import (
     deployment_stalls,
     event_stalls,
     first,
+    job_pods,
+    mount_stalls,
     pod_queued,
     pod_stalls,
+    server_not_ready,
     termination_detail,
 )
 from wrpo_operator.status import (
@@ -146,6 +149,7 @@ class _Pass:
     drop: set[Key] = field(default_factory=set)  # children built from another spec: replaced
     d: Decision = field(default_factory=Decision)
     previous: Obj = field(default_factory=dict)  # the stall the current stage reported before
+    waiting_since: str | None = None  # since when the current stage waits for the GPU budget, if it did
 
     def __post_init__(self) -> None:
         self.run_uri = (self.spec.storage.run_uri or "").rstrip("/")
@@ -182,15 +186,17 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
     """The cause to report: the one reported before while it lasts (one Event per cause, even when two
     pods stall together), else the first by stalls.ORDER."""
     pods = _stage_pods(ps, stage, templates)
-    found = [s for p in pods for s in pod_stalls(p)]
+    found = [s for p in pods for s in [*pod_stalls(p), *mount_stalls(p, ps.events)]]
+    budget = _startup_budget(ps.spec)
+    found += [s for p in pods if _label(p, LABEL_COMPONENT) == "vllm" for s in server_not_ready(p, budget)]
     for dep in servers:
         have = ps.kids.get(_key(dep))
         if dep["kind"] == "Deployment" and have is not None and _key(dep) not in ps.drop:
             found += deployment_stalls(have)
-    for runner in runners:
+    for runner in runners:  # each Job on its own: another unit's running pod hides nothing
         have = ps.kids.get(_key(runner))
-        live = [p for p in pods if _label(p, LABEL_COMPONENT) == "stage"
-                and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+        live = [p for p in job_pods(runner, pods)
+                if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
         if have is not None and not live:  # no pod: was its creation refused?
             uid = have["metadata"].get("uid")
             found += event_stalls([e for e in ps.events if (e.get("involvedObject") or {}).get("uid") == uid])
@@ -203,9 +209,17 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
     return reported[0] if reported else first(found)  # the cause reported stays while it lasts
 
 
+def _startup_budget(spec: FusionSpec) -> int:
+    """Seconds a vLLM server may take to become Ready: its startup probe's budget (docs/operator.md,
+    "Stalls")."""
+    probe = spec.cluster.vllm.startup_probe
+    return probe.initial_delay_seconds + probe.failure_threshold * probe.period_seconds
+
+
 def _lasted(ps: _Pass, stall: Stall) -> bool:
-    """Whether a cause lasted its grace (stalls.GRACE); if not yet, look again when it has."""
-    grace = GRACE.get(stall.reason, 0)
+    """Whether a cause lasted its grace (stalls.GRACE, or the stall's own); if not yet, look again when it
+    has."""
+    grace = GRACE.get(stall.reason, 0) if stall.grace is None else stall.grace
     if not grace or not stall.since:
         return True
     left = parse_time(stall.since).timestamp() + grace - ps.now.timestamp()
@@ -219,6 +233,7 @@ def _lasted(ps: _Pass, stall: Stall) -> bool:
 def _advance(ps: _Pass, entry: Obj) -> bool:
     """Advance the current stage; True when it succeeded in this pass (the next one starts now)."""
     want = stage_children(ps.name, ps.ns, ps.spec, entry["name"], ps.run_uri, entry["hash"])
+    ps.waiting_since = entry.pop("waitingSince", None)  # set again below while it still waits
     _mark_outdated(ps, want.all())
     found = {_key(r): ps.kids.get(_key(r)) for r in want.runners if _key(r) not in ps.drop}
     if entry["state"] == "Failed":
@@ -310,6 +325,9 @@ def _advance_units(ps: _Pass, entry: Obj, want: StageChildren, templates: set[st
         return False
     waiting, started = _start_units(ps, active)
     pending = [u.name for u in want.units if u.name not in done and u not in active]
+    if pending and not active:  # nothing runs: GPUs held by what no unit of this stage accounts for
+        need = min(u.gpus for u in want.units if u.name in pending)
+        _budget_stall(ps, entry, need, _gpu_holders(ps, _running_units_server(entry["name"], set())))
     message = f"units {len(done)}/{len(want.units)} done; running: {', '.join(u.name for u in active) or 'none'}"
     if pending:
         message += (f"; waiting for the GPU budget ({ps.spec.cluster.gpu_budget} GPUs, {held} held): "
@@ -395,7 +413,39 @@ def _waits_for_budget(ps: _Pass, entry: Obj, want: StageChildren) -> bool:
         return False
     entry.update(state="Waiting", message=f"waiting for the GPU budget: the stage needs {need} GPUs, pods of "
                  f"earlier stages still hold {held} of {budget}")
+    _budget_stall(ps, entry, need, _gpu_holders(ps, lambda p: _label(p, LABEL_STAGE) == entry["name"]))
+    _operator_deadline(ps, entry)
     return True
+
+
+def _budget_stall(ps: _Pass, entry: Obj, need: int, holders: list[tuple[str, str, int]]) -> None:
+    """A stage that waited for `cluster.gpuBudget` longer than `cluster.stallTimeoutSeconds` is shown as
+    stalled (`WaitingForGPUBudget`, naming the pods that hold the GPUs); it fails only at
+    `cluster.activeDeadlineSeconds`: the holders are the run's own pods, which end (docs/operator.md,
+    "Stalls")."""
+    entry["waitingSince"] = ps.waiting_since or ps.stamp
+    if entry.get("stall"):
+        return  # a cause seen on the stage's own children comes first
+    timeout, budget = ps.spec.cluster.stall_timeout_seconds, ps.spec.cluster.gpu_budget
+    left = parse_time(entry["waitingSince"]).timestamp() + timeout - ps.now.timestamp()
+    if left > 0:
+        _wait(ps.d, left, f"stage {entry['name']} waiting for the GPU budget")
+        return
+    held = sum(n for _, _, n in holders)
+    names = ", ".join(f"pod {pod} ({stage}) {n}" for pod, stage, n in holders) or "none seen"
+    since = ps.previous.get("since") if ps.previous.get("reason") == "WaitingForGPUBudget" else None
+    entry["stall"] = {"reason": "WaitingForGPUBudget",
+                      "subject": "pods " + ", ".join(pod for pod, _, _ in holders) if holders else "GPU budget",
+                      "message": (f"the stage needs {need} GPUs at once, cluster.gpuBudget is {budget} and "
+                                  f"{held} are held by: {names}")[:1000],
+                      "since": since or ps.stamp}
+
+
+def _gpu_holders(ps: _Pass, skip: Callable[[Obj], bool]) -> list[tuple[str, str, int]]:
+    """(pod, its stage, GPUs) of the run's live pods holding GPUs, but `skip`'s."""
+    return [(p["metadata"].get("name", "?"), _label(p, LABEL_STAGE) or "?", n) for p in ps.pods
+            if not skip(p) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            and (n := pod_gpus(p))]
 
 
 def _live_gpus(ps: _Pass, skip: Callable[[Obj], bool]) -> int:
@@ -407,11 +457,15 @@ def _live_gpus(ps: _Pass, skip: Callable[[Obj], bool]) -> int:
 def _gpus_held(ps: _Pass, stage: str, running_hashes: set[str | None]) -> int:
     """GPUs held that no running unit accounts for: servers of finished units still shutting down, pods
     of an earlier stage, GPU clients."""
+    return _live_gpus(ps, _running_units_server(stage, running_hashes))
+
+
+def _running_units_server(stage: str, running_hashes: set[str | None]) -> Callable[[Obj], bool]:
     def a_running_units_server(pod: Obj) -> bool:
         return (_label(pod, LABEL_COMPONENT) == "vllm" and _label(pod, LABEL_STAGE) == stage
                 and _label(pod, LABEL_STAGE_HASH) in running_hashes and not _deleting(pod))
 
-    return _live_gpus(ps, a_running_units_server)
+    return a_running_units_server
 
 
 def _stalled(ps: _Pass, entry: Obj, servers: list[Obj], runners: list[Obj], templates: set[str]) -> bool:
@@ -479,15 +533,16 @@ def _create_and_keep(ps: _Pass, entry: Obj, want: StageChildren, found: dict[Key
 
 
 def _operator_deadline(ps: _Pass, entry: Obj) -> None:
-    """`cluster.activeDeadlineSeconds` also bounds the wait for the stage's servers (the Job's own
-    deadline only starts with the Job)."""
+    """`cluster.activeDeadlineSeconds` also bounds the wait for the stage's servers and for the GPU budget
+    (the Job's own deadline only starts with the Job)."""
     deadline = ps.spec.cluster.active_deadline_seconds
     if not deadline or entry["state"] != "Waiting":
         return
     left = parse_time(entry["startTime"]).timestamp() + deadline - ps.now.timestamp()
     if left <= 0:
         entry.update(state="Failed", completionTime=ps.stamp,
-                     message=f"DeadlineExceeded: the stage waited longer than {deadline}s for its servers")
+                     message=f"DeadlineExceeded: the stage waited longer than {deadline}s for its servers or the "
+                     "GPU budget")
     else:
         _wait(ps.d, left, f"deadline of stage {entry['name']}")
 

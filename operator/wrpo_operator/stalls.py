@@ -24,12 +24,19 @@ _WAITING = {
 }
 #: Which cause is reported when there are several (the first one here).
 ORDER = ("QuotaExceeded", "FailedCreate", "Unschedulable", "ImagePullBackOff", "CreateContainerConfigError",
-         "CreateContainerError", "CrashLoopBackOff", "ProgressDeadlineExceeded")
+         "CreateContainerError", "FailedMount", "ContainerCreating", "CrashLoopBackOff", "ServerNotReady",
+         "ProgressDeadlineExceeded", "WaitingForGPUBudget")
 #: Warning Events that say a controller could not create a pod: Job and ReplicaSet controllers, and the
 #: training-operator for PyTorchJob pods.
 CREATE_FAILURES = ("FailedCreate", "FailedCreatePod")
-#: Seconds a cause must last before it counts: a pod is briefly unschedulable while its volumes are bound.
-GRACE = {"Unschedulable": 30}
+#: Warning Events on a pod whose volumes the kubelet cannot set up (a missing ConfigMap, Secret or PVC).
+MOUNT_FAILURES = ("FailedMount", "FailedAttachVolume")
+#: Seconds a cause must last before it counts, from when Kubernetes saw it first (`Stall.since`): a pod is
+#: briefly unschedulable while its volumes are bound, a volume may be attached late, a ConfigMap or Secret
+#: created a moment after the pod, and a large image takes a while to unpack.
+GRACE = {"Unschedulable": 30, "FailedMount": 60, "CreateContainerConfigError": 60, "ContainerCreating": 300}
+#: Labels the Job controller and the training-operator put on the pods of a Job or PyTorchJob.
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name", "training.kubeflow.org/job-name")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class Stall:
     subject: str  # "pod <name> container <name>", "Deployment <name>", "Job <name>"
     message: str
     since: str | None = None  # when Kubernetes saw it first (RFC 3339), where it says
+    grace: float | None = None  # seconds it must last from `since` before it counts (None: GRACE's)
 
     @property
     def text(self) -> str:
@@ -69,15 +77,86 @@ def pod_stalls(pod: Obj) -> list[Stall]:
     for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
         waiting = (cs.get("state") or {}).get("waiting") or {}
         cause = _WAITING.get(waiting.get("reason", ""))
-        if cause is None:
-            continue
+        since = None
+        if cause in GRACE or waiting.get("reason") == "ContainerCreating":
+            cause = cause or "ContainerCreating"
+            since = _scheduled_at(pod)  # the kubelet's tries begin once the pod is on a node
+        if cause is None or (cause == "ContainerCreating" and since is None):
+            continue  # (no time to measure ContainerCreating from: not a stall yet)
         message = waiting.get("message") or waiting.get("reason", "")
+        if cause == "ContainerCreating":
+            message = "containers not started"
         if cause == "CrashLoopBackOff":
             last = (cs.get("lastState") or {}).get("terminated") or {}
             message = (f"last exit {last.get('reason', 'Error')} (exit code {last.get('exitCode', '?')}), "
                        f"{cs.get('restartCount', 0)} restarts")
-        out.append(Stall(cause, f"pod {name} container {cs.get('name', '?')}", message))
+        out.append(Stall(cause, f"pod {name} container {cs.get('name', '?')}", message, since))
     return out
+
+
+def _scheduled_at(pod: Obj) -> str | None:
+    scheduled = _conditions(pod).get("PodScheduled") or {}
+    if scheduled.get("status") == "True" and scheduled.get("lastTransitionTime"):
+        return scheduled["lastTransitionTime"]
+    return (pod.get("status") or {}).get("startTime")
+
+
+def mount_stalls(pod: Obj, events: list[Obj]) -> list[Stall]:
+    """FailedMount (or FailedAttachVolume) Warning Events on a pod whose containers have not started: the
+    kubelet's message names the volume and what is missing. Counts after GRACE from the first such Event."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") not in (None, "Pending"):
+        return []
+    mine = sorted((e for e in events if e.get("reason") in MOUNT_FAILURES
+                   and (e.get("involvedObject") or {}).get("uid") == meta.get("uid")),
+                  key=lambda e: e.get("lastTimestamp") or "")
+    if not mine:
+        return []
+    first_seen = mine[0].get("firstTimestamp") or mine[0].get("lastTimestamp") or None
+    return [Stall("FailedMount", f"pod {meta.get('name', '?')}", mine[-1].get("message", ""), first_seen)]
+
+
+def server_not_ready(pod: Obj, budget_s: int) -> list[Stall]:
+    """A vLLM server pod whose container runs but is not Ready `budget_s` after the pod became not Ready
+    (its `Ready` condition; else the container's start), `budget_s` being its startup budget: the startup
+    probe's initialDelaySeconds + failureThreshold × periodSeconds. Counted from the condition, not the
+    container, so a container the startup probe restarts does not reset the clock."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") != "Running":
+        return []
+    ready = _conditions(pod).get("Ready") or {}
+    not_ready_since = ready.get("lastTransitionTime") if ready.get("status") == "False" else None
+    out = []
+    for cs in status.get("containerStatuses") or []:
+        started = ((cs.get("state") or {}).get("running") or {}).get("startedAt")
+        if started and not cs.get("ready"):
+            started = min(started, not_ready_since or started)
+            out.append(Stall("ServerNotReady", f"pod {meta.get('name', '?')} container {cs.get('name', '?')}",
+                             f"not Ready {budget_s}s after it started (the startup probe's budget), "
+                             f"{cs.get('restartCount', 0)} restarts", started,
+                             budget_s))
+    return out
+
+
+def job_pods(job: Obj, pods: list[Obj]) -> list[Obj]:
+    """The pods of one Job or PyTorchJob: by the label its controller sets (JOB_NAME_LABELS), else (a pod
+    without one) by its template's labels."""
+    name = (job.get("metadata") or {}).get("name")
+    wanted = [(t.get("metadata") or {}).get("labels") or {} for t in _templates(job)]
+    out = []
+    for p in pods:
+        labels = (p.get("metadata") or {}).get("labels") or {}
+        owner = next((labels[k] for k in JOB_NAME_LABELS if k in labels), None)
+        if owner == name or (owner is None and any(w and w.items() <= labels.items() for w in wanted)):
+            out.append(p)
+    return out
+
+
+def _templates(job: Obj) -> list[Obj]:
+    spec = job.get("spec") or {}
+    if job.get("kind") == "PyTorchJob":
+        return [r.get("template") or {} for r in (spec.get("pytorchReplicaSpecs") or {}).values()]
+    return [spec.get("template") or {}]
 
 
 def pod_queued(pod: Obj) -> bool:

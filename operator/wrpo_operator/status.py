@@ -63,6 +63,8 @@ class StageStatus(_Status):
     output_uri: str | None = Field(default=None, description="<run>/<stage>/ once committed.")
     retries: int = Field(default=0, description="Failed pods so far (retried up to cluster.backoffLimit).")
     stall: StallStatus | None = Field(default=None, description="Set while the stage is stalled.")
+    waiting_since: Timestamp | None = Field(default=None, description="When it began to wait for "
+                                            "cluster.gpuBudget, while it waits (WaitingForGPUBudget counts from here).")
     units: str | None = Field(default=None, description="Units done / all units, for a stage made of units "
                               "(sample-sources: one per source), e.g. 4/10.")
 
@@ -173,9 +175,10 @@ def transitions(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str
         prev = (before.get(s["name"]) or {}).get("state", "Pending")
         if s["state"] == prev:
             continue
-        if s["state"] == "Running" or (s["state"] in ("Succeeded", "Failed") and prev in ("Pending", "Waiting",
-                                                                                       "Queued")):
-            # a stage that ran to its end while no operator watched still gets its StageStarted
+        if s["state"] == "Running" or (prev in ("Pending", "Waiting", "Queued") and (
+                s["state"] == "Succeeded" or (s["state"] == "Failed" and s.get("retries")))):
+            # a stage that ran to its end while no operator watched still gets its StageStarted; one that
+            # failed before a pod of it ran (a deadline while waiting, a refused child, a stall) does not
             events.append(("Normal", "StageStarted", f"stage {s['name']} started"))
         if s["state"] == "Waiting":
             events.append(("Normal", "StageWaiting", f"stage {s['name']}: {s.get('message') or 'waiting'}"))

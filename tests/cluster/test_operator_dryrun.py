@@ -130,3 +130,36 @@ def test_the_eval_stages_gpu_budget_rule_is_the_apiservers_too(k8s_api_client, k
         kube.create(run(8, 2), dry_run=True)
     with pytest.raises(SpecError, match="GPUs the eval stage holds at once"):
         parse_spec(run(8, 2)["spec"])
+
+
+@pytest.mark.parametrize("over,budget", [
+    ({"reward": {"type": "remote", "model": "r"}}, 2),  # score-*: reward server 1 + scoring Job 1
+    ({"reward": {"type": "judge", "judge": {"model": "j", "tensorParallelSize": 2}}}, 3),  # judge 2 + scoring 1
+    ({"reward": {"type": "judge", "judge": {"model": "j", "tensorParallelSize": 3}},
+      "cluster": {"scoring": {"gpus": 0}}}, 3),  # a scoring Job without a GPU beside a judge of 3
+    ({"tp": 2, "cluster": {"small": {"gpus": 1}}}, 3),  # sample-sources: source server 2 + its sampling Job 1
+    ({"tp": 2, "cluster": {"vllm": {"gpus": 1}, "small": {"gpus": 1}}}, 2),  # servers of one GPU each
+])
+def test_the_stages_gpu_budget_rule_is_the_apiservers_too(k8s_api_client, k8s_namespace, crd_installed, over,
+                                                          budget):
+    """The CEL twin of `_stages_fit_the_gpu_budget` admits the smallest budget pydantic admits and refuses one
+    GPU less, for each part it counts."""
+    from wrpo.errors import SpecError
+
+    def run(gpus: int) -> dict:
+        cluster = {"training": {"gpus": 1}, **over.get("cluster", {}), "gpuBudget": gpus}
+        tp = over.get("tp", 1)
+        spec = {"target": {"model": "t", "tensorParallelSize": tp},
+                "sources": [{"name": "a", "model": "m", "tensorParallelSize": tp}],
+                "dataset": {"uri": "/data/p.jsonl"}, "storage": {"runUri": "s3://bucket/runs/budget"},
+                **{k: v for k, v in over.items() if k not in ("cluster", "tp")}, "cluster": cluster}
+        return {"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun",
+                "metadata": {"name": "budget", "namespace": k8s_namespace}, "spec": spec}
+
+    kube = Kube(k8s_api_client)
+    parse_spec(run(budget)["spec"])
+    kube.create(run(budget), dry_run=True)
+    with pytest.raises(SpecError, match="GPUs at once"):
+        parse_spec(run(budget - 1)["spec"])
+    with pytest.raises(ApiError, match="need more GPUs at once than cluster.gpuBudget"):
+        kube.create(run(budget - 1), dry_run=True)

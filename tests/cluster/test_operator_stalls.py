@@ -3,7 +3,8 @@ with one Warning Event naming pod, container and cause, then fails its stage aft
 `cluster.stallTimeoutSeconds`; a fixed spec unsticks a stalled stage; an apiserver refusal fails the stage
 at once. The causes are real where the harness has the component (the scheduler's Unschedulable, the
 ResourceQuota admission, the Deployment controller's progress deadline, an invalid child) and kwok Stages
-where a kubelet would report them (image pulls, crash loops: tests/cluster/kwok/stages.yaml)."""
+where a kubelet would report them (image pulls, crash loops, a missing ConfigMap key, a server never Ready:
+tests/cluster/kwok/stages.yaml)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from operator_harness import create_run, events, get_run, patch_run, tiny_spec, 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 QUOTA_CLASS = "wrpo-test-quota"
 TIMEOUT = 8  # cluster.stallTimeoutSeconds of these runs
+MISSING_KEY = "couldn't find key model in ConfigMap wrpo-test/settings"
 
 
 def stalled(custom, ns, name):
@@ -55,6 +57,14 @@ CASES = {
                  "ProgressDeadlineExceeded", r"Deployment deadline-src-\w+", "has timed out progressing"),
     "quota": ({"pods": {"small": {"priorityClassName": QUOTA_CLASS}}}, "prepare", "QuotaExceeded",
               r"Job quota-prepare", "exceeded quota: no-pods"),
+    # shown once it lasted stalls.GRACE (60 s): the ConfigMap may be created a moment after the pod
+    "config": ({"pods": {"small": {"annotations": {"wrpo.test/config-error": MISSING_KEY}}}}, "prepare",
+               "CreateContainerConfigError", r"pod config-prepare-\w+ container stage", MISSING_KEY),
+    "notready": ({"vllm": {"gpus": 0, "cpu": "2", "memory": "4Gi",
+                           "startupProbe": {"periodSeconds": 1, "failureThreshold": 3}},
+                  "pods": {"vllm": {"annotations": {"wrpo.test/never-ready": "true"}}}}, "sample-sources",
+                 "ServerNotReady", r"pod notready-src-\w+-\w+-\w+ container vllm",
+                 "not Ready 3s after it started"),
 }
 
 

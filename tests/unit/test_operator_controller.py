@@ -217,6 +217,26 @@ def test_pods_are_trimmed_and_found_by_the_run_uid_label():
     assert seen["spec"]["containers"] == [{"name": "g", "resources": {"requests": {"nvidia.com/gpu": "4"}}}]
 
 
+def test_a_failed_mount_event_on_a_pod_wakes_its_run_and_is_observed():
+    """The kubelet's FailedMount Warning Event is about a pod, not a child: it reaches the run through the pod's
+    UID (stalls.MOUNT_FAILURES); other Warning Events on pods are dropped."""
+    cache = Cache()
+    run = {"kind": "FusionRun", "metadata": {"name": NAME, "namespace": NS, "uid": UID}}
+    cache.put_run(run)
+    cache.put({"kind": "Pod", "metadata": {"name": "p", "namespace": NS, "uid": "p1",
+                                           "labels": {"fusion.wrpo.io/run-uid": UID}}, "status": {"phase": "Pending"}})
+
+    def event(name: str, reason: str) -> dict:
+        return {"metadata": {"name": name, "namespace": NS, "uid": f"e-{name}"}, "reason": reason,
+                "involvedObject": {"kind": "Pod", "name": "p", "uid": "p1"}, "message": "m",
+                "firstTimestamp": "2025-01-01T00:00:00Z", "lastTimestamp": "2025-01-01T00:01:00Z"}
+
+    assert cache.put(event("p.1", "FailedMount")) == [KEY]
+    assert cache.put(event("p.2", "BackOff")) == []
+    (seen,) = cache.observed(run).events
+    assert seen["reason"] == "FailedMount" and seen["firstTimestamp"] == "2025-01-01T00:00:00Z"
+
+
 # -- the work queue --------------------------------------------------------------------------------------
 
 def test_the_work_queue_merges_adds_and_serializes_a_key():

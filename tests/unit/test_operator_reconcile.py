@@ -1037,3 +1037,211 @@ def test_an_eval_summary_not_yet_in_the_cache_is_looked_for_again_soon():
     pod["status"] = _terminated('{"summary": {"prompts": 4, "fused_vs_target": 50.0}}')
     d = step(kube, minutes=0)
     assert kube.run["status"]["eval"]["prompts"] == 4 and d.requeue is None
+
+
+# -- stalls that were missed (issue 23) ------------------------------------------------------------------
+
+def _at(minutes: float = 0) -> str:
+    return (now() + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _creating(reason: str = "ContainerCreating", message: str | None = None, scheduled: str | None = None) -> dict:
+    """A pod on a node whose container has not started (scheduled `scheduled`, default: the next step)."""
+    waiting = {"reason": reason, **({"message": message} if message else {})}
+    return {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True",
+                                                "lastTransitionTime": scheduled or _at(1)}],
+            "containerStatuses": [{"name": "stage", "ready": False, "state": {"waiting": waiting}}]}
+
+
+def _warning(kube, name: str, involved: dict, reason: str, message: str, first: str) -> None:
+    kube.objects[("Event", name)] = {
+        "kind": "Event", "metadata": {"name": name, "namespace": NS, "uid": f"event-{name}"},
+        "involvedObject": {"kind": involved["kind"], "name": involved["metadata"]["name"],
+                           "uid": involved["metadata"]["uid"]},
+        "reason": reason, "type": "Warning", "firstTimestamp": first, "lastTimestamp": first, "message": message}
+
+
+def test_a_failed_mount_is_a_stall_naming_the_pod_and_the_kubelets_message_after_its_grace():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    pod = kube.add_pod("demo-prepare", "demo-prepare-p", _creating())
+    _warning(kube, "demo-prepare-p.1", pod, "FailedMount",
+             'MountVolume.SetUp failed for volume "spec" : configmap "demo-spec-1" not found', _at(1))
+    d = step(kube)
+    assert "stall" not in status_of(kube, "prepare") and 0 < d.requeue <= 60  # within stalls.GRACE
+    step(kube, minutes=2)
+    stall = status_of(kube, "prepare")["stall"]
+    assert stall["reason"] == "FailedMount" and stall["subject"] == "pod demo-prepare-p"
+    assert 'configmap "demo-spec-1" not found' in stall["message"]
+    cond = {c["type"]: c for c in kube.run["status"]["conditions"]}["Stalled"]
+    assert cond["status"] == "True" and cond["reason"] == "FailedMount"
+    assert [r for _, r, _ in kube.events].count("StageStalled") == 1
+
+
+def test_a_pod_stuck_in_container_creating_is_a_stall_after_its_grace():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    kube.add_pod("demo-prepare", "demo-prepare-p", _creating())
+    step(kube)
+    assert "stall" not in status_of(kube, "prepare")
+    step(kube, minutes=6)  # over stalls.GRACE["ContainerCreating"]
+    stall = status_of(kube, "prepare")["stall"]
+    assert stall["reason"] == "ContainerCreating" and stall["subject"] == "pod demo-prepare-p container stage"
+
+
+def test_a_missing_configmap_key_is_a_stall_after_its_grace():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    message = "couldn't find key model in ConfigMap team-a/settings"
+    kube.add_pod("demo-prepare", "demo-prepare-p", _creating("CreateContainerConfigError", message))
+    step(kube)
+    assert "stall" not in status_of(kube, "prepare")  # the ConfigMap may be created a moment later
+    step(kube, minutes=2)
+    stall = status_of(kube, "prepare")["stall"]
+    assert stall["reason"] == "CreateContainerConfigError" and stall["message"] == message
+    assert "pod demo-prepare-p container stage" in kube.run["status"]["message"]
+
+
+def test_a_refused_pod_of_one_units_job_is_reported_while_another_units_pod_runs():
+    kube = FakeKube()
+    kube.add_run(stall_settings())
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    kube.make_available()
+    step(kube)
+    jobs = sorted(unit_jobs(kube, "sample-sources"))
+    assert jobs == ["demo-sample-sources-api", "demo-sample-sources-llama"]
+    kube.add_pod("demo-sample-sources-api", "demo-sample-sources-api-x", {"phase": "Running"})
+    _warning(kube, "llama.1", kube.objects[("Job", "demo-sample-sources-llama")], "FailedCreate",
+             'Error creating: pods "demo-sample-sources-llama-y" is forbidden: violates PodSecurity "restricted"',
+             _at())
+    step(kube)
+    stall = status_of(kube, "sample-sources")["stall"]
+    assert stall["reason"] == "FailedCreate" and stall["subject"] == "Job demo-sample-sources-llama"
+    assert "PodSecurity" in stall["message"]
+
+
+def test_a_vllm_server_never_ready_within_its_startup_budget_is_a_stall():
+    spec = stall_settings()
+    spec["cluster"]["vllm"] = {"startupProbe": {"periodSeconds": 10, "failureThreshold": 6}}  # 60 s
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    kube.add_pod("demo-src-llama", "demo-src-llama-abc", {"phase": "Running", "containerStatuses": [
+        {"name": "vllm", "ready": False, "restartCount": 0, "state": {"running": {"startedAt": _at(1)}}}]})
+    d = step(kube)
+    assert "stall" not in status_of(kube, "sample-sources") and 0 < d.requeue <= 60
+    step(kube, minutes=2)
+    stall = status_of(kube, "sample-sources")["stall"]
+    assert stall["reason"] == "ServerNotReady" and stall["subject"] == "pod demo-src-llama-abc container vllm"
+    assert "60s" in stall["message"]
+
+
+def test_a_vllm_server_the_startup_probe_restarts_is_not_ready_since_its_pod_condition():
+    """The startup probe restarts the container at the end of each budget: the clock is the pod's Ready
+    condition, which a restart does not move."""
+    spec = stall_settings()
+    spec["cluster"]["vllm"] = {"startupProbe": {"periodSeconds": 10, "failureThreshold": 6}}  # 60 s
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    kube.add_pod("demo-src-llama", "demo-src-llama-abc", {
+        "phase": "Running", "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": _at(-5)}],
+        "containerStatuses": [{"name": "vllm", "ready": False, "restartCount": 4,
+                               "state": {"running": {"startedAt": _at(1)}}}]})  # restarted just now
+    step(kube)
+    stall = status_of(kube, "sample-sources")["stall"]
+    assert stall["reason"] == "ServerNotReady" and stall["message"].endswith("4 restarts")
+
+
+def test_a_stage_waiting_for_the_gpu_budget_past_the_stall_timeout_names_what_holds_it():
+    spec = paper_spec(8)
+    spec["cluster"].update(scoring={"gpus": 1, "parallelism": 4}, stallTimeoutSeconds=600)
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    drive_units(kube, [])
+    kube.finish("Job", "demo-sample-sources")
+    pod = kube.add_pod("demo-sample-sources", "server-stuck", {"phase": "Running"})
+    pod["spec"] = {"containers": [{"name": "vllm", "resources": {"requests": {"nvidia.com/gpu": "6"}}}]}
+    d = step(kube)
+    assert status_of(kube, "score-sources")["state"] == "Waiting" and "stall" not in status_of(kube, "score-sources")
+    assert 0 < d.requeue <= 600  # woken when the wait becomes a stall
+    step(kube, minutes=11)
+    st = status_of(kube, "score-sources")
+    assert st["state"] == "Waiting" and st["stall"]["reason"] == "WaitingForGPUBudget"
+    assert st["stall"]["subject"] == "pods server-stuck"
+    assert "needs 4 GPUs at once, cluster.gpuBudget is 8 and 6 are held by: pod server-stuck (sample-sources) 6" \
+        in st["stall"]["message"]
+    cond = {c["type"]: c for c in kube.run["status"]["conditions"]}["Stalled"]
+    assert cond["status"] == "True" and cond["reason"] == "WaitingForGPUBudget"
+    assert kube.run["status"]["phase"] == "Running"  # its own pods end: only activeDeadlineSeconds fails it
+    del kube.objects[("Pod", "server-stuck")]
+    step(kube)
+    assert "stall" not in status_of(kube, "score-sources") and "demo-score-sources-shards" in kube.kinds("Job")
+    assert ("Normal", "StallCleared") in [(t, r) for t, r, _ in kube.events]
+
+
+def test_a_stage_that_failed_while_waiting_posts_no_started_event():
+    kube = FakeKube()
+    kube.add_run(tiny_spec(cluster={"activeDeadlineSeconds": 600}, sources=[{"name": "llama", "model": "s3://bkt/m"}]))
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    step(kube, minutes=11)
+    assert status_of(kube, "sample-sources")["state"] == "Failed"
+    mine = [r for _, r, m in kube.events if "sample-sources" in m]
+    assert "StageFailed" in mine and "StageStarted" not in mine
+
+
+def test_units_that_cannot_start_for_the_gpu_budget_past_the_stall_timeout_name_what_holds_it():
+    spec = paper_spec(8)
+    spec["cluster"]["stallTimeoutSeconds"] = 600
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    stray = kube.add_pod("demo-prepare", "stray", {"phase": "Running"})  # still holds 8 GPUs
+    stray["spec"] = {"containers": [{"name": "stage", "resources": {"requests": {"nvidia.com/gpu": "8"}}}]}
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    st = status_of(kube, "sample-sources")
+    assert st["state"] == "Waiting" and "stall" not in st and st["waitingSince"]
+    assert not unit_jobs(kube, "sample-sources")
+    step(kube, minutes=5)
+    assert "stall" not in status_of(kube, "sample-sources")  # 5 of 10 minutes
+    step(kube, minutes=6)
+    stall = status_of(kube, "sample-sources")["stall"]
+    assert stall["reason"] == "WaitingForGPUBudget" and stall["subject"] == "pods stray"
+    assert "8 are held by: pod stray (prepare) 8" in stall["message"]
+    del kube.objects[("Pod", "stray")]
+    step(kube)
+    st = status_of(kube, "sample-sources")
+    assert "stall" not in st and "waitingSince" not in st and kube.kinds("Deployment")
+
+
+def test_the_deadline_bounds_the_wait_for_the_gpu_budget():
+    spec = paper_spec(8)
+    spec["cluster"].update(scoring={"gpus": 1, "parallelism": 4}, activeDeadlineSeconds=600)
+    kube = FakeKube()
+    kube.add_run(spec)
+    step(kube)
+    kube.finish("Job", "demo-prepare")
+    drive_units(kube, [])
+    kube.finish("Job", "demo-sample-sources")
+    pod = kube.add_pod("demo-sample-sources", "server-stuck", {"phase": "Running"})
+    pod["spec"] = {"containers": [{"name": "vllm", "resources": {"requests": {"nvidia.com/gpu": "8"}}}]}
+    d = step(kube)
+    assert status_of(kube, "score-sources")["state"] == "Waiting" and 0 < d.requeue <= 600
+    step(kube, minutes=11)
+    status = kube.run["status"]
+    assert status["phase"] == "Failed" and status["stage"] == "score-sources"
+    assert "DeadlineExceeded: the stage waited longer than 600s for its servers or the GPU budget" in status["message"]

@@ -904,6 +904,48 @@ class FusionSpec(_Model):
                              "or set eval.rewardModel/eval.judge or dataset.evalSize to fit")
         return self
 
+    def stage_gpu_parts(self) -> dict[str, list[tuple[str, int]]]:
+        """What each stage holds at once besides the eval stage (`_eval_fits_the_gpu_budget`), part by part:
+        its vLLM servers plus the Job pod that runs beside them; for sample-sources (one unit per source)
+        the largest unit's. Mirrors `wrpo.pipeline.plan.servers` and the operator's resource classes
+        (docs/operator.md, "GPU budget"): this module cannot import the plan, which imports it."""
+        c = self.cluster
+
+        def server(tp: int, replicas: int = 1) -> int:
+            return server_gpus(tp, replicas, c.vllm.gpus)
+
+        units = [[(f"source {s.name} server", server(s.tensor_parallel_size, s.replicas)),
+                  ("sampling Job", c.small.gpus)] for s in self.sources if s.model]
+        out = {"sample-sources": max(units, key=lambda parts: sum(n for _, n in parts), default=[])}
+        r, reward = self.reward, []
+        if r.type == "remote" and r.endpoint is None:
+            reward = [("reward server", server(1))]
+        elif r.type == "judge" and r.judge is not None and r.judge.model:
+            reward = [("reward judge server", server(r.judge.tensor_parallel_size))]
+        for name in ("score-sources", "score-target"):
+            out[name] = [*reward, ("scoring Job", c.scoring.gpus)]
+        out["sample-target"] = [("target server", server(self.target.tensor_parallel_size, self.target.replicas)),
+                                ("sampling Job", c.small.gpus)]
+        return out
+
+    @model_validator(mode="after")
+    def _stages_fit_the_gpu_budget(self) -> FusionSpec:
+        """A stage's servers and the Job beside them hold their GPUs together: a stage that needs more than
+        `cluster.gpuBudget` at once would wait forever (docs/operator.md, "GPU budget")."""
+        budget = self.cluster.gpu_budget
+        if budget is None:
+            return self
+        found: list[tuple[Loc, str]] = []
+        for name, parts in self.stage_gpu_parts().items():
+            need = sum(n for _, n in parts)
+            if need > budget:
+                found.append((("cluster", "gpuBudget"), f"{name} needs {need} GPUs at once ("
+                              + " + ".join(f"{what} {n}" for what, n in parts)
+                              + f") but cluster.gpuBudget is {budget}"))
+        if found:
+            raise problems("FusionSpec", found)
+        return self
+
 
 # ---------------------------------------------------------------------------------------------- cluster rules
 

@@ -59,7 +59,11 @@ admission, with the same messages where a CEL rule can say it. A spec means the 
   `sampling.n` ≥ 2 and `sampling.temperature` > 0 (y_wt and y_l are the best and worst of N different
   answers); 0 < `dataset.sftFraction` < 1; every reward type has a `model`; `cluster.training.procsPerNode`
   at most its `gpus` (one process per GPU); `cluster.schedulingPolicy.minAvailable` at most the training
-  job's pods (`cluster.training.nodes`).
+  job's pods (`cluster.training.nodes`); under `cluster.gpuBudget`, every stage's peak: its servers plus the
+  Job beside them (a served reward model + `cluster.scoring.gpus` in score-sources and score-target, the
+  largest source's server + `cluster.small.gpus` in sample-sources, the target's in sample-target, the eval
+  stage's servers + its scoring Job): a stage that needs more at once would wait forever
+  (`score-sources needs 2 GPUs at once (reward server 1 + scoring Job 1) but cluster.gpuBudget is 1`).
 - **Pod-level rules** that Kubernetes applies only when a stage pod is created, checked by `wrpo spec
   validate`, `wrpo run` and the operator (the CRD cannot express them, so the apiserver admits the
   FusionRun): `cluster.pods.*.volumes` are named by unique DNS labels unlike the operator's own volumes
