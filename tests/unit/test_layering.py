@@ -153,8 +153,12 @@ def test_no_stage_name_dispatch_in_the_runtime():
 # `wrpo` is also the project (a distribution, a cache folder, the `wrpo` command, an app label, a CRD
 # category) and an image registry's organisation.
 NAMED_ELSEWHERE = {
+    # spec.py also names the stages whose peak GPU need FusionSpec.stage_gpu_parts checks against
+    # cluster.gpuBudget: the spec cannot import the plan (which imports it); tests/unit/test_spec_gpu_budget.py
+    # checks that it agrees with what the builders build
     "wrpo/pipeline/spec.py": {"sft", "wrpo", "eval", "ghcr.io/wrpo/wrpo-runtime:0.1.0",
-                              "ghcr.io/wrpo/wrpo-vllm:0.1.0"},
+                              "ghcr.io/wrpo/wrpo-vllm:0.1.0",
+                              "sample-sources", "score-sources", "score-target", "sample-target"},
     "operator/wrpo_operator/crd.py": {"sft", "wrpo", "eval"},  # the spec sections of those names
     "operator/wrpo_operator/builders.py": {"wrpo"},
     "wrpo/pipeline/rundir.py": {"wrpo"},
