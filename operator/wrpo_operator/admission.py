@@ -56,20 +56,18 @@ def run_children(name: str, namespace: str, spec: FusionSpec, uid: str) -> list[
     return out
 
 
-def template_pods(obj: Obj) -> list[Obj]:
-    """A Pod for each pod template of a PyTorchJob: the apiserver checks a Job's or Deployment's template
+def template_jobs(obj: Obj) -> list[Obj]:
+    """A Job for each pod template of a PyTorchJob: the apiserver checks a Job's or Deployment's pod template
     when the child is created, but a PyTorchJob's only when the training-operator makes its pods — hours
-    later. Dry-running these Pods asks the same question now."""
+    later. Dry-running a Job of the same template asks the apiserver the same question now (with the verbs
+    the operator has already: it creates Jobs)."""
     if obj.get("kind") != "PyTorchJob":
         return []
     meta = obj["metadata"]
-    pods = []
-    for role, template in zip(obj["spec"]["pytorchReplicaSpecs"], pod_templates(obj), strict=True):
-        pod_meta = {**(template.get("metadata") or {}), "name": f"{meta['name']}-{role.lower()}-0"[:63].rstrip("-"),
-                    "namespace": meta["namespace"]}
-        pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta, "spec": template["spec"],
-                     "_of": obj})
-    return pods
+    return [{"apiVersion": "batch/v1", "kind": "Job",
+             "metadata": {**meta, "name": f"{meta['name'][:50]}-{role.lower()}"},
+             "spec": {"backoffLimit": 0, "template": template}}
+            for role, template in zip(obj["spec"]["pytorchReplicaSpecs"], pod_templates(obj), strict=True)]
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers:
     from wrpo_operator.kube import ApiError
     from wrpo_operator.reconcile import retryable
 
-    requests = [(o, o) for o in objs] + [(p, p.pop("_of")) for o in objs for p in template_pods(o)]
+    requests = [(o, o) for o in objs] + [(j, o) for o in objs for j in template_jobs(o)]
 
     def one(pair: tuple[Obj, Obj]) -> Refusal | None:
         body, child = pair
@@ -110,7 +108,7 @@ def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers:
             if any(s in e.message for s in NOT_THE_SPECS):
                 return None
             return Refusal(body["kind"], body["metadata"]["name"], e.message,
-                           spec_field(child, _causes(e) or [_field_in(e.message)], body["kind"] == "Pod", spec))
+                           spec_field(child, _causes(e) or [_field_in(e.message)], spec, body["kind"]))
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(requests)))) as pool:
@@ -142,7 +140,6 @@ _TEMPLATE = {
     "Deployment": r"spec\.template\.",
     "Job": r"spec\.template\.",
     "PyTorchJob": r"spec\.pytorchReplicaSpecs\[?\.?\w+\]?\.template\.",
-    "Pod": r"",
 }
 #: A pod spec field → the spec field that fills it (`builders._pod_spec`, `_template_metadata`). `{c}` is the
 #: pod class; a list that concatenates the cluster-wide list and the class's is resolved by index.
@@ -183,11 +180,12 @@ def pod_class(child: Obj) -> str:
     return stage_pod_class(lab.get(LABEL_STAGE) or "")
 
 
-def spec_field(child: Obj, fields: list[str], is_pod: bool = False, spec: FusionSpec | None = None) -> str | None:
+def spec_field(child: Obj, fields: list[str], spec: FusionSpec | None = None, as_kind: str | None = None) -> str | None:
     """The spec field behind the first of `fields` (the apiserver's field paths in `child`, e.g.
-    `spec.template.spec.tolerations[0]` of a stage Job, or in a Pod of its template with `is_pod`) that the
-    table knows; None if none is known. With `spec`, an index into a merged list names its entry."""
-    kind = "Pod" if is_pod else child.get("kind", "")
+    `spec.template.spec.tolerations[0]` of a stage Job; `as_kind`: in the `template_jobs` Job of a
+    PyTorchJob) that the table knows; None if none is known. With `spec`, an index into a merged list names
+    its entry."""
+    kind = as_kind or child.get("kind", "")
     for field in fields:
         found = _child_field(kind, field) or _pod_field(child, kind, field, spec)
         if found:
@@ -226,7 +224,7 @@ def _indexed(child: Obj, kind: str, rest: str, what: str, cls: str, index: int |
     """A field of a list the builders make from the operator's own (or the cluster-wide) entries followed by
     the class's, `cluster.pods.<class>.<what>`: which spec entry the refused index is."""
     pods = f"cluster.pods.{cls}"
-    template = (pod_templates(child) or [{}])[0]  # a Pod's is its PyTorchJob's (`template_pods`)
+    template = (pod_templates(child) or [{}])[0]  # a `template_jobs` Job's is its PyTorchJob's
     pod = template.get("spec") or {}
     settings = getattr(spec.cluster.pods, cls) if spec is not None else None
     if what in ("tolerations", "volumes", "volumeMounts"):
