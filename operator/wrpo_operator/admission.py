@@ -93,8 +93,7 @@ def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers:
     """Create every object (and the Pods of its PyTorchJob templates) with `dryRun=All` in a small thread
     pool; the refusals, in the order of `objs`. A refusal worth retrying (a server error, throttling) raises,
     as a real creation's would."""
-    from wrpo_operator.kube import ApiError
-    from wrpo_operator.reconcile import retryable
+    from wrpo_operator.kube import ApiError, retryable
 
     requests = [(o, o) for o in objs] + [(j, o) for o in objs for j in template_jobs(o)]
 
@@ -271,3 +270,30 @@ def refused_status(run: Obj, message: str, spec_hash: str, now: Any) -> Obj:
                        "lastTransitionTime": timestamp(now), "observedGeneration": gen})
     return {"phase": "Failed", "message": message, "observedGeneration": gen, "refusedHash": spec_hash,
             "completionTime": timestamp(now), "conditions": conditions}
+
+
+# -- from outside the cluster: `wrpo spec validate --cluster --server` ------------------------------
+
+#: The owner UID of children rendered outside the cluster (the run does not exist yet).
+PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
+
+
+def ask_server(api_client: Any, name: str, namespace: str, spec: FusionSpec,
+               workers: int = WORKERS) -> list[str]:
+    """What the apiserver behind `api_client` says of a FusionRun `name` with `spec` in `namespace`: the
+    FusionRun itself (the CRD's schema and rules) and every child `run_children` renders — the operator's
+    own renderer and dry run — created with `dryRun=All`; one line per refusal, none if all are admitted."""
+    from wrpo.pipeline.spec import API_VERSION
+    from wrpo_operator import KIND
+    from wrpo_operator.kube import ApiError, Kube
+
+    kube = Kube(api_client)
+    run = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": namespace},
+           "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True)}
+    try:
+        kube.create(run, dry_run=True)
+    except ApiError as e:
+        if e.status >= 500 or e.status == 404:
+            raise
+        return [f"the apiserver refused FusionRun {name}: {e.message}"]
+    return [str(r) for r in dry_run(kube, run_children(name, namespace, spec, PLACEHOLDER_UID), spec, workers)]

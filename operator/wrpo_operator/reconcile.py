@@ -18,7 +18,7 @@ from wrpo_operator import LABEL_RUN, LABEL_RUN_UID
 from wrpo_operator.admission import admit, refusal_message, refused_status
 from wrpo_operator.builders import Obj, is_owned, owner_reference, spec_hash, with_owner
 from wrpo_operator.decide import Decision, Key, Observed, Settings, decide
-from wrpo_operator.kube import ApiError, Kube
+from wrpo_operator.kube import ApiError, Kube, retryable
 from wrpo_operator.runstate import RunState
 from wrpo_operator.status import SUMMARY_RETRY_S, read_summaries, timestamp, transitions
 
@@ -52,17 +52,6 @@ def _nulls_for_removed(old: Obj, new: Obj) -> Obj:
 
 #: The operator's memo of units committed in run directories (Settings.read_run_state).
 RUN_STATE = RunState()
-
-#: HTTP statuses of a refused creation that retrying the same request cannot fix.
-NOT_RETRYABLE = (400, 403, 404, 422)
-
-
-def retryable(e: ApiError) -> bool:
-    """Worth retrying as is: server errors, throttling, conflicts, and an admission plugin that does not know
-    the FusionRun kind yet (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a
-    freshly installed CRD by a few seconds)."""
-    return e.status not in NOT_RETRYABLE or "no matches for kind" in e.message
-
 
 def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = None,
               settings: Settings | None = None, post_event: Any = None, run_state: RunState | None = None) -> Decision:

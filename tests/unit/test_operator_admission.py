@@ -85,7 +85,8 @@ def test_a_pytorchjobs_templates_are_asked_as_jobs():
     (("Job", "demo-score-sources"), "spec.template.spec.tolerations[0].key", None, "cluster.tolerations[0]"),
     (("Job", "demo-score-sources"), "spec.template.spec.tolerations[2].effect", None,
      "cluster.pods.scoring.tolerations[1]"),
-    (("PyTorchJob", "demo-sft"), "spec.template.spec.tolerations[1].key", "Job", "cluster.pods.training.tolerations[0]"),
+    (("PyTorchJob", "demo-sft"), "spec.template.spec.tolerations[1].key", "Job",
+     "cluster.pods.training.tolerations[0]"),
     (("PyTorchJob", "demo-sft"), "spec.pytorchReplicaSpecs[Master].template.spec.affinity.nodeAffinity", None,
      "cluster.pods.training.affinity"),
     # the operator's own volumes and mounts come first
@@ -120,7 +121,8 @@ def test_a_refused_child_fails_the_run_before_anything_is_created():
     assert status["phase"] == "Failed" and d.status["phase"] == "Failed"
     assert "cluster.pods.training.tolerations[0]: the apiserver refused Job demo-sft-master" in status["message"]
     invalid = [c for c in status["conditions"] if c["type"] == "SpecInvalid"]
-    assert invalid and invalid[0]["status"] == "True" and "cluster.pods.training.tolerations[0]" in invalid[0]["message"]
+    assert invalid and invalid[0]["status"] == "True"
+    assert "cluster.pods.training.tolerations[0]" in invalid[0]["message"]
     assert [(t, r) for t, r, _ in kube.events] == [("Warning", "SpecInvalid")]
     assert not kube.created and set(kube.objects) == {("FusionRun", NAME)}
     # once per spec hash: the next reconcile asks nothing and says nothing
