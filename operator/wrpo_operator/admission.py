@@ -58,9 +58,10 @@ def run_children(name: str, namespace: str, spec: FusionSpec, uid: str) -> list[
 
 def template_jobs(obj: Obj) -> list[Obj]:
     """A Job for each pod template of a PyTorchJob: the apiserver checks a Job's or Deployment's pod template
-    when the child is created, but a PyTorchJob's only when the training-operator makes its pods — hours
-    later. Dry-running a Job of the same template asks the apiserver the same question now (with the verbs
-    the operator has already: it creates Jobs)."""
+    when the child is created, but a PyTorchJob's only against the CRD's schema (its webhook checks neither
+    affinity nor mounts, for one): the rest when the training-operator makes its pods — hours later.
+    Dry-running a Job of the same template asks the apiserver the same question now (with the verbs the
+    operator has already: it creates Jobs)."""
     if obj.get("kind") != "PyTorchJob":
         return []
     meta = obj["metadata"]
@@ -90,9 +91,9 @@ def refusal_message(refusals: list[Refusal]) -> str:
 
 
 def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers: int = WORKERS) -> list[Refusal]:
-    """Create every object (and the Pods of its PyTorchJob templates) with `dryRun=All` in a small thread
-    pool; the refusals, in the order of `objs`. A refusal worth retrying (a server error, throttling) raises,
-    as a real creation's would."""
+    """Create every object (and a Job of each PyTorchJob pod template, `template_jobs`) with `dryRun=All` in
+    a small thread pool; the refusals, one per child in the order of `objs`. A refusal worth retrying (a
+    server error, throttling) raises, as a real creation's would."""
     from wrpo_operator.kube import ApiError, retryable
 
     requests = [(o, o) for o in objs] + [(j, o) for o in objs for j in template_jobs(o)]
@@ -106,12 +107,16 @@ def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers:
                 raise
             if any(s in e.message for s in NOT_THE_SPECS):
                 return None
-            return Refusal(body["kind"], body["metadata"]["name"], e.message,
+            return Refusal(child["kind"], child["metadata"]["name"], e.message,
                            spec_field(child, _causes(e) or [_field_in(e.message)], spec, body["kind"]))
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(requests)))) as pool:
-        return [r for r in pool.map(one, requests) if r is not None]
+        found = [r for r in pool.map(one, requests) if r is not None]
+    first: dict[tuple[str, str], Refusal] = {}
+    for r in found:  # one per child: a PyTorchJob's own refusal before its template Job's
+        first.setdefault((r.kind, r.name), r)
+    return list(first.values())
 
 
 def _causes(e: Any) -> list[str]:

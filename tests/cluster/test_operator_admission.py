@@ -4,13 +4,13 @@ whose later-stage child the apiserver would refuse never starts its first stage,
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from operator_harness import children, create_run, events, tiny_spec, wait, wait_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpus"))
@@ -26,8 +26,9 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATE_ONLY = [c for c in spec_cases() if c.validate_only]
 #: Only the training pods' affinity is wrong (`In` needs values): the CRD and `wrpo spec validate` without
-#: --server admit it (an affinity is a Kubernetes object the spec passes through); the apiserver refuses the
-#: pod template of the sft stage's PyTorchJob, four stages after the first.
+#: --server admit it (an affinity is a Kubernetes object the spec passes through), and so do the PyTorchJob
+#: CRD and webhook: the pods the training-operator would make for the sft stage, four stages after the
+#: first, would be refused (asked as a Job of the same template, admission.template_jobs).
 BAD_AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
     {"matchExpressions": [{"key": "pool", "operator": "In"}]}]}}}
 
@@ -40,8 +41,8 @@ def validate(path: Path, *args: str) -> subprocess.CompletedProcess:
 
 def manifest(tmp_path: Path, name: str, spec: dict) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun",
-                                    "metadata": {"name": name}, "spec": spec}))
+    path.write_text(json.dumps({"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun",  # JSON is YAML
+                                "metadata": {"name": name}, "spec": spec}, indent=1))
     return path
 
 
@@ -54,7 +55,7 @@ def test_a_run_whose_training_pods_would_be_refused_never_starts(operator, apis,
     status = wait_phase(custom, run_namespace, "refused", "Failed", 60, operator)
     invalid = [c for c in status["conditions"] if c["type"] == "SpecInvalid"]
     assert invalid and invalid[0]["status"] == "True", status
-    assert "cluster.pods.training.affinity: the apiserver refused Job refused-sft-master" in status["message"]
+    assert "cluster.pods.training.affinity: the apiserver refused PyTorchJob refused-sft" in status["message"]
     assert "Required value" in status["message"] and status.get("refusedHash")
     assert not any(children(apis, run_namespace, "refused").values())
     assert not [s for s in status.get("stages") or [] if s.get("state") != "Pending"]
@@ -69,7 +70,7 @@ def test_a_run_whose_training_pods_would_be_refused_never_starts(operator, apis,
     assert offline.returncode == 0, offline.stderr
     online = validate(path, "--server", "--kubeconfig", str(k8s_kubeconfig), "--namespace", run_namespace)
     assert online.returncode == 2, online.stderr
-    assert "cluster.pods.training.affinity: the apiserver refused Job refused-sft-master" in online.stderr
+    assert "cluster.pods.training.affinity: the apiserver refused PyTorchJob refused-sft" in online.stderr
     # and admits what the operator runs
     fine = validate(manifest(tmp_path, "fine", tiny_spec()), "--server", "--kubeconfig", str(k8s_kubeconfig),
                     "--namespace", run_namespace)

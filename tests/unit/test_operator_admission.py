@@ -119,7 +119,7 @@ def test_a_refused_child_fails_the_run_before_anything_is_created():
     d = step(kube)
     status = kube.run["status"]
     assert status["phase"] == "Failed" and d.status["phase"] == "Failed"
-    assert "cluster.pods.training.tolerations[0]: the apiserver refused Job demo-sft-master" in status["message"]
+    assert "cluster.pods.training.tolerations[0]: the apiserver refused PyTorchJob demo-sft" in status["message"]
     invalid = [c for c in status["conditions"] if c["type"] == "SpecInvalid"]
     assert invalid and invalid[0]["status"] == "True"
     assert "cluster.pods.training.tolerations[0]" in invalid[0]["message"]
