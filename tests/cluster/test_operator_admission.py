@@ -14,7 +14,7 @@ import pytest
 from operator_harness import children, create_run, events, tiny_spec, wait, wait_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpus"))
-from corpus import spec_cases  # noqa: E402
+from corpus import as_fusionrun, spec_cases  # noqa: E402
 
 from wrpo.errors import SpecError  # noqa: E402
 from wrpo.pipeline import spec as spec_module  # noqa: E402
@@ -98,3 +98,23 @@ def test_validate_server_refuses_the_validate_only_cases(k8s_kubeconfig, k8s_nam
     out = validate(case.path, "--cluster", "--server", "--kubeconfig", str(k8s_kubeconfig),
                    "--namespace", k8s_namespace)
     assert out.returncode == 2 and "cluster.pods.training.volume" in out.stderr, out.stderr
+
+
+def test_the_operator_refuses_the_validate_only_cases_too(operator, apis, run_namespace, k8s_api_client):
+    """Each case applied as written (the CRD admits it): the operator fails it before any child exists, naming
+    the field `validate` names (its own spec rules see it first; were they gone, the admission dry run would,
+    as test_validate_only_cases_are_refused_by_the_apiserver_at_the_same_field shows)."""
+    custom = apis[0]
+    kube = Kube(k8s_api_client)
+    names = {}
+    for i, case in enumerate(VALIDATE_ONLY):
+        name = f"only-{i}"
+        kube.request("create", "FusionRun", "POST",
+                     f"/apis/fusion.wrpo.io/v1alpha1/namespaces/{run_namespace}/fusionruns",
+                     body=as_fusionrun(case.path.read_text(), name, run_namespace), content_type="application/yaml")
+        names[name] = case
+    for name, case in names.items():
+        status = wait_phase(custom, run_namespace, name, "Failed", 60, operator)
+        field = case.expect[0].split(": ")[1]
+        assert field in status["message"], f"{case.name}: {status['message']}"
+        assert not any(children(apis, run_namespace, name).values()), case.name
