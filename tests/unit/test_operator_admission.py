@@ -158,3 +158,23 @@ def test_a_retryable_refusal_is_retried_not_recorded():
     with pytest.raises(ApiError):
         step(kube)
     assert "status" not in kube.run and not kube.created
+
+
+def test_a_quota_refusal_is_not_the_specs():
+    """A ResourceQuota's refusal passes admission: the real creation waits for the quota (a stall)."""
+    kube = FakeKube()
+    kube.add_run(tiny_spec())
+    kube.refuse_dry[("Job", f"{NAME}-prepare")] = ApiError(403, "Forbidden", json.dumps(
+        {"message": 'jobs.batch "demo-prepare" is forbidden: exceeded quota: q, requested: count/jobs.batch=1'}))
+    step(kube)
+    assert kube.run["status"]["phase"] != "Failed" and ("Job", f"{NAME}-prepare") in kube.created
+
+
+def test_without_causes_the_field_is_read_from_the_message():
+    kube = FakeKube()
+    kube.add_run(pods_spec())
+    body = {"message": 'Job.batch "demo-score-sources" is invalid: spec.template.spec.tolerations[1].key: '
+                       "Invalid value: \"a b\""}
+    kube.refuse_dry[("Job", f"{NAME}-score-sources")] = ApiError(422, "Unprocessable Entity", json.dumps(body))
+    step(kube)
+    assert kube.run["status"]["message"].startswith("cluster.pods.scoring.tolerations[0]: the apiserver refused")
