@@ -178,3 +178,26 @@ def test_without_causes_the_field_is_read_from_the_message():
     kube.refuse_dry[("Job", f"{NAME}-score-sources")] = ApiError(422, "Unprocessable Entity", json.dumps(body))
     step(kube)
     assert kube.run["status"]["message"].startswith("cluster.pods.scoring.tolerations[0]: the apiserver refused")
+
+
+def test_validate_server_without_an_apiserver_says_so_in_one_line(tmp_path, capsys):
+    """`wrpo spec validate --server` with a kubeconfig whose apiserver does not answer: one error line and
+    exit code 2, never a traceback (the cluster test asks a real one)."""
+    from wrpo.cli.main import main
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}]}))
+    spec = tmp_path / "run.yaml"
+    spec.write_text(json.dumps({"apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun",
+                                "metadata": {"name": "run"}, "spec": tiny_spec()}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["spec", "validate", str(spec), "--server", "--kubeconfig", str(kubeconfig), "-n", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        next(line for line in err.splitlines() if "--server: the apiserver could not answer" in line)]
