@@ -86,9 +86,16 @@ class Refusal:
         return f"{where}the apiserver refused {self.kind} {self.name}: {self.message}"
 
 
+#: Refused children named in the status message (a cluster-wide mistake refuses every child with a pod).
+SHOWN = 5
+
+
 def refusal_message(refusals: list[Refusal]) -> str:
-    """One line per refused child (the status message and Event of SpecInvalid)."""
-    return "\n".join(str(r) for r in refusals)
+    """One line per refused child, the first `SHOWN` (the status message and Event of SpecInvalid)."""
+    lines = [str(r) for r in refusals[:SHOWN]]
+    if len(refusals) > SHOWN:
+        lines.append(f"... and {len(refusals) - SHOWN} more children refused")
+    return "\n".join(lines)
 
 
 def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers: int = WORKERS) -> list[Refusal]:

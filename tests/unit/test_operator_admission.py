@@ -201,3 +201,13 @@ def test_validate_server_without_an_apiserver_says_so_in_one_line(tmp_path, caps
     assert exit_.value.code == 2 and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         next(line for line in err.splitlines() if "--server: the apiserver could not answer" in line)]
+
+
+def test_a_cluster_wide_mistake_is_told_in_a_few_lines():
+    kube = FakeKube()
+    kube.add_run(pods_spec())
+    for key in children_by_key(pods_spec()):
+        kube.refuse_dry[key] = refusal(key[0], key[1], "spec.template.spec.tolerations[0].key", "bad")
+    step(kube)
+    lines = kube.run["status"]["message"].splitlines()
+    assert len(lines) == 6 and lines[-1].startswith("... and ") and lines[-1].endswith(" more children refused")
