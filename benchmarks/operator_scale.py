@@ -14,6 +14,13 @@ FusionRuns created at once (a thread pool) and waited for until all Succeeded. P
 
     python benchmarks/operator_scale.py [--runs 100] [--nodes 20] [--timeout 2400]
 
+`--dry-run-only` measures admission instead (docs/operator.md, "Admission"): the seconds the operator's
+server-side dry run of every child of the paper's 10-source run (manifests/examples/paper-llama3-8b.yaml)
+takes, with the operator's thread pool and one at a time (`admission_s`, `serial_s`: best and median of
+`--repeat` tries), the children and dry-run requests it makes, and whether the apiserver admitted them all.
+
+    python benchmarks/operator_scale.py --dry-run-only [--repeat 5]
+
 Needs the harness binaries (tests/cluster/build-binaries.sh, WRPO_K8S_BIN). On the 2-core build machine
 the control plane, kwok and the operator share the cores: `seconds` is the harness's pace, not the
 operator's; `first_child_s` includes the apiserver's queueing under 100 simultaneous creates.
@@ -127,7 +134,12 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=2400)
     p.add_argument("--workers", type=int, default=16, help="WRPO_OPERATOR_WORKERS (the chart's default: 16)")
     p.add_argument("--keep", action="store_true", help="keep the control plane's work dir")
+    p.add_argument("--dry-run-only", action="store_true", help="time the admission dry run of the paper's run")
+    p.add_argument("--repeat", type=int, default=5, help="with --dry-run-only: tries of each")
     args = p.parse_args()
+    if args.dry_run_only:
+        dry_run_only(args.repeat, args.keep)
+        return
 
     import k8s_harness
     from kubernetes import client
@@ -219,6 +231,52 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"work dir kept: {work}", file=sys.stderr)
+
+
+def dry_run_only(repeat: int, keep: bool) -> None:
+    """The admission of the paper's run (`--dry-run-only`), on a fresh control plane with its CRDs."""
+    import k8s_harness
+
+    from wrpo.pipeline.spec import load_spec
+    from wrpo_operator.admission import WORKERS, dry_run, run_children, template_jobs
+    from wrpo_operator.kube import Kube
+
+    work = Path(tempfile.mkdtemp(prefix="wrpo-admission-"))
+    cluster = k8s_harness.start_cluster(work, nodes=1, timeout=300)
+    api = cluster.api_client()
+    try:
+        from kubernetes import client
+
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": NS, "labels": k8s_harness.RESTRICTED_LABELS}})
+        spec = load_spec(ROOT / "manifests" / "examples" / "paper-llama3-8b.yaml", cluster=True)
+        kube = Kube(api)
+        timings: dict[int, list[float]] = {WORKERS: [], 1: []}
+        refusals: list[str] = []
+        for _ in range(repeat):
+            for workers in timings:
+                started = time.monotonic()
+                kids = run_children("wrpo-llama3-8b", NS, spec, "00000000-0000-0000-0000-000000000000")
+                refusals = [str(r) for r in dry_run(kube, kids, spec, workers)]
+                timings[workers].append(time.monotonic() - started)
+
+        def best_median(values: list[float]) -> dict[str, float]:
+            return {"best": round(min(values), 3), "median": round(statistics.median(values), 3)}
+
+        print(json.dumps({
+            "benchmark": "operator_scale", "mode": "dry-run-only", "spec": "manifests/examples/paper-llama3-8b.yaml",
+            "sources": len(spec.sources), "children": len(kids),
+            "requests": len(kids) + sum(len(template_jobs(k)) for k in kids),
+            "kinds": dict(Counter(k["kind"] for k in kids)), "workers": WORKERS,
+            "admission_s": best_median(timings[WORKERS]), "serial_s": best_median(timings[1]),
+            "repeat": repeat, "admitted": not refusals, "refusals": refusals[:3],
+        }))
+    finally:
+        api.close()
+        cluster.stop()
+        if not keep:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,17 @@ class ApiError(Exception):
         super().__init__(f"{status} {reason}: {self.message}"[:500])
 
 
+#: HTTP statuses of a refused creation that retrying the same request cannot fix.
+NOT_RETRYABLE = (400, 403, 404, 422)
+
+
+def retryable(e: ApiError) -> bool:
+    """Worth retrying as is: server errors, throttling, conflicts, and an admission plugin that does not know
+    the FusionRun kind yet (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a
+    freshly installed CRD by a few seconds)."""
+    return e.status not in NOT_RETRYABLE or "no matches for kind" in e.message
+
+
 @dataclass
 class Kube:
     """Namespaced REST verbs on the kinds in RESOURCES. `calls` counts (verb, kind)."""

@@ -15,9 +15,10 @@ from typing import Any
 from wrpo.errors import SpecError
 from wrpo.pipeline.spec import FusionSpec, cluster_problems, parse_spec, problem_lines
 from wrpo_operator import LABEL_RUN, LABEL_RUN_UID
-from wrpo_operator.builders import Obj, is_owned, owner_reference, with_owner
+from wrpo_operator.admission import admit, refusal_message, refused_status
+from wrpo_operator.builders import Obj, is_owned, owner_reference, spec_hash, with_owner
 from wrpo_operator.decide import Decision, Key, Observed, Settings, decide
-from wrpo_operator.kube import ApiError, Kube
+from wrpo_operator.kube import ApiError, Kube, retryable
 from wrpo_operator.runstate import RunState
 from wrpo_operator.status import SUMMARY_RETRY_S, read_summaries, timestamp, transitions
 
@@ -52,17 +53,6 @@ def _nulls_for_removed(old: Obj, new: Obj) -> Obj:
 #: The operator's memo of units committed in run directories (Settings.read_run_state).
 RUN_STATE = RunState()
 
-#: HTTP statuses of a refused creation that retrying the same request cannot fix.
-NOT_RETRYABLE = (400, 403, 404, 422)
-
-
-def retryable(e: ApiError) -> bool:
-    """Worth retrying as is: server errors, throttling, conflicts, and an admission plugin that does not know
-    the FusionRun kind yet (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a
-    freshly installed CRD by a few seconds)."""
-    return e.status not in NOT_RETRYABLE or "no matches for kind" in e.message
-
-
 def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = None,
               settings: Settings | None = None, post_event: Any = None, run_state: RunState | None = None) -> Decision:
     """Bring the children of one FusionRun in line with its spec and status; returns the decision.
@@ -77,11 +67,18 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
     name, ns, uid = meta["name"], meta["namespace"], meta["uid"]
     spec = parse_spec(run.get("spec"), f"FusionRun {ns}/{name}: spec")
     check_cluster_spec(spec, f"FusionRun {ns}/{name}: spec")
+    admitted = spec_hash(spec)
+    if (run.get("status") or {}).get("refusedHash") == admitted:
+        return Decision(status=run["status"])  # refused before (admission.py): Failed until the spec changes
+    refusals = admit(kube, run, spec, admitted)
+    if refusals:  # a child the apiserver refuses: nothing is created (docs/operator.md, "Admission")
+        return _refuse(kube, run, refusal_message(refusals), admitted, now, post_event)
     written: list[Obj] = []
     observed = _adopt_orphans(kube, observed, name, uid, written)
     state = run_state if run_state is not None else (RUN_STATE if settings.read_run_state else None)
     committed = (lambda stage: state.committed(uid, spec, stage)) if state is not None else None
     d = decide(run, spec, observed, now, settings, committed=committed)
+    d.status["admittedHash"] = admitted
     refused = _create_absent(kube, d, observed, name, uid, written)
     if refused or written:
         have = {_key(c) for c in observed.children}
@@ -89,6 +86,7 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
                             observed.events)
         if refused:  # decide again: the stage fails (or stalls, for a quota) with the apiserver's message
             d = decide(run, spec, observed, now, settings, refused, committed)
+            d.status["admittedHash"] = admitted
     for kind, child in d.delete:
         kube.delete(kind, ns, child)
     _patch_status(kube, run, d, observed, now, post_event, written)
@@ -96,6 +94,16 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
         kube.delete("FusionRun", ns, name)
     d.written = written
     return d
+
+
+def _refuse(kube: Kube, run: Obj, message: str, admitted: str, now: datetime, post_event: Any) -> Decision:
+    """The spec's children are refused by the apiserver: Failed, SpecInvalid, one Warning Event."""
+    meta, old = run["metadata"], run.get("status") or {}
+    status = refused_status(run, message, admitted, now)
+    written = [kube.merge_patch("FusionRun", meta["namespace"], meta["name"],
+                                {"status": _nulls_for_removed(old, status)}, sub="status")]
+    (post_event or kube.event)(run, "Warning", "SpecInvalid", message, timestamp(now))
+    return Decision(status=status, written=written)
 
 
 def _key(obj: Obj) -> Key:

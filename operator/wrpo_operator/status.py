@@ -33,7 +33,7 @@ Timestamp = str  # RFC 3339, UTC ("2025-01-31T12:00:00Z")
 class Condition(_Status):
     """A standard Kubernetes condition (GitOps tools such as Argo CD read these)."""
 
-    type: Literal["Ready", "Progressing", "Succeeded", "Failed", "Suspended", "Stalled"]
+    type: Literal["Ready", "Progressing", "Succeeded", "Failed", "Suspended", "Stalled", "SpecInvalid"]
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase reason of the last transition.")
     message: str = Field(default="", description="Human-readable detail.")
@@ -97,7 +97,11 @@ class FusionRunStatus(_Status):
     completion_time: Timestamp | None = Field(default=None, description="When the run succeeded or failed.")
     stages: list[StageStatus] = Field(default_factory=list, description="Every stage in pipeline order.")
     eval: EvalSummary | None = Field(default=None, description="Did the fusion help? The eval stage's summary.")
-    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, ..., Stalled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, ..., Stalled, and "
+                                        "SpecInvalid when the apiserver refused a child at admission.")
+    admitted_hash: str | None = Field(default=None, description="The spec hash whose children the apiserver "
+                                      "admitted in a dry run (docs/operator.md, \"Admission\").")
+    refused_hash: str | None = Field(default=None, description="The spec hash whose children it refused.")
 
 
 def timestamp(now: datetime) -> Timestamp:

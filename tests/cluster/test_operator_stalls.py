@@ -1,9 +1,9 @@
 """Stalls that show (docs/operator.md, "Stalls"), on the harness: every cause reaches the `Stalled` condition
 with one Warning Event naming pod, container and cause, then fails its stage after
-`cluster.stallTimeoutSeconds`; a fixed spec unsticks a stalled stage; an apiserver refusal fails the stage
-at once. The causes are real where the harness has the component (the scheduler's Unschedulable, the
-ResourceQuota admission, the Deployment controller's progress deadline, an invalid child) and kwok Stages
-where a kubelet would report them (image pulls, crash loops, a missing ConfigMap key, a server never Ready:
+`cluster.stallTimeoutSeconds`; a fixed spec unsticks a stalled stage; an apiserver refusal of a child fails
+the run before it starts (the admission dry run). The causes are real where the harness has the component
+(the scheduler's Unschedulable, the ResourceQuota admission, the Deployment controller's progress deadline,
+an invalid child) and kwok Stages where a kubelet would report them (image pulls, crash loops:
 tests/cluster/kwok/stages.yaml)."""
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from operator_harness import create_run, events, get_run, patch_run, tiny_spec, wait, wait_events, wait_phase
+from operator_harness import children, create_run, events, get_run, patch_run, tiny_spec, wait, wait_events, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 QUOTA_CLASS = "wrpo-test-quota"
 TIMEOUT = 8  # cluster.stallTimeoutSeconds of these runs
-MISSING_KEY = "couldn't find key model in ConfigMap wrpo-test/settings"
 
 
 def stalled(custom, ns, name):
@@ -57,14 +56,6 @@ CASES = {
                  "ProgressDeadlineExceeded", r"Deployment deadline-src-\w+", "has timed out progressing"),
     "quota": ({"pods": {"small": {"priorityClassName": QUOTA_CLASS}}}, "prepare", "QuotaExceeded",
               r"Job quota-prepare", "exceeded quota: no-pods"),
-    # shown once it lasted stalls.GRACE (60 s): the ConfigMap may be created a moment after the pod
-    "config": ({"pods": {"small": {"annotations": {"wrpo.test/config-error": MISSING_KEY}}}}, "prepare",
-               "CreateContainerConfigError", r"pod config-prepare-\w+ container stage", MISSING_KEY),
-    "notready": ({"vllm": {"gpus": 0, "cpu": "2", "memory": "4Gi",
-                           "startupProbe": {"periodSeconds": 1, "failureThreshold": 3}},
-                  "pods": {"vllm": {"annotations": {"wrpo.test/never-ready": "true"}}}}, "sample-sources",
-                 "ServerNotReady", r"pod notready-src-\w+-\w+-\w+ container vllm",
-                 "not Ready 3s after it started"),
 }
 
 
@@ -115,22 +106,19 @@ def test_fixing_the_image_of_a_stalled_stage_replaces_its_children_and_the_run_g
     assert batch.read_namespaced_job("fix-prepare", ns).metadata.uid != old  # replaced, not patched
 
 
-def test_a_child_the_apiserver_refuses_fails_the_stage_at_once(operator, apis, run_namespace):
+def test_a_child_the_apiserver_refuses_fails_the_run_before_it_starts(operator, apis, run_namespace):
+    """Caught by the admission dry run (docs/operator.md, "Admission") before the first stage; a fix runs it."""
     custom, _, _, core = apis
     ns = run_namespace
-    # valid to the FusionRun's schema (an affinity passes through as it is), invalid to the Job's: a required
-    # node affinity without a term
-    required = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
-    broken = {"pods": {"small": {"affinity": {"nodeAffinity": required}}}}
+    # valid to the spec's rules and the FusionRun's schema (an affinity passes through), invalid to the Job's
+    broken = {"pods": {"small": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": ""}]}}}}}
     create_run(custom, ns, "refused", tiny_spec(**broken))
     status = wait_phase(custom, ns, "refused", "Failed", 60, operator)
-    assert status["stage"] == "prepare"
-    assert "cannot create Job refused-prepare" in status["message"]
-    assert "nodeSelectorTerms: Required value" in status["message"], status["message"]
-    wait(lambda: [m for t, r, m in events(core, ns, "refused") if r == "StageFailed"], 30, "StageFailed", operator)
-    failed = [m for t, r, m in events(core, ns, "refused") if r == "StageFailed"]
-    assert "nodeSelectorTerms: Required value" in failed[0]
-    # the user fixes the spec: the stage runs again
+    assert "cluster.pods.small.affinity: the apiserver refused Job refused-prepare" in status["message"], status
+    assert "topologyKey" in status["message"] and not any(children(apis, ns, "refused").values())
+    wait(lambda: [m for t, r, m in events(core, ns, "refused") if r == "SpecInvalid"], 30, "SpecInvalid", operator)
+    # the user fixes the spec: the run starts
     fixed = patch_run(custom, ns, "refused", {"spec": {"cluster": {"pods": {"small": {"affinity": None}}}}})
     generation = fixed["metadata"]["generation"]
     wait(lambda: (get_run(custom, ns, "refused")["status"]["observedGeneration"] == generation

@@ -31,7 +31,7 @@ ALLOWED = {
     "models": set(),
     "eval": {"pipeline", "data"},
     "analysis": {"pipeline", "engine", "data", "eval"},
-    "cli": {"pipeline", "engine", "data", "models", "analysis", "eval"},
+    "cli": {"pipeline", "engine", "data", "models", "analysis", "eval", "operator"},  # validate --server
 }
 EXCEPTIONS = {"wrpo.engine.stages": {"pipeline"}}  # the training stages' bodies bridge engine and pipeline
 NEVER = {"pipeline": ("torch", "transformers", "deepspeed", "kubernetes", "kopf"),

@@ -28,7 +28,7 @@ class WatchedKube(FakeKube):
 
     def create(self, obj, dry_run=False):
         made = super().create(obj, dry_run)
-        if made and self.on_change:
+        if made and self.on_change and not dry_run:  # as Kube.create: a dry run changes nothing
             self.on_change("write", made)
         return made
 

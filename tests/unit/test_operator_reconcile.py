@@ -47,6 +47,7 @@ class FakeKube:
         self.events: list[tuple[str, str, str]] = []
         self.created: Counter = Counter()  # (kind, name) → successful creations
         self.refuse: dict[tuple[str, str], ApiError] = {}  # creations the "apiserver" rejects
+        self.refuse_dry: dict[tuple[str, str], ApiError] = {}  # dry-run creations it rejects (admission.py)
         self._rv = itertools.count(1)
         self._uid = itertools.count(1)
 
@@ -75,8 +76,13 @@ class FakeKube:
         return copy.deepcopy(self.objects.get((kind, name)))
 
     def create(self, obj, dry_run=False):
-        self.calls[("create", obj["kind"])] += 1
         key = (obj["kind"], obj["metadata"]["name"])
+        if dry_run:
+            self.calls[("dry-run", obj["kind"])] += 1
+            if key in self.refuse_dry:
+                raise self.refuse_dry[key]
+            return copy.deepcopy(obj)
+        self.calls[("create", obj["kind"])] += 1
         if key in self.refuse:
             raise self.refuse[key]
         if key in self.objects:

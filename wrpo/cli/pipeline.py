@@ -188,15 +188,63 @@ def spec_validate(
     spec: str = typer.Argument(..., help=SPEC_HELP),
     cluster: bool = typer.Option(False, "--cluster", help="Also the rules of a FusionRun (an s3:// run "
                                  "directory, batches that fit cluster.training); on for FusionRun manifests."),
+    server: bool = typer.Option(False, "--server", help="Also ask a live apiserver: the FusionRun and every "
+                                "child the operator would create for it, created with a server-side dry run "
+                                "(implies --cluster; needs the operator extra of wrpo)."),
+    kubeconfig: Path | None = typer.Option(None, "--kubeconfig", help="With --server: the kubeconfig "
+                                           "(default: KUBECONFIG, ~/.kube/config, or the in-cluster account)."),
+    namespace: str | None = typer.Option(None, "--namespace", "-n", help="With --server: the namespace "
+                                         "(default: the manifest's, else the kubeconfig context's, else default)."),
 ) -> None:
     """Validate SPEC as `wrpo run` and the apiserver would (every problem, one line each) and print its stage
-    hashes; exit 2 if it is invalid."""
+    hashes; exit 2 if it is invalid. With --server, the cluster itself admits or refuses every child of the
+    run, as the operator asks it before a run starts (docs/operator.md, "Admission")."""
     from wrpo.pipeline.plan import stage_hashes
 
-    s = _load(spec, True if cluster else None)
+    s = _load(spec, True if cluster or server else None)
+    if server:
+        _ask_server(spec, s, kubeconfig, namespace)
     _say(Text(f"{spec}: valid ({len(s.sources)} sources)", style="green"))
     for name, h in stage_hashes(s).items():
         print(f"{name:15s} {h[:16]}")
+
+
+def _ask_server(path: str, spec, kubeconfig: Path | None, namespace: str | None) -> None:
+    """`validate --server`: the operator's renderer and dry run (wrpo_operator.admission.ask_server) against
+    the apiserver of `kubeconfig`; SpecError with one line per refusal."""
+    from wrpo.errors import SpecError
+    from wrpo.pipeline.strict_yaml import load_yaml
+
+    try:
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
+
+        from wrpo_operator.admission import ask_server
+    except ImportError as e:
+        raise WrpoError(f"--server needs the Kubernetes client: pip install 'wrpo[operator]' ({e})") from None
+    text = Path(path).read_text() if not path.startswith("s3://") else ""
+    doc = load_yaml(text, path)[0] if text else None
+    meta = (doc.get("metadata") or {}) if isinstance(doc, dict) and doc.get("kind") == "FusionRun" else {}
+    name = str(meta.get("name") or "validate")
+    try:
+        if kubeconfig is None and not Path(config.KUBE_CONFIG_DEFAULT_LOCATION).expanduser().exists():
+            config.load_incluster_config()
+            ns_default = "default"
+        else:
+            config.load_kube_config(config_file=str(kubeconfig) if kubeconfig else None)
+            _, active = config.list_kube_config_contexts(config_file=str(kubeconfig) if kubeconfig else None)
+            ns_default = (active or {}).get("context", {}).get("namespace") or "default"
+    except (ConfigException, OSError) as e:
+        raise WrpoError(f"--server: no cluster to ask ({e})") from None
+    ns = namespace or str(meta.get("namespace") or ns_default)
+    try:
+        refusals = ask_server(client.ApiClient(), name, ns, spec)
+    except Exception as e:  # noqa: BLE001 - unreachable, unauthorized, throttled: not the spec's fault
+        raise WrpoError(f"--server: the apiserver could not answer: {e}") from None
+    if refusals:
+        raise SpecError("\n".join(f"{path}: {line}" for line in refusals))
+    _say(Text(f"{path}: admitted by the apiserver in namespace {ns} (dry run of the FusionRun and its children)",
+              style="green"))
 
 
 def fetch(

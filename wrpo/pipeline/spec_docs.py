@@ -75,6 +75,18 @@ admission, with the same messages where a CEL rule can say it. A spec means the 
   run.yaml`), to `wrpo spec validate --cluster` and on the apiserver: RULES. A manifest may use
   `metadata.generateName` (at most 35 characters: the apiserver adds 5) instead of `metadata.name`.
 
+- **The cluster itself**: `wrpo spec validate --server [--kubeconfig F] [--namespace N]` (implies
+  `--cluster`; needs the Kubernetes client, `pip install 'wrpo[operator]'`) renders the FusionRun and every
+  child the operator would create for it — with the operator's own renderer,
+  `wrpo_operator.admission.run_children` — and creates each with a server-side dry run on a live apiserver
+  (the kubeconfig's current context; the namespace from `--namespace`, the manifest, the context, or
+  `default`). The apiserver's refusals are printed one line each with the spec field they map to, e.g.
+  `run.yaml: cluster.pods.training.affinity: the apiserver refused PyTorchJob demo-sft: ...`, exit code 2.
+  The operator asks the same questions before it starts a run (docs/operator.md, "Admission"); the
+  cluster needs the FusionRun CRD and, for the training stages, the Kubeflow training-operator.
+  Without `--server` nothing leaves the machine. docs/gitops.md uses it as the pre-merge check of a GitOps
+  repository of FusionRuns.
+
 Every problem is reported at once, one line each, naming the file, the line and the field path
 (`fusion.yaml:23: sampling.n: Input should be greater than or equal to 2`); the command exits with code
 2 and never prints a traceback. Messages are printed as text: brackets in them are not markup.
