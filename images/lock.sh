@@ -53,6 +53,9 @@ compile() {
   (cd "${ROOT}" && "${UV}" pip compile --quiet "images/locks/${layer}.in" -o "images/locks/${layer}.txt" \
     --generate-hashes --python-version "${PYTHON_VERSION}" --python-platform "${PLATFORM}" \
     --custom-compile-command "bash images/lock.sh" "$@")
+  # uv names the temporary overrides file in its comments: name it the same every time, so that an
+  # unchanged resolution writes an unchanged lock
+  sed -i "s#${tmp}/#<lock.sh>/#g" "${LOCKS}/${layer}.txt"
   log "${layer}: $(grep -c '^[a-z0-9].*==' "${LOCKS}/${layer}.txt") packages"
 }
 extra() { python3 "${ROOT}/images/requirements.py" "${ROOT}/pyproject.toml" "$@"; }

@@ -217,3 +217,12 @@ def test_stage_bodies_are_no_library():
     users = sorted(f"{m} imports {b}" for m, deps in GRAPH.items() for b in deps & bodies
                    if layer(m) in ("data", "engine", "eval"))
     assert not users, users
+
+
+def test_no_two_test_files_share_a_name():
+    """pytest imports the test files of tests/* by their basename (no packages): two files of one name in two
+    tiers stop the whole collection with an 'import file mismatch'."""
+    seen: dict[str, list[str]] = {}
+    for f in sorted((ROOT / "tests").rglob("test_*.py")):
+        seen.setdefault(f.name, []).append(str(f.relative_to(ROOT)))
+    assert not {k: v for k, v in seen.items() if len(v) > 1}
