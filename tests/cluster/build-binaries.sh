@@ -57,41 +57,9 @@ if [[ -n "${GCFLAGS}" ]]; then
   BUILD_FLAGS+=("-gcflags=all=${GCFLAGS}")
 fi
 
-log() { printf '[build-binaries %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-# run CMD...: run a command, and on failure say exactly which command failed.
-run() {
-  if ! "$@"; then
-    log "FAILED (in $(pwd)): $*"
-    exit 1
-  fi
-}
-
-# step NAME OUTPUT... -- FUNCTION: run FUNCTION unless every OUTPUT already exists; time it.
-step() {
-  local name="$1"; shift
-  local outputs=()
-  while [[ "$1" != "--" ]]; do outputs+=("$1"); shift; done
-  shift
-  local missing=0 f
-  for f in "${outputs[@]}"; do [[ -e "${OUT}/${f}" ]] || missing=1; done
-  if [[ "${missing}" == 0 ]]; then
-    log "${name}: cached"
-    return
-  fi
-  local start=${SECONDS}
-  log "${name}: building"
-  "$@"
-  log "${name}: built in $((SECONDS - start))s"
-}
-
-# A wrapper module in WORK/<name> with the given go.mod body.
-wrapper_module() {
-  local dir="${WORK}/$1"
-  mkdir -p "${dir}"
-  printf '%s\n' "$2" >"${dir}/go.mod"
-  echo "${dir}"
-}
+LOG_TAG=build-binaries
+# shellcheck source=build-common.sh
+source "${HERE}/build-common.sh"
 
 build_etcd() {
   local dir

@@ -46,39 +46,9 @@ mkdir -p "${OUT}" "${WORK}"
 LDFLAGS="-s -w"
 BUILD_FLAGS=(-trimpath -p "${JOBS}")
 
-log() { printf '[build-controllers %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-run() {
-  if ! "$@"; then
-    log "FAILED (in $(pwd)): $*"
-    exit 1
-  fi
-}
-
-# step NAME OUTPUT... -- FUNCTION: run FUNCTION unless every OUTPUT already exists; time it.
-step() {
-  local name="$1"; shift
-  local outputs=()
-  while [[ "$1" != "--" ]]; do outputs+=("$1"); shift; done
-  shift
-  local missing=0 f
-  for f in "${outputs[@]}"; do [[ -e "${OUT}/${f}" ]] || missing=1; done
-  if [[ "${missing}" == 0 ]]; then
-    log "${name}: cached"
-    return
-  fi
-  local start=${SECONDS}
-  log "${name}: building"
-  "$@"
-  log "${name}: built in $((SECONDS - start))s"
-}
-
-wrapper_module() {
-  local dir="${WORK}/$1"
-  mkdir -p "${dir}"
-  printf '%s\n' "$2" >"${dir}/go.mod"
-  echo "${dir}"
-}
+LOG_TAG=build-controllers
+# shellcheck source=build-common.sh
+source "${HERE}/build-common.sh"
 
 # module_dir MODULE VERSION: the module's folder in the module cache (downloaded by the build).
 module_dir() {
