@@ -43,22 +43,34 @@ def print_error(e: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; `argv` (default: sys.argv[1:]) for calling it in-process."""
+    succeeded = False
     try:
-        app(args=argv)
+        try:
+            app(args=argv)
+        except SystemExit as e:  # typer ends every command with one; code 0/None is success
+            succeeded = e.code in (None, 0)
+            raise
+        succeeded = True
     except (WrpoError, ValidationError) as e:
         print_error(e)
         sys.exit(2)
     finally:
-        _end_process_group()
+        _end_process_group(wait_for_peers=succeeded)
 
 
-def _end_process_group() -> None:
-    """Under torchrun: end the process group before exit. A gloo group left to the interpreter's exit can
-    abort the process after the work is done ("terminate called without an active exception", exit -6),
-    seen in tests/integration/test_train_multirank.py on a loaded machine."""
+def _end_process_group(wait_for_peers: bool) -> None:
+    """Under torchrun: end the process group before exit, after a barrier when this rank succeeded.
+
+    Without the barrier a rank that finished first tore its group down and exited while its peer was still
+    in the last collectives of the final save; the peer then aborted at exit ("terminate called without an
+    active exception", exit -6) although the work was done (tests/integration/test_train_multirank.py, on a
+    loaded machine). A rank that failed skips the barrier: its peers are ended by torchrun."""
     dist = sys.modules.get("torch.distributed")  # never imports torch itself: the CLI shell is torch-free
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if wait_for_peers and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
