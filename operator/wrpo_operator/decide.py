@@ -196,7 +196,9 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
     for dep in servers:
         have = ps.kids.get(_key(dep))
         if dep["kind"] == "Deployment" and have is not None and _key(dep) not in ps.drop:
-            found += deployment_stalls(have)
+            # a server waiting in Kueue's queue outlives its progress deadline without being stuck
+            queued = bool(_kueue_held(ps, [], [dep]))
+            found += [s for s in deployment_stalls(have) if not (queued and s.reason == "ProgressDeadlineExceeded")]
     for runner in runners:  # each Job on its own: another unit's running pod hides nothing
         have = ps.kids.get(_key(runner))
         live = [p for p in job_pods(runner, pods)

@@ -622,6 +622,28 @@ def test_deployment_conditions_and_create_failures_are_stalls():
     assert stall["reason"] == "QuotaExceeded" and stall["subject"] == "Deployment demo-src-llama"
 
 
+def test_a_server_held_by_kueue_past_its_progress_deadline_is_queued_not_stalled():
+    """The Deployment controller's progress deadline runs while Kueue holds the pods at its gate: a long
+    queue is not a stuck server (docs/operator.md, "Kueue")."""
+    kube = FakeKube()
+    kube.add_run(tiny_spec(cluster={"training": {"gpus": 1}, "stallTimeoutSeconds": 600, "queueName": "team-gpus"}))
+    step(kube)
+    kube.objects[("Job", "demo-prepare")]["spec"]["suspend"] = False
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    dep = kube.objects[("Deployment", "demo-src-llama")]
+    dep["status"] = {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                     "message": 'ReplicaSet "demo-src-llama-1" has timed out progressing.'}]}
+    gated = kube.add_pod("demo-src-llama", "llama-0", {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}]})
+    step(kube, minutes=60)
+    st = status_of(kube, "sample-sources")
+    assert st["state"] == "Queued" and not st.get("stall"), st
+    gated["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]  # admitted, yet no progress
+    step(kube)
+    assert status_of(kube, "sample-sources")["stall"]["reason"] == "ProgressDeadlineExceeded"
+
+
 def test_a_job_whose_pods_are_refused_is_stalled_by_its_warning_events():
     kube = FakeKube()
     kube.add_run(stall_settings())
