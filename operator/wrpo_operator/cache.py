@@ -1,10 +1,11 @@
 """What the watches saw, indexed by run (docs/operator.md, "Reconcile"). kopf's watch streams feed it (one
 LIST + WATCH per kind, filtered server-side by the `fusion.wrpo.io/run` label); `reconcile` reads a run's
-children, pods and Warning Events from it instead of listing them; the operator's own writes go in at once
-(a write's response is newer than any event about it still in flight).
+children, pods, Warning Events and Kueue's Workloads from it instead of listing them; the operator's own
+writes go in at once (a write's response is newer than any event about it still in flight).
 
 Children are matched to their run by owner UID (a re-created run with the same name never sees the old
 run's children), pods by the run-UID label; orphans labelled with a run's name are offered for adoption.
+Events and Workloads go with the child or pod they are about (the involved object, the Workload's owner).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from wrpo_operator import LABEL_RUN, LABEL_RUN_UID
 from wrpo_operator.decide import Observed
+from wrpo_operator.queueing import trim_workload, workload_owner
 from wrpo_operator.stalls import CREATE_FAILURES, MOUNT_FAILURES
 
 Obj = dict[str, Any]
@@ -98,6 +100,7 @@ class Cache:
         self._orphans: dict[RunKey, set[ObjKey]] = defaultdict(set)  # (ns, run label) → uncontrolled children
         self._pods: dict[str, set[ObjKey]] = defaultdict(set)  # run UID label → pods
         self._events: dict[str, set[ObjKey]] = defaultdict(set)  # involved object's UID → events
+        self._workloads: dict[str, set[ObjKey]] = defaultdict(set)  # owner's UID → Kueue's Workloads
         self._child_by_uid: dict[str, ObjKey] = {}  # children and pods (the objects Events are about)
         self._gone: dict[ObjKey, str] = {}  # deleted by us: ignore older events of that UID until its DELETED
 
@@ -129,7 +132,7 @@ class Cache:
 
     # -- children, pods, events ------------------------------------------------------------------------
     def put(self, obj: Obj) -> list[RunKey]:
-        """A child, pod or Event as a watch (or our write) shows it; returns the runs it concerns."""
+        """A child, pod, Event or Workload as a watch (or our write) shows it; returns the runs it concerns."""
         kind = obj.get("kind") or ("Event" if "involvedObject" in obj else "")
         if kind == "Pod":
             obj = trim_pod(obj)
@@ -138,6 +141,8 @@ class Cache:
             if trimmed is None:
                 return []
             obj = {**trimmed, "kind": "Event"}
+        elif kind == "Workload":
+            obj = trim_workload(obj)
         else:
             obj = trim(obj)
         key = (kind, _meta(obj).get("namespace", ""), _meta(obj)["name"])
@@ -180,6 +185,8 @@ class Cache:
             return "_pods", labels.get(LABEL_RUN_UID, "")
         if kind == "Event":
             return "_events", obj["involvedObject"].get("uid") or ""
+        if kind == "Workload":
+            return "_workloads", workload_owner(obj)
         if (uid := _controller_uid(obj)) is not None:
             return "_by_owner", uid
         if LABEL_RUN in labels:
@@ -187,7 +194,7 @@ class Cache:
         return None
 
     def _index(self, key: ObjKey, obj: Obj) -> None:
-        if key[0] != "Event" and _meta(obj).get("uid"):
+        if key[0] not in ("Event", "Workload") and _meta(obj).get("uid"):
             self._child_by_uid[_meta(obj)["uid"]] = key
         slot = self._slot_of(key, obj)
         if slot is not None:
@@ -209,8 +216,9 @@ class Cache:
         if kind == "Pod":
             key = self._run_by_uid.get((meta.get("labels") or {}).get(LABEL_RUN_UID, ""))
             return [key] if key else []
-        if kind == "Event":
-            child_key = self._child_by_uid.get(obj["involvedObject"].get("uid") or "")
+        if kind in ("Event", "Workload"):
+            about = obj["involvedObject"].get("uid") if kind == "Event" else workload_owner(obj)
+            child_key = self._child_by_uid.get(about or "")
             return self._wakes(self._objects[child_key]) if child_key in self._objects else []
         uid = _controller_uid(obj)
         if uid is not None:
@@ -220,7 +228,8 @@ class Cache:
         return [(meta.get("namespace", ""), label)] if label else []
 
     def observed(self, run: Obj) -> Observed:
-        """A run's children (controlled by it, or orphans labelled with its name), pods and create failures."""
+        """A run's children (controlled by it, or orphans labelled with its name), pods, create failures and
+        Kueue's Workloads of its children and pods."""
         meta = _meta(run)
         uid, ns = meta.get("uid", ""), meta.get("namespace", "")
         with self._lock:
@@ -229,7 +238,8 @@ class Cache:
             pods = [self._objects[k] for k in sorted(self._pods.get(uid, ()))]
             uids = {_meta(c).get("uid") for c in [*children, *pods]}
             events = [self._objects[k] for u in uids for k in sorted(self._events.get(u or "", ()))]
-        return Observed(children, pods, events)
+            workloads = [self._objects[k] for u in uids for k in sorted(self._workloads.get(u or "", ()))]
+        return Observed(children, pods, events, workloads)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

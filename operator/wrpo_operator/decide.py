@@ -31,6 +31,7 @@ from wrpo_operator.builders import (
     configmaps_used,
     stage_children,
 )
+from wrpo_operator.queueing import kueue_reasons
 from wrpo_operator.stalls import (
     GRACE,
     Stall,
@@ -79,11 +80,13 @@ class Settings:
 @dataclass
 class Observed:
     """What the watches saw of one run: its children (controlled by it, or labelled with its name and
-    controlled by nobody: adopted), the pods labelled with its UID, and Warning Events on its children."""
+    controlled by nobody: adopted), the pods labelled with its UID, Warning Events on its children, and
+    Kueue's Workloads of its children and pods (queueing.py)."""
 
     children: list[Obj] = field(default_factory=list)
     pods: list[Obj] = field(default_factory=list)
     events: list[Obj] = field(default_factory=list)
+    workloads: list[Obj] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +153,7 @@ class _Pass:
     d: Decision = field(default_factory=Decision)
     previous: Obj = field(default_factory=dict)  # the stall the current stage reported before
     waiting_since: str | None = None  # since when the current stage waits for the GPU budget, if it did
+    workloads: list[Obj] = field(default_factory=list)  # Kueue's, of the run's children and pods
 
     def __post_init__(self) -> None:
         self.run_uri = (self.spec.storage.run_uri or "").rstrip("/")
@@ -162,7 +166,7 @@ def _start(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settin
     retrying = old.get("observedGeneration") is not None and meta.get("generation", 1) > old["observedGeneration"]
     return _Pass(meta["name"], meta["namespace"], spec, now, settings, refused,
                  committed or (lambda stage: set()), {_key(c): c for c in observed.children}, observed.pods,
-                 observed.events, retrying)
+                 observed.events, retrying, workloads=observed.workloads)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -192,7 +196,9 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
     for dep in servers:
         have = ps.kids.get(_key(dep))
         if dep["kind"] == "Deployment" and have is not None and _key(dep) not in ps.drop:
-            found += deployment_stalls(have)
+            # a server waiting in Kueue's queue outlives its progress deadline without being stuck
+            queued = bool(_kueue_held(ps, [], [dep]))
+            found += [s for s in deployment_stalls(have) if not (queued and s.reason == "ProgressDeadlineExceeded")]
     for runner in runners:  # each Job on its own: another unit's running pod hides nothing
         have = ps.kids.get(_key(runner))
         live = [p for p in job_pods(runner, pods)
@@ -323,7 +329,7 @@ def _advance_units(ps: _Pass, entry: Obj, want: StageChildren, templates: set[st
     active += [u for u in want.units if u.name in start]
     if _stalled(ps, entry, [o for u in active for o in u.servers], [u.runner for u in active], templates):
         return False
-    waiting, started = _start_units(ps, active)
+    waiting, started, queued = _start_units(ps, active)
     pending = [u.name for u in want.units if u.name not in done and u not in active]
     if pending and not active:  # nothing runs: GPUs held by what no unit of this stage accounts for
         need = min(u.gpus for u in want.units if u.name in pending)
@@ -334,7 +340,9 @@ def _advance_units(ps: _Pass, entry: Obj, want: StageChildren, templates: set[st
                     f"{', '.join(pending)}")
     if waiting:
         message += f"; waiting for {'; '.join(waiting)}"
-    entry.update(state="Running" if started else "Waiting", message=message)
+    if queued:
+        message += f"; {_held_by_kueue(ps, queued)}"
+    entry.update(state="Running" if started else "Queued" if queued else "Waiting", message=message)
     _operator_deadline(ps, entry)
     _nothing_kept_if_failed(ps, entry, want)
     return False
@@ -365,10 +373,10 @@ def _unit_states(ps: _Pass, entry: Obj, want: StageChildren) -> tuple[list[str],
     return done, running, failed
 
 
-def _start_units(ps: _Pass, active: list[UnitChildren]) -> tuple[list[str], bool]:
+def _start_units(ps: _Pass, active: list[UnitChildren]) -> tuple[list[str], bool, list[tuple[str, str]]]:
     """Keep (or create) the servers of the active units and create each unit's Job once its servers are
-    ready; returns what they wait for and whether a Job runs."""
-    waiting, started = [], False
+    ready; returns what they wait for, whether a Job runs, and what Kueue holds (_kueue_held)."""
+    waiting, started, held = [], False, []
     for u in active:
         for obj in u.servers:
             ps.keep.add(_key(obj))
@@ -378,18 +386,23 @@ def _start_units(ps: _Pass, active: list[UnitChildren]) -> tuple[list[str], bool
         ps.keep.add(key)
         have = ps.kids.get(key)
         if have is not None and key not in ps.drop and not _deleting(have):
-            started = True
+            queued = _kueue_held(ps, [have], [])
+            held += queued
+            started = started or not queued
             continue
-        not_ready = [o["metadata"]["name"] for o in u.servers if o["kind"] == "Deployment"
+        not_ready = [o for o in u.servers if o["kind"] == "Deployment"
                      and (_key(o) in ps.drop or not deployment_ready(ps.kids.get(_key(o), {})))]
         if key in ps.drop or _deleting(have):
             waiting.append(f"Job {key[1]} to be replaced")
         elif not_ready:
-            waiting.append(f"vLLM servers: {', '.join(not_ready)}")
+            waiting.append(f"vLLM servers: {', '.join(o['metadata']['name'] for o in not_ready)}")
+            held += _kueue_held(ps, [], not_ready)
         else:
             ps.d.create.append(u.runner)
-            started = True
-    return waiting, started
+            started = started or not ps.spec.cluster.queue_name  # created suspended for Kueue
+            if ps.spec.cluster.queue_name:
+                held.append((f"Job {key[1]}", ""))
+    return waiting, started, held
 
 
 def _nothing_kept_if_failed(ps: _Pass, entry: Obj, want: StageChildren) -> None:
@@ -498,12 +511,12 @@ def _create_and_keep(ps: _Pass, entry: Obj, want: StageChildren, found: dict[Key
         if _key(obj) not in ps.drop:
             ps.d.create.append(obj)
     waiting: list[str] = []
-    queued = False
+    held: list[tuple[str, str]] = []
     for runner in want.runners:
         key = _key(runner)
         ps.keep.add(key)
         if key in states:
-            queued = queued or states[key][0] == "Queued"
+            held += _kueue_held(ps, [found[key]] if states[key][0] == "Queued" else [], [])
             continue
         if key in ps.drop or _deleting(found.get(key)):
             waiting.append(f"{runner['kind']} {key[1]} to be replaced")
@@ -517,19 +530,42 @@ def _create_and_keep(ps: _Pass, entry: Obj, want: StageChildren, found: dict[Key
                      or not deployment_ready(ps.kids.get(("Deployment", n), {}))]
         if not_ready:
             waiting.append(f"vLLM servers: {', '.join(not_ready)}")
-            gated = [p for p in ps.pods if _label(p, LABEL_STAGE) == entry["name"] and pod_queued(p)]
-            queued = queued or bool(gated)
+            held += _kueue_held(ps, [], [o for o in want.servers if o["metadata"]["name"] in not_ready])
             continue
         ps.d.create.append(runner)
-        queued = queued or bool(ps.spec.cluster.queue_name)
+        if ps.spec.cluster.queue_name:  # created suspended: Kueue admits it
+            held.append((f"{runner['kind']} {key[1]}", ""))
+    held = list(dict.fromkeys(held))
     if waiting:
-        entry.update(state="Queued" if queued else "Waiting", message=f"waiting for {'; '.join(waiting)}")
+        message = f"waiting for {'; '.join(waiting)}" + (f"; {_held_by_kueue(ps, held)}" if held else "")
+        entry.update(state="Queued" if held else "Waiting", message=message)
         _operator_deadline(ps, entry)
-    elif queued:
-        queue = ps.spec.cluster.queue_name
-        entry.update(state="Queued", message=f"held by Kueue (queue {queue})" if queue else "suspended")
+    elif held:
+        entry.update(state="Queued", message=_held_by_kueue(ps, held))
     else:
         entry.update(state="Running", message=None)
+
+
+def _kueue_held(ps: _Pass, runners: list[Obj], servers: list[Obj]) -> list[tuple[str, str]]:
+    """(subject, UID) of what a queue holds (docs/operator.md, "Kueue"): of `runners`, the suspended ones;
+    of the `servers`' Deployments, the pods held at Kueue's scheduling gate."""
+    out = [(f"{r['kind']} {r['metadata']['name']}", r["metadata"].get("uid", ""))
+           for r in runners if job_state(r)[0] == "Queued"]
+    hashes = {_label(s, LABEL_STAGE_HASH) for s in servers if s["kind"] == "Deployment"}
+    stages = {_label(s, LABEL_STAGE) for s in servers if s["kind"] == "Deployment"}
+    out += [(f"pod {p['metadata'].get('name', '?')}", p["metadata"].get("uid", "")) for p in ps.pods
+            if _label(p, LABEL_COMPONENT) == "vllm" and _label(p, LABEL_STAGE) in stages
+            and _label(p, LABEL_STAGE_HASH) in hashes and not _deleting(p) and pod_queued(p)]
+    return out
+
+
+def _held_by_kueue(ps: _Pass, held: list[tuple[str, str]]) -> str:
+    """`held by Kueue (queue q)`, with `: <what>: <Kueue's reason>; ...` once its Workloads give one (their
+    `QuotaReserved` condition)."""
+    queue = ps.spec.cluster.queue_name
+    head = f"held by Kueue (queue {queue})" if queue else "suspended"
+    reasons = kueue_reasons(held, ps.workloads)
+    return f"{head}: {'; '.join(reasons)}" if reasons else head
 
 
 def _operator_deadline(ps: _Pass, entry: Obj) -> None:

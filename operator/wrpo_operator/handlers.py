@@ -4,7 +4,9 @@ handlers feed the controller's cache and wake the run concerned; the controller'
 Only `on.event` and `index` handlers are registered — no create/update/resume handlers, no timers, no
 daemons — so kopf keeps no state in the FusionRuns (no annotations) and adds no finalizer: a run deleted
 while no operator runs is deleted at once, and garbage collection removes its children. The children's
-watches are filtered on the apiserver by the `fusion.wrpo.io/run` label, the Events' by `type=Warning`.
+watches are filtered on the apiserver by the `fusion.wrpo.io/run` label, the Events' by `type=Warning`;
+Kueue's Workloads carry no label of ours and are watched whole (none without Kueue: kopf serves only the
+resources the apiserver has; queueing.py).
 
 The `index` handlers put every object into the cache as kopf lists and watches it; kopf holds every
 `on.event` handler back until the initial lists of all indexed kinds are done, so no run is reconciled
@@ -25,6 +27,7 @@ from wrpo_operator.controller import Controller
 from wrpo_operator.decide import Settings
 from wrpo_operator.kube import Kube
 from wrpo_operator.leader import ElectionSettings, LeaderElector
+from wrpo_operator.queueing import WORKLOADS
 
 log = logging.getLogger("wrpo_operator")
 STATE: dict[str, Any] = {}  # the controller and the elector, made at startup
@@ -115,3 +118,5 @@ for _group, _version, _plural in (*CHILDREN, PODS):
     kopf.on.event(_group, _version, _plural, labels={LABEL_RUN: kopf.PRESENT}, id=f"watch-{_plural}")(child_event)
 kopf.index(*EVENTS, id="cache-warnings")(remember)
 kopf.on.event(*EVENTS, id="watch-warnings")(child_event)
+kopf.index(*WORKLOADS, id="cache-workloads")(remember)
+kopf.on.event(*WORKLOADS, id="watch-workloads")(child_event)

@@ -83,7 +83,7 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
     if refused or written:
         have = {_key(c) for c in observed.children}
         observed = Observed([*observed.children, *(w for w in written if _key(w) not in have)], observed.pods,
-                            observed.events)
+                            observed.events, observed.workloads)
         if refused:  # decide again: the stage fails (or stalls, for a quota) with the apiserver's message
             d = decide(run, spec, observed, now, settings, refused, committed)
             d.status["admittedHash"] = admitted
@@ -118,7 +118,7 @@ def _adopt_orphans(kube: Kube, observed: Observed, name: str, uid: str, written:
             child = _adopt(kube, child, name, uid)
             written.append(child)
         children.append(child)
-    return Observed(children, observed.pods, observed.events)
+    return Observed(children, observed.pods, observed.events, observed.workloads)
 
 
 def _create_absent(kube: Kube, d: Decision, observed: Observed, name: str, uid: str,

@@ -158,13 +158,13 @@ def test_rbac_is_least_privilege_and_covers_what_the_operator_calls():
     needed.discard(("coordination.k8s.io", "leases"))  # in the release namespace only (a Role), below
     extra = granted - needed - {("fusion.wrpo.io", "fusionruns/status"), ("fusion.wrpo.io", "fusionruns/finalizers"),
                                 ("events.k8s.io", "events"), ("apiextensions.k8s.io", "customresourcedefinitions"),
-                                ("", "namespaces")}
+                                ("", "namespaces"), ("kueue.x-k8s.io", "workloads")}
     assert needed <= granted and not extra
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         assert "secrets" not in rule["resources"]  # Secrets reach pods by reference only
-        if "pods" in rule["resources"]:
-            assert rule["verbs"] == ["get", "list", "watch"]  # pods are only read (stalls)
+        if "pods" in rule["resources"] or "workloads" in rule["resources"]:
+            assert rule["verbs"] == ["get", "list", "watch"]  # pods (stalls) and Kueue's Workloads are only read
         if "fusionruns/finalizers" in rule["resources"]:
             assert rule["verbs"] == ["update"]  # blockOwnerDeletion under OwnerReferencesPermissionEnforcement
     (lease,) = [d for d in render() if d["kind"] == "Role"]

@@ -622,6 +622,28 @@ def test_deployment_conditions_and_create_failures_are_stalls():
     assert stall["reason"] == "QuotaExceeded" and stall["subject"] == "Deployment demo-src-llama"
 
 
+def test_a_server_held_by_kueue_past_its_progress_deadline_is_queued_not_stalled():
+    """The Deployment controller's progress deadline runs while Kueue holds the pods at its gate: a long
+    queue is not a stuck server (docs/operator.md, "Kueue")."""
+    kube = FakeKube()
+    kube.add_run(tiny_spec(cluster={"training": {"gpus": 1}, "stallTimeoutSeconds": 600, "queueName": "team-gpus"}))
+    step(kube)
+    kube.objects[("Job", "demo-prepare")]["spec"]["suspend"] = False
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    dep = kube.objects[("Deployment", "demo-src-llama")]
+    dep["status"] = {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                     "message": 'ReplicaSet "demo-src-llama-1" has timed out progressing.'}]}
+    gated = kube.add_pod("demo-src-llama", "llama-0", {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}]})
+    step(kube, minutes=60)
+    st = status_of(kube, "sample-sources")
+    assert st["state"] == "Queued" and not st.get("stall"), st
+    gated["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]  # admitted, yet no progress
+    step(kube)
+    assert status_of(kube, "sample-sources")["stall"]["reason"] == "ProgressDeadlineExceeded"
+
+
 def test_a_job_whose_pods_are_refused_is_stalled_by_its_warning_events():
     kube = FakeKube()
     kube.add_run(stall_settings())
@@ -700,6 +722,92 @@ def test_with_a_queue_the_runner_is_created_suspended_and_shows_as_queued():
     step(kube)
     assert status_of(kube, "prepare")["state"] == "Running"
     assert ("Normal", "StageStarted") in [(t, r) for t, r, _ in kube.events]
+
+
+QUOTA = ("couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor "
+         "default-flavor, 3 more needed")
+
+
+def workload(kube, owner, reason=None):
+    """Kueue's Workload of `owner` (a Job or a pod) as v0.17 writes it: owned by it, `QuotaReserved=False`
+    with `reason` while it waits, `Admitted=True` once admitted (`reason` None)."""
+    conditions = ([{"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": reason}] if reason
+                  else [{"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "ok"},
+                        {"type": "Admitted", "status": "True", "reason": "Admitted", "message": "ok"}])
+    name = f"{owner['kind'].lower()}-{owner['metadata']['name']}-1a2b3"
+    wl = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+          "metadata": {"name": name, "namespace": NS, "uid": f"wl-{name}", "ownerReferences": [
+              {"apiVersion": "v1", "kind": owner["kind"], "name": owner["metadata"]["name"],
+               "uid": owner["metadata"]["uid"], "controller": True}]},
+          "spec": {"queueName": "team-gpus"}, "status": {"conditions": conditions}}
+    kube._stamp(wl)
+    kube.objects[("Workload", name)] = wl
+
+
+def test_kueues_reason_shows_on_a_held_runner_a_gated_server_and_held_units():
+    """docs/operator.md, "Kueue": what a Workload's QuotaReserved=False says is the stage's message, and a
+    unit whose Job Kueue holds is Queued, not Running."""
+    kube = FakeKube()
+    kube.add_run(tiny_spec(cluster={"training": {"gpus": 1}, "queueName": "team-gpus"}))
+    step(kube)
+    job = kube.objects[("Job", "demo-prepare")]
+    workload(kube, job, QUOTA)
+    step(kube)
+    st = status_of(kube, "prepare")
+    assert st["state"] == "Queued"
+    assert st["message"] == f"held by Kueue (queue team-gpus): Job demo-prepare: Pending: {QUOTA}"
+    assert kube.run["status"]["phase"] == "Running" and QUOTA in kube.run["status"]["message"]
+    job["spec"]["suspend"] = False  # Kueue admits it
+    workload(kube, job)
+    step(kube)
+    assert status_of(kube, "prepare")["state"] == "Running"
+    kube.finish("Job", "demo-prepare")
+    step(kube)
+    # sample-sources: llama's server pod waits at Kueue's scheduling gate
+    (server,) = kube.kinds("Deployment")
+    pod = kube.add_pod(server, "llama-0", {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated"}]})
+    workload(kube, pod, QUOTA)
+    step(kube)
+    st = status_of(kube, "sample-sources")
+    assert st["state"] == "Queued" and st["units"] == "0/2", st
+    assert f"held by Kueue (queue team-gpus): pod llama-0: Pending: {QUOTA}" in st["message"]
+    assert "stall" not in st or st["stall"] is None
+    # the server admitted and Ready: the units' Jobs are created suspended, and Queued until Kueue admits them
+    del kube.objects[("Pod", "llama-0")]
+    kube.make_available()
+    step(kube)
+    units = unit_jobs(kube, "sample-sources")
+    assert len(units) == 2 and all(kube.objects[("Job", u)]["spec"]["suspend"] for u in units)
+    assert status_of(kube, "sample-sources")["state"] == "Queued"
+    for u in units:
+        workload(kube, kube.objects[("Job", u)], QUOTA)
+    step(kube)
+    st = status_of(kube, "sample-sources")
+    assert st["state"] == "Queued" and all(f"Job {u}: Pending: {QUOTA}" in st["message"] for u in units), st
+    kube.objects[("Job", units[0])]["spec"]["suspend"] = False
+    workload(kube, kube.objects[("Job", units[0])])
+    step(kube)
+    st = status_of(kube, "sample-sources")
+    assert st["state"] == "Running" and f"Job {units[1]}: Pending: {QUOTA}" in st["message"]
+    assert f"Job {units[0]}:" not in st["message"]
+
+
+def test_a_workload_wakes_the_run_of_the_child_it_belongs_to():
+    kube = FakeKube()
+    kube.add_run(tiny_spec(cluster={"training": {"gpus": 1}, "queueName": "team-gpus"}))
+    step(kube)
+    cache = Cache()
+    cache.put_run(kube.run)
+    cache.put(copy.deepcopy(kube.objects[("Job", "demo-prepare")]))
+    workload(kube, kube.objects[("Job", "demo-prepare")], QUOTA)
+    (wl,) = [o for (k, _), o in kube.objects.items() if k == "Workload"]
+    assert cache.put(copy.deepcopy(wl)) == [(NS, NAME)]
+    assert [w["metadata"]["name"] for w in cache.observed(kube.run).workloads] == [wl["metadata"]["name"]]
+    unrelated = {**copy.deepcopy(wl), "metadata": {**wl["metadata"], "name": "other", "ownerReferences": [
+        {"kind": "Job", "name": "x", "uid": "someone-else", "controller": True}]}}
+    assert cache.put(unrelated) == [] and len(cache.observed(kube.run).workloads) == 1
+    assert cache.remove(copy.deepcopy(wl)) == [(NS, NAME)] and cache.observed(kube.run).workloads == []
 
 
 def test_the_checkpoint_pvc_comes_with_training_and_outlives_a_failure():

@@ -61,6 +61,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
   verbs: [get, list, watch, create, patch, delete]
+# Kueue's Workloads are only read: why Kueue holds a child (docs/operator.md, "Kueue"); none without Kueue.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch]
 # Events: posted on FusionRuns; Warning Events on its Jobs are read (refused pod creations).
 - apiGroups: [""]
   resources: [events]
