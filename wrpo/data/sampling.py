@@ -253,9 +253,8 @@ class ChatClient:
         return min(self.replicas, key=lambda r: (r.failed_until > now, r.in_flight, r.sent))
 
     async def _discover(self) -> None:
-        """Resolve the base URLs' host names again: every address is a replica (IPv4 if the name has any,
-        else IPv6: a dual-stack pod has both). A name that does not resolve, or resolves to nothing,
-        keeps the replicas it had (their requests fail and are retried until it does)."""
+        """Look the replicas up again when it is time (`discover` only); concurrent requests wait for one
+        lookup."""
         if time.monotonic() < self._resolve_at:
             return
         async with self._resolving:
@@ -264,6 +263,10 @@ class ChatClient:
                 self._resolve_at = time.monotonic() + DISCOVERY_S
 
     async def _resolve(self) -> None:
+        """Every address an http base URL's host name resolves to is a replica (IPv4 if the name has any,
+        else IPv6: a dual-stack pod has both); an https URL stays as it is (its certificate names the host,
+        not an address). A name that does not resolve, or resolves to nothing, keeps the replicas it had
+        (their requests fail and are retried until it does)."""
         import socket
 
         import httpx
@@ -271,6 +274,9 @@ class ChatClient:
         loop, found = asyncio.get_running_loop(), []
         for base in self.base_urls:
             url = httpx.URL(base)
+            if url.scheme != "http":
+                found.append(base)
+                continue
             try:
                 infos = await loop.getaddrinfo(url.host, url.port or 80, type=socket.SOCK_STREAM)
             except OSError as e:
@@ -282,7 +288,7 @@ class ChatClient:
         if not found:
             return
         if found != self.urls:
-            log.info("%s: %d replicas: %s", self.shown_url, len(found), ", ".join(found))
+            log.info("%s: %d replicas: %s", self.shown_url, len(found), ", ".join(map(redact_url, found)))
         self.replicas = [self.known.setdefault(u, Replica(u)) for u in found]
 
     async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
