@@ -152,6 +152,6 @@ def test_discovered_replicas_are_the_addresses_of_the_name(monkeypatch, tmp_path
 
 def test_an_https_url_is_not_resolved_to_addresses():
     """Its certificate names the host: an https base URL stays one replica under its name."""
-    client = ChatClient(["https://api.example.invalid/v1"], "m", discover=True)
+    client = ChatClient(["https://localhost:8443/v1"], "m", discover=True)
     asyncio.run(client._resolve())
-    assert client.urls == ["https://api.example.invalid/v1/chat/completions"]
+    assert client.urls == ["https://localhost:8443/v1/chat/completions"]
