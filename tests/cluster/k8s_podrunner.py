@@ -552,7 +552,8 @@ class PodRunner:
         # every listed pod that has not finished here, started or not (a worker may start before its master)
         pods = [name for name in self._labels if name in self._addresses
                 and not (name in self.pods and self.pods[name].finished)]
-        self._headless = {svc.metadata.name for svc in services if svc.spec.cluster_ip == "None"}
+        # a host_map entry still wins
+        self._headless = {svc.metadata.name for svc in services if svc.spec.cluster_ip == "None"} - set(self.host_map)
         for svc in services:
             selector = svc.spec.selector or {}
             if not selector or not svc.spec.ports:
