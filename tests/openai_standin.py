@@ -6,11 +6,19 @@ request after the first `hold_after` unanswered (until `hold_after` is set to No
 known point), or to return fewer choices than asked. Every request is logged (prompt text, n, seed,
 Authorization header) so tests can check that nothing was asked twice. The happy path of the data pipeline
 is tested against a real vLLM server (tests/integration).
+
+Run as a program (`python tests/openai_standin.py --host H --port P [--hold-file F]`) it is a server pod of
+the cluster harness (tests/cluster/test_sampling_replicas.py): it answers `/health`, prints a line per
+request it gets (`standin: request ...`) and per answer (`standin: answered ...`), so a test counts what
+each replica served, and holds every request until the file `--hold-file` names exists.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,11 +45,14 @@ class StandIn:
     hold_after: int | None = None  # requests after this many wait (unanswered) while it is set
     bodies: list[dict[str, Any]] = field(default_factory=list)  # every request body, in order
     requests: list[Request] = field(default_factory=list)
-    port: int = 0
+    port: int = 0  # 0: any free port
+    host: str = "127.0.0.1"
+    hold_file: str | None = None  # requests wait (unanswered) until this file exists
+    verbose: bool = False  # a line per request and per answer on stdout
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def answered(self) -> list[Request]:
         return [r for r in self.requests if r.status == 200]
@@ -56,7 +67,9 @@ class StandIn:
         self.requests.append(Request(prompt, body.get("n", 1), body.get("seed"),
                                      request.headers.get("Authorization"), status))
         index = len(self.requests)
-        while self.hold_after is not None and index > self.hold_after:
+        self._say(f"request {prompt!r} n={body.get('n', 1)} seed={body.get('seed')}")
+        while (self.hold_after is not None and index > self.hold_after) or \
+                (self.hold_file and not os.path.exists(self.hold_file)):
             await asyncio.sleep(0.05)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
@@ -68,10 +81,20 @@ class StandIn:
         def text(i: int) -> str:
             return self.reply(body) if self.reply else f"answer {body.get('seed')}-{i} to {prompt}"
 
+        self._say(f"answered {prompt!r} n={n}")
         choices = [{"index": i, "message": {"role": "assistant", "content": text(i)},
                     "finish_reason": "stop" if i % 2 == 0 else "length"} for i in range(n)]
         return web.json_response({"id": "x", "object": "chat.completion", "model": "standin-model",
                                   "choices": choices})
+
+    def _say(self, line: str) -> None:
+        if self.verbose:
+            print(f"standin: {line}", flush=True)
+
+    async def _health(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.Response(text="ok")
 
     def start(self) -> StandIn:
         from aiohttp import web
@@ -82,9 +105,10 @@ class StandIn:
         async def serve() -> None:
             app = web.Application()
             app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            site = web.TCPSite(self._runner, self.host, self.port)
             await site.start()
             self.port = site._server.sockets[0].getsockname()[1]
             ready.set()
@@ -108,3 +132,19 @@ class StandIn:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         time.sleep(0.05)
+
+
+def main(argv: list[str]) -> None:
+    """Serve until killed (a server pod of the cluster harness)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--hold-file")
+    args = parser.parse_args(argv)
+    server = StandIn(host=args.host, port=args.port, hold_file=args.hold_file, verbose=True).start()
+    print(f"standin: serving on {server.base_url}", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

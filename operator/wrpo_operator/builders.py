@@ -472,13 +472,16 @@ def build_vllm_deployment(run_name: str, namespace: str, spec: FusionSpec, serve
 
 def build_vllm_service(run_name: str, namespace: str, server: Server, stage: str,
                        stage_hash: str | None = None) -> Obj:
-    """The server's Service (it carries no template hash: `cluster.*` changes never touch it)."""
+    """The server's Service (it carries no template hash: `cluster.*` changes never touch it). Headless: its
+    name resolves to the addresses of the Ready server pods, so the sampling client sees every replica and
+    spreads its requests over them itself (a ClusterIP would pin each kept-alive connection to one pod) and
+    retries a dead replica's requests on the others (docs/operator.md, "Sampling replicas")."""
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": child_name(run_name, server.key), "namespace": namespace,
                      "labels": labels(run_name, stage, "vllm", stage_hash)},
         "spec": {
-            "type": "ClusterIP",
+            "clusterIP": "None",
             "selector": {LABEL_RUN: run_name, LABEL_COMPONENT: "vllm", "fusion.wrpo.io/server": server.key},
             "ports": [{"name": "http", "port": VLLM_PORT, "targetPort": VLLM_PORT, "protocol": "TCP"}],
         },

@@ -249,6 +249,19 @@ def run_namespace(restricted_namespace):
 
 
 @pytest.fixture
+def releaser(apis, run_namespace):
+    """An operator_harness.Releaser of the test's namespace, started by the test (after its fault), stopped
+    afterwards."""
+    from operator_harness import Releaser
+
+    thread = Releaser(apis[3], run_namespace)
+    yield thread
+    thread.stop.set()
+    if thread.is_alive():
+        thread.join()
+
+
+@pytest.fixture
 def operator(run_namespace, helm_install, service_account, tmp_path):
     """The chart installed in namespace scope, and the operator running as its ServiceAccount
     (operator_harness.Operator)."""

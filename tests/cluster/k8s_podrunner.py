@@ -7,7 +7,11 @@ instance S3 endpoints of a local SeaweedFS). Each pod gets its own loopback addr
 "0.0.0.0" in its arguments becomes that address, so two model servers can both listen on port
 8000, and URLs naming a Service of the namespace (http://svc, http://svc.ns.svc.cluster.local:80)
 are rewritten to the address and target port of a local pod the Service selects (or to the
-`host_map` entry given for it). The runner writes pod status through the status subresource:
+`host_map` entry given for it). A headless Service's URLs stay as they are: its name resolves, in the
+runner's Python processes, to the addresses of its Ready local pods, as cluster DNS answers it (the stand-in:
+podrunner_site/sitecustomize.py reads the table `<log_dir>/cluster-dns.json` the runner keeps current),
+so a client sees every replica behind it and a deleted one drops out. The runner writes pod status through
+the status subresource:
 Running (Ready after the readiness probe passes), then Succeeded or Failed with the exit code in
 containerStatuses, and as message what the container wrote to its termination log (a file that
 `$WRPO_TERMINATION_LOG` names, as the kubelet's /dev/termination-log) or else the tail of its log.
@@ -44,6 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k8s_harness import stop_process, tail
+
+#: imported first by the runner's Python processes: the cluster-DNS stand-in (its sitecustomize.py)
+SITE_DIR = Path(__file__).resolve().parent / "podrunner_site"
 
 
 def _shell(argv: list[str]) -> list[str]:
@@ -131,6 +138,8 @@ class PodRunner:
         self._labels: dict[str, dict[str, str]] = {}
         self._policies: dict[str, str] = {}
         self._targets: dict[str, str] = {}
+        self._headless: set[str] = set()  # Services whose URLs stay: their names resolve (`dns_table`)
+        self._dns: dict[str, list[str]] = {}
         self._addresses: dict[str, str] = {}  # pod name → 127.0.0.N, from the first time it is listed
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -158,6 +167,11 @@ class PodRunner:
     def logs(self, pod_name: str) -> str:
         pod = self.pods.get(pod_name)
         return pod.log.read_text(errors="replace") if pod and pod.log.exists() else ""
+
+    @property
+    def dns_table(self) -> Path:
+        """The cluster-DNS stand-in's answers: host name of a headless Service → its Ready pods' addresses."""
+        return self.log_dir / "cluster-dns.json"
 
     def log_tails(self, lines: int = 30) -> str:
         parts = [f"--- pod {p.name} ({p.log}) ---\n{tail(p.log, lines)}" for p in self.pods.values()]
@@ -200,6 +214,27 @@ class PodRunner:
         for name, local in list(self.pods.items()):
             if name not in seen and local.process and local.process.poll() is None:
                 self._kill(local)
+        self._publish_dns()
+
+    def _publish_dns(self) -> None:
+        """Each headless Service's names (svc, svc.ns, svc.ns.svc, svc.ns.svc.cluster.local) → the addresses
+        of the Ready local pods it selects, as CoreDNS answers them; the file is replaced whole on a change."""
+        import json
+
+        table: dict[str, list[str]] = {}
+        for svc in self.core.list_namespaced_service(self.namespace).items:
+            if svc.spec.cluster_ip != "None" or not svc.spec.selector:
+                continue
+            ready = [p.ip for p in self.pods.values() if p.ready and not p.finished
+                     and self._labels_match(p.name, svc.spec.selector)]
+            base = f"{svc.metadata.name}.{svc.metadata.namespace}"
+            for name in (svc.metadata.name, base, f"{base}.svc", f"{base}.svc.cluster.local"):
+                table[name] = sorted(ready)
+        if table != self._dns:
+            tmp = self.dns_table.with_suffix(".tmp")
+            tmp.write_text(json.dumps(table))
+            tmp.replace(self.dns_table)
+            self._dns = table
 
     def _awaits_master(self, pod) -> bool:
         """A PyTorchJob pod names its master's Service in MASTER_ADDR; the training-operator creates the
@@ -352,7 +387,11 @@ class PodRunner:
                 env[var.name] = value
         # Only what the pod spec says is rewritten; the test's own environment stays as it is.
         local = {k: self._rewrite_mounts(self._rewrite(v, ip), mounts or {}) for k, v in env.items()}
-        return {**base, **local, **self.env_overrides}
+        out = {**base, **local, **self.env_overrides}
+        # the cluster-DNS stand-in, in every Python process of the pod (PYTHONPATH: the site folder first)
+        out["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE_DIR), out.get("PYTHONPATH")) if p)
+        out["WRPO_TEST_CLUSTER_DNS"] = str(self.dns_table)
+        return out
 
     def _optional(self, read, namespace: str, name: str, optional: bool | None,
                   key: str | None = None) -> dict[str, str] | str | None:
@@ -495,7 +534,8 @@ class PodRunner:
                 t = target if ":" in target else target + (m.group("port") or "")
                 return m.group("scheme") + t
 
-            value = re.sub(pattern, replace, value)
+            if svc not in self._headless:  # a headless Service's URLs resolve through the DNS stand-in
+                value = re.sub(pattern, replace, value)
             # A bare host name as the whole value (MASTER_ADDR=job-master-0): its address.
             bare = rf"{re.escape(svc)}(\.{re.escape(ns)}(\.svc(\.cluster\.local)?)?){optional}"
             if re.fullmatch(bare, value):
@@ -512,6 +552,8 @@ class PodRunner:
         # every listed pod that has not finished here, started or not (a worker may start before its master)
         pods = [name for name in self._labels if name in self._addresses
                 and not (name in self.pods and self.pods[name].finished)]
+        # a host_map entry still wins
+        self._headless = {svc.metadata.name for svc in services if svc.spec.cluster_ip == "None"} - set(self.host_map)
         for svc in services:
             selector = svc.spec.selector or {}
             if not selector or not svc.spec.ports:

@@ -4,12 +4,14 @@ The fixtures that use them (`run_namespace`, `operator`, `apis`) are in conftest
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +23,7 @@ from wrpo_operator import GROUP, LABEL_RUN, PLURAL, VERSION
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "wrpo-operator"
 RELEASE = "wrpo-operator"
+HOLD = "wrpo.test/hold"  # kwok keeps such a pod Running until the annotation is removed (kwok/stages.yaml)
 
 
 def tiny_spec(**cluster) -> dict:
@@ -201,3 +204,24 @@ def wait_events(core, ns: str, name: str, reasons: set[str], timeout: float = 30
         return evs if reasons <= {r for _, r, _ in evs} else None
 
     return wait(check, timeout, f"Events {sorted(reasons)} of {name}", operator)
+
+
+class Releaser(threading.Thread):
+    """Removes the hold annotation (HOLD) from every held pod of the namespace, until stopped: started once
+    the test's fault happened, it lets the held pods (and every later one) complete."""
+
+    def __init__(self, core, ns: str):
+        super().__init__(daemon=True)
+        self.core, self.ns = core, ns
+        self.stop = threading.Event()
+
+    def run(self) -> None:  # noqa: D102 - threading.Thread
+        from kubernetes.client.rest import ApiException
+
+        while not self.stop.is_set():
+            for pod in self.core.list_namespaced_pod(self.ns).items:
+                if HOLD in (pod.metadata.annotations or {}):
+                    with contextlib.suppress(ApiException):  # gone meanwhile
+                        self.core.patch_namespaced_pod(pod.metadata.name, self.ns,
+                                                       {"metadata": {"annotations": {HOLD: None}}})
+            self.stop.wait(0.2)

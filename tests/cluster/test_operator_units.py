@@ -8,7 +8,6 @@ deletion, so no shard can finish first however loaded the machine."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from datetime import UTC, datetime
@@ -16,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from operator_harness import children, create_run, patch_run, tiny_spec, wait, wait_phase
+from operator_harness import HOLD, children, create_run, patch_run, tiny_spec, wait, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 INDEX = "batch.kubernetes.io/job-completion-index"
-HOLD = "wrpo.test/hold"  # kwok keeps such a pod Running until the annotation is removed (kwok/stages.yaml)
 
 
 def paper_sources() -> list[dict]:
@@ -67,36 +65,6 @@ class GpuSampler(threading.Thread):
 
 def _gpus(container) -> int:
     return int(((container.resources and container.resources.requests) or {}).get("nvidia.com/gpu", 0))
-
-
-class Releaser(threading.Thread):
-    """Removes the hold annotation from every held pod of the namespace, until stopped."""
-
-    def __init__(self, core, ns: str):
-        super().__init__(daemon=True)
-        self.core, self.ns = core, ns
-        self.stop = threading.Event()
-
-    def run(self) -> None:  # noqa: D102 - threading.Thread
-        from kubernetes.client.rest import ApiException
-
-        while not self.stop.is_set():
-            for pod in self.core.list_namespaced_pod(self.ns).items:
-                if HOLD in (pod.metadata.annotations or {}):
-                    with contextlib.suppress(ApiException):  # gone meanwhile
-                        self.core.patch_namespaced_pod(pod.metadata.name, self.ns,
-                                                       {"metadata": {"annotations": {HOLD: None}}})
-            self.stop.wait(0.2)
-
-
-@pytest.fixture
-def releaser(apis, run_namespace):
-    """A Releaser of the test's namespace, started by the test (after its fault), stopped afterwards."""
-    thread = Releaser(apis[3], run_namespace)
-    yield thread
-    thread.stop.set()
-    if thread.is_alive():
-        thread.join()
 
 
 def test_ten_sources_run_under_a_budget_of_8_and_an_added_source_runs_alone(operator, apis, run_namespace,

@@ -42,6 +42,12 @@ def test_rewrite(runner, value, expected):
     assert runner._rewrite(value, "127.0.0.7") == expected
 
 
+def test_a_headless_services_urls_stay_for_the_dns_stand_in(runner):
+    runner._headless = {"model"}  # its name resolves to every Ready pod (podrunner_site/sitecustomize.py)
+    assert runner._rewrite("http://model.ns1.svc:8000/v1", "127.0.0.7") == "http://model.ns1.svc:8000/v1"
+    assert runner._rewrite("model", "127.0.0.7") == "127.0.0.12"  # a bare host name (MASTER_ADDR) still is
+
+
 # -- volumes, optional references and init containers (a fake API, real processes) -----------------
 
 class FakeCore:
@@ -230,3 +236,23 @@ def test_a_failed_init_container_fails_the_pod_and_the_main_one_never_runs(runne
     assert final["phase"] == "Failed" and "main-ran" not in runner.logs("p")
     term = final["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 3 and term["reason"] == "Init:Error" and "fetch" in term["message"]
+
+
+def test_the_dns_stand_in_answers_headless_service_names(tmp_path):
+    """A pod's Python process (the runner puts podrunner_site first on PYTHONPATH): a name in the table resolves
+    to its addresses, one with none is not known, every other name resolves as before."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    table = tmp_path / "cluster-dns.json"
+    table.write_text(json.dumps({"svc.ns1.svc": ["127.0.0.12", "127.0.0.13"], "gone": []}))
+    probe = ("import socket\n"
+             "print(sorted({i[4][0] for i in socket.getaddrinfo('svc.ns1.svc.', 8000)}))\n"
+             "print({i[4][0] for i in socket.getaddrinfo('127.0.0.1', 80)})\n"
+             "try:\n    socket.getaddrinfo('gone', 80)\nexcept socket.gaierror:\n    print('not known')\n")
+    site = Path(__file__).resolve().parent / "podrunner_site"
+    env = {**os.environ, "PYTHONPATH": str(site), "WRPO_TEST_CLUSTER_DNS": str(table)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["['127.0.0.12', '127.0.0.13']", "{'127.0.0.1'}", "not known"]

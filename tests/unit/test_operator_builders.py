@@ -148,6 +148,8 @@ def test_vllm_service_selects_its_deployment(spec):
     dep = b.build_vllm_deployment(RUN, NS, spec, server, "sample-sources")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["targetPort"] == 8000
+    # headless: the name resolves to every Ready replica, whose port is the URL's (no port translation)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["port"] == 8000
 
 
 def test_sampling_job_gets_endpoints_and_api_keys_by_reference(spec):

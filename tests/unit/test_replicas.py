@@ -108,3 +108,50 @@ def test_a_server_playing_two_roles_starts_once_per_stage(monkeypatch):
     assert started == ["judge", "eval-target"] and stopped == ["eval-target"]
     ctx.resources.close()
     assert stopped == ["eval-target", "judge"]
+
+
+def test_discovered_replicas_are_the_addresses_of_the_name(monkeypatch, tmp_path):
+    """`discover`: the replicas are what the Service name resolves to (a headless Service: its Ready pods), looked
+    up again after a failure; IPv4 only when the name has both families (a dual-stack pod has both)."""
+    import socket
+
+    from wrpo.data import sampling
+
+    a = StandIn(host="127.0.0.2").start()
+    b = StandIn(host="127.0.0.3", port=a.port).start()
+    answers = [["127.0.0.2", "127.0.0.3", "::1"]]  # the name's addresses, one lookup after another
+    looked_up = []
+    real = socket.getaddrinfo
+
+    def resolve(host, port, family=0, type=0, proto=0, flags=0):  # noqa: A002
+        if host != "svc.test":
+            return real(host, port, family, type, proto, flags)
+        looked_up.append(answers[min(len(looked_up), len(answers) - 1)])
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+                for ip in looked_up[-1]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(sampling, "DISCOVERY_S", 3600.0)  # only a failure makes it look again
+    url = f"http://svc.test:{a.port}/v1"
+    try:
+        client, _ = sample([url], tmp_path / "one", 8, discover=True)
+        assert client.urls == [f"http://127.0.0.2:{a.port}/v1/chat/completions",
+                               f"http://127.0.0.3:{a.port}/v1/chat/completions"]
+        assert len(a.answered()) == len(b.answered()) == 4 and len(looked_up) == 1
+        # replica a fails, and is gone from the name's answer: the failure makes the client look again
+        a.fail_statuses = [503] * 100
+        answers[:] = [["127.0.0.2", "127.0.0.3"], ["127.0.0.3"]]
+        looked_up.clear()
+        client, _ = sample([url], tmp_path / "two", 8, discover=True)
+        assert len(looked_up) == 2 and client.urls == [f"http://127.0.0.3:{a.port}/v1/chat/completions"]
+        assert len(b.answered()) == 12 and a.requests[4:] and not a.answered()[4:]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_an_https_url_is_not_resolved_to_addresses():
+    """Its certificate names the host: an https base URL stays one replica under its name."""
+    client = ChatClient(["https://localhost:8443/v1"], "m", discover=True)
+    asyncio.run(client._resolve())
+    assert client.urls == ["https://localhost:8443/v1/chat/completions"]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from wrpo.data.serving import serve
+from wrpo.data.serving import given_endpoint, serve
 from wrpo.errors import WrpoError
 from wrpo.pipeline.context import StageContext
 from wrpo.pipeline.plan import servers
@@ -20,8 +20,10 @@ from wrpo.storage import S3Options
 log = logging.getLogger(__name__)
 
 
-def chat_client(ctx: StageContext, base_url: str | list[str], model: str, api_key: str | None = None) -> Any:
-    """An OpenAI-compatible client with the spec's concurrency, timeout and retries."""
+def chat_client(ctx: StageContext, base_url: str | list[str], model: str, api_key: str | None = None,
+                discover: bool = False) -> Any:
+    """An OpenAI-compatible client with the spec's concurrency, timeout and retries; `discover`: the replicas
+    of a given server are the addresses its name resolves to (the operator's headless Service)."""
     from wrpo.data.sampling import ChatClient
 
     s = ctx.spec.sampling
@@ -32,6 +34,7 @@ def chat_client(ctx: StageContext, base_url: str | list[str], model: str, api_ke
         concurrency=s.concurrency,
         timeout_s=s.request_timeout_s,
         max_retries=s.max_retries,
+        discover=discover,
     )
 
 
@@ -42,7 +45,8 @@ def chat_backend(ctx: StageContext, server: Server, model_dir: str | None = None
 
     with serve(ctx, server, model_dir) as urls:
         if urls is not None:
-            yield chat_client(ctx, [f"{u}/v1" for u in urls], server.served_name)
+            given = given_endpoint(ctx, server) is not None  # the operator's Service: its pods are the replicas
+            yield chat_client(ctx, [f"{u}/v1" for u in urls], server.served_name, discover=given)
             return
         log.warning(
             "vLLM is not available (set WRPO_VLLM_PYTHON); sampling %s with transformers generate, "

@@ -35,6 +35,7 @@ from wrpo.records import PromptRecord, SampleRecord, dump_jsonl, iter_jsonl, spl
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 REPLICA_COOLDOWN_S = 10.0  # a replica that failed is avoided this long while another one is healthy
+DISCOVERY_S = 5.0  # how often a discovered Service name is resolved again (docs/operator.md, "Sampling replicas")
 TOP_UPS = 2  # extra requests when a server returns fewer than N choices
 
 
@@ -142,22 +143,38 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+@dataclass
+class Replica:
+    """One replica of a served model: its URL and what the client has sent it."""
+
+    url: str
+    in_flight: int = 0
+    sent: int = 0  # requests sent to it
+    failed_until: float = 0.0  # monotonic time until which it is avoided
+
+
 class ChatClient:
     """Async client of an OpenAI-compatible `/chat/completions` endpoint (use as `async with`).
 
     Given several base URLs (the replicas of one model), each request goes to the replica with the
-    fewest requests in flight, and a retry may go to another one."""
+    fewest requests in flight, and a retry may go to another one. With `discover`, each base URL's host
+    name is resolved to all its addresses, each one a replica, and resolved again every `DISCOVERY_S`
+    seconds and after a replica failed: the operator's headless Service names its Ready server pods, so
+    a replica that dies drops out and a new one joins (docs/operator.md, "Sampling replicas")."""
 
     def __init__(self, base_url: str | Sequence[str], model: str, api_key: str | None = None,
                  concurrency: int = 32, timeout_s: float = 600.0, max_retries: int = 8,
-                 backoff_max_s: float = 30.0, backoff_initial_s: float = 0.5, path: str = "/chat/completions"):
+                 backoff_max_s: float = 30.0, backoff_initial_s: float = 0.5, path: str = "/chat/completions",
+                 discover: bool = False):
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
-        self.urls = [u.rstrip("/") + path for u in urls]
-        more = f" (+{len(self.urls) - 1} replicas)" if len(self.urls) > 1 else ""
-        self.shown_url = redact_url(self.urls[0]) + more  # for messages: no credentials, no query string
-        self.in_flight = [0] * len(self.urls)
-        self.sent = [0] * len(self.urls)  # requests per replica
-        self.failed_until = [0.0] * len(self.urls)  # monotonic time until which a replica is avoided
+        self.base_urls = [u.rstrip("/") + path for u in urls]
+        more = f" (+{len(self.base_urls) - 1} replicas)" if len(self.base_urls) > 1 else ""
+        self.shown_url = redact_url(self.base_urls[0]) + more  # for messages: no credentials, no query string
+        self.discover = discover
+        self.known: dict[str, Replica] = {u: Replica(u) for u in self.base_urls}  # every replica seen
+        self.replicas = list(self.known.values())  # those requests go to now
+        self._resolve_at = 0.0 if discover else float("inf")
+        self._resolving = asyncio.Lock()  # one resolution at a time; requests wait for its answer
         self.model = model
         self._api_key = api_key
         self.concurrency, self.timeout_s = concurrency, timeout_s
@@ -167,6 +184,15 @@ class ChatClient:
         self._sem: asyncio.Semaphore | None = None
         self.requests = 0
         self.retries = 0
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+    @property
+    def sent(self) -> list[int]:
+        """Requests sent to each current replica."""
+        return [r.sent for r in self.replicas]
 
     def __repr__(self) -> str:  # never shows the key
         return f"ChatClient(url={self.shown_url!r}, model={self.model!r})"
@@ -219,30 +245,69 @@ class ChatClient:
                                     f"({type(e).__name__}: {e})") from None
         raise AssertionError("unreachable")
 
-    def _replica(self) -> int:
+    def _replica(self) -> Replica:
         """The replica with the fewest requests in flight (the least used so far on a tie), skipping
         replicas that failed within the last few seconds while another one is healthy (a replica that
         fails fast would otherwise attract every request)."""
         now = time.monotonic()
-        return min(range(len(self.urls)),
-                   key=lambda i: (self.failed_until[i] > now, self.in_flight[i], self.sent[i]))
+        return min(self.replicas, key=lambda r: (r.failed_until > now, r.in_flight, r.sent))
+
+    async def _discover(self) -> None:
+        """Look the replicas up again when it is time (`discover` only); concurrent requests wait for one
+        lookup."""
+        if time.monotonic() < self._resolve_at:
+            return
+        async with self._resolving:
+            if time.monotonic() >= self._resolve_at:  # not done while this one waited
+                await self._resolve()
+                self._resolve_at = time.monotonic() + DISCOVERY_S
+
+    async def _resolve(self) -> None:
+        """Every address an http base URL's host name resolves to is a replica (IPv4 if the name has any,
+        else IPv6: a dual-stack pod has both); an https URL stays as it is (its certificate names the host,
+        not an address). A name that does not resolve, or resolves to nothing, keeps the replicas it had
+        (their requests fail and are retried until it does)."""
+        import socket
+
+        import httpx
+
+        loop, found = asyncio.get_running_loop(), []
+        for base in self.base_urls:
+            url = httpx.URL(base)
+            if url.scheme != "http":
+                found.append(base)
+                continue
+            try:
+                infos = await loop.getaddrinfo(url.host, url.port or 80, type=socket.SOCK_STREAM)
+            except OSError as e:
+                log.warning("resolving %s: %s; keeping %d replicas", url.host, e, len(self.replicas))
+                return
+            v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+            addresses = v4 or [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+            found += [str(url.copy_with(host=a)) for a in dict.fromkeys(addresses)]
+        if not found:
+            return
+        if found != self.urls:
+            log.info("%s: %d replicas: %s", self.shown_url, len(found), ", ".join(map(redact_url, found)))
+        self.replicas = [self.known.setdefault(u, Replica(u)) for u in found]
 
     async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
         import httpx
 
         self.requests += 1
-        i = self._replica()
-        self.in_flight[i] += 1
-        self.sent[i] += 1
+        await self._discover()
+        r = self._replica()
+        r.in_flight += 1
+        r.sent += 1
         try:
-            resp = await self._client.post(self.urls[i], json=body)
+            resp = await self._client.post(r.url, json=body)
         except httpx.TransportError:
-            self.failed_until[i] = time.monotonic() + REPLICA_COOLDOWN_S
+            self._failed(r)
             raise
         finally:
-            self.in_flight[i] -= 1
+            r.in_flight -= 1
         if resp.status_code in RETRY_STATUS and resp.status_code != 429:
-            self.failed_until[i] = time.monotonic() + REPLICA_COOLDOWN_S
+            self._failed(r)
         if resp.status_code in RETRY_STATUS:
             raise RetryableStatus(resp.status_code, _retry_after(resp.headers.get("retry-after")),
                                   scrub(resp.text, (self._api_key,)))
@@ -250,6 +315,12 @@ class ChatClient:
             raise SamplingError(f"{self.shown_url}: HTTP {resp.status_code} for model '{self.model}': "
                                 f"{scrub(resp.text, (self._api_key,))}")
         return resp.json()
+
+    def _failed(self, r: Replica) -> None:
+        """Avoid `r` for a while, and look the replicas up again before the next request (it may be gone)."""
+        r.failed_until = time.monotonic() + REPLICA_COOLDOWN_S
+        if self.discover:
+            self._resolve_at = 0.0
 
     async def complete(self, messages: list[dict[str, str]], params: SamplingParams, n: int,
                        seed: int) -> Completion:

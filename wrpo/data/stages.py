@@ -161,7 +161,7 @@ def sample_sources(ctx: StageContext) -> dict[str, Any]:
     with ExitStack() as stack:
         given = ctx.options.endpoints.get(src.name)  # a running server for this source wins
         if given:
-            backend = chat_client(ctx, given, src.name)
+            backend = chat_client(ctx, given, src.name, discover=True)  # its replicas: docs/operator.md
         elif src.endpoint is not None:
             backend = external_backend(ctx, src.endpoint)
         else:
