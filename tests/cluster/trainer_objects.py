@@ -11,6 +11,8 @@ from k8s_harness import KUEUE_QUEUE_LABEL, TRAINER_API
 
 #: The labels the Trainer's JobSet plugin looks for on the replicated Job that runs the trainer.
 TRAINER_ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
+#: The runtime's framework: the Kubeflow SDK's TrainerClient refuses a runtime without this label.
+FRAMEWORK_LABEL = "trainer.kubeflow.org/framework"
 NODE = "node"
 
 
@@ -43,7 +45,7 @@ def training_runtime(name: str, command: list[str], *, image: str = "example.inv
     return {
         "apiVersion": f"{group}/{version}",
         "kind": "TrainingRuntime",
-        "metadata": {"name": name, "labels": dict(labels or {})},
+        "metadata": {"name": name, "labels": {FRAMEWORK_LABEL: "torch", **(labels or {})}},
         "spec": {
             "mlPolicy": {"numNodes": num_nodes, "torch": {"numProcPerNode": procs_per_node}},
             "template": {
