@@ -59,13 +59,13 @@ def test_trainjob_runs_as_jobset_pods_with_torch_rendezvous_env(
         return job if done and done["status"] == "True" else None
 
     try:
-        train_job = wait_for(f"TrainJob {name} Complete", complete, 120)
+        completed = wait_for(f"TrainJob {name} Complete", complete, 120)
     finally:
         print(f"pod runner errors: {runner.errors}")
     # The Trainer made the JobSet (owned by the TrainJob), the JobSet controller made the Job and its pods.
     js_group, js_version = JOBSET_API
     jobset = custom.get_namespaced_custom_object(js_group, js_version, ns, "jobsets", name)
-    assert [o["uid"] for o in jobset["metadata"]["ownerReferences"]] == [train_job["metadata"]["uid"]]
+    assert [o["uid"] for o in jobset["metadata"]["ownerReferences"]] == [completed["metadata"]["uid"]]
     assert condition(jobset, "Completed")["status"] == "True"
     jobs = batch.list_namespaced_job(ns, label_selector=f"jobset.sigs.k8s.io/jobset-name={name}").items
     assert [j.metadata.name for j in jobs] == [f"{name}-node-0"]
@@ -261,8 +261,11 @@ def test_kueue_admits_a_trainjob_of_a_queue(k8s_controllers, k8s_api_client, kue
         return (condition(job, "Complete") or {}).get("status") == "True"
 
     wait_for(f"TrainJob {name} Complete", complete, 90)
-    wait_for(f"Workload of TrainJob {name} Finished",
-             lambda: (condition(workload(), "Finished") or {}).get("status") == "True", 30)
+    wait_for(
+        f"Workload of TrainJob {name} Finished",
+        lambda: (condition(workload(), "Finished") or {}).get("status") == "True",
+        30,
+    )
 
 
 def _contains(sent, got, path: str = "") -> list[str]:
@@ -281,21 +284,24 @@ def _contains(sent, got, path: str = "") -> list[str]:
 def _trainer_shapes(queue: str) -> tuple[dict, list[dict]]:
     """The TrainingRuntime and TrainJobs the compatibility test sends: a TrainJob that only sets numNodes (what
     the operator creates) and one with every `trainer` field the operator may set."""
-    runtime = training_runtime("compat", ["python", "-c", "pass"], num_nodes=2, labels={"app.kubernetes.io/name": "wrpo"})
+    runtime = training_runtime("compat", ["python", "-c", "pass"], num_nodes=2, labels={"app.kubernetes.io/name": "x"})
     full = {
         "command": ["torchrun", "-m", "wrpo.train"],
         "args": ["--stage", "sft"],
         "env": [{"name": "WRPO_STAGE", "value": "sft"}],
         "resourcesPerNode": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"nvidia.com/gpu": "1"}},
     }
-    return runtime, [train_job("compat-min", "compat", 2, queue=queue), train_job("compat-full", "compat", 2,
-                                                                                 queue=queue, trainer=full)]
+    return runtime, [
+        train_job("compat-min", "compat", 2, queue=queue),
+        train_job("compat-full", "compat", 2, queue=queue, trainer=full),
+    ]
 
 
 def _dry_run(custom, namespace: str, plural: str, obj: dict) -> dict:
     group, version = TRAINER_API
-    return custom.create_namespaced_custom_object(group, version, namespace, plural, obj, dry_run="All",
-                                                  field_validation="Strict")
+    return custom.create_namespaced_custom_object(
+        group, version, namespace, plural, obj, dry_run="All", field_validation="Strict"
+    )
 
 
 def test_the_same_trainjob_shape_is_accepted_by_the_oldest_trainer_crds(

@@ -30,8 +30,9 @@ TRAIN_COMMAND = ["python", "-c", "; ".join(f"print({line!r})" for line in TRAIN_
 
 def sdk_python(name: str) -> Path:
     """The python of the SDK's venv (scripts/setup-sdk-env.sh NAME, cached); skips or fails without it."""
-    result = subprocess.run(["bash", str(ROOT / "scripts/setup-sdk-env.sh"), name], capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts/setup-sdk-env.sh"), name], capture_output=True, text=True, timeout=900
+    )
     if result.returncode != 0:
         binaries.missing(f"scripts/setup-sdk-env.sh {name} failed:\n{result.stderr[-2000:]}", "WRPO_REQUIRE_SDK")
     return Path(result.stdout.strip().splitlines()[-1])
@@ -39,8 +40,13 @@ def sdk_python(name: str) -> Path:
 
 def run_sdk(python: Path, script: str, **arguments) -> dict:
     """Run `script` with the SDK's python, `arguments` as JSON on stdin; returns the JSON it prints last."""
-    result = subprocess.run([str(python), "-c", textwrap.dedent(script)], input=json.dumps(arguments),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(python), "-c", textwrap.dedent(script)],
+        input=json.dumps(arguments),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, f"SDK script failed:\n{result.stdout}\n{result.stderr}"
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -73,8 +79,9 @@ def test_trainer_client_lists_a_trainjob_and_reads_its_status_and_logs(
     group, version = TRAINER_API
     ns, name = local_namespace, "sft"
     pod_runner(ns)
-    custom.create_namespaced_custom_object(group, version, ns, "trainingruntimes",
-                                           training_runtime("sft-runtime", TRAIN_COMMAND))
+    custom.create_namespaced_custom_object(
+        group, version, ns, "trainingruntimes", training_runtime("sft-runtime", TRAIN_COMMAND)
+    )
     custom.create_namespaced_custom_object(group, version, ns, "trainjobs", train_job(name, "sft-runtime", 2))
 
     def complete():
@@ -112,13 +119,16 @@ def _pytorchjob(name: str, workers: int) -> dict:
 
     def replica(count: int) -> dict:
         container = {"name": "pytorch", "image": "example.invalid/torch:1", "command": TRAIN_COMMAND}
-        return {"replicas": count, "restartPolicy": "Never",
-                "template": {"spec": {"containers": [container]}}}
+        return {"replicas": count, "restartPolicy": "Never", "template": {"spec": {"containers": [container]}}}
 
     return {
-        "apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": name},
-        "spec": {"runPolicy": {"backoffLimit": 0},
-                 "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(workers)}},
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name},
+        "spec": {
+            "runPolicy": {"backoffLimit": 0},
+            "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(workers)},
+        },
     }
 
 

@@ -16,8 +16,15 @@ FRAMEWORK_LABEL = "trainer.kubeflow.org/framework"
 NODE = "node"
 
 
-def training_runtime(name: str, command: list[str], *, image: str = "example.invalid/torch:1",
-                     num_nodes: int = 1, procs_per_node: int = 1, labels: dict[str, str] | None = None) -> dict:
+def training_runtime(
+    name: str,
+    command: list[str],
+    *,
+    image: str = "example.invalid/torch:1",
+    num_nodes: int = 1,
+    procs_per_node: int = 1,
+    labels: dict[str, str] | None = None,
+) -> dict:
     """A TrainingRuntime whose `node` container runs `command` (torch policy: the Trainer's torch plugin gives
     it the PET_* rendezvous variables)."""
     group, version = TRAINER_API
@@ -35,7 +42,7 @@ def training_runtime(name: str, command: list[str], *, image: str = "example.inv
             "metadata": {"labels": dict(labels or {})},
             "spec": {
                 "restartPolicy": "Never",
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+                "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                 "containers": [container],
                 "volumes": [{"name": "scratch", "emptyDir": {}}],
             },
@@ -63,8 +70,9 @@ def training_runtime(name: str, command: list[str], *, image: str = "example.inv
     }
 
 
-def train_job(name: str, runtime: str, num_nodes: int, *, queue: str | None = None,
-              trainer: dict | None = None) -> dict:
+def train_job(
+    name: str, runtime: str, num_nodes: int, *, queue: str | None = None, trainer: dict | None = None
+) -> dict:
     """A TrainJob naming the TrainingRuntime `runtime`, with `trainer.numNodes` (plus `trainer`'s other fields);
     with `queue`, labelled for that Kueue LocalQueue."""
     group, version = TRAINER_API
