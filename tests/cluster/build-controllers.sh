@@ -3,8 +3,9 @@
 # the Kubeflow Trainer v2 controller manager (trainer-local, tests/cluster/trainer-local/main.go over
 # the packages of the current release), the JobSet controller (sigs.k8s.io/jobset, the version that
 # Trainer's go.mod requires) and Kueue's controller manager, plus the CRDs and webhook manifests of
-# each, copied from the same modules. All three are built by one `go build` in one wrapper module, so
-# every shared package (k8s.io/* v0.35, controller-runtime v0.23) is compiled once. The CRDs of an
+# each, copied from the same modules. Trainer and Kueue are one `go build` in one wrapper module; JobSet
+# (older controller-runtime) is its own, with every other dependency at the same version, so each
+# shared package (k8s.io/* v0.35 above all) is compiled once. The CRDs of an
 # older Trainer release (WRPO_TRAINER_COMPAT_VERSION, no controller) are copied too, for the test that
 # proves a FusionRun's TrainingRuntime/TrainJob shape is accepted there. Everything is cached outside
 # the repo under
@@ -87,8 +88,8 @@ copy_webhooks() {
   chmod u+w "${OUT}/webhooks/$1.yaml"
 }
 
-# Trainer v2 (the local entry point), JobSet's stock main package and Kueue's cmd/kueue: one module
-# (MVS picks one version of every shared dependency) and one `go build`.
+# Trainer v2 (the local entry point) and Kueue's cmd/kueue: one module (MVS picks one version of every
+# shared dependency: k8s.io/* v0.35, controller-runtime v0.23, the JobSet API) and one `go build`.
 build_controllers() {
   local dir
   dir="$(wrapper_module controllers "module wrpo.local/controllers
@@ -100,9 +101,8 @@ require (
 	sigs.k8s.io/jobset ${JOBSET_VERSION}
 	sigs.k8s.io/kueue ${KUEUE_VERSION}
 )")"
-  local trainer jobset kueue
+  local trainer kueue
   trainer="$(module_dir github.com/kubeflow/trainer/v2 "${TRAINER_VERSION}")"
-  jobset="$(module_dir sigs.k8s.io/jobset "${JOBSET_VERSION}")"
   kueue="$(module_dir sigs.k8s.io/kueue "${KUEUE_VERSION}")"
   mkdir -p "${dir}/trainer-local" "${dir}/kueue"
   cp "${HERE}/trainer-local/main.go" "${dir}/trainer-local/main.go"
@@ -115,18 +115,57 @@ require (
   local main="${kueue}/cmd/kueue/main.go" fixed='metricsCertPath := "/etc/kueue/metrics/certs"'
   grep -qF "${fixed}" "${main}" || { log "kueue ${KUEUE_VERSION}: '${fixed}' not found in ${main}"; exit 1; }
   sed "s|${fixed}|metricsCertPath := os.Getenv(\"KUEUE_METRICS_CERT_DIR\")|" "${main}" >"${dir}/kueue/main.go"
-  local versions="-X sigs.k8s.io/jobset/pkg/version.GitVersion=${JOBSET_VERSION}"
-  versions+=" -X sigs.k8s.io/kueue/pkg/version.GitVersion=${KUEUE_VERSION}"
-  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" -ldflags "${LDFLAGS} ${versions}" \
-    -o "${OUT}/" ./trainer-local ./kueue sigs.k8s.io/jobset)
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" \
+    -ldflags "${LDFLAGS} -X sigs.k8s.io/kueue/pkg/version.GitVersion=${KUEUE_VERSION}" \
+    -o "${OUT}/" ./trainer-local ./kueue)
   rm -f "${OUT}"/.trainer-local-*
   touch "${OUT}/${LOCAL_STAMP}"
   copy_manifests trainer-crds "${trainer}/manifests/base/crds"
-  copy_manifests jobset-crds "${jobset}/config/components/crd/bases"
   copy_manifests kueue-crds "${kueue}/config/components/crd/bases"
   copy_webhooks trainer "${trainer}/manifests/base/webhook/manifests.yaml"
-  copy_webhooks jobset "${jobset}/config/components/webhook/manifests.yaml"
   copy_webhooks kueue "${kueue}/config/components/webhook/manifests.yaml"
+}
+
+# JobSet's stock main package. Its webhooks are written against controller-runtime v0.22 (v0.23 changed
+# ctrl.NewWebhookManagedBy), so it cannot be in the module above. Its wrapper requires every module of
+# its own graph at the version the module above resolved, so the packages they share (k8s.io/* above
+# all) are the same and compiled once; modules whose newer version would pull in controller-runtime
+# v0.23 (e.g. cert-controller) keep JobSet's own version.
+build_jobset() {
+  local body="module wrpo.local/jobset
+
+go 1.26
+
+require sigs.k8s.io/jobset ${JOBSET_VERSION}"
+  local dir own resolved runtime
+  dir="$(wrapper_module jobset "${body}")"
+  own="$(cd "${dir}" && go list -m -f '{{if not .Main}}{{.Path}}{{end}}' all)"
+  runtime="$(cd "${dir}" && go list -m -f '{{.Version}}' sigs.k8s.io/controller-runtime)"
+  resolved="$(cd "${WORK}/controllers" && go list -m -f '{{if not .Main}}{{.Path}} {{.Version}}{{end}}' all)"
+  local keep="sigs.k8s.io/controller-runtime sigs.k8s.io/jobset" shared got try
+  for try in 1 2 3 4 5; do
+    shared="$(awk -v keep="${keep}" 'BEGIN { split(keep, k, " "); for (i in k) skip[k[i]] = 1 }
+      NR == FNR { own[$1] = 1; next } ($1 in own) && !($1 in skip) { print "\t" $1 " " $2 }' \
+      <(echo "${own}") <(echo "${resolved}"))"
+    wrapper_module jobset "${body}
+
+require (
+${shared}
+)" >/dev/null
+    got="$(cd "${dir}" && go list -m -f '{{.Version}}' sigs.k8s.io/controller-runtime)"
+    [[ "${got}" == "${runtime}" ]] && break
+    keep+=" $(cd "${dir}" && go mod graph | awk -v cr="sigs.k8s.io/controller-runtime@${got}" \
+      '$2 == cr { sub(/@.*/, "", $1); print $1 }' | sort -u | tr '\n' ' ')"
+    log "jobset: keeping its own version of ${keep} (controller-runtime ${got} otherwise)"
+  done
+  [[ "${got}" == "${runtime}" ]] || { log "jobset: cannot keep controller-runtime ${runtime}"; exit 1; }
+  (cd "${dir}" && run go build "${BUILD_FLAGS[@]}" \
+    -ldflags "${LDFLAGS} -X sigs.k8s.io/jobset/pkg/version.GitVersion=${JOBSET_VERSION}" \
+    -o "${OUT}/jobset" sigs.k8s.io/jobset)
+  local jobset
+  jobset="$(module_dir sigs.k8s.io/jobset "${JOBSET_VERSION}")"
+  copy_manifests jobset-crds "${jobset}/config/components/crd/bases"
+  copy_webhooks jobset "${jobset}/config/components/webhook/manifests.yaml"
 }
 
 # The CRDs of the older Trainer release (only its module's YAML, nothing built).
@@ -137,8 +176,9 @@ copy_compat_crds() {
 
 total_start=${SECONDS}
 log "go ${GO_VERSION}, ${JOBS} parallel jobs, output ${OUT}"
-step trainer+jobset+kueue trainer-local jobset kueue "${LOCAL_STAMP}" trainer-crds jobset-crds kueue-crds \
-  webhooks/trainer.yaml webhooks/jobset.yaml webhooks/kueue.yaml -- build_controllers
+step trainer+kueue trainer-local kueue "${LOCAL_STAMP}" trainer-crds kueue-crds webhooks/trainer.yaml \
+  webhooks/kueue.yaml -- build_controllers
+step jobset jobset jobset-crds webhooks/jobset.yaml -- build_jobset
 step "trainer ${TRAINER_COMPAT_VERSION} CRDs" "trainer-crds-${TRAINER_COMPAT_VERSION}" -- copy_compat_crds
 log "all controllers ready in $((SECONDS - total_start))s"
 
