@@ -282,8 +282,8 @@ def _contains(sent, got, path: str = "") -> list[str]:
 
 
 def _trainer_shapes(queue: str) -> tuple[dict, list[dict]]:
-    """The TrainingRuntime and TrainJobs the compatibility test sends: a TrainJob that only sets numNodes (what
-    the operator creates) and one with every `trainer` field the operator may set."""
+    """The TrainingRuntime and TrainJobs the compatibility test sends: a TrainJob that only sets numNodes and
+    numProcPerNode (what the operator creates) and one with every other `trainer` field it may set."""
     runtime = training_runtime("compat", ["python", "-c", "pass"], num_nodes=2, labels={"app.kubernetes.io/name": "x"})
     full = {
         "command": ["torchrun", "-m", "wrpo.train"],
@@ -292,8 +292,8 @@ def _trainer_shapes(queue: str) -> tuple[dict, list[dict]]:
         "resourcesPerNode": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"nvidia.com/gpu": "1"}},
     }
     return runtime, [
-        train_job("compat-min", "compat", 2, queue=queue),
-        train_job("compat-full", "compat", 2, queue=queue, trainer=full),
+        train_job("compat-min", "compat", 2, procs_per_node=2, queue=queue),
+        train_job("compat-full", "compat", 2, procs_per_node=2, queue=queue, trainer=full),
     ]
 
 
@@ -310,8 +310,10 @@ def test_the_same_trainjob_shape_is_accepted_by_the_oldest_trainer_crds(
     """The TrainingRuntime + TrainJob shape works from Trainer v2.0 to the current release: a second,
     short-lived apiserver holds the oldest release's CRDs (the session's one has the current release's, under
     the same names) and accepts every object by server-side dry-run with strict field validation, nothing
-    pruned; the session's apiserver (current CRDs and the Trainer's webhooks) accepts the same objects. A
-    field only the current release has (`runtimePatches`) is refused by the old CRDs."""
+    pruned; the session's apiserver (current CRDs and the Trainer's webhooks) accepts the same objects. Each
+    side refuses the field the other one has alone: `spec.runtimePatches` (new in v2.2) on the old CRDs, the
+    runtime's `mlPolicy.torch.numProcPerNode` (gone in v2.2, silently pruned without strict validation) on
+    the current ones."""
     versions = controller_versions(k8s_controllers.bin_dir)
     assert versions["TRAINER_COMPAT_VERSION"] != versions["TRAINER_VERSION"], versions
     runtime, jobs = _trainer_shapes(KUEUE_LOCAL_QUEUE)
@@ -326,17 +328,33 @@ def test_the_same_trainjob_shape_is_accepted_by_the_oldest_trainer_crds(
                 lost = _contains(obj["spec"], got["spec"])
                 assert not lost, f"{versions['TRAINER_COMPAT_VERSION']} CRDs dropped or changed {lost} of {plural}"
             patched = {**jobs[0], "spec": {**jobs[0]["spec"], "runtimePatches": [{"manager": "wrpo.test"}]}}
-            with pytest.raises(ApiException) as refused:
-                _dry_run(custom, "default", "trainjobs", patched)
-            assert 'unknown field "spec.runtimePatches"' in refused.value.body, refused.value.body
+            _assert_unknown_field(lambda: _dry_run(custom, "default", "trainjobs", patched), "spec.runtimePatches")
     finally:
         old.stop()
 
     # The current release, with its webhooks (the TrainJob's validates the runtime it names, so it must exist).
     custom = client.CustomObjectsApi(k8s_api_client)
     group, version = TRAINER_API
-    created = custom.create_namespaced_custom_object(group, version, k8s_namespace, "trainingruntimes", runtime)
+    created = custom.create_namespaced_custom_object(
+        group, version, k8s_namespace, "trainingruntimes", runtime, field_validation="Strict"
+    )
     assert not _contains(runtime["spec"], created["spec"])
     for job in jobs:
         got = _dry_run(custom, k8s_namespace, "trainjobs", job)
         assert not _contains(job["spec"], got["spec"]), _contains(job["spec"], got["spec"])
+    torch = runtime["spec"]["mlPolicy"]["torch"]
+    old_style = {**runtime, "metadata": {"name": "old-style"}}
+    old_style["spec"] = {
+        **runtime["spec"],
+        "mlPolicy": {**runtime["spec"]["mlPolicy"], "torch": {**torch, "numProcPerNode": 1}},
+    }
+    _assert_unknown_field(
+        lambda: _dry_run(custom, k8s_namespace, "trainingruntimes", old_style), "spec.mlPolicy.torch.numProcPerNode"
+    )
+
+
+def _assert_unknown_field(call, field: str) -> None:
+    with pytest.raises(ApiException) as refused:
+        call()
+    message = json.loads(refused.value.body)["message"]
+    assert f'strict decoding error: unknown field "{field}"' in message, message

@@ -3,7 +3,10 @@
 replicated Job `node` (the Trainer's ancestor step `trainer`, container `node`) and a torch policy, and a
 TrainJob that only names it and sets `trainer.*`. Fields that a later Trainer release renamed (pod overrides,
 `runtimePatches` since v2.2) are never used, so the same objects work from v2.0 to the current release
-(test_harness_controllers.py checks both)."""
+(test_harness_controllers.py checks both). The processes per node go in the TrainJob's
+`trainer.numProcPerNode` (v2.0: int or string, v2.2: int): v2.2 dropped the runtime's
+`mlPolicy.torch.numProcPerNode` from its CRD, so the apiserver prunes it there without a word and the torch
+plugin falls back to `auto` (one process per GPU, or per CPU of `resourcesPerNode` without GPUs)."""
 
 from __future__ import annotations
 
@@ -22,11 +25,10 @@ def training_runtime(
     *,
     image: str = "example.invalid/torch:1",
     num_nodes: int = 1,
-    procs_per_node: int = 1,
     labels: dict[str, str] | None = None,
 ) -> dict:
     """A TrainingRuntime whose `node` container runs `command` (torch policy: the Trainer's torch plugin gives
-    it the PET_* rendezvous variables)."""
+    it the PET_* rendezvous variables; processes per node come from the TrainJob, `train_job`)."""
     group, version = TRAINER_API
     container = {
         "name": NODE,
@@ -54,7 +56,7 @@ def training_runtime(
         "kind": "TrainingRuntime",
         "metadata": {"name": name, "labels": {FRAMEWORK_LABEL: "torch", **(labels or {})}},
         "spec": {
-            "mlPolicy": {"numNodes": num_nodes, "torch": {"numProcPerNode": procs_per_node}},
+            "mlPolicy": {"numNodes": num_nodes, "torch": {}},
             "template": {
                 "spec": {
                     "replicatedJobs": [
@@ -71,10 +73,16 @@ def training_runtime(
 
 
 def train_job(
-    name: str, runtime: str, num_nodes: int, *, queue: str | None = None, trainer: dict | None = None
+    name: str,
+    runtime: str,
+    num_nodes: int,
+    *,
+    procs_per_node: int = 1,
+    queue: str | None = None,
+    trainer: dict | None = None,
 ) -> dict:
-    """A TrainJob naming the TrainingRuntime `runtime`, with `trainer.numNodes` (plus `trainer`'s other fields);
-    with `queue`, labelled for that Kueue LocalQueue."""
+    """A TrainJob naming the TrainingRuntime `runtime`, with `trainer.numNodes` and `trainer.numProcPerNode`
+    (plus `trainer`'s other fields); with `queue`, labelled for that Kueue LocalQueue."""
     group, version = TRAINER_API
     labels = {KUEUE_QUEUE_LABEL: queue} if queue else {}
     return {
@@ -83,7 +91,7 @@ def train_job(
         "metadata": {"name": name, "labels": labels},
         "spec": {
             "runtimeRef": {"name": runtime, "apiGroup": group, "kind": "TrainingRuntime"},
-            "trainer": {"numNodes": num_nodes, **(trainer or {})},
+            "trainer": {"numNodes": num_nodes, "numProcPerNode": procs_per_node, **(trainer or {})},
         },
     }
 
