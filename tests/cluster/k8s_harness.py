@@ -957,8 +957,8 @@ def _start_jobset(cluster: Cluster, bin_dir: Path, timeout: float) -> None:
 
 
 def trainer_configuration(*, webhook_port: int, probe_port: int, metrics_port: int) -> dict:
-    """Trainer's Configuration (config.trainer.kubeflow.org/v1alpha1, the file the stock controller manager
-    reads since v2.1) for the harness: every listener on 127.0.0.1, no leader election, certificate
+    """Trainer's Configuration (config.trainer.kubeflow.org/v1alpha1, the file v2.2's stock controller manager
+    reads) for the harness: every listener on 127.0.0.1, no leader election, certificate
     management off (trainer-local takes the certificate from --cert-dir)."""
     return {
         "apiVersion": "config.trainer.kubeflow.org/v1alpha1", "kind": "Configuration",
