@@ -47,6 +47,13 @@ echo "test.sh: main environment $py ($((SECONDS - t0)) s)"
 export WRPO_VLLM_PYTHON="$(bash scripts/setup-vllm-env.sh | tail -n1)"
 echo "test.sh: vLLM environment $WRPO_VLLM_PYTHON ($((SECONDS - t0)) s)"
 
+# The Kubeflow client SDKs' own venvs (tests/cluster/test_sdk_clients.py builds them too; here a failure
+# shows early). Without them the SDK tests skip, or fail in CI.
+for sdk in kubeflow kubeflow-training; do
+    bash scripts/setup-sdk-env.sh "$sdk" >/dev/null || echo "test.sh: note: scripts/setup-sdk-env.sh $sdk failed" >&2
+done
+echo "test.sh: Kubeflow SDK environments ($((SECONDS - t0)) s)"
+
 # In CI every real component must be there: a missing one fails instead of skipping (tests/binaries.py).
 if [[ "${CI:-}" == "true" ]]; then
     export WRPO_REQUIRE_VLLM=1 WRPO_REQUIRE_CLUSTER=1 WRPO_REQUIRE_CONTROLLERS=1

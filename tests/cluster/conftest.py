@@ -186,7 +186,7 @@ def pod_runner(k8s_cluster, tmp_path):
         clients.append(api)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         runner = PodRunner(api, namespace, tmp_path / f"pods-{len(started)}",
-                           label_selector=label_selector, **kwargs)
+                           label_selector=label_selector, log_links=k8s_cluster.pod_log_dir, **kwargs)
         started.append(runner)
         _RUNNERS.append(runner)
         return runner.start()

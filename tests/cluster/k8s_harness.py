@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -205,6 +206,8 @@ class Cluster:
     components: list[Component] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     ca: CertAuthority | None = None
+    #: Where PodRunners link their pods' logs for the kwok Nodes' log endpoint (k8s_logserver.py).
+    pod_log_dir: Path | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -334,8 +337,23 @@ def start_cluster(work_dir: Path, bin_dir: Path | None = None, *,
         admin_cert = _start_etcd_and_apiserver(cluster, timeout, audit_policy)
         _start_controllers(cluster, admin_cert, timeout)
         _start_provisioner(cluster, timeout)
-        _start_kwok(cluster, nodes, gpus_per_node, timeout)
+        kubelet_port = _start_log_server(cluster, timeout)
+        _start_kwok(cluster, nodes, gpus_per_node, kubelet_port, timeout)
         _start_training_operator(cluster, timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def start_api_server(work_dir: Path, bin_dir: Path | None = None, *, timeout: float = 120.0) -> Cluster:
+    """Only etcd and kube-apiserver (no controllers, no Nodes): a short-lived second apiserver for what the
+    session's cluster cannot hold, such as another release's CRDs of the same names. Stop it with `stop()`."""
+    cluster = Cluster(bin_dir=bin_dir or find_binaries(), work_dir=work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atexit.register(cluster.stop)
+    try:
+        _start_etcd_and_apiserver(cluster, timeout)
     except BaseException:
         cluster.stop()
         raise
@@ -511,13 +529,33 @@ def fake_node(name: str, *, cpu: str = "32", memory: str = "256Gi", gpus: int = 
     }
 
 
-def _start_kwok(cluster: Cluster, nodes: int, gpus_per_node: int, timeout: float) -> None:
+def _start_log_server(cluster: Cluster, timeout: float) -> int:
+    """The kwok Nodes' kubelet log endpoint (k8s_logserver.py) on 127.0.0.1 with a certificate of the harness
+    CA, serving `cluster.pod_log_dir`; returns its port (kwok advertises it as every kwok Node's kubelet)."""
+    cluster.pod_log_dir = cluster.work_dir / "pod-logs"
+    cert_dir = _serving_cert_dir(cluster, "pod-logs")
+    port = free_port()
+    server = cluster.start_process("pod-logs", [
+        sys.executable, str(HERE / "k8s_logserver.py"), f"--port={port}", f"--cert={cert_dir / 'tls.crt'}",
+        f"--key={cert_dir / 'tls.key'}", f"--dir={cluster.pod_log_dir}",
+    ])
+    assert cluster.ca is not None
+    cluster.wait_ready(server, "pod log server /healthz",
+                       lambda: _https_get(f"https://127.0.0.1:{port}/healthz", cluster.ca.cert) == "ok", timeout)
+    return port
+
+
+def _start_kwok(cluster: Cluster, nodes: int, gpus_per_node: int, kubelet_port: int, timeout: float) -> None:
+    """kwok with the Stages of kwok/stages.yaml; its Nodes are at 127.0.0.1 with the kubelet port of the pod log
+    server, so the apiserver serves the logs of the pods a PodRunner ran."""
     key, value = KWOK_NODE_ANNOTATION
     kwok = cluster.start_process("kwok", [
         str(cluster.bin_dir / "kwok"), f"--kubeconfig={cluster.kubeconfig}",
         f"--config={STAGES_FILE}", "--manage-all-nodes=false",
         f"--manage-nodes-with-annotation-selector={key}={value}",
-        f"--cidr={POD_CIDR}", "--node-ip=10.240.0.1", "--node-lease-duration-seconds=40",
+        f"--cidr={POD_CIDR}", "--node-ip=127.0.0.1", f"--node-port={kubelet_port}",
+        # kwok's own server (without it kwok would listen on 0.0.0.0:<node-port> itself).
+        f"--server-address=127.0.0.1:{free_port()}", "--node-lease-duration-seconds=40",
     ])
     from kubernetes import client
 
@@ -771,6 +809,23 @@ def find_controllers(names: tuple[str, ...] = CONTROLLERS) -> Path:
     return bin_dir
 
 
+def controller_versions(bin_dir: Path) -> dict[str, str]:
+    """The versions build-controllers.sh built into `bin_dir` (its versions.env: TRAINER_VERSION,
+    JOBSET_VERSION, KUEUE_VERSION, TRAINER_COMPAT_VERSION, GO_VERSION)."""
+    lines = (bin_dir / "versions.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def trainer_compat_crds(bin_dir: Path) -> Path:
+    """The CRDs of the oldest Trainer release the harness keeps (no controller), for a second apiserver
+    (`start_api_server`): the same CRD names as the running Trainer's, so not on the session's cluster."""
+    version = controller_versions(bin_dir).get("TRAINER_COMPAT_VERSION", "")
+    crds = bin_dir / f"trainer-crds-{version}"
+    if not version or not crds.is_dir():
+        raise ControllersMissing(f"no older Trainer CRDs in {bin_dir}; run tests/cluster/build-controllers.sh")
+    return crds
+
+
 @dataclass
 class Controllers:
     """What `start_controllers` started on a cluster."""
@@ -813,7 +868,7 @@ def _serving_cert_dir(cluster: Cluster, name: str) -> Path:
     return cert_dir
 
 
-def _install_crds(cluster: Cluster, crd_dir: Path, timeout: float, conversion_port: int | None = None,
+def install_crds(cluster: Cluster, crd_dir: Path, timeout: float, conversion_port: int | None = None,
                   converted: tuple[str, ...] = ()) -> None:
     """Create every CRD of `crd_dir` and wait until each is Established. CRDs whose plural is in `converted`
     get a conversion webhook at https://127.0.0.1:<conversion_port>/convert, as their release installs them."""
@@ -881,7 +936,7 @@ def _register_webhooks(cluster: Cluster, name: str, manifest: Path, port: int) -
 
 def _start_jobset(cluster: Cluster, bin_dir: Path, timeout: float) -> None:
     """JobSet's stock controller manager with a Configuration file (config.jobset.x-k8s.io/v1alpha1)."""
-    _install_crds(cluster, bin_dir / "jobset-crds", timeout)
+    install_crds(cluster, bin_dir / "jobset-crds", timeout)
     webhook_port, probe_port, metrics_port = free_port(), free_port(), free_port()
     config = {
         "apiVersion": "config.jobset.x-k8s.io/v1alpha1", "kind": "Configuration",
@@ -901,15 +956,31 @@ def _start_jobset(cluster: Cluster, bin_dir: Path, timeout: float) -> None:
     _register_webhooks(cluster, "jobset", bin_dir / "webhooks/jobset.yaml", webhook_port)
 
 
+def trainer_configuration(*, webhook_port: int, probe_port: int, metrics_port: int) -> dict:
+    """Trainer's Configuration (config.trainer.kubeflow.org/v1alpha1, the file v2.2's stock controller manager
+    reads) for the harness: every listener on 127.0.0.1, no leader election, certificate
+    management off (trainer-local takes the certificate from --cert-dir)."""
+    return {
+        "apiVersion": "config.trainer.kubeflow.org/v1alpha1", "kind": "Configuration",
+        "leaderElection": {"leaderElect": False},
+        "certManagement": {"enable": False},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port},
+        "metrics": {"bindAddress": f"127.0.0.1:{metrics_port}", "secureServing": False},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{probe_port}"},
+    }
+
+
 def _start_trainer(cluster: Cluster, bin_dir: Path, timeout: float) -> None:
-    """Trainer v2 (trainer-local: the stock controllers and webhooks, certificate from a directory)."""
-    _install_crds(cluster, bin_dir / "trainer-crds", timeout)
+    """Trainer v2 (trainer-local: the stock controllers and webhooks, configured by the stock Configuration
+    file, certificate from a directory)."""
+    install_crds(cluster, bin_dir / "trainer-crds", timeout)
     webhook_port, probe_port, metrics_port = free_port(), free_port(), free_port()
+    config_file = cluster.work_dir / "trainer-config.yaml"
+    config_file.write_text(yaml.safe_dump(trainer_configuration(
+        webhook_port=webhook_port, probe_port=probe_port, metrics_port=metrics_port)))
     trainer = cluster.start_process("trainer", [
-        str(bin_dir / "trainer-local"), "--bind-host=127.0.0.1", f"--webhook-server-port={webhook_port}",
-        f"--cert-dir={_serving_cert_dir(cluster, 'trainer')}",
-        f"--health-probe-bind-address=127.0.0.1:{probe_port}", f"--metrics-bind-address=127.0.0.1:{metrics_port}",
-        "--zap-log-level=info",
+        str(bin_dir / "trainer-local"), f"--config={config_file}",
+        f"--cert-dir={_serving_cert_dir(cluster, 'trainer')}", "--zap-log-level=info",
     ], env=cluster.kubectl_env())
     cluster.wait_ready(trainer, "trainer /readyz",
                        lambda: _http_get(f"http://127.0.0.1:{probe_port}/readyz") == "ok", timeout)
@@ -941,7 +1012,7 @@ def _start_kueue(cluster: Cluster, bin_dir: Path, timeout: float) -> None:
     from kubernetes import client
 
     webhook_port, probe_port, metrics_port = free_port(), free_port(), free_port()
-    _install_crds(cluster, bin_dir / "kueue-crds", timeout, conversion_port=webhook_port,
+    install_crds(cluster, bin_dir / "kueue-crds", timeout, conversion_port=webhook_port,
                   converted=_KUEUE_CONVERTED_CRDS)
     with contextlib.closing(cluster.api_client()) as api:
         client.CoreV1Api(api).create_namespace({"metadata": {"name": KUEUE_NAMESPACE}})

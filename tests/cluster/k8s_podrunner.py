@@ -63,6 +63,10 @@ def _shell(argv: list[str]) -> list[str]:
     return argv
 
 
+#: Starts the line the runner writes into a pod's log before each process (time and argv); not the
+#: container's output, so the kubelet log endpoint (k8s_logserver.py) leaves these lines out.
+STEP_MARKER = "### wrpo-podrunner"
+
 DEFAULT_COMMAND_MAP = {"python": [sys.executable], "python3": [sys.executable], "sh": _shell}
 
 
@@ -125,6 +129,9 @@ class PodRunner:
     poll_interval: float = 0.3
     grace_seconds: float = 10.0
     first_ip: int = 10
+    #: Where each pod's log gets a link `<namespace>_<pod>.log` (the cluster's `pod_log_dir`, served to the
+    #: apiserver as the kwok Nodes' kubelet log endpoint by k8s_logserver.py, so `kubectl logs` reads it).
+    log_links: Path | None = None
 
     def __post_init__(self):
         from kubernetes import client
@@ -267,6 +274,7 @@ class PodRunner:
             readiness=None, image=container.image, container=container.name,
         )
         self.pods[local.name] = local
+        self._link_log(local)
         try:
             self._targets = self._service_targets()
             volumes = self._volumes(pod, workdir)
@@ -277,6 +285,14 @@ class PodRunner:
             return
         local.readiness = self._probe(container.readiness_probe, ip)
         self._next_step(local)
+
+    def _link_log(self, local: LocalPod) -> None:
+        if self.log_links is None:
+            return
+        self.log_links.mkdir(parents=True, exist_ok=True)
+        link = self.log_links / local.log.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(local.log)
 
     def _workdir(self, pod) -> Path:
         """The pod's own folder (per UID: a re-created pod of the same name starts empty)."""
@@ -303,7 +319,7 @@ class PodRunner:
     def _spawn(self, local: LocalPod) -> None:
         local.started_at = _now()
         with local.log.open("ab") as out:
-            out.write(f"### {_now()} {local.argv}\n".encode())
+            out.write(f"{STEP_MARKER} {_now()} {local.argv}\n".encode())
             out.flush()
             local.process = subprocess.Popen(
                 local.argv, env=local.env, stdout=out, stderr=subprocess.STDOUT,

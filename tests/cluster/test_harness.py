@@ -283,15 +283,35 @@ def test_pod_runner_failing_command_fails_job(k8s_api_client, local_namespace, p
         "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "boom"}, "spec": {
             "backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [{
                 "name": "main", "image": "example.invalid/runtime:1",
-                "command": ["python", "-c", "import sys; print('boom'); sys.exit(7)"]}]}}}})
+                "command": ["python", "-c", "import sys; print('start'); print('boom'); sys.exit(7)"]}]}}}})
     runner = pod_runner(local_namespace)
     wait_for("Job boom Failed", lambda: any(
         c.type == "Failed" and c.status == "True"
         for c in batch.read_namespaced_job("boom", local_namespace).status.conditions or []), 60)
     (pod_name,) = runner.pods
     assert "boom" in runner.logs(pod_name)
-    pod = client.CoreV1Api(k8s_api_client).read_namespaced_pod(pod_name, local_namespace)
+    core = client.CoreV1Api(k8s_api_client)
+    pod = core.read_namespaced_pod(pod_name, local_namespace)
     assert pod.status.container_statuses[0].state.terminated.exit_code == 7
+    # The apiserver serves the pod's log (the kwok Node's kubelet endpoint is the harness's log server),
+    # as `kubectl logs` and client SDKs read it.
+    assert core.read_namespaced_pod_log(pod_name, local_namespace, container="main") == "start\nboom\n"
+    assert core.read_namespaced_pod_log(pod_name, local_namespace, tail_lines=1) == "boom\n"
+
+
+def test_apiserver_reports_a_pod_without_a_local_log(k8s_cluster, k8s_api_client, k8s_namespace):
+    """A pod kwok ran (no process, so no log) gets the log server's 404, as NotFound through the apiserver."""
+    batch, core = client.BatchV1Api(k8s_api_client), client.CoreV1Api(k8s_api_client)
+    batch.create_namespaced_job(k8s_namespace, {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "kwok-run"}, "spec": {
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{
+                "name": "main", "image": "example.invalid/runtime:1"}]}}}})
+    wait_for("Job kwok-run complete",
+             lambda: batch.read_namespaced_job("kwok-run", k8s_namespace).status.succeeded == 1, 60)
+    (pod,) = core.list_namespaced_pod(k8s_namespace, label_selector="job-name=kwok-run").items
+    result = k8s_cluster.kubectl("logs", "-n", k8s_namespace, pod.metadata.name, check=False)
+    assert result.returncode != 0
+    assert "NotFound" in result.stderr and f"pods/log {pod.metadata.name}" in result.stderr, result.stderr
 
 
 def test_pod_runner_serves_deployment_behind_service(k8s_api_client, local_namespace, pod_runner, tmp_path):

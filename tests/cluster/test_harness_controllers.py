@@ -6,6 +6,7 @@ tests/cluster/build-controllers.sh's output, failed instead with WRPO_REQUIRE_CO
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -16,10 +17,15 @@ from k8s_harness import (
     KUEUE_QUEUE_LABEL,
     RUN_DURATION_ANNOTATION,
     TRAINER_API,
+    controller_versions,
+    install_crds,
+    start_api_server,
+    trainer_compat_crds,
     wait_for,
 )
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from trainer_objects import condition, train_job, training_runtime
 
 pytestmark = pytest.mark.cluster
 
@@ -28,64 +34,6 @@ PRINT_PET_ENV = (
     "import json, os; print(json.dumps({k: v for k, v in sorted(os.environ.items()) "
     "if k.startswith('PET_') or k == 'JOB_COMPLETION_INDEX'}))"
 )
-
-
-def _condition(obj: dict, kind: str) -> dict | None:
-    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), None)
-
-
-def _training_runtime(name: str) -> dict:
-    """A namespaced TrainingRuntime with a JobSet template: one replicated Job `node` (the Trainer's
-    ancestor step `trainer`, container `node`), torch policy so the torch plugin adds the PET_* variables."""
-    group, version = TRAINER_API
-    return {
-        "apiVersion": f"{group}/{version}",
-        "kind": "TrainingRuntime",
-        "metadata": {"name": name},
-        "spec": {
-            "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": 1}},
-            "template": {
-                "spec": {
-                    "replicatedJobs": [
-                        {
-                            "name": "node",
-                            "template": {
-                                "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
-                                "spec": {
-                                    "template": {
-                                        "spec": {
-                                            "restartPolicy": "Never",
-                                            "containers": [
-                                                {
-                                                    "name": "node",
-                                                    "image": "example.invalid/torch:1",
-                                                    "command": ["python", "-c", PRINT_PET_ENV],
-                                                    "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
-                                                }
-                                            ],
-                                        }
-                                    }
-                                },
-                            },
-                        }
-                    ]
-                }
-            },
-        },
-    }
-
-
-def _train_job(name: str, runtime: str, num_nodes: int) -> dict:
-    group, version = TRAINER_API
-    return {
-        "apiVersion": f"{group}/{version}",
-        "kind": "TrainJob",
-        "metadata": {"name": name},
-        "spec": {
-            "runtimeRef": {"name": runtime, "apiGroup": group, "kind": "TrainingRuntime"},
-            "trainer": {"numNodes": num_nodes},
-        },
-    }
 
 
 def test_trainjob_runs_as_jobset_pods_with_torch_rendezvous_env(
@@ -99,25 +47,26 @@ def test_trainjob_runs_as_jobset_pods_with_torch_rendezvous_env(
     group, version = TRAINER_API
     ns, name = local_namespace, "echo"
     runner = pod_runner(ns)
-    custom.create_namespaced_custom_object(group, version, ns, "trainingruntimes", _training_runtime("torch-echo"))
-    custom.create_namespaced_custom_object(group, version, ns, "trainjobs", _train_job(name, "torch-echo", 2))
+    runtime = training_runtime("torch-echo", ["python", "-c", PRINT_PET_ENV])
+    custom.create_namespaced_custom_object(group, version, ns, "trainingruntimes", runtime)
+    custom.create_namespaced_custom_object(group, version, ns, "trainjobs", train_job(name, "torch-echo", 2))
 
     def complete():
         job = custom.get_namespaced_custom_object(group, version, ns, "trainjobs", name)
-        failed = _condition(job, "Failed")
+        failed = condition(job, "Failed")
         assert not (failed and failed["status"] == "True"), f"TrainJob failed: {failed}"
-        done = _condition(job, "Complete")
+        done = condition(job, "Complete")
         return job if done and done["status"] == "True" else None
 
     try:
-        train_job = wait_for(f"TrainJob {name} Complete", complete, 120)
+        completed = wait_for(f"TrainJob {name} Complete", complete, 120)
     finally:
         print(f"pod runner errors: {runner.errors}")
     # The Trainer made the JobSet (owned by the TrainJob), the JobSet controller made the Job and its pods.
     js_group, js_version = JOBSET_API
     jobset = custom.get_namespaced_custom_object(js_group, js_version, ns, "jobsets", name)
-    assert [o["uid"] for o in jobset["metadata"]["ownerReferences"]] == [train_job["metadata"]["uid"]]
-    assert _condition(jobset, "Completed")["status"] == "True"
+    assert [o["uid"] for o in jobset["metadata"]["ownerReferences"]] == [completed["metadata"]["uid"]]
+    assert condition(jobset, "Completed")["status"] == "True"
     jobs = batch.list_namespaced_job(ns, label_selector=f"jobset.sigs.k8s.io/jobset-name={name}").items
     assert [j.metadata.name for j in jobs] == [f"{name}-node-0"]
     assert jobs[0].spec.completion_mode == "Indexed" and jobs[0].spec.completions == 2
@@ -146,7 +95,7 @@ def test_trainer_webhook_rejects_a_trainjob_it_cannot_run(k8s_controllers, k8s_a
     group, version = TRAINER_API
     with pytest.raises(ApiException) as refused:
         custom.create_namespaced_custom_object(
-            group, version, k8s_namespace, "trainjobs", _train_job("no-runtime", "missing", 1)
+            group, version, k8s_namespace, "trainjobs", train_job("no-runtime", "missing", 1)
         )
     # The Trainer's validating webhook (not the CRD schema) names the runtime it does not know.
     assert refused.value.status in (400, 403, 422), refused.value.body
@@ -227,7 +176,7 @@ def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, 
 
     def admitted(job_name: str):
         wl = workload(job_name)
-        return wl if wl and (_condition(wl, "Admitted") or {}).get("status") == "True" else None
+        return wl if wl and (condition(wl, "Admitted") or {}).get("status") == "True" else None
 
     # Each Job asks 6 of the ClusterQueue's 8 GPUs (a kwok Node has 8): only one fits at a time.
     created = batch.create_namespaced_job(ns, _gpu_job("first", queue, 6, "20s"))
@@ -238,7 +187,7 @@ def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, 
 
     def pending_for_quota():
         wl = workload("second")
-        reserved = _condition(wl, "QuotaReserved") if wl else None
+        reserved = condition(wl, "QuotaReserved") if wl else None
         waiting = reserved and reserved["status"] == "False" and "insufficient" in reserved["message"]
         return reserved if waiting else None
 
@@ -256,7 +205,7 @@ def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, 
     wait_for("Workload of Job second admitted", lambda: admitted("second"), 60)
     wait_for("Job second complete", lambda: batch.read_namespaced_job("second", ns).status.succeeded == 1, 60)
     first = workload("first")
-    assert (_condition(first, "Finished") or {}).get("status") == "True", first.get("status")
+    assert (condition(first, "Finished") or {}).get("status") == "True", first.get("status")
 
 
 def test_kueue_leaves_namespaces_it_does_not_manage_alone(k8s_controllers, k8s_api_client, k8s_namespace):
@@ -270,3 +219,142 @@ def test_kueue_leaves_namespaces_it_does_not_manage_alone(k8s_controllers, k8s_a
         "Job unmanaged complete", lambda: batch.read_namespaced_job("unmanaged", k8s_namespace).status.succeeded, 60
     )
     assert not custom.list_namespaced_custom_object(group, version, k8s_namespace, "workloads")["items"]
+
+
+def test_kueue_admits_a_trainjob_of_a_queue(k8s_controllers, k8s_api_client, kueue_namespace):
+    """Kueue v0.17 suspends a TrainJob labelled for its LocalQueue and unsuspends it on admission by writing
+    `spec.runtimePatches` (a Trainer v2.2 field: on Trainer v2.0 the update was refused and the TrainJob stayed
+    suspended). kwok completes the JobSet's pods in this namespace."""
+    custom = client.CustomObjectsApi(k8s_api_client)
+    group, version = TRAINER_API
+    ns, name = kueue_namespace, "queued"
+    custom.create_namespaced_custom_object(
+        group, version, ns, "trainingruntimes", training_runtime("torch-queued", ["python", "-c", "pass"])
+    )
+    created = custom.create_namespaced_custom_object(
+        group, version, ns, "trainjobs", train_job(name, "torch-queued", 2, queue=KUEUE_LOCAL_QUEUE)
+    )
+    assert created["spec"].get("suspend") is True  # Kueue's mutating webhook, at admission
+
+    def workload():
+        for wl in custom.list_namespaced_custom_object(*KUEUE_API, ns, "workloads")["items"]:
+            if any(o["kind"] == "TrainJob" and o["name"] == name for o in wl["metadata"].get("ownerReferences", [])):
+                return wl
+        return None
+
+    def admitted():
+        wl = workload()
+        return wl if wl and (condition(wl, "Admitted") or {}).get("status") == "True" else None
+
+    wl = wait_for(f"Workload of TrainJob {name} admitted", admitted, 60)
+    assert [ps["count"] for ps in wl["spec"]["podSets"]] == [2]
+
+    def get():
+        return custom.get_namespaced_custom_object(group, version, ns, "trainjobs", name)
+
+    wait_for(f"TrainJob {name} unsuspended", lambda: get()["spec"].get("suspend") is False, 30)
+
+    def complete():
+        job = get()
+        failed = condition(job, "Failed")
+        assert not (failed and failed["status"] == "True"), f"TrainJob failed: {failed}"
+        return (condition(job, "Complete") or {}).get("status") == "True"
+
+    wait_for(f"TrainJob {name} Complete", complete, 90)
+    wait_for(
+        f"Workload of TrainJob {name} Finished",
+        lambda: (condition(workload(), "Finished") or {}).get("status") == "True",
+        30,
+    )
+
+
+def _contains(sent, got, path: str = "") -> list[str]:
+    """Where `got` lacks or changed what `sent` has (fields the apiserver pruned or rewrote)."""
+    if isinstance(sent, dict):
+        if not isinstance(got, dict):
+            return [path or "."]
+        return [p for key, value in sent.items() for p in _contains(value, got.get(key), f"{path}.{key}")]
+    if isinstance(sent, list):
+        if not isinstance(got, list) or len(got) != len(sent):
+            return [path]
+        return [p for i, (a, b) in enumerate(zip(sent, got, strict=True)) for p in _contains(a, b, f"{path}[{i}]")]
+    return [] if sent == got else [path]
+
+
+def _trainer_shapes(queue: str) -> tuple[dict, list[dict]]:
+    """The TrainingRuntime and TrainJobs the compatibility test sends: a TrainJob that only sets numNodes and
+    numProcPerNode (what the operator creates) and one with every other `trainer` field it may set."""
+    runtime = training_runtime("compat", ["python", "-c", "pass"], num_nodes=2, labels={"app.kubernetes.io/name": "x"})
+    full = {
+        "command": ["torchrun", "-m", "wrpo.train"],
+        "args": ["--stage", "sft"],
+        "env": [{"name": "WRPO_STAGE", "value": "sft"}],
+        "resourcesPerNode": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"nvidia.com/gpu": "1"}},
+    }
+    return runtime, [
+        train_job("compat-min", "compat", 2, procs_per_node=2, queue=queue),
+        train_job("compat-full", "compat", 2, procs_per_node=2, queue=queue, trainer=full),
+    ]
+
+
+def _dry_run(custom, namespace: str, plural: str, obj: dict) -> dict:
+    group, version = TRAINER_API
+    return custom.create_namespaced_custom_object(
+        group, version, namespace, plural, obj, dry_run="All", field_validation="Strict"
+    )
+
+
+def test_the_same_trainjob_shape_is_accepted_by_the_oldest_trainer_crds(
+    k8s_controllers, k8s_api_client, k8s_namespace, tmp_path
+):
+    """The TrainingRuntime + TrainJob shape works from Trainer v2.0 to the current release: a second,
+    short-lived apiserver holds the oldest release's CRDs (the session's one has the current release's, under
+    the same names) and accepts every object by server-side dry-run with strict field validation, nothing
+    pruned; the session's apiserver (current CRDs and the Trainer's webhooks) accepts the same objects. Each
+    side refuses the field the other one has alone: `spec.runtimePatches` (new in v2.2) on the old CRDs, the
+    runtime's `mlPolicy.torch.numProcPerNode` (gone in v2.2, silently pruned without strict validation) on
+    the current ones."""
+    versions = controller_versions(k8s_controllers.bin_dir)
+    assert versions["TRAINER_COMPAT_VERSION"] != versions["TRAINER_VERSION"], versions
+    runtime, jobs = _trainer_shapes(KUEUE_LOCAL_QUEUE)
+
+    old = start_api_server(tmp_path / "old-trainer", k8s_controllers.cluster.bin_dir)
+    try:
+        install_crds(old, trainer_compat_crds(k8s_controllers.bin_dir), 60)
+        with contextlib.closing(old.api_client()) as api:
+            custom = client.CustomObjectsApi(api)
+            for plural, obj in [("trainingruntimes", runtime), *(("trainjobs", job) for job in jobs)]:
+                got = _dry_run(custom, "default", plural, obj)
+                lost = _contains(obj["spec"], got["spec"])
+                assert not lost, f"{versions['TRAINER_COMPAT_VERSION']} CRDs dropped or changed {lost} of {plural}"
+            patched = {**jobs[0], "spec": {**jobs[0]["spec"], "runtimePatches": [{"manager": "wrpo.test"}]}}
+            _assert_unknown_field(lambda: _dry_run(custom, "default", "trainjobs", patched), "spec.runtimePatches")
+    finally:
+        old.stop()
+
+    # The current release, with its webhooks (the TrainJob's validates the runtime it names, so it must exist).
+    custom = client.CustomObjectsApi(k8s_api_client)
+    group, version = TRAINER_API
+    created = custom.create_namespaced_custom_object(
+        group, version, k8s_namespace, "trainingruntimes", runtime, field_validation="Strict"
+    )
+    assert not _contains(runtime["spec"], created["spec"])
+    for job in jobs:
+        got = _dry_run(custom, k8s_namespace, "trainjobs", job)
+        assert not _contains(job["spec"], got["spec"]), _contains(job["spec"], got["spec"])
+    torch = runtime["spec"]["mlPolicy"]["torch"]
+    old_style = {**runtime, "metadata": {"name": "old-style"}}
+    old_style["spec"] = {
+        **runtime["spec"],
+        "mlPolicy": {**runtime["spec"]["mlPolicy"], "torch": {**torch, "numProcPerNode": 1}},
+    }
+    _assert_unknown_field(
+        lambda: _dry_run(custom, k8s_namespace, "trainingruntimes", old_style), "spec.mlPolicy.torch.numProcPerNode"
+    )
+
+
+def _assert_unknown_field(call, field: str) -> None:
+    with pytest.raises(ApiException) as refused:
+        call()
+    message = json.loads(refused.value.body)["message"]
+    assert f'strict decoding error: unknown field "{field}"' in message, message

@@ -1,13 +1,13 @@
 // Command trainer-local runs the Kubeflow Trainer v2 controller manager (TrainJob, TrainingRuntime and
-// ClusterTrainingRuntime controllers and their validating webhooks) out of cluster for tests.
+// ClusterTrainingRuntime controllers, their defaulting and validating webhooks) out of cluster for tests.
 //
-// The stock cmd/trainer-controller-manager always rotates its own webhook certificate
-// (open-policy-agent/cert-controller): it writes a Secret in namespace kubeflow-system, patches the
-// ValidatingWebhookConfiguration "validator.trainer.kubeflow.org", keeps the certificate in the fixed
-// /tmp/k8s-webhook-server/serving-certs and binds its webhook server on every interface. Tests must
-// only listen on 127.0.0.1 and run side by side, so this entry point wires the same controller,
-// runtime and webhook packages with every listener on a chosen host and the serving certificate
-// taken from a directory the test harness generates (no rotation). See docs/cluster-harness.md.
+// It reads the stock Configuration file (config.trainer.kubeflow.org/v1alpha1, --config) exactly as
+// cmd/trainer-controller-manager does, with two differences that let tests run side by side on
+// 127.0.0.1: the webhook server's certificate comes from --cert-dir (the stock binary keeps it in the
+// fixed /tmp/k8s-webhook-server/serving-certs), and certificate management must be off (the stock
+// rotation writes a Secret in kubeflow-system and patches the webhook configurations). The TrainJob
+// status server (feature gate TrainJobStatus, off by default) listens on every interface, so it is
+// refused. See docs/cluster-harness.md.
 package main
 
 import (
@@ -16,72 +16,89 @@ import (
 
 	apiruntime "k8s.io/apimachinery/pkg/runtime"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	utilfeature "k8s.io/apiserver/pkg/util/feature"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 	ctrlpkg "sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 	jobsetv1alpha2 "sigs.k8s.io/jobset/api/jobset/v1alpha2"
 	schedulerpluginsv1alpha1 "sigs.k8s.io/scheduler-plugins/apis/scheduling/v1alpha1"
+	volcanov1beta1 "volcano.sh/apis/pkg/apis/scheduling/v1beta1"
 
+	configapi "github.com/kubeflow/trainer/v2/pkg/apis/config/v1alpha1"
 	trainer "github.com/kubeflow/trainer/v2/pkg/apis/trainer/v1alpha1"
+	"github.com/kubeflow/trainer/v2/pkg/config"
 	"github.com/kubeflow/trainer/v2/pkg/controller"
+	"github.com/kubeflow/trainer/v2/pkg/features"
 	runtimecore "github.com/kubeflow/trainer/v2/pkg/runtime/core"
 	"github.com/kubeflow/trainer/v2/pkg/webhooks"
 )
 
 func main() {
-	host := flag.String("bind-host", "127.0.0.1", "Address the webhook server binds to.")
-	webhookPort := flag.Int("webhook-server-port", 0, "Webhook port on --bind-host.")
-	certDir := flag.String("cert-dir", "", "Directory with tls.crt and tls.key for the webhook.")
-	probeAddr := flag.String("health-probe-bind-address", "127.0.0.1:0", "Health/ready probe address.")
-	metricsAddr := flag.String("metrics-bind-address", "0", "Metrics address (plain HTTP); 0 disables it.")
+	configFile := flag.String("config", "", "The stock Configuration file (config.trainer.kubeflow.org/v1alpha1).")
+	certDir := flag.String("cert-dir", "", "Directory with tls.crt and tls.key for the webhook server.")
 	opts := zap.Options{Development: true}
 	opts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&opts)))
 	log := ctrl.Log.WithName("setup")
+	fail := func(err error, msg string, kv ...any) {
+		log.Error(err, msg, kv...)
+		os.Exit(1)
+	}
 
 	scheme := apiruntime.NewScheme()
 	utilruntime.Must(clientgoscheme.AddToScheme(scheme))
+	utilruntime.Must(configapi.AddToScheme(scheme))
 	utilruntime.Must(trainer.AddToScheme(scheme))
 	utilruntime.Must(jobsetv1alpha2.AddToScheme(scheme))
 	utilruntime.Must(schedulerpluginsv1alpha1.AddToScheme(scheme))
+	utilruntime.Must(volcanov1beta1.AddToScheme(scheme))
 
-	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), ctrl.Options{
-		Scheme: scheme,
-		// As the stock binary: runtimes read JobSets and PodGroups as unstructured objects too.
-		Client:                 client.Options{Cache: &client.CacheOptions{Unstructured: true}},
-		Metrics:                metricsserver.Options{BindAddress: *metricsAddr},
-		HealthProbeBindAddress: *probeAddr,
-		WebhookServer:          webhook.NewServer(webhook.Options{Host: *host, Port: *webhookPort, CertDir: *certDir}),
-	})
+	if *configFile == "" || *certDir == "" {
+		fail(nil, "--config and --cert-dir are required")
+	}
+	options, cfg, err := config.Load(scheme, *configFile, false)
 	if err != nil {
-		log.Error(err, "unable to create manager")
-		os.Exit(1)
+		fail(err, "unable to load the configuration", "file", *configFile)
+	}
+	if config.IsCertManagementEnabled(&cfg) {
+		fail(nil, "set certManagement.enable: false (the certificate comes from --cert-dir)")
+	}
+	if err := utilfeature.DefaultMutableFeatureGate.SetFromMap(cfg.FeatureGates); err != nil {
+		fail(err, "unable to set feature gates")
+	}
+	if features.Enabled(features.TrainJobStatus) {
+		fail(nil, "feature gate TrainJobStatus is not supported (its server binds every interface)")
+	}
+	// The stock options with the webhook server's certificate directory set.
+	host := ""
+	if cfg.Webhook.Host != nil {
+		host = *cfg.Webhook.Host
+	}
+	options.WebhookServer = webhook.NewServer(webhook.Options{Host: host, Port: int(*cfg.Webhook.Port), CertDir: *certDir})
+
+	mgr, err := ctrl.NewManager(ctrl.GetConfigOrDie(), options)
+	if err != nil {
+		fail(err, "unable to create manager")
 	}
 	ctx := ctrl.SetupSignalHandler()
-	runtimes, err := runtimecore.New(ctx, mgr.GetClient(), mgr.GetFieldIndexer())
+	runtimes, err := runtimecore.New(ctx, mgr.GetClient(), mgr.GetFieldIndexer(), &cfg)
 	if err != nil {
-		log.Error(err, "unable to initialize runtimes")
-		os.Exit(1)
+		fail(err, "unable to initialize runtimes")
 	}
 	if name, err := controller.SetupControllers(mgr, runtimes, ctrlpkg.Options{}); err != nil {
-		log.Error(err, "unable to create controller", "controller", name)
-		os.Exit(1)
+		fail(err, "unable to create controller", "controller", name)
 	}
 	if name, err := webhooks.Setup(mgr, runtimes); err != nil {
-		log.Error(err, "unable to create webhook", "webhook", name)
-		os.Exit(1)
+		fail(err, "unable to create webhook", "webhook", name)
 	}
-	utilruntime.Must(mgr.AddHealthzCheck("healthz", healthz.Ping))
-	utilruntime.Must(mgr.AddReadyzCheck("webhook", mgr.GetWebhookServer().StartedChecker()))
+	utilruntime.Must(mgr.AddHealthzCheck(cfg.Health.LivenessEndpointName, healthz.Ping))
+	utilruntime.Must(mgr.AddReadyzCheck(cfg.Health.ReadinessEndpointName, mgr.GetWebhookServer().StartedChecker()))
 	log.Info("starting manager")
 	if err := mgr.Start(ctx); err != nil {
-		log.Error(err, "manager stopped")
-		os.Exit(1)
+		fail(err, "manager stopped")
 	}
 }
