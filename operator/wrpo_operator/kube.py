@@ -26,6 +26,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Job": ("/apis/batch/v1", "jobs"),
     "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
+    "TrainJob": ("/apis/trainer.kubeflow.org/v1alpha1", "trainjobs"),
+    "TrainingRuntime": ("/apis/trainer.kubeflow.org/v1alpha1", "trainingruntimes"),
     "FusionRun": (f"/apis/{GROUP}/{VERSION}", PLURAL),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),  # leader election
 }
@@ -92,6 +94,18 @@ class Kube:
         if resp.status >= 400:
             raise ApiError(resp.status, resp.reason or "", text)
         return json.loads(text) if text else {}
+
+    def served(self, kind: str) -> bool:
+        """Whether the apiserver serves `kind` (its group version's discovery document lists its plural);
+        discovery needs no RBAC beyond being authenticated."""
+        prefix, plural = RESOURCES[kind]
+        try:
+            found = self.request("discover", kind, "GET", prefix)
+        except ApiError as e:
+            if e.status in (404, 503):  # no such group version, or its aggregated server is down
+                return False
+            raise
+        return any(r.get("name") == plural for r in found.get("resources") or [])
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         try:

@@ -58,9 +58,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
+{{- if has "pytorchjob" .Values.rbac.trainingBackends }}
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
   verbs: [get, list, watch, create, patch, delete]
+{{- end }}
+{{- if has "trainjob" .Values.rbac.trainingBackends }}
+# Trainer v2: a TrainingRuntime per training stage and the TrainJob naming it (their JobSets are Trainer's).
+- apiGroups: [trainer.kubeflow.org]
+  resources: [trainjobs, trainingruntimes]
+  verbs: [get, list, watch, create, patch, delete]
+{{- end }}
 # Events: posted on FusionRuns; Warning Events on its Jobs are read (refused pod creations).
 - apiGroups: [""]
   resources: [events]
