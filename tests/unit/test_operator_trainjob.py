@@ -202,12 +202,12 @@ def test_a_run_walks_its_training_stages_through_trainjobs():
             step(kube)
             finish_trainjob(kube, f"{NAME}-{stage}")
             continue
-        for _ in range(4):  # servers, units: make everything the stage waits for ready
+        runner = ("Job", f"{NAME}-{stage}")
+        for _ in range(4):  # servers, units: make everything the stage waits for ready, finish its Jobs
             kube.make_available()
-            for key in [k for k in kube.objects if k[0] == "Job" and k[1].startswith(f"{NAME}-{stage}")]:
+            for key in [k for k in kube.objects if k[0] == "Job" and k[1].startswith(runner[1])]:
                 kube.finish(*key)
-            if status_of(kube, stage)["state"] == "Succeeded" or (("Job", f"{NAME}-{stage}") in kube.objects
-                                                                  and job_state(kube.objects[("Job", f"{NAME}-{stage}")])[0] == "Succeeded"):
+            if runner in kube.objects and job_state(kube.objects[runner])[0] == "Succeeded":
                 break
             step(kube)
     step(kube)
