@@ -422,10 +422,10 @@ def _waits_for_budget(ps: _Pass, entry: Obj, want: StageChildren) -> bool:
     """`cluster.gpuBudget` across stages: a stage's first children wait until the live pods of earlier
     stages (servers of the last units still shutting down) leave room for all of them at once."""
     budget = ps.spec.cluster.gpu_budget
-    if budget is None or any(_key(o) in ps.kids for o in [*want.servers, *want.runners]):
+    if budget is None or any(_key(o) in ps.kids for o in [*want.servers, *want.templates, *want.runners]):
         return False
     first = [r for r in want.runners if not want.after_runners.get(r["metadata"]["name"])]
-    need = sum(object_gpus(o) for o in [*want.servers, *first])
+    need = sum(object_gpus(o) for o in [*want.servers, *want.templates, *first])  # a TrainJob's: its runtime's
     held = _live_gpus(ps, lambda p: _label(p, LABEL_STAGE) == entry["name"])
     if held + need <= budget:
         return False

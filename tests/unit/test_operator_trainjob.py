@@ -74,6 +74,15 @@ def test_the_runtime_holds_the_pytorchjobs_pod_template_under_trainers_names():
     assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "demo-checkpoints" for v in pod["volumes"])
 
 
+def test_the_gpu_budget_counts_a_trainjobs_pods_by_its_runtime():
+    from wrpo.pipeline.gpus import object_gpus
+
+    kids = b.stage_children(NAME, NS, spec_with(), "sft", URI, "h", backend="trainjob")
+    assert object_gpus(kids.templates[0]) == 16 and object_gpus(kids.runners[0]) == 0  # 2 nodes × 8 GPUs
+    pj = b.stage_children(NAME, NS, spec_with(), "sft", URI, "h").runners[0]
+    assert object_gpus(pj) == 16
+
+
 def test_with_a_queue_the_trainjob_is_suspended_and_labelled_and_volcano_reads_the_pods():
     spec = spec_with(queueName="team-q", schedulingPolicy={"queue": "vq", "priorityClass": "high"})
     job = b.build_trainjob(NAME, NS, spec, "wrpo", URI, "h")
