@@ -9,13 +9,12 @@ minutes on 2 cores."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 
 import pytest
-from operator_harness import CHART, RELEASE, Operator, create_run, wait, wait_phase
-from test_operator_podrunner import ROOT, pod_commands, tiny_spec
+from operator_harness import create_run, wait, wait_phase
+from test_operator_podrunner import start_real_run, tiny_spec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
 FAULT_LINE = "WRPO_FAULT_AFTER_CHECKPOINT: sft saved checkpoint 1"
@@ -28,20 +27,11 @@ def test_tiny_fusion_through_trainjobs_resumes_sft_from_its_checkpoint(
         tiny_models, k8s_api_client, tmp_path):
     from kubernetes import client
 
-    server, key, secret = weed
     ns = restricted_local_namespace
     core, custom = client.CoreV1Api(k8s_api_client), client.CustomObjectsApi(k8s_api_client)
-    creds = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-    core.create_namespaced_secret(ns, {"metadata": {"name": "s3-credentials"}, "stringData": creds})
-    helm_install(CHART, RELEASE, ns, values={"scope": "namespace", "metrics": {"enabled": False}})
-    operator = Operator(service_account(ns, RELEASE, create=False), ns, tmp_path / "operator.log").start()
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "operator")]), "DS_ACCELERATOR": "cpu",
-           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1",
-           "HF_HUB_OFFLINE": "1", "AWS_DEFAULT_REGION": "us-east-1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "info"}
-    runner = pod_runner(ns, label_selector="fusion.wrpo.io/run=tiny", env_overrides=env,
-                        command_map=pod_commands(vllm_python))
-    spec = tiny_spec(tiny_models, server)
+    operator, runner = start_real_run(core, ns, weed, helm_install, service_account, pod_runner, vllm_python,
+                                      tmp_path)
+    spec = tiny_spec(tiny_models, weed[0])
     spec["cluster"]["training"]["backend"] = "trainjob"
     try:
         create_run(custom, ns, "tiny", spec)
