@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from wrpo.pipeline.plan import STAGE_NAMES, plan_hashes
+from wrpo.pipeline.plan import STAGE_NAMES, STAGES, plan_hashes
 from wrpo.pipeline.spec import FusionSpec
 from wrpo_operator import LABEL_COMPONENT, LABEL_STAGE
 from wrpo_operator.builders import (
@@ -297,7 +297,8 @@ def backend_refusal(name: str, spec: FusionSpec, backend: str | None, served: se
         other = next(iter(served), None)
         message = (f"{wanted}: the apiserver does not serve it; install {_INSTALL[backend]}"
                    + (f" or set {BACKEND_FIELD}: {other} (or auto)" if other else ""))
-    return Refusal(kind, child_name(name, "sft"), message, BACKEND_FIELD)
+    first = next(row.name for row in STAGES if row.distributed)  # the first training stage's runner
+    return Refusal(kind, child_name(name, first), message, BACKEND_FIELD)
 
 
 def served_backends(kube: Any) -> set[str]:

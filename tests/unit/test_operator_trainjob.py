@@ -1,7 +1,7 @@
 """`cluster.training.backend` (docs/operator.md, "Training backends"): the Kubeflow Trainer v2 objects the
 builders make, how `auto` is resolved and recorded, the refusal of a backend the cluster does not serve, and a
 run walked to the end through TrainJobs. No cluster here: FakeKube (test_operator_reconcile.py) stands in for
-the apiserver; tests/cluster/test_operator_trainjob.py runs the same against the real Trainer and JobSet."""
+the apiserver; tests/cluster/test_operator_trainjob_run.py runs the same against the real Trainer and JobSet."""
 
 from __future__ import annotations
 
