@@ -13,10 +13,12 @@ import re
 import signal
 
 import pytest
+import test_operator_podrunner as real
 from operator_harness import create_run, wait, wait_phase
 from test_operator_podrunner import start_real_run, tiny_spec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
+weed, vllm_python = real.weed, real.vllm_python  # the fixtures of the PyTorchJob run: SeaweedFS, the vLLM venv
 FAULT_LINE = "WRPO_FAULT_AFTER_CHECKPOINT: sft saved checkpoint 1"
 
 
