@@ -120,10 +120,10 @@ def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers:
         try:
             kube.create(body, dry_run=True)
         except ApiError as e:
-            if retryable(e):
-                raise
             if any(s in e.message for s in NOT_THE_SPECS):
                 return None
+            if retryable(e):
+                raise
             return Refusal(child["kind"], child["metadata"]["name"], e.message,
                            spec_field(child, _causes(e) or [_field_in(e.message)], spec, body["kind"]))
         return None

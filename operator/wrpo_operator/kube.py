@@ -50,11 +50,16 @@ class ApiError(Exception):
 NOT_RETRYABLE = (400, 403, 404, 422)
 
 
+#: Refusals that pass once a cache catches up: an admission plugin that does not know the FusionRun kind yet
+#: (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a freshly installed CRD by a
+#: few seconds), and Trainer's webhook, whose informer has not seen the TrainingRuntime the operator's watch
+#: already showed (docs/operator.md, "Training backends").
+CACHE_LAG = ("no matches for kind", "specified trainingRuntime must be created before the TrainJob")
+
+
 def retryable(e: ApiError) -> bool:
-    """Worth retrying as is: server errors, throttling, conflicts, and an admission plugin that does not know
-    the FusionRun kind yet (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a
-    freshly installed CRD by a few seconds)."""
-    return e.status not in NOT_RETRYABLE or "no matches for kind" in e.message
+    """Worth retrying as is: server errors, throttling, conflicts, and refusals of a lagging cache (CACHE_LAG)."""
+    return e.status not in NOT_RETRYABLE or any(m in e.message for m in CACHE_LAG)
 
 
 @dataclass

@@ -184,6 +184,32 @@ def test_a_backend_the_cluster_does_not_serve_is_refused_naming_the_field(backen
     assert ("Warning", "SpecInvalid") in [(t, r) for t, r, _ in kube.events]
 
 
+def test_trainers_webhook_lagging_behind_the_runtime_is_retried_not_a_failure():
+    from wrpo_operator.kube import ApiError, retryable
+
+    lag = ApiError(400, "Bad Request", json.dumps({"message": 'admission webhook "validate.trainjob" denied the '
+                   "request: spec.runtimeRef: Invalid value: ...: TrainingRuntime.trainer.kubeflow.org \"demo-sft\" "
+                   "not found: specified trainingRuntime must be created before the TrainJob is created"}))
+    assert retryable(lag)
+    assert not retryable(ApiError(400, "Bad Request", json.dumps({"message": "spec.trainer: Invalid value"})))
+
+
+def test_admission_passes_a_trainjob_whose_runtime_trainers_webhook_cannot_find_yet():
+    from wrpo_operator.admission import dry_run
+    from wrpo_operator.kube import ApiError
+
+    kube = FakeKube()
+    job = b.build_trainjob(NAME, NS, spec_with(), "sft", URI, "h")
+    kube.refuse_dry[("TrainJob", "demo-sft")] = ApiError(400, "Bad Request", json.dumps({"message": (
+        "admission webhook denied the request: specified trainingRuntime must be created before the TrainJob "
+        "is created")}))
+    assert dry_run(kube, [job]) == []
+    invalid = {"message": "spec.trainer.numNodes: Invalid value: 0"}
+    kube.refuse_dry[("TrainJob", "demo-sft")] = ApiError(422, "Invalid", json.dumps(invalid))
+    (refusal,) = dry_run(kube, [job], spec_with())
+    assert refusal.field == "cluster.training"
+
+
 def test_an_unknown_backend_is_a_spec_error_naming_the_field():
     with pytest.raises(SpecError, match=r"cluster\.training\.backend"):
         parse_spec(tiny_spec(cluster={"training": {"backend": "mpijob"}}), "run.yaml")
