@@ -166,8 +166,8 @@ class _Pass:
     drop: set[Key] = field(default_factory=set)  # children built from another spec: replaced
     d: Decision = field(default_factory=Decision)
     previous: Obj = field(default_factory=dict)  # the stall the current stage reported before
-    waiting_since: str | None = None  # since when the current stage waits for the GPU budget, if it did
     backend: str = "pytorchjob"  # how training stages run (`training_backend`)
+    waiting_since: str | None = None  # since when the current stage waits for the GPU budget, if it did
 
     def __post_init__(self) -> None:
         self.run_uri = (self.spec.storage.run_uri or "").rstrip("/")
@@ -175,12 +175,12 @@ class _Pass:
 
 
 def _start(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settings: Settings,
-           refused: dict[Key, str], committed: Committed | None, backend: str) -> _Pass:
+           refused: dict[Key, str], committed: Committed | None) -> _Pass:
     meta, old = run["metadata"], run.get("status") or {}
     retrying = old.get("observedGeneration") is not None and meta.get("generation", 1) > old["observedGeneration"]
     return _Pass(meta["name"], meta["namespace"], spec, now, settings, refused,
                  committed or (lambda stage: set()), {_key(c): c for c in observed.children}, observed.pods,
-                 observed.events, retrying, backend=backend)
+                 observed.events, retrying)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -578,7 +578,8 @@ def decide(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settin
     `committed`: the units of a stage already committed in the run directory (none if not given).
     `backend`: how training stages run (`training_backend`), recorded in status.training."""
     old = run.get("status") or {}
-    ps = _start(run, spec, observed, now, settings, refused or {}, committed, backend)
+    ps = _start(run, spec, observed, now, settings, refused or {}, committed)
+    ps.backend = backend
     hashes = plan_hashes(spec)
     stages = _stage_entries(old, {k: v[:HASH_PREFIX] for k, v in hashes.stages.items()})
     cm = build_spec_configmap(ps.name, ps.ns, spec)
