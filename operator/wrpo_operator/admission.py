@@ -17,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from wrpo.pipeline.plan import STAGE_NAMES, plan_hashes
+from wrpo.pipeline.plan import STAGE_NAMES, STAGES, plan_hashes
 from wrpo.pipeline.spec import FusionSpec
 from wrpo_operator import LABEL_COMPONENT, LABEL_STAGE
 from wrpo_operator.builders import (
+    BACKEND_KINDS,
     Obj,
     build_spec_configmap,
+    child_name,
     pod_templates,
     stage_children,
     stage_pod_class,
@@ -34,19 +36,22 @@ __all__ = ["Refusal", "dry_run", "refusal_message", "run_children", "spec_field"
 
 #: Dry-run requests in flight at once (the paper's 10-source run has 45 children: 47 requests).
 WORKERS = 16
-#: A refusal that says nothing about the spec: the real creation waits for the quota (a stall), not a failure.
-NOT_THE_SPECS = ("exceeded quota",)
+#: A refusal that says nothing about the spec: the real creation waits for the quota (a stall), not a failure;
+#: Trainer's webhook refuses a TrainJob whose TrainingRuntime does not exist yet (in a dry run it never does:
+#: the TrainingRuntime is dry-run on its own, and the TrainJob's schema is checked before any webhook).
+NOT_THE_SPECS = ("exceeded quota", "specified trainingRuntime must be created before the TrainJob")
 
 
-def run_children(name: str, namespace: str, spec: FusionSpec, uid: str) -> list[Obj]:
+def run_children(name: str, namespace: str, spec: FusionSpec, uid: str, backend: str = "pytorchjob") -> list[Obj]:
     """Every child the run will create over all its stages and units, as the operator creates it (owner
     reference included): the spec ConfigMap, then `builders.stage_children` of each stage with the stage
-    hashes `decide` gives them. Children shared by stages (a PVC) appear once."""
+    hashes `decide` gives them and the training `backend`. Children shared by stages (a PVC) appear once."""
     hashes = plan_hashes(spec)
     objs = [build_spec_configmap(name, namespace, spec)]
     run_uri = (spec.storage.run_uri or "").rstrip("/")
     for stage in STAGE_NAMES:
-        objs += stage_children(name, namespace, spec, stage, run_uri, hashes.stages[stage][:HASH_PREFIX]).all()
+        objs += stage_children(name, namespace, spec, stage, run_uri, hashes.stages[stage][:HASH_PREFIX],
+                               backend).all()
     seen: set[tuple[str, str]] = set()
     out = []
     for obj in objs:
@@ -58,18 +63,22 @@ def run_children(name: str, namespace: str, spec: FusionSpec, uid: str) -> list[
 
 
 def template_jobs(obj: Obj) -> list[Obj]:
-    """A Job for each pod template of a PyTorchJob: the apiserver checks a Job's or Deployment's pod template
-    when the child is created, but a PyTorchJob's only against the CRD's schema (its webhook checks neither
-    affinity nor mounts, for one): the rest when the training-operator makes its pods — hours later.
-    Dry-running a Job of the same template asks the apiserver the same question now (with the verbs the
-    operator has already: it creates Jobs)."""
-    if obj.get("kind") != "PyTorchJob":
+    """A Job for each pod template of a PyTorchJob or TrainingRuntime: the apiserver checks a Job's or
+    Deployment's pod template when the child is created, but these only against the CRD's schema (their
+    webhooks check neither affinity nor mounts, for one): the rest when their controllers make the pods —
+    hours later. Dry-running a Job of the same template asks the apiserver the same question now (with the
+    verbs the operator has already: it creates Jobs)."""
+    if obj.get("kind") == "PyTorchJob":
+        roles = list(obj["spec"]["pytorchReplicaSpecs"])
+    elif obj.get("kind") == "TrainingRuntime":
+        roles = [r["name"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
+    else:
         return []
     meta = obj["metadata"]
     return [{"apiVersion": "batch/v1", "kind": "Job",
              "metadata": {**meta, "name": f"{meta['name'][:50]}-{role.lower()}"},
              "spec": {"backoffLimit": 0, "template": template}}
-            for role, template in zip(obj["spec"]["pytorchReplicaSpecs"], pod_templates(obj), strict=True)]
+            for role, template in zip(roles, pod_templates(obj), strict=True)]
 
 
 @dataclass(frozen=True)
@@ -111,10 +120,10 @@ def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers:
         try:
             kube.create(body, dry_run=True)
         except ApiError as e:
-            if retryable(e):
-                raise
             if any(s in e.message for s in NOT_THE_SPECS):
                 return None
+            if retryable(e):
+                raise
             return Refusal(child["kind"], child["metadata"]["name"], e.message,
                            spec_field(child, _causes(e) or [_field_in(e.message)], spec, body["kind"]))
         return None
@@ -151,6 +160,7 @@ _TEMPLATE = {
     "Deployment": r"spec\.template\.",
     "Job": r"spec\.template\.",
     "PyTorchJob": r"spec\.pytorchReplicaSpecs\[?\.?\w+\]?\.template\.",
+    "TrainingRuntime": r"spec\.template\.spec\.replicatedJobs\[\d+\]\.template\.spec\.template\.",
 }
 #: A pod spec field → the spec field that fills it (`builders._pod_spec`, `_template_metadata`). `{c}` is the
 #: pod class; a list that concatenates the cluster-wide list and the class's is resolved by index.
@@ -180,6 +190,11 @@ _CHILD_FIELDS: dict[str, list[tuple[str, str]]] = {
             (r"spec\.backoffLimit", "cluster.backoffLimit")],
     "PyTorchJob": [(r"spec\.runPolicy\.activeDeadlineSeconds", "cluster.activeDeadlineSeconds"),
                    (r"spec\.runPolicy\.schedulingPolicy", "cluster.schedulingPolicy")],
+    "TrainingRuntime": [(r"spec\.mlPolicy", "cluster.training"),
+                        (r"spec\.template\.spec\.replicatedJobs\[\d+\]\.template\.spec\.activeDeadlineSeconds",
+                         "cluster.activeDeadlineSeconds"),
+                        (r"spec\.template\.spec\.failurePolicy", "cluster.backoffLimit")],
+    "TrainJob": [(r"spec\.trainer", "cluster.training")],
 }
 
 
@@ -262,13 +277,47 @@ def _container(pod: Obj, rest: str) -> Obj:
 
 # -- in the reconcile -------------------------------------------------------------------------------
 
-def admit(kube: Any, run: Obj, spec: FusionSpec, spec_hash: str) -> list[Refusal] | None:
+BACKEND_FIELD = "cluster.training.backend"
+#: What a training backend needs installed (docs/operator.md, "Training backends").
+_INSTALL = {"pytorchjob": "the Kubeflow training-operator v1 (kubeflow.org/v1 PyTorchJob)",
+            "trainjob": "Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1 TrainJob)"}
+
+
+def backend_refusal(name: str, spec: FusionSpec, backend: str | None, served: set[str]) -> Refusal | None:
+    """A refusal naming `cluster.training.backend` when the resolved `backend` (None: `auto` found none) is not
+    among the backends the apiserver `served`; None when it is served."""
+    if backend in served:
+        return None
+    wanted = spec.cluster.training.backend
+    kind = BACKEND_KINDS.get(backend or "", "PyTorchJob or TrainJob")
+    if backend is None:
+        message = (f"auto: the apiserver serves neither {_INSTALL['trainjob']} nor {_INSTALL['pytorchjob']}; "
+                   "install one of them")
+    else:
+        other = next(iter(served), None)
+        message = (f"{wanted}: the apiserver does not serve it; install {_INSTALL[backend]}"
+                   + (f" or set {BACKEND_FIELD}: {other} (or auto)" if other else ""))
+    first = next(row.name for row in STAGES if row.distributed)  # the first training stage's runner
+    return Refusal(kind, child_name(name, first), message, BACKEND_FIELD)
+
+
+def served_backends(kube: Any) -> set[str]:
+    """The training backends the apiserver behind `kube` serves (by discovery)."""
+    return {b for b, kind in BACKEND_KINDS.items() if kube.served(kind)}
+
+
+def admit(kube: Any, run: Obj, spec: FusionSpec, spec_hash: str, backend: str = "pytorchjob",
+          served: set[str] | None = None) -> list[Refusal] | None:
     """The refusals of the run's children for this spec, dry-running them only if `status.admittedHash` is
-    not `spec_hash` already (once per spec hash); None when admitted before."""
+    not `spec_hash` already (once per spec hash); None when admitted before. A training `backend` the
+    apiserver does not serve (`served`, asked by discovery when not given) is refused first."""
     if (run.get("status") or {}).get("admittedHash") == spec_hash:
         return None
     meta = run["metadata"]
-    return dry_run(kube, run_children(meta["name"], meta["namespace"], spec, meta["uid"]), spec)
+    refused = backend_refusal(meta["name"], spec, backend, served_backends(kube) if served is None else served)
+    if refused is not None:
+        return [refused]
+    return dry_run(kube, run_children(meta["name"], meta["namespace"], spec, meta["uid"], backend), spec)
 
 
 def refused_status(run: Obj, message: str, spec_hash: str, now: Any) -> Obj:
@@ -308,4 +357,13 @@ def ask_server(api_client: Any, name: str, namespace: str, spec: FusionSpec,
         if e.status >= 500 or e.status == 404:
             raise
         return [f"the apiserver refused FusionRun {name}: {e.message}"]
-    return [str(r) for r in dry_run(kube, run_children(name, namespace, spec, PLACEHOLDER_UID), spec, workers)]
+    from wrpo_operator.decide import training_backend
+
+    served = served_backends(kube)
+    backend = training_backend(run, spec, lambda: served)
+    refused = backend_refusal(name, spec, backend, served)
+    if refused is not None:
+        return [str(refused)]
+    assert backend is not None
+    return [str(r) for r in dry_run(kube, run_children(name, namespace, spec, PLACEHOLDER_UID, backend), spec,
+                                    workers)]

@@ -50,6 +50,17 @@ from wrpo_operator.status import HASH_PREFIX
 
 VLLM_PORT = 8000
 PYTORCHJOB_PORT = 23456
+#: Kubeflow Trainer v2 (docs/operator.md, "Training backends"): the API, the replicatedJob and container its
+#: torch plugin injects the rendezvous variables into (PET_*), the label that marks that Job as the trainer,
+#: and the port PET_MASTER_PORT names.
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
+TRAINER_NODE = "node"
+TRAINER_ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
+TRAINJOB_PORT = 29500
+#: The training backends (`cluster.training.backend`) and the runner kind each creates.
+BACKEND_KINDS = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}
+#: Volcano's pod annotation naming its queue (cluster.schedulingPolicy.queue on TrainJob pods).
+VOLCANO_QUEUE_ANNOTATION = "scheduling.volcano.sh/queue-name"
 SPEC_DIR = "/etc/wrpo"
 SPEC_FILE = f"{SPEC_DIR}/spec.yaml"
 WEIGHTS_DIR = "/weights"
@@ -601,8 +612,8 @@ def build_stage_job(run_name: str, namespace: str, spec: FusionSpec, stage: str,
 
 def torchrun_command(stage: str, run_uri: str, nodes: int = 1) -> list[str]:
     """torchrun for one stage. One node: `--standalone` (a local rendezvous, nothing to resolve).
-    More: the training-operator's variables (v1.9: PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
-    PET_MASTER_ADDR/PORT; `$(VAR)` is expanded by the kubelet)."""
+    More: the variables the training-operator (v1.9) and Trainer v2's torch plugin both give (PET_NNODES,
+    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR/PORT; `$(VAR)` is expanded by the kubelet)."""
     if nodes == 1:
         launch = ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=$(PET_NPROC_PER_NODE)"]
     else:
@@ -651,10 +662,67 @@ def build_pytorchjob(run_name: str, namespace: str, spec: FusionSpec, stage: str
     }
 
 
+def build_training_runtime(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
+                           stage_hash: str | None = None) -> Obj:
+    """A namespaced Kubeflow Trainer v2 TrainingRuntime for one training stage, holding the whole pod template
+    (the PyTorchJob's: security context, Secrets by reference, scratch and checkpoint volumes, pod settings)
+    in a JobSet of one replicatedJob `node`, an Indexed Job of `nodes` pods (Trainer sets its parallelism from
+    `mlPolicy.numNodes`). Its torch plugin gives the `node` container PET_NNODES, PET_NPROC_PER_NODE,
+    PET_NODE_RANK and PET_MASTER_ADDR/PORT, which `torchrun_command` reads. Only fields Trainer v2.0 through
+    v2.2 all have are used (docs/operator.md, "Training backends"). A failed pod restarts the whole JobSet
+    (torchrun's group) up to `cluster.backoffLimit` times; a deadline fails it at once."""
+    res = spec.cluster.training
+    lab = _runner_labels(run_name, spec, stage, stage_hash)
+    ports = [{"name": "trainjob-port", "containerPort": TRAINJOB_PORT}]
+    pod = _stage_pod(run_name, namespace, spec, stage, run_uri, TRAINER_NODE,
+                     torchrun_command(stage, run_uri, res.nodes), "Never", ports)
+    meta = _template_metadata(spec, "training", lab)
+    gang = spec.cluster.scheduling_policy
+    if gang is not None:  # Volcano reads its queue and priority from the pods (no gang: docs/operator.md)
+        if gang.queue:
+            meta.setdefault("annotations", {})[VOLCANO_QUEUE_ANNOTATION] = gang.queue
+        if gang.priority_class:
+            pod.setdefault("priorityClassName", gang.priority_class)
+    job: Obj = {"completionMode": "Indexed", "backoffLimit": 0, "template": {"metadata": meta, "spec": pod}}
+    if spec.cluster.active_deadline_seconds:
+        job["activeDeadlineSeconds"] = spec.cluster.active_deadline_seconds
+    jobset: Obj = {
+        "replicatedJobs": [{"name": TRAINER_NODE, "replicas": 1,
+                            "template": {"metadata": {"labels": {TRAINER_ANCESTOR_LABEL: "trainer"}}, "spec": job}}],
+        "failurePolicy": {"maxRestarts": spec.cluster.backoff_limit,
+                          "rules": [{"name": "deadline", "action": "FailJobSet",
+                                     "onJobFailureReasons": ["DeadlineExceeded"]}]},
+    }
+    return {
+        "apiVersion": TRAINER_API, "kind": "TrainingRuntime",
+        "metadata": {"name": child_name(run_name, stage), "namespace": namespace, "labels": dict(lab)},
+        "spec": {"mlPolicy": {"numNodes": res.nodes, "torch": {"numProcPerNode": res.procs_per_node}},
+                 "template": {"spec": jobset}},
+    }
+
+
+def build_trainjob(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
+                   stage_hash: str | None = None) -> Obj:
+    """A Kubeflow Trainer v2 TrainJob that only names the stage's TrainingRuntime (`build_training_runtime`,
+    same name) and sets `trainer.numNodes` (Trainer's torch plugin fills the `node` container's PET_*
+    variables only for a TrainJob with a `trainer`); suspended for Kueue with `cluster.queueName`."""
+    lab = _runner_labels(run_name, spec, stage, stage_hash)
+    name = child_name(run_name, stage)
+    meta: Obj = {"name": name, "namespace": namespace, "labels": dict(lab)}
+    job_spec: Obj = {"runtimeRef": {"apiGroup": TRAINER_API.split("/")[0], "kind": "TrainingRuntime", "name": name},
+                     "trainer": {"numNodes": spec.cluster.training.nodes}}
+    if spec.cluster.queue_name:
+        meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
+        job_spec["suspend"] = True
+    return {"apiVersion": TRAINER_API, "kind": "TrainJob", "metadata": meta, "spec": job_spec}
+
+
 def build_stage_runner(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
-                       stage_hash: str | None = None) -> Obj:
-    """The child that runs `stage`: a PyTorchJob for training stages, else a Job."""
-    build = build_pytorchjob if plan_stage(stage).distributed else build_stage_job
+                       stage_hash: str | None = None, backend: str = "pytorchjob") -> Obj:
+    """The child that runs `stage`: a PyTorchJob or a TrainJob (`backend`) for training stages, else a Job."""
+    if not plan_stage(stage).distributed:
+        return build_stage_job(run_name, namespace, spec, stage, run_uri, stage_hash)
+    build = build_trainjob if backend == "trainjob" else build_pytorchjob
     return build(run_name, namespace, spec, stage, run_uri, stage_hash)
 
 
@@ -690,6 +758,7 @@ class StageChildren:
 
     servers: list[Obj] = field(default_factory=list)
     volumes: list[Obj] = field(default_factory=list)
+    templates: list[Obj] = field(default_factory=list)  # TrainingRuntimes its TrainJob names, made at once
     runners: list[Obj] = field(default_factory=list)
     after: dict[str, list[str]] = field(default_factory=dict)  # runner name → Deployment names it waits for
     after_runners: dict[str, list[str]] = field(default_factory=dict)  # runner name → runners to succeed first
@@ -697,7 +766,7 @@ class StageChildren:
 
     def all(self) -> list[Obj]:
         unit_kids = [o for u in self.units for o in (*u.servers, u.runner)]
-        return [*self.volumes, *self.servers, *unit_kids, *self.runners]
+        return [*self.volumes, *self.templates, *self.servers, *unit_kids, *self.runners]
 
 
 def has_server_units(stage: str) -> bool:
@@ -707,9 +776,11 @@ def has_server_units(stage: str) -> bool:
 
 
 def stage_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
-                   stage_hash: str | None = None) -> StageChildren:
+                   stage_hash: str | None = None, backend: str = "pytorchjob") -> StageChildren:
     """The desired children of `stage` and what each runner waits for, from its plan row alone (no stage
-    is special-cased: `servers`, `units`, `shards`, `distributed` and `resource_class` say everything)."""
+    is special-cased: `servers`, `units`, `shards`, `distributed` and `resource_class` say everything);
+    `backend` (pytorchjob or trainjob, resolved from `cluster.training.backend`) says how a training stage
+    runs."""
     if has_server_units(stage):
         return _unit_children(run_name, namespace, spec, stage, run_uri, stage_hash)
     kids = StageChildren(servers=build_stage_servers(run_name, namespace, spec, stage, run_uri, stage_hash))
@@ -725,7 +796,9 @@ def stage_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, 
         kids.runners.append(commit)
         kids.after_runners[commit["metadata"]["name"]] = [job["metadata"]["name"]]
         return kids
-    runner = build_stage_runner(run_name, namespace, spec, stage, run_uri, stage_hash)
+    runner = build_stage_runner(run_name, namespace, spec, stage, run_uri, stage_hash, backend)
+    if runner["kind"] == "TrainJob":
+        kids.templates.append(build_training_runtime(run_name, namespace, spec, stage, run_uri, stage_hash))
     kids.runners.append(runner)
     kids.after[runner["metadata"]["name"]] = deployments
     return kids
@@ -754,9 +827,13 @@ def _unit_children(run_name: str, namespace: str, spec: FusionSpec, stage: str, 
 
 
 def pod_templates(obj: Obj) -> list[Obj]:
-    """The pod templates of a Deployment, Job or PyTorchJob."""
+    """The pod templates of a Deployment, Job, PyTorchJob or TrainingRuntime (a TrainJob has none)."""
     if obj.get("kind") == "PyTorchJob":
         return [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    if obj.get("kind") == "TrainingRuntime":
+        return [r["template"]["spec"]["template"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
+    if obj.get("kind") == "TrainJob":
+        return []
     return [obj["spec"]["template"]] if "template" in (obj.get("spec") or {}) else []
 
 

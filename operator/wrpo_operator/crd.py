@@ -510,6 +510,8 @@ def build_crd() -> dict[str, Any]:
 
         {"name": "Output", "type": "string", "jsonPath": ".status.outputUri", "priority": 1,
          "description": "Where the fused model lands."},
+        {"name": "Backend", "type": "string", "jsonPath": ".status.training.backend", "priority": 1,
+         "description": "What runs the SFT/WRPO stages: pytorchjob or trainjob (cluster.training.backend)."},
     ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -59,7 +59,24 @@ from wrpo_operator.window import UnitNeed, admit
 Key = tuple[str, str]  # (kind, name)
 Committed = Callable[[str], set[str]]  # stage → its units committed with their current hash (runstate.py)
 #: Kinds of the children that run a stage (`builders.build_stage_runner`, a unit's Job).
-RUNNER_KINDS = ("Job", "PyTorchJob")
+RUNNER_KINDS = ("Job", "PyTorchJob", "TrainJob")
+#: The training backend of a run whose spec says `auto`, by what the apiserver serves (docs/operator.md,
+#: "Training backends"): TrainJob when both are served.
+PREFERRED_BACKENDS = ("trainjob", "pytorchjob")
+
+
+def training_backend(run: Obj, spec: FusionSpec, served: Callable[[], set[str]]) -> str | None:
+    """The backend the run's training stages use: the spec's, or for `auto` the one recorded in
+    status.training.backend (resolved once per run), else the preferred of `served()` (the backends the
+    apiserver serves; asked only then); None when `auto` finds none served."""
+    wanted = spec.cluster.training.backend
+    if wanted != "auto":
+        return wanted
+    recorded = ((run.get("status") or {}).get("training") or {}).get("backend")
+    if recorded in PREFERRED_BACKENDS:
+        return recorded
+    have = served()
+    return next((b for b in PREFERRED_BACKENDS if b in have), None)
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,7 @@ class _Pass:
     drop: set[Key] = field(default_factory=set)  # children built from another spec: replaced
     d: Decision = field(default_factory=Decision)
     previous: Obj = field(default_factory=dict)  # the stall the current stage reported before
+    backend: str = "pytorchjob"  # how training stages run (`training_backend`)
     waiting_since: str | None = None  # since when the current stage waits for the GPU budget, if it did
     workloads: list[Obj] = field(default_factory=list)  # Kueue's, of the run's children and pods
 
@@ -238,7 +256,7 @@ def _lasted(ps: _Pass, stall: Stall) -> bool:
 
 def _advance(ps: _Pass, entry: Obj) -> bool:
     """Advance the current stage; True when it succeeded in this pass (the next one starts now)."""
-    want = stage_children(ps.name, ps.ns, ps.spec, entry["name"], ps.run_uri, entry["hash"])
+    want = stage_children(ps.name, ps.ns, ps.spec, entry["name"], ps.run_uri, entry["hash"], ps.backend)
     ps.waiting_since = entry.pop("waitingSince", None)  # set again below while it still waits
     _mark_outdated(ps, want.all())
     found = {_key(r): ps.kids.get(_key(r)) for r in want.runners if _key(r) not in ps.drop}
@@ -417,10 +435,10 @@ def _waits_for_budget(ps: _Pass, entry: Obj, want: StageChildren) -> bool:
     """`cluster.gpuBudget` across stages: a stage's first children wait until the live pods of earlier
     stages (servers of the last units still shutting down) leave room for all of them at once."""
     budget = ps.spec.cluster.gpu_budget
-    if budget is None or any(_key(o) in ps.kids for o in [*want.servers, *want.runners]):
+    if budget is None or any(_key(o) in ps.kids for o in [*want.servers, *want.templates, *want.runners]):
         return False
     first = [r for r in want.runners if not want.after_runners.get(r["metadata"]["name"])]
-    need = sum(object_gpus(o) for o in [*want.servers, *first])
+    need = sum(object_gpus(o) for o in [*want.servers, *want.templates, *first])  # a TrainJob's: its runtime's
     held = _live_gpus(ps, lambda p: _label(p, LABEL_STAGE) == entry["name"])
     if held + need <= budget:
         return False
@@ -506,10 +524,12 @@ def _stalled(ps: _Pass, entry: Obj, servers: list[Obj], runners: list[Obj], temp
 
 def _create_and_keep(ps: _Pass, entry: Obj, want: StageChildren, found: dict[Key, Obj | None],
                      states: dict[Key, tuple]) -> None:
-    for obj in [*want.volumes, *want.servers]:
+    for obj in [*want.volumes, *want.templates, *want.servers]:
         ps.keep.add(_key(obj))
         if _key(obj) not in ps.drop:
             ps.d.create.append(obj)
+    # a TrainJob is created once the watch shows its TrainingRuntime (Trainer's webhook refuses it before)
+    unseen = [o["metadata"]["name"] for o in want.templates if _key(o) in ps.drop or _key(o) not in ps.kids]
     waiting: list[str] = []
     held: list[tuple[str, str]] = []
     for runner in want.runners:
@@ -528,6 +548,9 @@ def _create_and_keep(ps: _Pass, entry: Obj, want: StageChildren, found: dict[Key
         deps = want.after.get(key[1], [])
         not_ready = [n for n in deps if ("Deployment", n) in ps.drop
                      or not deployment_ready(ps.kids.get(("Deployment", n), {}))]
+        if runner["kind"] == "TrainJob" and unseen:
+            waiting.append(f"TrainingRuntime {', '.join(unseen)}")
+            continue
         if not_ready:
             waiting.append(f"vLLM servers: {', '.join(not_ready)}")
             held += _kueue_held(ps, [], [o for o in want.servers if o["metadata"]["name"] in not_ready])
@@ -584,12 +607,15 @@ def _operator_deadline(ps: _Pass, entry: Obj) -> None:
 
 
 def decide(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settings: Settings,
-           refused: dict[Key, str] | None = None, committed: Committed | None = None) -> Decision:
+           refused: dict[Key, str] | None = None, committed: Committed | None = None,
+           backend: str = "pytorchjob") -> Decision:
     """The pure core of a reconcile. `refused`: children whose creation the apiserver refused in this
     reconcile, with its message (a quota refusal stalls the stage; anything else fails it at once).
-    `committed`: the units of a stage already committed in the run directory (none if not given)."""
+    `committed`: the units of a stage already committed in the run directory (none if not given).
+    `backend`: how training stages run (`training_backend`), recorded in status.training."""
     old = run.get("status") or {}
     ps = _start(run, spec, observed, now, settings, refused or {}, committed)
+    ps.backend = backend
     hashes = plan_hashes(spec)
     stages = _stage_entries(old, {k: v[:HASH_PREFIX] for k, v in hashes.stages.items()})
     cm = build_spec_configmap(ps.name, ps.ns, spec)
@@ -607,6 +633,7 @@ def decide(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settin
         current = None
     d = ps.d
     d.status = _run_status(old, stages, current, spec, run["metadata"].get("generation", 1), ps.run_uri, now)
+    d.status["training"] = {"backend": backend}
     if d.status["phase"] in ("Succeeded", "Failed", "Suspended"):
         d.requeue = None  # nothing of a finished or suspended run is waited for (but its TTL)
     keep = ps.keep | _in_use(ps, d.status["phase"])
@@ -627,9 +654,14 @@ def _keep_finished(ps: _Pass, stage: str, hashes: set[str]) -> None:
 def _in_use(ps: _Pass, phase: str) -> set[Key]:
     """Children kept whatever the stages say: the spec ConfigMaps a running child's pods mount, and the
     checkpoint PVC until the run succeeded (a failed or suspended run resumes from its checkpoints)."""
-    used = {("ConfigMap", n) for k in ps.keep if k[0] in ("Deployment", *RUNNER_KINDS)
-            and (c := ps.kids.get(k)) is not None and job_state(c)[0] not in ("Succeeded", "Failed")
-            for n in configmaps_used(c)}
+    # a kept TrainJob keeps the TrainingRuntime it names (Trainer reads it while the TrainJob lives)
+    runtimes = {("TrainingRuntime", c["spec"]["runtimeRef"]["name"]) for k in ps.keep if k[0] == "TrainJob"
+                and (c := ps.kids.get(k)) is not None and (c.get("spec") or {}).get("runtimeRef")}
+    running = [c for k in ps.keep if k[0] in ("Deployment", *RUNNER_KINDS)
+               and (c := ps.kids.get(k)) is not None and job_state(c)[0] not in ("Succeeded", "Failed")]
+    running += [c for k in runtimes if (c := ps.kids.get(k)) is not None and any(
+        r["kind"] == "TrainJob" and r["spec"]["runtimeRef"]["name"] == k[1] for r in running)]
+    used = {("ConfigMap", n) for c in running for n in configmaps_used(c)} | runtimes
     if phase != "Succeeded":
         used.add(("PersistentVolumeClaim", checkpoints_pvc_name(ps.name)))
     return used

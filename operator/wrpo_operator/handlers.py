@@ -34,7 +34,8 @@ STATE: dict[str, Any] = {}  # the controller and the elector, made at startup
 
 #: (group, version, plural) of every child kind, of pods, and of Events.
 CHILDREN = (("", "v1", "configmaps"), ("", "v1", "services"), ("", "v1", "persistentvolumeclaims"),
-            ("apps", "v1", "deployments"), ("batch", "v1", "jobs"), ("kubeflow.org", "v1", "pytorchjobs"))
+            ("apps", "v1", "deployments"), ("batch", "v1", "jobs"), ("kubeflow.org", "v1", "pytorchjobs"),
+            ("trainer.kubeflow.org", "v1alpha1", "trainjobs"), ("trainer.kubeflow.org", "v1alpha1", "trainingruntimes"))
 PODS = ("", "v1", "pods")
 EVENTS = ("", "v1", "events")
 

@@ -26,6 +26,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Job": ("/apis/batch/v1", "jobs"),
     "PyTorchJob": ("/apis/kubeflow.org/v1", "pytorchjobs"),
+    "TrainJob": ("/apis/trainer.kubeflow.org/v1alpha1", "trainjobs"),
+    "TrainingRuntime": ("/apis/trainer.kubeflow.org/v1alpha1", "trainingruntimes"),
     "FusionRun": (f"/apis/{GROUP}/{VERSION}", PLURAL),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),  # leader election
 }
@@ -48,11 +50,16 @@ class ApiError(Exception):
 NOT_RETRYABLE = (400, 403, 404, 422)
 
 
+#: Refusals that pass once a cache catches up: an admission plugin that does not know the FusionRun kind yet
+#: (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a freshly installed CRD by a
+#: few seconds), and Trainer's webhook, whose informer has not seen the TrainingRuntime the operator's watch
+#: already showed (docs/operator.md, "Training backends").
+CACHE_LAG = ("no matches for kind", "specified trainingRuntime must be created before the TrainJob")
+
+
 def retryable(e: ApiError) -> bool:
-    """Worth retrying as is: server errors, throttling, conflicts, and an admission plugin that does not know
-    the FusionRun kind yet (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a
-    freshly installed CRD by a few seconds)."""
-    return e.status not in NOT_RETRYABLE or "no matches for kind" in e.message
+    """Worth retrying as is: server errors, throttling, conflicts, and refusals of a lagging cache (CACHE_LAG)."""
+    return e.status not in NOT_RETRYABLE or any(m in e.message for m in CACHE_LAG)
 
 
 @dataclass
@@ -92,6 +99,18 @@ class Kube:
         if resp.status >= 400:
             raise ApiError(resp.status, resp.reason or "", text)
         return json.loads(text) if text else {}
+
+    def served(self, kind: str) -> bool:
+        """Whether the apiserver serves `kind` (its group version's discovery document lists its plural);
+        discovery needs no RBAC beyond being authenticated."""
+        prefix, plural = RESOURCES[kind]
+        try:
+            found = self.request("discover", kind, "GET", prefix)
+        except ApiError as e:
+            if e.status in (404, 503):  # no such group version, or its aggregated server is down
+                return False
+            raise
+        return any(r.get("name") == plural for r in found.get("resources") or [])
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
         try:

@@ -15,9 +15,9 @@ from typing import Any
 from wrpo.errors import SpecError
 from wrpo.pipeline.spec import FusionSpec, cluster_problems, parse_spec, problem_lines
 from wrpo_operator import LABEL_RUN, LABEL_RUN_UID
-from wrpo_operator.admission import admit, refusal_message, refused_status
+from wrpo_operator.admission import admit, backend_refusal, refusal_message, refused_status, served_backends
 from wrpo_operator.builders import Obj, is_owned, owner_reference, spec_hash, with_owner
-from wrpo_operator.decide import Decision, Key, Observed, Settings, decide
+from wrpo_operator.decide import Decision, Key, Observed, Settings, decide, training_backend
 from wrpo_operator.kube import ApiError, Kube, retryable
 from wrpo_operator.runstate import RunState
 from wrpo_operator.status import SUMMARY_RETRY_S, read_summaries, timestamp, transitions
@@ -70,14 +70,24 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
     admitted = spec_hash(spec)
     if (run.get("status") or {}).get("refusedHash") == admitted:
         return Decision(status=run["status"])  # refused before (admission.py): Failed until the spec changes
-    refusals = admit(kube, run, spec, admitted)
+    served: list[set[str]] = []  # discovery, asked at most once, only when needed
+
+    def ask() -> set[str]:
+        if not served:
+            served.append(served_backends(kube))
+        return served[0]
+
+    backend = training_backend(run, spec, ask)  # `auto` asks only until status.training records it
+    if backend is None:  # `auto` and neither is served (a run admitted by an earlier operator version)
+        return _refuse(kube, run, str(backend_refusal(name, spec, None, ask())), admitted, now, post_event)
+    refusals = admit(kube, run, spec, admitted, backend, served[0] if served else None)
     if refusals:  # a child the apiserver refuses: nothing is created (docs/operator.md, "Admission")
         return _refuse(kube, run, refusal_message(refusals), admitted, now, post_event)
     written: list[Obj] = []
     observed = _adopt_orphans(kube, observed, name, uid, written)
     state = run_state if run_state is not None else (RUN_STATE if settings.read_run_state else None)
     committed = (lambda stage: state.committed(uid, spec, stage)) if state is not None else None
-    d = decide(run, spec, observed, now, settings, committed=committed)
+    d = decide(run, spec, observed, now, settings, committed=committed, backend=backend)
     d.status["admittedHash"] = admitted
     refused = _create_absent(kube, d, observed, name, uid, written)
     if refused or written:
@@ -85,7 +95,7 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
         observed = Observed([*observed.children, *(w for w in written if _key(w) not in have)], observed.pods,
                             observed.events, observed.workloads)
         if refused:  # decide again: the stage fails (or stalls, for a quota) with the apiserver's message
-            d = decide(run, spec, observed, now, settings, refused, committed)
+            d = decide(run, spec, observed, now, settings, refused, committed, backend)
             d.status["admittedHash"] = admitted
     for kind, child in d.delete:
         kube.delete(kind, ns, child)

@@ -35,8 +35,10 @@ MOUNT_FAILURES = ("FailedMount", "FailedAttachVolume")
 #: briefly unschedulable while its volumes are bound, a volume may be attached late, a ConfigMap or Secret
 #: created a moment after the pod, and a large image takes a while to unpack.
 GRACE = {"Unschedulable": 30, "FailedMount": 60, "CreateContainerConfigError": 60, "ContainerCreating": 300}
-#: Labels the Job controller and the training-operator put on the pods of a Job or PyTorchJob.
-JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name", "training.kubeflow.org/job-name")
+#: Labels naming the runner on its pods, checked in order: JobSet's (a TrainJob's JobSet has the TrainJob's
+#: name; its pods carry their Job's name too), the training-operator's (PyTorchJob), the Job controller's.
+JOB_NAME_LABELS = ("jobset.sigs.k8s.io/jobset-name", "training.kubeflow.org/job-name",
+                   "batch.kubernetes.io/job-name", "job-name")
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,15 @@ class EvalSummary(_Status):
     hash: str | None = Field(default=None, description="Prefix of the eval stage hash these figures belong to.")
 
 
+class TrainingStatus(_Status):
+    """How the run's SFT/WRPO stages are run (docs/operator.md, "Training backends")."""
+
+    backend: Literal["pytorchjob", "trainjob"] = Field(description=(
+        "The resolved cluster.training.backend: pytorchjob (kubeflow.org/v1 PyTorchJob) or trainjob "
+        "(trainer.kubeflow.org/v1alpha1 TrainJob); `auto` is resolved once per run from what the apiserver "
+        "serves."))
+
+
 class FusionRunStatus(_Status):
     """Observed state of a FusionRun."""
 
@@ -97,6 +106,7 @@ class FusionRunStatus(_Status):
     completion_time: Timestamp | None = Field(default=None, description="When the run succeeded or failed.")
     stages: list[StageStatus] = Field(default_factory=list, description="Every stage in pipeline order.")
     eval: EvalSummary | None = Field(default=None, description="Did the fusion help? The eval stage's summary.")
+    training: TrainingStatus | None = Field(default=None, description="The training backend the run uses.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, ..., Stalled, and "
                                         "SpecInvalid when the apiserver refused a child at admission.")
     admitted_hash: str | None = Field(default=None, description="The spec hash whose children the apiserver "
@@ -120,10 +130,14 @@ def _condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
 
 
 def job_state(job: dict[str, Any]) -> tuple[StageState, str | None, int]:
-    """(state, message, failed pods) of a batch/v1 Job or a kubeflow.org/v1 PyTorchJob; `Queued` while it is
-    suspended (Kueue admits it by resuming it)."""
+    """(state, message, failed pods) of a batch/v1 Job, a kubeflow.org/v1 PyTorchJob or a
+    trainer.kubeflow.org/v1alpha1 TrainJob; `Queued` while it is suspended (Kueue admits it by resuming it)."""
     st, spec = job.get("status") or {}, job.get("spec") or {}
-    if job.get("kind") == "PyTorchJob":
+    if job.get("kind") == "TrainJob":  # Trainer v2: Complete/Failed mirror its JobSet's
+        failed = sum((j or {}).get("failed", 0) for j in st.get("jobsStatus") or [])
+        done, bad = _condition(job, "Complete"), _condition(job, "Failed")
+        suspended = spec.get("suspend")
+    elif job.get("kind") == "PyTorchJob":
         failed = sum((r or {}).get("failed", 0) for r in (st.get("replicaStatuses") or {}).values())
         done, bad = _condition(job, "Succeeded"), _condition(job, "Failed")
         suspended = (spec.get("runPolicy") or {}).get("suspend")

@@ -110,16 +110,10 @@ def pod_commands(vllm_python: str) -> dict:
             "vllm": vllm_serve}
 
 
-# Timeouts are hang detectors (README.md, "Testing"): ≥ 3× the 900 s this took on a loaded 2-core machine
-@pytest.mark.timeout(3600)
-def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
-        restricted_local_namespace, helm_install, service_account, pod_runner, weed, vllm_python, tiny_models,
-        k8s_api_client, tmp_path):
-    from kubernetes import client
-
+def start_real_run(core, ns: str, weed, helm_install, service_account, pod_runner, vllm_python, tmp_path):
+    """The S3 Secret, the chart in namespace scope, the operator as its ServiceAccount and a PodRunner running
+    the pods of the run `tiny` for real: (operator, runner)."""
     server, key, secret = weed
-    ns = restricted_local_namespace
-    core, custom = client.CoreV1Api(k8s_api_client), client.CustomObjectsApi(k8s_api_client)
     # No AWS_SESSION_TOKEN: the pods' optional reference to it stays unset.
     creds = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
     core.create_namespaced_secret(ns, {"metadata": {"name": "s3-credentials"}, "stringData": creds})
@@ -132,6 +126,21 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
     # only the run's pods: the chart's operator pod is played by the local Operator process above
     runner = pod_runner(ns, label_selector="fusion.wrpo.io/run=tiny", env_overrides=env,
                         command_map=pod_commands(vllm_python))
+    return operator, runner
+
+
+# Timeouts are hang detectors (README.md, "Testing"): ≥ 3× the 900 s this took on a loaded 2-core machine
+@pytest.mark.timeout(3600)
+def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
+        restricted_local_namespace, helm_install, service_account, pod_runner, weed, vllm_python, tiny_models,
+        k8s_api_client, tmp_path):
+    from kubernetes import client
+
+    server, key, secret = weed
+    ns = restricted_local_namespace
+    core, custom = client.CoreV1Api(k8s_api_client), client.CustomObjectsApi(k8s_api_client)
+    operator, runner = start_real_run(core, ns, weed, helm_install, service_account, pod_runner, vllm_python,
+                                      tmp_path)
     t0 = time.monotonic()
     try:
         create_run(custom, ns, "tiny", tiny_spec(tiny_models, server))

@@ -206,3 +206,27 @@ def test_the_run_state_read_uses_the_operators_own_credentials():
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert with_secret[key]["valueFrom"]["secretKeyRef"] == {"name": "s3-read", "key": key}
     assert env("runState.enabled=false")["WRPO_OPERATOR_READ_RUN_STATE"]["value"] == "false"
+
+
+@uses_k8s_bin
+@pytest.mark.parametrize("backends,granted", [
+    ("{pytorchjob,trainjob}", {("kubeflow.org", "pytorchjobs"), ("trainer.kubeflow.org", "trainjobs"),
+                               ("trainer.kubeflow.org", "trainingruntimes")}),
+    ("{pytorchjob}", {("kubeflow.org", "pytorchjobs")}),
+    ("{trainjob}", {("trainer.kubeflow.org", "trainjobs"), ("trainer.kubeflow.org", "trainingruntimes")}),
+])
+def test_rbac_grants_exactly_the_training_backends_asked(backends, granted):
+    """rbac.trainingBackends (cluster.training.backend, docs/operator.md "Training backends"): each backend's
+    kinds with the verbs of every other child, nothing of a backend left out; JobSets are Trainer's, not ours."""
+    (role,) = [d for d in render(f"rbac.trainingBackends={backends}") if d["kind"] == "ClusterRole"]
+    training = {(g, r): rule["verbs"] for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+                if g in ("kubeflow.org", "trainer.kubeflow.org", "jobset.x-k8s.io")}
+    assert set(training) == granted
+    assert all(v == ["get", "list", "watch", "create", "patch", "delete"] for v in training.values())
+
+
+@uses_k8s_bin
+def test_rbac_training_backends_are_checked_by_the_values_schema():
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        render("rbac.trainingBackends={mpijob}")
+    assert "trainingBackends" in e.value.stderr

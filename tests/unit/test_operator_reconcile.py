@@ -48,6 +48,7 @@ class FakeKube:
         self.created: Counter = Counter()  # (kind, name) → successful creations
         self.refuse: dict[tuple[str, str], ApiError] = {}  # creations the "apiserver" rejects
         self.refuse_dry: dict[tuple[str, str], ApiError] = {}  # dry-run creations it rejects (admission.py)
+        self.serves: set[str] = {"PyTorchJob"}  # the training kinds its discovery lists (Kube.served)
         self._rv = itertools.count(1)
         self._uid = itertools.count(1)
 
@@ -55,6 +56,10 @@ class FakeKube:
         self.objects[("FusionRun", NAME)] = {
             "apiVersion": "fusion.wrpo.io/v1alpha1", "kind": "FusionRun",
             "metadata": {"name": NAME, "namespace": NS, "uid": uid, "generation": 1, **meta}, "spec": spec}
+
+    def served(self, kind):
+        self.calls[("discover", kind)] += 1
+        return kind in self.serves
 
     @property
     def run(self):

@@ -37,9 +37,14 @@ def pod_gpus(pod: dict[str, Any]) -> int:
 
 
 def object_gpus(obj: dict[str, Any]) -> int:
-    """nvidia.com/gpu a Deployment, Job or PyTorchJob holds with all its pods running (0 for other kinds)."""
+    """nvidia.com/gpu a Deployment, Job, PyTorchJob or TrainingRuntime (the pods of the TrainJob naming it)
+    holds with all its pods running (0 for other kinds: a TrainJob's pods are its runtime's)."""
     spec = obj.get("spec") or {}
     kind = obj.get("kind")
+    if kind == "TrainingRuntime":
+        nodes = (spec.get("mlPolicy") or {}).get("numNodes", 1)
+        jobs = spec["template"]["spec"]["replicatedJobs"]
+        return sum(r.get("replicas", 1) * nodes * pod_gpus(r["template"]["spec"]["template"]) for r in jobs)
     if kind == "PyTorchJob":
         return sum(r.get("replicas", 1) * pod_gpus(r["template"]) for r in spec["pytorchReplicaSpecs"].values())
     if kind == "Deployment":

@@ -460,11 +460,22 @@ class StageResources(_Model):
     gpus: int = Field(default=0, ge=0, description="nvidia.com/gpu per pod.")
     cpu: Quantity = Field(default="2", description="CPU request.")
     memory: Quantity = Field(default="8Gi", description="Memory request.")
-    nodes: int = Field(default=1, ge=1, le=INT32_MAX, description="Nodes (PyTorchJob: Master + nodes-1 Workers).")
+    nodes: int = Field(default=1, ge=1, le=INT32_MAX,
+                       description="Nodes (PyTorchJob: Master + nodes-1 Workers; TrainJob: numNodes).")
     procs_per_node: int = Field(default=1, ge=1, description="torchrun --nproc-per-node.")
     parallelism: int = Field(default=1, ge=1, le=1024, description=(
         "Scoring and reference log-probs: shards run as an Indexed Job of this many pods at once, each "
         "shard committed on its own (capped by cluster.gpuBudget)."))
+
+
+class TrainingResources(StageResources):
+    """Resources of the SFT/WRPO training pods, and which Kubeflow API runs them (docs/operator.md,
+    "Training backends")."""
+
+    backend: Literal["auto", "pytorchjob", "trainjob"] = Field(default="auto", description=(
+        "Which Kubeflow API runs the SFT/WRPO stages: `pytorchjob` (training-operator v1, kubeflow.org/v1), "
+        "`trainjob` (Kubeflow Trainer v2, trainer.kubeflow.org/v1alpha1) or `auto`: the one the apiserver "
+        "serves, TrainJob when both (resolved once per run, shown in status.training.backend)."))
 
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -690,9 +701,9 @@ class ClusterSpec(_Model):
     models_pvc: DnsSubdomain | None = Field(default=None, description="PVC with model weights mounted at /models.")
     small: StageResources = Field(default_factory=StageResources, description="prepare/select/build-pairs Jobs.")
     scoring: StageResources = Field(default_factory=lambda: StageResources(gpus=1), description="Scoring Jobs.")
-    training: StageResources = Field(
-        default_factory=lambda: StageResources(gpus=8, procs_per_node=8, cpu="32", memory="512Gi"),
-        description="SFT/WRPO PyTorchJobs.",
+    training: TrainingResources = Field(
+        default_factory=lambda: TrainingResources(gpus=8, procs_per_node=8, cpu="32", memory="512Gi"),
+        description="SFT/WRPO PyTorchJobs or TrainJobs (`backend`).",
     )
     vllm: VLLMResources = Field(default_factory=VLLMResources, description="vLLM server pods.")
     backoff_limit: int = Field(default=2, ge=0, le=INT32_MAX, description="Retries of a failed stage pod.")

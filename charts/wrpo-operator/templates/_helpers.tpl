@@ -58,9 +58,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
+{{- if has "pytorchjob" .Values.rbac.trainingBackends }}
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
   verbs: [get, list, watch, create, patch, delete]
+{{- end }}
+{{- if has "trainjob" .Values.rbac.trainingBackends }}
+# Trainer v2: a TrainingRuntime per training stage and the TrainJob naming it (their JobSets are Trainer's).
+- apiGroups: [trainer.kubeflow.org]
+  resources: [trainjobs, trainingruntimes]
+  verbs: [get, list, watch, create, patch, delete]
+{{- end }}
 # Kueue's Workloads are only read: why Kueue holds a child (docs/operator.md, "Kueue"); none without Kueue.
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
