@@ -56,6 +56,7 @@ PYTORCHJOB_PORT = 23456
 TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 TRAINER_NODE = "node"
 TRAINER_ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
+TRAINER_FRAMEWORK_LABEL = "trainer.kubeflow.org/framework"
 TRAINJOB_PORT = 29500
 #: The training backends (`cluster.training.backend`) and the runner kind each creates.
 BACKEND_KINDS = {"pytorchjob": "PyTorchJob", "trainjob": "TrainJob"}
@@ -695,8 +696,12 @@ def build_training_runtime(run_name: str, namespace: str, spec: FusionSpec, stag
     }
     return {
         "apiVersion": TRAINER_API, "kind": "TrainingRuntime",
-        "metadata": {"name": child_name(run_name, stage), "namespace": namespace, "labels": dict(lab)},
-        "spec": {"mlPolicy": {"numNodes": res.nodes, "torch": {"numProcPerNode": res.procs_per_node}},
+        # the framework label: the Kubeflow SDK's TrainerClient lists only runtimes that name their framework
+        "metadata": {"name": child_name(run_name, stage), "namespace": namespace,
+                     "labels": {**lab, TRAINER_FRAMEWORK_LABEL: "torch"}},
+        # no numProcPerNode here: Trainer v2.2 dropped it from the runtime's torch policy (the apiserver prunes
+        # it without a word and PET_NPROC_PER_NODE falls back to one per GPU or CPU); the TrainJob sets it
+        "spec": {"mlPolicy": {"numNodes": res.nodes, "torch": {}},
                  "template": {"spec": jobset}},
     }
 
@@ -704,13 +709,15 @@ def build_training_runtime(run_name: str, namespace: str, spec: FusionSpec, stag
 def build_trainjob(run_name: str, namespace: str, spec: FusionSpec, stage: str, run_uri: str,
                    stage_hash: str | None = None) -> Obj:
     """A Kubeflow Trainer v2 TrainJob that only names the stage's TrainingRuntime (`build_training_runtime`,
-    same name) and sets `trainer.numNodes` (Trainer's torch plugin fills the `node` container's PET_*
-    variables only for a TrainJob with a `trainer`); suspended for Kueue with `cluster.queueName`."""
+    same name) and sets `trainer.numNodes` and `trainer.numProcPerNode` (an integer is valid from v2.0 to
+    v2.2; Trainer's torch plugin fills the `node` container's PET_* variables from them, and only for a
+    TrainJob with a `trainer`); suspended for Kueue with `cluster.queueName`."""
     lab = _runner_labels(run_name, spec, stage, stage_hash)
     name = child_name(run_name, stage)
     meta: Obj = {"name": name, "namespace": namespace, "labels": dict(lab)}
     job_spec: Obj = {"runtimeRef": {"apiGroup": TRAINER_API.split("/")[0], "kind": "TrainingRuntime", "name": name},
-                     "trainer": {"numNodes": spec.cluster.training.nodes}}
+                     "trainer": {"numNodes": spec.cluster.training.nodes,
+                                 "numProcPerNode": spec.cluster.training.procs_per_node}}
     if spec.cluster.queue_name:
         meta["labels"][QUEUE_LABEL] = spec.cluster.queue_name
         job_spec["suspend"] = True

@@ -41,7 +41,7 @@ def test_the_trainjob_only_names_its_runtime_and_sets_trainer_fields_every_train
     job = b.build_stage_runner(NAME, NS, spec_with(), "sft", URI, "h", backend="trainjob")
     assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
     assert job["spec"] == {"runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
-                                          "name": "demo-sft"}, "trainer": {"numNodes": 2}}
+                                          "name": "demo-sft"}, "trainer": {"numNodes": 2, "numProcPerNode": 8}}
     # neither v2.0's podSpecOverrides nor v2.2's runtimePatches: the runtime holds the pod
     assert "podSpecOverrides" not in json.dumps(job) and "runtimePatches" not in json.dumps(job)
 
@@ -50,7 +50,9 @@ def test_the_runtime_holds_the_pytorchjobs_pod_template_under_trainers_names():
     spec = spec_with()
     runtime = b.build_training_runtime(NAME, NS, spec, "sft", URI, "h")
     assert runtime["kind"] == "TrainingRuntime" and runtime["metadata"]["name"] == "demo-sft"
-    assert runtime["spec"]["mlPolicy"] == {"numNodes": 2, "torch": {"numProcPerNode": 8}}
+    # v2.2's CRD has no numProcPerNode in the runtime's torch policy (pruned there): the TrainJob sets it
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 2, "torch": {}}
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"  # the SDK lists it
     jobset = runtime["spec"]["template"]["spec"]
     (rjob,) = jobset["replicatedJobs"]
     assert rjob["name"] == "node" and rjob["replicas"] == 1
