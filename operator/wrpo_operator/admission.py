@@ -30,6 +30,7 @@ from wrpo_operator.builders import (
     stage_pod_class,
     with_owner,
 )
+from wrpo_operator.kube import RUNTIME_NOT_SEEN
 from wrpo_operator.status import HASH_PREFIX
 
 __all__ = ["Refusal", "dry_run", "refusal_message", "run_children", "spec_field"]
@@ -37,9 +38,10 @@ __all__ = ["Refusal", "dry_run", "refusal_message", "run_children", "spec_field"
 #: Dry-run requests in flight at once (the paper's 10-source run has 45 children: 47 requests).
 WORKERS = 16
 #: A refusal that says nothing about the spec: the real creation waits for the quota (a stall), not a failure;
-#: Trainer's webhook refuses a TrainJob whose TrainingRuntime does not exist yet (in a dry run it never does:
-#: the TrainingRuntime is dry-run on its own, and the TrainJob's schema is checked before any webhook).
-NOT_THE_SPECS = ("exceeded quota", "specified trainingRuntime must be created before the TrainJob")
+#: the TrainJob webhooks (Trainer's, and Kueue's in a namespace Kueue manages) refuse a TrainJob whose
+#: TrainingRuntime does not exist yet (in a dry run it never does: the TrainingRuntime is dry-run on its own,
+#: and the TrainJob's schema is checked before any webhook).
+NOT_THE_SPECS = ("exceeded quota", *RUNTIME_NOT_SEEN)
 
 
 def run_children(name: str, namespace: str, spec: FusionSpec, uid: str, backend: str = "pytorchjob") -> list[Obj]:

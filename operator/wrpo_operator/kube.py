@@ -52,9 +52,11 @@ NOT_RETRYABLE = (400, 403, 404, 422)
 
 #: Refusals that pass once a cache catches up: an admission plugin that does not know the FusionRun kind yet
 #: (OwnerReferencesPermissionEnforcement resolves owners by discovery, which lags a freshly installed CRD by a
-#: few seconds), and Trainer's webhook, whose informer has not seen the TrainingRuntime the operator's watch
-#: already showed (docs/operator.md, "Training backends").
-CACHE_LAG = ("no matches for kind", "specified trainingRuntime must be created before the TrainJob")
+#: few seconds), and the TrainJob webhooks of Trainer and of Kueue (`vtrainjob.kb.io`, "runtime '<name>' not
+#: found"), whose informers have not seen the TrainingRuntime the operator's watch already showed
+#: (docs/operator.md, "Training backends").
+RUNTIME_NOT_SEEN = ("specified trainingRuntime must be created before the TrainJob", "vtrainjob.kb.io")
+CACHE_LAG = ("no matches for kind", *RUNTIME_NOT_SEEN)
 
 
 def retryable(e: ApiError) -> bool:
