@@ -83,7 +83,15 @@ def test_operator_restart_mid_run_finishes_without_duplicates(operator, apis, ru
 
     wait(at_scoring, 180, "stage score-sources", operator)
     operator.kill()  # SIGKILL, mid-stage
-    time.sleep(5)  # the running Job finishes while nobody watches
+
+    def unfinished_jobs() -> list[str]:
+        jobs = batch.list_namespaced_job(run_namespace, label_selector=f"{LABEL_RUN}=restart").items
+        return [j.metadata.name for j in jobs
+                if not any(c.type in ("Complete", "Failed") and c.status == "True" for c in j.status.conditions or [])]
+
+    # the running Jobs finish while nobody watches (waited for, not slept on: a loaded machine may take longer)
+    wait(lambda: not unfinished_jobs(), 300, "the run's Jobs finished with the operator down",
+         seen=lambda: f"unfinished Jobs {unfinished_jobs()}")
     operator.start()
     status = wait_phase(custom, run_namespace, "restart", ["Succeeded", "Failed"], 300, operator)
     assert status["phase"] == "Succeeded"
