@@ -321,13 +321,11 @@ def operator(run_namespace, helm_install, service_account, tmp_path):
 def k8s_controllers(request) -> k8s_harness.Controllers:
     """JobSet, Kubeflow Trainer v2 and Kueue (with the ClusterQueue `k8s_harness.KUEUE_CLUSTER_QUEUE`) running
     on the session's cluster, started by the first test that asks and stopped with the cluster. Skips without
-    the controllers' build, fails instead with WRPO_REQUIRE_CONTROLLERS=1."""
+    the controllers' build, fails instead with WRPO_REQUIRE_CONTROLLERS=1 or in CI (tests/binaries.py)."""
     try:
         bin_dir = k8s_harness.find_controllers()
     except k8s_harness.ControllersMissing as e:
-        if os.environ.get("WRPO_REQUIRE_CONTROLLERS") == "1":
-            pytest.fail(f"WRPO_REQUIRE_CONTROLLERS=1 but {e}", pytrace=False)
-        pytest.skip(str(e))
+        binaries.missing(str(e), "WRPO_REQUIRE_CONTROLLERS")
     cluster = request.getfixturevalue("k8s_cluster")
     return k8s_harness.start_controllers(cluster, bin_dir=bin_dir)
 

@@ -6,13 +6,13 @@ environment (plain values, Secret/ConfigMap references, the downward API), plus 
 instance S3 endpoints of a local SeaweedFS). Each pod gets its own loopback address 127.A.B.N, where
 127.A.B is drawn at random per runner (all of 127/8 is loopback on Linux): "0.0.0.0" in its arguments
 becomes that address, so two model servers can both listen on port 8000, also beside another test
-session's pods on the same machine (a fixed 127.0.0.N would collide with them), and URLs naming a Service of the namespace (http://svc, http://svc.ns.svc.cluster.local:80)
-are rewritten to the address and target port of a local pod the Service selects (or to the
-`host_map` entry given for it). A headless Service's URLs stay as they are: its name resolves, in the
-runner's Python processes, to the addresses of its Ready local pods, as cluster DNS answers it (the stand-in:
-podrunner_site/sitecustomize.py reads the table `<log_dir>/cluster-dns.json` the runner keeps current),
-so a client sees every replica behind it and a deleted one drops out. The runner writes pod status through
-the status subresource:
+session's pods on the same machine (a fixed 127.0.0.N would collide with them), and URLs naming a
+Service of the namespace (http://svc, http://svc.ns.svc.cluster.local:80) are rewritten to the address
+and target port of a local pod the Service selects (or to the `host_map` entry given for it). A headless
+Service's URLs stay as they are: its name resolves, in the runner's Python processes, to the addresses of
+its Ready local pods, as cluster DNS answers it (the stand-in: podrunner_site/sitecustomize.py reads the
+table `<log_dir>/cluster-dns.json` the runner keeps current), so a client sees every replica behind it and a
+deleted one drops out. The runner writes pod status through the status subresource:
 Running (Ready after the readiness probe passes), then Succeeded or Failed with the exit code in
 containerStatuses, and as message what the container wrote to its termination log (a file that
 `$WRPO_TERMINATION_LOG` names, as the kubelet's /dev/termination-log) or else the tail of its log.

