@@ -201,13 +201,14 @@ def test_optional_secret_references_to_missing_things_stay_unset(runner, fake):
         runner._environment(make_pod([c]), c, "127.0.0.7")
 
 
-def _run_pod(runner, pod, timeout=30.0):
+def _run_pod(runner, pod, timeout=300.0):  # a hang detector: the shell commands take milliseconds
     runner._launch(pod)
     local = runner.pods[pod.metadata.name]
     deadline = time.monotonic() + timeout
     while not local.finished and time.monotonic() < deadline:
         runner._supervise(local)
         time.sleep(0.05)
+    assert local.finished, f"pod {pod.metadata.name} not finished after {timeout}s: {runner.logs(pod.metadata.name)}"
     return local
 
 

@@ -57,7 +57,7 @@ class SeaweedFS:
                 f"-s3.port.grpc={p['s3_grpc']}", f"-admin.port={p['admin']}",
                 f"-admin.port.grpc={p['admin_grpc']}"]
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def start(self, timeout_s: float = 300.0) -> None:  # a hang detector: seconds when idle, more when loaded
         env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
