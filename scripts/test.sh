@@ -73,7 +73,9 @@ py="$(bash scripts/install.sh all --venv | tail -n1)"
 echo "test.sh: main environment $py ($((SECONDS - t0)) s)"
 timed "main environment (scripts/install.sh)"
 
-export WRPO_VLLM_PYTHON="$(bash scripts/setup-vllm-env.sh | tail -n1)"
+# (assigned, then exported: `export X="$(cmd)"` would hide a failing cmd from `set -e`)
+WRPO_VLLM_PYTHON="$(bash scripts/setup-vllm-env.sh | tail -n1)"
+export WRPO_VLLM_PYTHON
 echo "test.sh: vLLM environment $WRPO_VLLM_PYTHON ($((SECONDS - t0)) s)"
 timed "vLLM environment (scripts/setup-vllm-env.sh)"
 
