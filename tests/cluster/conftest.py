@@ -103,7 +103,7 @@ def _namespace(api_client, prefix: str, labels: dict[str, str] | None = None):
     name = f"{prefix}{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
     k8s_harness.wait_for(f"ServiceAccount {name}/default",
-                         lambda: core.read_namespaced_service_account("default", name), 30)
+                         lambda: core.read_namespaced_service_account("default", name), 120)
     yield name
     with contextlib.suppress(Exception):
         core.delete_namespace(name)

@@ -82,7 +82,7 @@ def test_a_cluster_change_replaces_the_unfinished_stages_children(operator, apis
     create_run(custom, ns, "move", tiny_spec(pods=SLOW_SAMPLING))
     wait(lambda: (get_run(custom, ns, "move").get("status") or {}).get("stage") == "sample-sources", 180,
          "stage sample-sources", operator)
-    wait(lambda: len(children(apis, ns, "move")["Deployment"]) == 2, 60, "the vLLM Deployments", operator)
+    wait(lambda: len(children(apis, ns, "move")["Deployment"]) == 2, 180, "the vLLM Deployments", operator)
     prepare = batch.read_namespaced_job("move-prepare", ns).metadata.uid
     old = {d["metadata"]["name"]: d["metadata"]["uid"] for d in children(apis, ns, "move")["Deployment"]}
     svc = {s["metadata"]["name"]: s["metadata"]["uid"] for s in children(apis, ns, "move")["Service"]}
@@ -108,7 +108,7 @@ def test_a_restarted_operator_creates_nothing_for_a_finished_run(operator, apis,
     before = wait_phase(custom, ns, "done", ["Succeeded", "Failed"], 300, operator)
     assert before["phase"] == "Succeeded"
     kids = {k: sorted(o["metadata"]["uid"] for o in v) for k, v in children(apis, ns, "done").items()}
-    n_events = len(wait_events(core, ns, "done", {"RunSucceeded"}, 30, operator))
+    n_events = len(wait_events(core, ns, "done", {"RunSucceeded"}, 120, operator))
     operator.kill(signal.SIGTERM)
     operator.start()
     # it has listed everything and reconciled the run: waited for, not slept for (a loaded machine is slow)
@@ -139,9 +139,9 @@ def test_kueue_held_children_show_as_queued(operator, apis, run_namespace):
     wait(lambda: get_run(custom, ns, "queued")["status"]["stages"][0]["state"] == "Succeeded", 60,
          "prepare Succeeded", operator)
     # the sampling servers carry the queue label (Kueue's pod integration gates them)
-    deps = wait(lambda: children(apis, ns, "queued")["Deployment"], 60, "vLLM Deployments", operator)
+    deps = wait(lambda: children(apis, ns, "queued")["Deployment"], 180, "vLLM Deployments", operator)
     assert all(d["spec"]["template"]["metadata"]["labels"][QUEUE_LABEL] == "team-gpus" for d in deps)
-    reasons = [r for _, r, _ in wait_events(core, ns, "queued", {"StageQueued", "StageStarted"}, 30, operator)]
+    reasons = [r for _, r, _ in wait_events(core, ns, "queued", {"StageQueued", "StageStarted"}, 120, operator)]
     assert "StageQueued" in reasons and "StageStarted" in reasons
 
 

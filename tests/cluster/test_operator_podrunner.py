@@ -150,7 +150,7 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
         assert status["phase"] == "Succeeded", (status, runner.errors, runner.log_tails())
         # the Job's completion may reach the operator before its pod's termination message: the summary
         # follows a moment later
-        status = wait(lambda: (s := get_run(custom, ns, "tiny")["status"]).get("eval") and s, 30, "status.eval",
+        status = wait(lambda: (s := get_run(custom, ns, "tiny")["status"]).get("eval") and s, 120, "status.eval",
                       operator)
         elapsed = time.monotonic() - t0
         reconciles = operator.metrics().get('wrpo_reconciles_total{result="ok"}')

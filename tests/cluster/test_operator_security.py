@@ -88,7 +88,7 @@ def test_owner_references_need_the_finalizers_permission(k8s_api_client, k8s_nam
     api = identity.api_client()
     try:
         kube = Kube(api)
-        wait(lambda: _allowed(kube, plain), 30, "RBAC to let the identity create ConfigMaps")
+        wait(lambda: _allowed(kube, plain), 120, "RBAC to let the identity create ConfigMaps")
         with pytest.raises(ApiError) as e:
             kube.create(owned)
         assert e.value.status == 403 and "cannot set blockOwnerDeletion" in e.value.message, e.value.message
