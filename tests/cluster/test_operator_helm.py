@@ -68,7 +68,7 @@ INVALID = [
 @pytest.fixture
 def crd(fusionrun_crd):
     """The chart's CRD: the session installs it once (conftest.py; the chart's crds/ file is
-    `wrpo_operator.crd.build_crd`'s output, kept so by `python -m wrpo_operator.crd --check`)."""
+    `wrpo_operator.crd.build_crd`'s output: tests/unit/test_operator_crd.py checks it)."""
 
 
 @pytest.mark.parametrize("case,doc,expected", INVALID, ids=[c[0] for c in INVALID])
