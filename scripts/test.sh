@@ -12,6 +12,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export WRPO_CACHE="${WRPO_CACHE:-$HOME/.cache/wrpo}"
+# DeepSpeed's CPU ops, compiled by the first multi-rank test (docs/training.md): cached with the rest, so an
+# empty WRPO_CACHE is a cold run and a CI cache of it keeps them
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WRPO_CACHE/torch_extensions}"
 t0=$SECONDS
 
 # The timing summary: "name seconds" lines, printed by on_exit.
