@@ -54,7 +54,7 @@ def test_crd_cel_rule_rejects_bad_object_with_apiserver_message(k8s_api_client, 
 
         # Creation right after Established can race discovery; retry the good object briefly.
         wait_for("good Widget accepted", lambda: custom.create_namespaced_custom_object(
-            "test.wrpo.io", "v1", k8s_namespace, "widgets", widget("good", 1, 2)), 30)
+            "test.wrpo.io", "v1", k8s_namespace, "widgets", widget("good", 1, 2)), 120)
         with pytest.raises(ApiException) as bad:
             custom.create_namespaced_custom_object("test.wrpo.io", "v1", k8s_namespace, "widgets",
                                                    widget("bad", 3, 2))
@@ -217,7 +217,7 @@ def test_batch_job_completes_and_fail_hook_retries(k8s_api_client, k8s_namespace
         status = batch.read_namespaced_job("retry", k8s_namespace).status
         return any(c.type == "Failed" and c.status == "True" for c in status.conditions or []) and status
 
-    status = wait_for("Job retry Failed after its retry", failed_after_retry, 90)
+    status = wait_for("Job retry Failed after its retry", failed_after_retry, 300)
     assert status.failed == 2  # the first pod and one retry
     ok = batch.read_namespaced_job("ok", k8s_namespace).status
     assert (ok.completion_time - ok.start_time).total_seconds() >= 3  # the run-duration knob

@@ -24,7 +24,7 @@ def test_tiny_run_walks_the_stages_in_order_and_succeeds(operator, apis, run_nam
     custom, batch, apps, core = apis
     create_run(custom, run_namespace, "tiny", tiny_spec())
     t0 = time.monotonic()
-    status = wait_phase(custom, run_namespace, "tiny", ["Succeeded", "Failed"], 300, operator)
+    status = wait_phase(custom, run_namespace, "tiny", ["Succeeded", "Failed"], 600, operator)
     elapsed = time.monotonic() - t0
     assert status["phase"] == "Succeeded", status
     assert status["progress"] == f"{len(STAGE_NAMES)}/{len(STAGE_NAMES)}" and status["outputUri"] == "s3://wrpo/runs/tiny/wrpo/model/"
@@ -93,7 +93,7 @@ def test_operator_restart_mid_run_finishes_without_duplicates(operator, apis, ru
     wait(lambda: not unfinished_jobs(), 300, "the run's Jobs finished with the operator down",
          seen=lambda: f"unfinished Jobs {unfinished_jobs()}")
     operator.start()
-    status = wait_phase(custom, run_namespace, "restart", ["Succeeded", "Failed"], 300, operator)
+    status = wait_phase(custom, run_namespace, "restart", ["Succeeded", "Failed"], 600, operator)
     assert status["phase"] == "Succeeded"
     kids = children(apis, run_namespace, "restart")
     assert len(kids["Job"]) == len(STAGE_NAMES) - 2 + len(tiny_spec()["sources"]) and len(kids["PyTorchJob"]) == 2
