@@ -88,6 +88,7 @@ for sdk in kubeflow kubeflow-training; do
     bash scripts/setup-sdk-env.sh "$sdk" >/dev/null || echo "test.sh: note: scripts/setup-sdk-env.sh $sdk failed" >&2
 done
 echo "test.sh: Kubeflow SDK environments ($((SECONDS - t0)) s)"
+timed "Kubeflow SDK environments (scripts/setup-sdk-env.sh)"
 
 # In CI every real component must be there: a missing one fails instead of skipping (tests/binaries.py).
 if [[ "${CI:-}" == "true" ]]; then
