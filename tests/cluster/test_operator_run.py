@@ -125,7 +125,7 @@ def test_suspend_removes_active_children_and_resume_continues(operator, apis, ru
 
     wait(quiet, 180, "active children removed", operator)
     resumed = patch_run(custom, run_namespace, "pause", {"spec": {"suspend": False}})
-    status = wait_phase(custom, run_namespace, "pause", ["Succeeded", "Failed"], 300, operator,
+    status = wait_phase(custom, run_namespace, "pause", ["Succeeded", "Failed"], 600, operator,
                         resumed["metadata"]["generation"])
     assert status["phase"] == "Succeeded"
     assert batch.read_namespaced_job("pause-prepare", run_namespace).metadata.uid == prepare_uid  # not re-run
