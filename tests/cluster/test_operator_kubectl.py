@@ -51,7 +51,7 @@ def test_a_user_applies_waits_gets_and_describes_a_run(kubectl, operator, run_na
     tiny = ROOT / "manifests" / "examples" / "tiny-cpu.yaml"
     kubectl("apply", "-n", ns, "-f", str(tiny))
     kubectl("wait", "-n", ns, "--for=condition=Succeeded", "fr/tiny", "--timeout=300s", timeout=330)
-    wait_events(apis[3], ns, "tiny", {"RunSucceeded"}, 30, operator)
+    wait_events(apis[3], ns, "tiny", {"RunSucceeded"}, 120, operator)
     table = kubectl("get", "fr", "-n", ns).stdout.splitlines()
     assert re.split(r"\s{2,}", table[0].strip()) == ["NAME", "PHASE", "STAGE", "PROGRESS", "UNITS",
                                                       "FUSED-VS-TARGET", "AGE"]

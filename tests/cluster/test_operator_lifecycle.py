@@ -82,7 +82,7 @@ def test_a_cluster_change_replaces_the_unfinished_stages_children(operator, apis
     create_run(custom, ns, "move", tiny_spec(pods=SLOW_SAMPLING))
     wait(lambda: (get_run(custom, ns, "move").get("status") or {}).get("stage") == "sample-sources", 180,
          "stage sample-sources", operator)
-    wait(lambda: len(children(apis, ns, "move")["Deployment"]) == 2, 60, "the vLLM Deployments", operator)
+    wait(lambda: len(children(apis, ns, "move")["Deployment"]) == 2, 180, "the vLLM Deployments", operator)
     prepare = batch.read_namespaced_job("move-prepare", ns).metadata.uid
     old = {d["metadata"]["name"]: d["metadata"]["uid"] for d in children(apis, ns, "move")["Deployment"]}
     svc = {s["metadata"]["name"]: s["metadata"]["uid"] for s in children(apis, ns, "move")["Service"]}
@@ -105,10 +105,10 @@ def test_a_restarted_operator_creates_nothing_for_a_finished_run(operator, apis,
     custom, _, _, core = apis
     ns = run_namespace
     create_run(custom, ns, "done", tiny_spec())
-    before = wait_phase(custom, ns, "done", ["Succeeded", "Failed"], 300, operator)
+    before = wait_phase(custom, ns, "done", ["Succeeded", "Failed"], 600, operator)
     assert before["phase"] == "Succeeded"
     kids = {k: sorted(o["metadata"]["uid"] for o in v) for k, v in children(apis, ns, "done").items()}
-    n_events = len(wait_events(core, ns, "done", {"RunSucceeded"}, 30, operator))
+    n_events = len(wait_events(core, ns, "done", {"RunSucceeded"}, 120, operator))
     operator.kill(signal.SIGTERM)
     operator.start()
     # it has listed everything and reconciled the run: waited for, not slept for (a loaded machine is slow)
@@ -136,12 +136,12 @@ def test_kueue_held_children_show_as_queued(operator, apis, run_namespace):
     assert job.spec.suspend is True and job.metadata.labels[QUEUE_LABEL] == "team-gpus"
     assert not core.list_namespaced_pod(ns, label_selector="job-name=queued-prepare").items
     batch.patch_namespaced_job("queued-prepare", ns, {"spec": {"suspend": False}})  # admitted
-    wait(lambda: get_run(custom, ns, "queued")["status"]["stages"][0]["state"] == "Succeeded", 60,
+    wait(lambda: get_run(custom, ns, "queued")["status"]["stages"][0]["state"] == "Succeeded", 180,
          "prepare Succeeded", operator)
     # the sampling servers carry the queue label (Kueue's pod integration gates them)
-    deps = wait(lambda: children(apis, ns, "queued")["Deployment"], 60, "vLLM Deployments", operator)
+    deps = wait(lambda: children(apis, ns, "queued")["Deployment"], 180, "vLLM Deployments", operator)
     assert all(d["spec"]["template"]["metadata"]["labels"][QUEUE_LABEL] == "team-gpus" for d in deps)
-    reasons = [r for _, r, _ in wait_events(core, ns, "queued", {"StageQueued", "StageStarted"}, 30, operator)]
+    reasons = [r for _, r, _ in wait_events(core, ns, "queued", {"StageQueued", "StageStarted"}, 120, operator)]
     assert "StageQueued" in reasons and "StageStarted" in reasons
 
 
@@ -180,7 +180,7 @@ def test_component_settings_gang_scheduling_and_the_checkpoint_pvc_reach_the_clu
     # scratch is a generic ephemeral volume: its claim exists while the pod does
     scratch = core.read_namespaced_persistent_volume_claim(f"{master.metadata.name}-scratch", ns)
     assert scratch.metadata.owner_references[0].name == master.metadata.name
-    assert wait_phase(custom, ns, "placed", ["Succeeded", "Failed"], 300, operator)["phase"] == "Succeeded"
+    assert wait_phase(custom, ns, "placed", ["Succeeded", "Failed"], 600, operator)["phase"] == "Succeeded"
     wait(lambda: not [c for c in core.list_namespaced_persistent_volume_claim(ns).items
                       if c.metadata.name == "placed-checkpoints" and c.metadata.deletion_timestamp is None],
          60, "the checkpoint PVC deleted once the run succeeded")

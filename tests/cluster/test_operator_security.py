@@ -88,7 +88,7 @@ def test_owner_references_need_the_finalizers_permission(k8s_api_client, k8s_nam
     api = identity.api_client()
     try:
         kube = Kube(api)
-        wait(lambda: _allowed(kube, plain), 30, "RBAC to let the identity create ConfigMaps")
+        wait(lambda: _allowed(kube, plain), 120, "RBAC to let the identity create ConfigMaps")
         with pytest.raises(ApiError) as e:
             kube.create(owned)
         assert e.value.status == 403 and "cannot set blockOwnerDeletion" in e.value.message, e.value.message
@@ -126,7 +126,7 @@ def test_no_secret_value_leaves_its_secret(operator, apis, run_namespace, k8s_ap
     spec["sources"].append({"name": "api", "endpoint": {"url": "https://api.example.com/v1", "model": "gpt",
                                                         "apiKeyEnv": "OPENAI_API_KEY", "apiKeySecret": "api-key"}})
     create_run(custom, ns, "secret", spec)
-    status = wait_phase(custom, ns, "secret", ["Succeeded", "Failed"], 300, operator)
+    status = wait_phase(custom, ns, "secret", ["Succeeded", "Failed"], 600, operator)
     assert status["phase"] == "Succeeded", status
     seen = {
         "FusionRun (with kopf's annotations and the status)": custom.get_namespaced_custom_object(

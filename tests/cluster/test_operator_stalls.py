@@ -81,7 +81,7 @@ def test_every_stall_cause_shows_once_and_then_fails_its_stage(operator, apis, r
     # the stalled stages' children are gone: their pods no longer hold nodes (or GPUs)
     wait(lambda: not [p for p in core.list_namespaced_pod(ns).items
                       if (p.metadata.labels or {}).get("fusion.wrpo.io/run") in CASES
-                      and p.status.phase not in ("Succeeded", "Failed")], 60, "stalled pods removed", operator)
+                      and p.status.phase not in ("Succeeded", "Failed")], 180, "stalled pods removed", operator)
 
 
 def test_fixing_the_image_of_a_stalled_stage_replaces_its_children_and_the_run_goes_on(operator, apis,
@@ -101,7 +101,7 @@ def test_fixing_the_image_of_a_stalled_stage_replaces_its_children_and_the_run_g
          "prepare Succeeded with the fixed image", operator)
     status = get_run(custom, ns, "fix")["status"]
     assert status["phase"] == "Running" and status["stage"] == "sample-sources"
-    reasons = [r for _, r, _ in wait_events(core, ns, "fix", {"StallCleared"}, 30, operator)]
+    reasons = [r for _, r, _ in wait_events(core, ns, "fix", {"StallCleared"}, 120, operator)]
     assert reasons.count("StageStalled") == 1
     assert batch.read_namespaced_job("fix-prepare", ns).metadata.uid != old  # replaced, not patched
 
@@ -114,10 +114,10 @@ def test_a_child_the_apiserver_refuses_fails_the_run_before_it_starts(operator, 
     broken = {"pods": {"small": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
         {"topologyKey": ""}]}}}}}
     create_run(custom, ns, "refused", tiny_spec(**broken))
-    status = wait_phase(custom, ns, "refused", "Failed", 60, operator)
+    status = wait_phase(custom, ns, "refused", "Failed", 180, operator)
     assert "cluster.pods.small.affinity: the apiserver refused Job refused-prepare" in status["message"], status
     assert "topologyKey" in status["message"] and not any(children(apis, ns, "refused").values())
-    wait(lambda: [m for t, r, m in events(core, ns, "refused") if r == "SpecInvalid"], 30, "SpecInvalid", operator)
+    wait(lambda: [m for t, r, m in events(core, ns, "refused") if r == "SpecInvalid"], 120, "SpecInvalid", operator)
     # the user fixes the spec: the run starts
     fixed = patch_run(custom, ns, "refused", {"spec": {"cluster": {"pods": {"small": {"affinity": None}}}}})
     generation = fixed["metadata"]["generation"]

@@ -103,7 +103,7 @@ def test_ten_sources_run_under_a_budget_of_8_and_an_added_source_runs_alone(oper
     sampler.start()
     new = patch_run(custom, run_namespace, "budget", {"spec": {"sources": [
         *paper_sources(), {"name": "olmo", "model": "s3://wrpo/models/olmo", "tensorParallelSize": 2}]}})
-    status = wait_phase(custom, run_namespace, "budget", ["Succeeded", "Failed"], 300, operator,
+    status = wait_phase(custom, run_namespace, "budget", ["Succeeded", "Failed"], 600, operator,
                         generation=new["metadata"]["generation"])
     sampler.stop.set()
     sampler.join()

@@ -4,6 +4,7 @@ init containers (real processes, a fake API)."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import time
 from pathlib import Path
 
@@ -46,6 +47,19 @@ def test_a_headless_services_urls_stay_for_the_dns_stand_in(runner):
     runner._headless = {"model"}  # its name resolves to every Ready pod (podrunner_site/sitecustomize.py)
     assert runner._rewrite("http://model.ns1.svc:8000/v1", "127.0.0.7") == "http://model.ns1.svc:8000/v1"
     assert runner._rewrite("model", "127.0.0.7") == "127.0.0.12"  # a bare host name (MASTER_ADDR) still is
+
+
+def test_pod_addresses_are_loopback_in_the_runners_own_subnet(runner):
+    """One address per pod, all in the runner's 127.A.B.0/24 (random per runner, so that another test
+    session's pods on the machine do not collide on 127.0.0.N:8000), and a clear error past .254."""
+    a, b = runner._address("a"), runner._address("b")
+    assert a != b and runner._address("a") == a
+    assert {a.rsplit(".", 1)[0], b.rsplit(".", 1)[0]} == {runner.subnet} and runner.subnet.startswith("127.")
+    assert all(ipaddress.ip_address(x).is_loopback for x in (a, b))
+    for i in range(254 - runner.first_ip - 1):
+        runner._address(f"p{i}")
+    with pytest.raises(RuntimeError, match="more than 245 pods"):
+        runner._address("one-too-many")
 
 
 # -- volumes, optional references and init containers (a fake API, real processes) -----------------
@@ -187,13 +201,14 @@ def test_optional_secret_references_to_missing_things_stay_unset(runner, fake):
         runner._environment(make_pod([c]), c, "127.0.0.7")
 
 
-def _run_pod(runner, pod, timeout=30.0):
+def _run_pod(runner, pod, timeout=300.0):  # a hang detector: the shell commands take milliseconds
     runner._launch(pod)
     local = runner.pods[pod.metadata.name]
     deadline = time.monotonic() + timeout
     while not local.finished and time.monotonic() < deadline:
         runner._supervise(local)
         time.sleep(0.05)
+    assert local.finished, f"pod {pod.metadata.name} not finished after {timeout}s: {runner.logs(pod.metadata.name)}"
     return local
 
 

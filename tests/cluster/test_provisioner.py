@@ -35,7 +35,7 @@ def test_a_claim_gets_a_world_writable_host_folder(k8s_cluster, k8s_namespace, k
         claim = core.read_namespaced_persistent_volume_claim("data", k8s_namespace)
         return claim.spec.volume_name if claim.status.phase == "Bound" else None
 
-    k8s_node.wait_for("the claim bound", bound, 60)
+    k8s_node.wait_for("the claim bound", bound, 180)
     pv = core.read_persistent_volume(bound())
     folder = Path(pv.spec.host_path.path)
     assert folder.is_relative_to(k8s_cluster.work_dir), folder

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,35 +20,16 @@ from corpus import ROOT, as_fusionrun, spec_cases  # noqa: E402
 
 from wrpo.errors import SpecError  # noqa: E402
 from wrpo.pipeline.spec import load_spec, parse_spec  # noqa: E402
-from wrpo_operator.crd import CRD_NAME, build_crd  # noqa: E402
 from wrpo_operator.kube import ApiError, Kube  # noqa: E402
 
 pytestmark = pytest.mark.cluster
-CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 SPEC_CASES = spec_cases()
 
 
 @pytest.fixture(scope="module")
-def kube(k8s_api_client) -> Kube:
-    """The cluster with this checkout's CRD (created, or replaced if an older one is installed)."""
-    kube = Kube(k8s_api_client)
-    crd = build_crd()
-    try:
-        kube.request("create", "CustomResourceDefinition", "POST", CRDS, body=crd)
-    except ApiError as e:
-        if e.status != 409:
-            raise
-        have = kube.request("get", "CustomResourceDefinition", "GET", f"{CRDS}/{CRD_NAME}")
-        if have["spec"] != crd["spec"]:
-            crd["metadata"]["resourceVersion"] = have["metadata"]["resourceVersion"]
-            kube.request("replace", "CustomResourceDefinition", "PUT", f"{CRDS}/{CRD_NAME}", body=crd)
-    for _ in range(150):
-        got = kube.request("get", "CustomResourceDefinition", "GET", f"{CRDS}/{CRD_NAME}")
-        conditions = (got.get("status") or {}).get("conditions") or []
-        if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
-            return kube
-        time.sleep(0.2)
-    raise TimeoutError("FusionRun CRD not established")
+def kube(k8s_api_client, fusionrun_crd) -> Kube:
+    """The cluster with this checkout's CRD (the session's, conftest.py)."""
+    return Kube(k8s_api_client)
 
 
 @pytest.fixture(scope="module")

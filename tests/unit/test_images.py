@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import binaries
 import pytest
 import yaml
 
@@ -376,8 +377,8 @@ def test_jit_check_passes_with_a_compiler_and_fails_without(tmp_path):
     and fails naming both compiling paths when no compiler is on PATH (the smoke tests run both ways in
     the GPU images)."""
     pytest.importorskip("triton")
-    if shutil.which("gcc") is None or shutil.which("g++") is None:
-        pytest.skip("no gcc/g++ on this machine")
+    for compiler in ("gcc", "g++"):
+        binaries.require_binary(compiler, hint="the C/C++ compilers Triton and inductor build kernels with")
     check = [sys.executable, str(IMAGES / "jit_check.py")]
     env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")}
     ok = subprocess.run(check, capture_output=True, text=True, env=env, timeout=600)

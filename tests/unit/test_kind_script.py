@@ -30,7 +30,8 @@ uses_k8s_bin = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def helm_path() -> Path:
     configured = os.environ.get("WRPO_K8S_BIN")
-    bin_dir = Path(configured) if configured else Path.home() / ".cache/wrpo/k8s-bin/current"
+    cache = Path(os.environ.get("WRPO_CACHE") or Path.home() / ".cache" / "wrpo")
+    bin_dir = Path(configured) if configured else cache / "k8s-bin" / "current"
     helm = bin_dir / "helm"
     if not helm.is_file():
         missing(f"no helm in {bin_dir} (tests/cluster/build-binaries.sh)", "WRPO_REQUIRE_CLUSTER")

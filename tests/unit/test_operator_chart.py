@@ -23,8 +23,8 @@ MANIFESTS = ROOT / "manifests"
 EXAMPLES = sorted((MANIFESTS / "examples").glob("*.yaml"))
 
 
-HELM_CANDIDATES = [os.environ.get("WRPO_K8S_BIN", "") + "/helm",
-                   *glob.glob(str(Path.home() / ".cache/wrpo/k8s-bin/*/helm"))]
+_CACHE = Path(os.environ.get("WRPO_CACHE") or Path.home() / ".cache" / "wrpo")
+HELM_CANDIDATES = [os.environ.get("WRPO_K8S_BIN", "") + "/helm", *glob.glob(str(_CACHE / "k8s-bin/*/helm"))]
 
 
 # helm comes from tests/cluster/build-binaries.sh: scripts/test.sh runs these in its cluster tier, after the build

@@ -2,7 +2,7 @@
 process it starts as a pod (this folder comes first on their PYTHONPATH).
 
 On a cluster, CoreDNS answers the name of a headless Service with the addresses of its Ready pods. The
-harness has no pod network and no DNS for the runner's pods (they are local processes on 127.0.0.N), so
+harness has no pod network and no DNS for the runner's pods (they are local processes on 127.A.B.N), so
 the runner writes that answer, as its pods' addresses, into the JSON file `$WRPO_TEST_CLUSTER_DNS` names
 ({host name: [addresses]}), and this wraps `socket.getaddrinfo` to read it: a name in the file resolves to
 its addresses (none: "not known"), every other name as before. A MOCK of what cannot run here; the real-node
