@@ -193,6 +193,10 @@ def test_trainers_webhook_lagging_behind_the_runtime_is_retried_not_a_failure():
                    "request: spec.runtimeRef: Invalid value: ...: TrainingRuntime.trainer.kubeflow.org \"demo-sft\" "
                    "not found: specified trainingRuntime must be created before the TrainJob is created"}))
     assert retryable(lag)
+    # Kueue's own TrainJob webhook (a namespace Kueue manages) says it its way, from its own informer
+    kueue = ApiError(400, "Bad Request", json.dumps({"message": 'admission webhook "vtrainjob.kb.io" denied the '
+                     "request: runtime 'demo-sft' not found"}))
+    assert retryable(kueue)
     assert not retryable(ApiError(400, "Bad Request", json.dumps({"message": "spec.trainer: Invalid value"})))
 
 
@@ -206,6 +210,9 @@ def test_admission_passes_a_trainjob_whose_runtime_trainers_webhook_cannot_find_
         "admission webhook denied the request: specified trainingRuntime must be created before the TrainJob "
         "is created")}))
     assert dry_run(kube, [job]) == []
+    kube.refuse_dry[("TrainJob", "demo-sft")] = ApiError(400, "Bad Request", json.dumps({"message": (
+        "admission webhook \"vtrainjob.kb.io\" denied the request: runtime 'demo-sft' not found")}))
+    assert dry_run(kube, [job]) == []  # Kueue's webhook, in a namespace it manages
     invalid = {"message": "spec.trainer.numNodes: Invalid value: 0"}
     kube.refuse_dry[("TrainJob", "demo-sft")] = ApiError(422, "Invalid", json.dumps(invalid))
     (refusal,) = dry_run(kube, [job], spec_with())
