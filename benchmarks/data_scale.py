@@ -17,8 +17,14 @@ deleted after each size. With `--s3-endpoint URL --bucket NAME` (credentials fro
 run lives on S3 instead, and each line also counts the stage's S3 requests by operation
 (`s3_requests`) and its GETs per source unit (`gets_per_source`).
 
+`--shards K` runs select-sources and build-pairs as K shard processes (`--shard i/K`, docs/data.md
+"Shards"), one after another; their line adds `shards`, every shard's CPU seconds and peak RSS
+(`peak_rss_mb` is the largest; the last shard also assembles the parts). `--cli` runs those two stages
+as their pod does, `wrpo stage NAME --spec ... --run-uri ...` (the real command line, in a process of
+its own under `/usr/bin/time`, whose maximum RSS is the peak RSS; no request counts then).
+
     python benchmarks/data_scale.py [--prompts 1000,10000,60000] [--full] [--sources 10] [--n 5]
-                                    [--s3-endpoint URL --bucket NAME]
+                                    [--s3-endpoint URL --bucket NAME] [--shards K] [--cli]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -134,11 +141,9 @@ class StandInScorer:
 
 
 def child(stage: str, root: str, sources: int, n: int, prompts: int, endpoint: str | None = None,
-          report: str | None = None) -> None:
+          report: str | None = None, shard: str | None = None) -> None:
     """Run one stage as its pod would (run_stage), with the stand-in scorer for the scoring stages;
     write its peak RSS and (on S3) its requests by operation into `report`."""
-    from collections import Counter
-
     import wrpo.data.stages as stages
     import wrpo.storage
     from wrpo.pipeline.context import StageOptions
@@ -159,10 +164,11 @@ def child(stage: str, root: str, sources: int, n: int, prompts: int, endpoint: s
 
     stages.reward_scorer = stand_in
     spec = make_spec(sources, n, max(1, prompts // 100))
+    i, k = (int(x) for x in shard.split("/")) if shard else (0, 1)
     options = StageOptions(endpoints={s.name: ENDPOINT for s in spec.sources}, target_endpoint=ENDPOINT,
-                           workdir=tempfile.mkdtemp() if endpoint else os.path.join(root, "_work"))
+                           workdir=tempfile.mkdtemp() if endpoint else os.path.join(root, "_work"), shard=(i, k))
     result = run_stage(spec, run_dir(root, endpoint), stage, options)
-    if result.status != "done":
+    if result.status != ("done" if i == k - 1 else "partial"):
         raise SystemExit(f"{stage}: {result.status}")
     if report:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
@@ -170,29 +176,60 @@ def child(stage: str, root: str, sources: int, n: int, prompts: int, endpoint: s
         Path(report).write_text(json.dumps({"peak_rss_mb": round(hwm_kb / 1024, 1), "requests": dict(requests)}))
 
 
-def measure(stage: str, root: str, args, prompts: int) -> dict:
+SHARDED = ("select-sources", "build-pairs")  # the stages `--shards` and `--cli` apply to
+
+
+def run_once(stage: str, root: str, args, prompts: int, shard: str | None = None) -> tuple[float, float, dict]:
+    """One process of `stage` (or of its shard `I/K`): wall and CPU seconds and its report."""
     counts = Path(tempfile.mkdtemp()) / "report.json"
-    cmd = [sys.executable, __file__, "--child", stage, "--root", root, "--sources", str(args.sources),
-           "--n", str(args.n), "--prompts", str(prompts), "--report", str(counts)]
-    if args.s3_endpoint:
-        cmd += ["--s3-endpoint", args.s3_endpoint]
+    env = None
+    if args.cli and stage in SHARDED:  # the pod's own command line, its max RSS from /usr/bin/time
+        spec = counts.parent / "spec.json"
+        made = make_spec(args.sources, args.n, max(1, prompts // 100))
+        spec.write_text(json.dumps(made.model_dump(mode="json", by_alias=True, exclude_defaults=True)))
+        cmd = ["/usr/bin/time", "-f", "%M", "-o", str(counts.parent / "maxrss"), sys.executable, "-m", "wrpo.cli",
+               "stage", stage, "--spec", str(spec), "--run-uri", root, "--workdir", str(counts.parent / "work")]
+        if args.s3_endpoint:
+            env = dict(os.environ, AWS_ENDPOINT_URL_S3=args.s3_endpoint)
+    else:
+        cmd = [sys.executable, __file__, "--child", stage, "--root", root, "--sources", str(args.sources),
+               "--n", str(args.n), "--prompts", str(prompts), "--report", str(counts)]
+        if args.s3_endpoint:
+            cmd += ["--s3-endpoint", args.s3_endpoint]
+    if shard:
+        cmd += ["--shard", shard]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if args.cli else None)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
-        raise SystemExit(f"{stage} at {prompts} prompts failed (status {status})")
-    cpu = usage.ru_utime + usage.ru_stime
+        raise SystemExit(f"{stage} {shard or ''} at {prompts} prompts failed (status {status})")
+    if (counts.parent / "maxrss").exists():
+        report = {"peak_rss_mb": round(int((counts.parent / "maxrss").read_text().split()[-1]) / 1024, 1)}
+    else:
+        report = json.loads(counts.read_text())
+    shutil.rmtree(counts.parent, ignore_errors=True)
+    return wall, usage.ru_utime + usage.ru_stime, report
+
+
+def measure(stage: str, root: str, args, prompts: int) -> dict:
+    k = args.shards if stage in SHARDED else 1
+    runs = [run_once(stage, root, args, prompts, f"{i}/{k}" if k > 1 else None) for i in range(k)]
+    wall, cpu = sum(r[0] for r in runs), sum(r[1] for r in runs)
     target = stage in ("sample-target", "score-target", "build-pairs")  # the PO and eval prompts only
     answers = (prompts - prompts // 3) * args.n if target else prompts * args.n * args.sources
     row = {"stage": stage, "prompts": prompts, "answers": answers, "wall_s": round(wall, 2),
-           "cpu_s": round(cpu, 2), "peak_rss_mb": json.loads(counts.read_text())["peak_rss_mb"],
+           "cpu_s": round(cpu, 2), "peak_rss_mb": max(r[2]["peak_rss_mb"] for r in runs),
            "records_per_cpu_s": round(answers / cpu) if cpu else None}
-    if args.s3_endpoint:
-        requests = json.loads(counts.read_text())["requests"]
+    if k > 1:
+        row |= {"shards": k, "shard_cpu_s": [round(r[1], 2) for r in runs],
+                "shard_peak_rss_mb": [r[2]["peak_rss_mb"] for r in runs]}
+    if args.cli and stage in SHARDED:
+        row["command"] = "wrpo stage"
+    if args.s3_endpoint and "requests" in runs[0][2]:
+        requests = sum((Counter(r[2]["requests"]) for r in runs), Counter())
         units = 1 if target else args.sources
-        row |= {"s3_requests": requests, "gets_per_source": round(requests.get("GetObject", 0) / units, 1)}
-    shutil.rmtree(counts.parent, ignore_errors=True)
+        row |= {"s3_requests": dict(requests), "gets_per_source": round(requests.get("GetObject", 0) / units, 1)}
     return row
 
 
@@ -223,13 +260,17 @@ def main() -> None:
     ap.add_argument("--root")
     ap.add_argument("--report")
     ap.add_argument("--fabricate", action="store_true")
+    ap.add_argument("--shard")
+    ap.add_argument("--shards", type=int, default=1, help="Run select-sources and build-pairs as K shards.")
+    ap.add_argument("--cli", action="store_true", help="Run select-sources and build-pairs as `wrpo stage`.")
     args = ap.parse_args()
     if args.fabricate:
         made = fabricate(args.root, int(args.prompts), args.sources, args.n, args.s3_endpoint)
         Path(args.report).write_text(json.dumps(made))
         return
     if args.child:
-        child(args.child, args.root, args.sources, args.n, int(args.prompts), args.s3_endpoint, args.report)
+        child(args.child, args.root, args.sources, args.n, int(args.prompts), args.s3_endpoint, args.report,
+              args.shard)
         return
     sizes = [int(p) for p in args.prompts.split(",")] + ([600_000] if args.full else [])
     first: dict[str, dict] = {}

@@ -265,6 +265,29 @@ def parse_jsonl(text: str, model: type[R], source: str, unique_ids: bool = True)
     return records
 
 
+_PID_PREFIX = '{"prompt_id":'
+_DECODER = json.JSONDecoder()
+
+
+def prompt_id_of(text: str) -> str | None:
+    """The prompt id of one JSONL line, None when it has none. A line as `dump_line` writes the records
+    (compact, `prompt_id` first) gives it without parsing the rest, which is how the shards of a data
+    stage skip the other shards' records cheaply (docs/data.md, "Shards"); any other line is parsed."""
+    if text.startswith(_PID_PREFIX):
+        try:
+            value = _DECODER.raw_decode(text, len(_PID_PREFIX))[0]
+        except ValueError:
+            value = None
+        if isinstance(value, str):
+            return value
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    value = obj.get("prompt_id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def dump_line(rec: BaseModel | dict[str, Any]) -> str:
     """One record as a JSONL line, '\n' included (compact, UTF-8 kept readable)."""
     obj = rec.model_dump(exclude_none=True) if isinstance(rec, BaseModel) else rec

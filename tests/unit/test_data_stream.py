@@ -8,6 +8,7 @@ The oracle (tests/data_oracle.py) is the previous implementation of select-sourc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -116,6 +117,108 @@ def test_streamed_selection_and_pairs_equal_the_whole_file_implementation(tmp_pa
             assert sd.read_bytes(obj) == data, f"{name}/{obj} differs from the whole-file implementation"
     stats = json.loads(run.stage("build-pairs").read_text("stats.json"))
     assert stats["train"]["pairs"] > 100 and len(stats["train"]["dropped"]) >= 3  # the run exercises drops
+
+
+@pytest.mark.parametrize("selection", SELECTIONS[:2], ids=["default", "y_ls-top3"])
+def test_sharded_selection_and_pairs_equal_one_invocation(tmp_path, selection):
+    """select-sources and build-pairs split by prompt hash (`--shard i/K`, docs/data.md "Shards") and
+    assembled from their parts give the bytes and the summary of one invocation (and of the oracle)."""
+    from wrpo.pipeline.context import StageOptions
+
+    spec, run = made(tmp_path, selection)
+    whole = RunDir(str(tmp_path / "whole"))
+    for name in ("prepare", "sample-sources", "score-sources", "sample-target", "score-target"):
+        shutil.copytree(run.stage(name).uri(), whole.stage(name).uri())
+    k = 3
+    for name, oracle in (("select-sources", oracle_select), ("build-pairs", oracle_pairs)):
+        states = [run_stage(spec, run, name, StageOptions(shard=(i, k))).status for i in range(k)]
+        assert states == ["partial"] * (k - 1) + ["done"]
+        one = run_stage(spec, whole, name)
+        sd = run.stage(name)
+        assert sd.manifest()["summary"] == one.summary
+        for obj, entry in whole.stage(name).objects().items():
+            assert sd.objects()[obj]["sha256"] == entry["sha256"], f"{name}/{obj} differs from one invocation"
+        for obj, data in oracle(spec, run).items():
+            assert sd.read_bytes(obj) == data, f"{name}/{obj} differs from the whole-file implementation"
+        parts = [p for p in Path(sd.uri()).rglob("*.done")]
+        assert len(parts) == k and all(json.loads(p.read_text())["objects"] for p in parts)
+        sizes = [json.loads(p.read_text())["summary"] for p in parts]
+        assert all(s for s in sizes)  # every shard got prompts of its own
+
+
+def test_a_killed_selection_shard_is_redone_alone(tmp_path, monkeypatch):
+    import wrpo.data.stages as data_stages
+    from wrpo.pipeline.context import StageOptions
+
+    spec, run = made(tmp_path)
+    calls: list[tuple[int, int]] = []
+    real = data_stages.select_sources
+
+    def dying(ctx):
+        calls.append(ctx.shard)
+        summary = real(ctx)  # its objects are written, its part is not committed: the worst moment
+        if ctx.shard == (1, 3) and calls.count((1, 3)) == 1:
+            raise RuntimeError("shard pod killed")
+        return summary
+
+    monkeypatch.setattr(data_stages, "select_sources", dying)
+    assert run_stage(spec, run, "select-sources", StageOptions(shard=(0, 3))).status == "partial"
+    with pytest.raises(RuntimeError, match="shard pod killed"):
+        run_stage(spec, run, "select-sources", StageOptions(shard=(1, 3)))
+    assert run_stage(spec, run, "select-sources", StageOptions(shard=(2, 3))).status == "partial"
+    assert run_stage(spec, run, "select-sources", StageOptions(shard=(1, 3))).status == "done"
+    assert calls == [(0, 3), (1, 3), (2, 3), (1, 3)]  # the retry redid shard 1 only
+    for obj, data in oracle_select(spec, run).items():
+        assert run.stage("select-sources").read_bytes(obj) == data
+    # the commit Job after the Indexed Job: a stage whose shards committed its unit only commits
+    (tmp_path / "run" / "select-sources" / "_MANIFEST.json").unlink()
+    assert run_stage(spec, run, "select-sources").status == "done" and len(calls) == 4
+    assert run_stage(spec, run, "select-sources", StageOptions(shard=(0, 3))).status == "skipped"
+
+
+def test_a_part_record_of_another_shard_is_named(tmp_path):
+    from wrpo.data.stages import prompt_shard
+    from wrpo.pipeline.context import StageOptions
+
+    spec, run = made(tmp_path)
+    run_stage(spec, run, "select-sources", StageOptions(shard=(0, 2)))
+    (done,) = Path(run.stage("select-sources").uri()).rglob("0-of-2.done")
+    marker = json.loads(done.read_text())
+    chosen = done.parent / "0-of-2" / "chosen_source.jsonl"
+    lines = chosen.read_text().splitlines(keepends=True)
+    stray = next(f"p{i:05d}" for i in range(PROMPTS) if prompt_shard(f"p{i:05d}", 2) == 1)
+    lines.insert(0, json.dumps({"prompt_id": stray}) + "\n")  # a record of shard 1 in shard 0's part
+    chosen.write_text("".join(lines))
+    marker["objects"]["chosen_source.jsonl"] |= {"size": chosen.stat().st_size,
+                                                 "sha256": hashlib.sha256(chosen.read_bytes()).hexdigest()}
+    done.write_text(json.dumps(marker))
+    with pytest.raises(DataError, match=rf"0-of-2/chosen_source\.jsonl:1: .*'{stray}'.* out of the prepared"):
+        run_stage(spec, run, "select-sources", StageOptions(shard=(1, 2)))
+    assert not run.stage("select-sources").is_committed()
+
+
+@pytest.mark.parametrize(("line", "pid"), [('{"prompt_id":"p1","x":1}', "p1"), ('{"prompt_id":"a\\"b"}', 'a"b'),
+                                           ('{"x": 1, "prompt_id": "p2"}', "p2"), ('{ "prompt_id" : "p3"}', "p3"),
+                                           ('{"prompt_id":7}', None), ("[1]", None), ("", None), ("{bad", None)])
+def test_prompt_id_of_reads_the_id_of_any_line(line, pid):
+    from wrpo.records import prompt_id_of
+
+    assert prompt_id_of(line) == pid
+
+
+def test_shard_bodies_are_read_in_order_and_checked(tmp_path):
+    """`StageDir.prefetched` on a local folder (one at a time; the read-ahead on S3 is in
+    tests/integration/test_data_shards_s3.py)."""
+    sd = RunDir(str(tmp_path / "run")).stage("sample")
+    out = sd.writer()
+    bodies = [f"shard {i}\n".encode() * (i + 1) for i in range(5)]
+    for i, body in enumerate(bodies):
+        out.commit_shard("m", i, body, f"k{i}")
+    done = sd.committed_shards("m")
+    assert list(sd.prefetched(done[i] for i in range(5))) == bodies
+    (tmp_path / "run" / "sample" / done[3].name).write_bytes(b"x" * done[3].size)
+    with pytest.raises(StorageError, match=r"m/000003\.jsonl: shard content does not match its marker"):
+        list(sd.prefetched(done[i] for i in range(5)))
 
 
 def test_a_record_out_of_the_prompts_order_names_file_and_line(tmp_path):

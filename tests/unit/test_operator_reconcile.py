@@ -1076,6 +1076,23 @@ def test_scoring_shards_run_as_an_indexed_job_then_a_commit_job():
     assert len(plain.runners) == 1 and "completionMode" not in plain.runners[0]["spec"]
 
 
+def test_selection_shards_follow_cluster_small_parallelism():
+    """select-sources and build-pairs shard by prompt hash (docs/data.md, "Shards") as an Indexed Job of
+    `cluster.small.parallelism` pods plus a commit Job; the other small stages stay one Job."""
+    from wrpo.pipeline.spec import parse_spec
+    from wrpo_operator import builders as b
+
+    spec = parse_spec(paper_spec(8) | {"cluster": {"gpuBudget": 8, "small": {"parallelism": 4}}}, "t")
+    for stage in ("select-sources", "build-pairs"):
+        shards, commit = b.stage_children(NAME, NS, spec, stage, "s3://bkt/runs/demo", "h").runners
+        assert shards["spec"]["completions"] == 4 and shards["spec"]["parallelism"] == 4
+        command = shards["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[command.index("--shard") + 1] == "$(JOB_COMPLETION_INDEX)/4"
+        assert "--shard" not in commit["spec"]["template"]["spec"]["containers"][0]["command"]
+    (prepare,) = b.stage_children(NAME, NS, spec, "prepare", "s3://bkt/runs/demo", "h").runners
+    assert "completionMode" not in prepare["spec"]
+
+
 def test_a_unit_committed_in_the_run_directory_gets_no_server():
     """An earlier FusionRun on the same runUri committed two units: the operator reads their markers
     (runstate.RunState) and starts servers only for the others."""

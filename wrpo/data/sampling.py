@@ -501,15 +501,16 @@ def first_error(eg: BaseExceptionGroup) -> BaseException:
 
 def _assemble(out: StageWriter, name: str, n_shards: int, reused: int, n: int,
               done: dict[int, ShardInfo]) -> dict[str, Any]:
-    """Concatenate the committed shards `done` (in order) into `<name>.jsonl`, streamed (each shard
-    checked against its marker on the way); summary counts from the shards' markers (a shard committed
-    without them is parsed as it streams through)."""
+    """Concatenate the committed shards `done` (in order) into `<name>.jsonl` (each shard checked
+    against its marker, a few read ahead by a bounded pool: `StageDir.prefetched`); summary counts from
+    the shards' markers (a shard committed without them is parsed as it streams through)."""
     prompts = short = 0
     reasons: Counter[str] = Counter()
+    bodies = out.stage.prefetched(done[i] for i in range(n_shards))  # read ahead by a bounded pool
     with out.open(f"{name}.jsonl") as w:
-        for i in range(n_shards):
+        for i, body in zip(range(n_shards), bodies, strict=True):
             meta = done[i].meta
-            chunks = out.stage.iter_shard(done[i])
+            chunks: Iterator[bytes] = iter((body,))
             if {"prompts", "short_prompts", "finish_reasons"} <= set(meta):
                 for chunk in chunks:
                     w.write(chunk)

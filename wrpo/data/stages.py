@@ -12,6 +12,7 @@ others are served locally by `wrpo.data.serving`: vLLM if available, else transf
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -35,6 +36,8 @@ from wrpo.records import (
     iter_jsonl,
     parse_jsonl,
     parse_line,
+    prompt_id_of,
+    split_lines,
 )
 from wrpo.storage import S3Options
 
@@ -56,18 +59,44 @@ def read_prompts(run: RunDir, splits: Sequence[str] = SPLITS) -> list[PromptReco
     return [p for split in splits for p in read_records(run, "prepare", f"{split}.jsonl", PromptRecord)]
 
 
-def iter_records(run: RunDir, stage: str, name: str, model: type) -> Iterator[tuple[int, Any]]:
+Keep = Callable[[str], bool] | None  # which prompt ids a shard keeps (None: all of them)
+
+
+def prompt_shard(pid: str, count: int) -> int:
+    """The shard of prompt `pid` among `count` (docs/data.md, "Shards"): a stable hash of the id alone,
+    so a prompt's shard never depends on the other prompts or on where the stage runs."""
+    return int.from_bytes(hashlib.sha256(pid.encode()).digest()[:8], "big") % count
+
+
+def shard_keep(ctx: StageContext) -> Keep:
+    """The prompts of this invocation's shard `--shard i/K` (None without one: all prompts)."""
+    i, k = ctx.shard
+    return None if k == 1 else (lambda pid: prompt_shard(pid, k) == i)
+
+
+def kept_lines(lines: Iterator[str], keep: Keep) -> Iterator[str]:
+    """`lines` with the records of prompts not kept blanked (so line numbers stay right), read for their
+    prompt id only (`prompt_id_of`): a shard parses just its own records."""
+    if keep is None:
+        yield from lines
+        return
+    for text in lines:
+        pid = prompt_id_of(text)
+        yield "" if pid is not None and not keep(pid) else text
+
+
+def iter_records(run: RunDir, stage: str, name: str, model: type, keep: Keep = None) -> Iterator[tuple[int, Any]]:
     """(line, record) of a committed stage's JSONL object, streamed (docs/data.md, "Scale"): one line
     in memory at a time; errors name the object's URI and line, and the object is checked against the
-    manifest when its end is reached."""
+    manifest when its end is reached. With `keep`, only the records of the prompts it keeps."""
     sd = run.stage(stage)
-    return iter_jsonl(sd.iter_lines(name), model, sd.uri(name))
+    return iter_jsonl(kept_lines(sd.iter_lines(name), keep), model, sd.uri(name))
 
 
-def iter_prompts(run: RunDir, splits: Sequence[str] = SPLITS) -> Iterator[tuple[int, PromptRecord]]:
-    """`read_prompts`, streamed."""
+def iter_prompts(run: RunDir, splits: Sequence[str] = SPLITS, keep: Keep = None) -> Iterator[tuple[int, PromptRecord]]:
+    """`read_prompts`, streamed (with `keep`: only the prompts it keeps)."""
     for split in splits:
-        yield from iter_records(run, "prepare", f"{split}.jsonl", PromptRecord)
+        yield from iter_records(run, "prepare", f"{split}.jsonl", PromptRecord, keep)
 
 
 class InOrder:
@@ -252,14 +281,14 @@ def _score_file(ctx: StageContext, stage: str, name: str, splits: Sequence[str])
             ctx.out.commit_shard(group, index, dump_jsonl(scores).encode(), key(index), meta)
             index += 1
     done = store.committed_shards(group)
-    ctx.out.put_chunks(name, (c for j in range(index) for c in store.iter_shard(done[j])))
+    ctx.out.put_chunks(name, store.prefetched(done[j] for j in range(index)))
     metas = [done[j].meta for j in range(index)]
     summary = {"answers": sum(m["answers"] for m in metas), "score_sum": 0.0}
     for m in metas:
         summary["score_sum"] += m["score_sum"]
     if judge:
         verdicts = store.committed_shards(verdict_group)
-        ctx.out.put_chunks(f"{stem}.verdicts.jsonl", (c for j in range(index) for c in store.iter_shard(verdicts[j])))
+        ctx.out.put_chunks(f"{stem}.verdicts.jsonl", store.prefetched(verdicts[j] for j in range(index)))
         summary["unparsed"] = sum(m["unparsed"] for m in metas)
     return summary
 
@@ -281,10 +310,11 @@ class Scored:
     """One model's sample and score objects read side by side in prompt order (`InOrder`): `take(pid)`
     gives the prompt's scored candidates (none when the model has no record of it)."""
 
-    def __init__(self, run: RunDir, sample_stage: str, score_stage: str, file: str):
+    def __init__(self, run: RunDir, sample_stage: str, score_stage: str, file: str, keep: Keep = None):
         self.uri = run.stage(score_stage).uri(file)
-        self.samples = InOrder(iter_records(run, sample_stage, file, SampleRecord), run.stage(sample_stage).uri(file))
-        self.scores = InOrder(iter_records(run, score_stage, file, ScoreRecord), self.uri)
+        self.samples = InOrder(iter_records(run, sample_stage, file, SampleRecord, keep),
+                               run.stage(sample_stage).uri(file))
+        self.scores = InOrder(iter_records(run, score_stage, file, ScoreRecord, keep), self.uri)
 
     def take(self, pid: str) -> list[Any]:
         from wrpo.data.selection import join_candidates
@@ -305,19 +335,22 @@ def select_sources(ctx: StageContext) -> dict[str, Any]:
     """y_ws per prompt (sft.jsonl for Target-SFT, chosen_source.jsonl for all) and the contributions.
 
     Streamed (docs/data.md, "Scale"): the prompts and every source's samples and scores are read side
-    by side in prompt order, and each prompt's choice is written before the next prompt is read."""
-    from wrpo.data.selection import choose_one, contribution_counts, plot_contributions, source_names
+    by side in prompt order, and each prompt's choice is written before the next prompt is read. A shard
+    (`--shard i/K`) does the prompts of its hash (`prompt_shard`) and leaves the contributions to the
+    assembly of the parts (`assemble_select_sources`), which needs every shard's counts."""
+    from wrpo.data.selection import choose_one, source_names
 
     spec, run, out = ctx.spec, ctx.run, ctx.out
+    keep = shard_keep(ctx)
     names = source_names(spec.sources, spec.selection.source_groups)
-    sources = [Scored(run, "sample-sources", "score-sources", f"{name}.jsonl") for name in names]
+    sources = [Scored(run, "sample-sources", "score-sources", f"{name}.jsonl", keep) for name in names]
     counts: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
     dropped: Counter[str] = Counter()
     prompts = sft_examples = 0
     with out.open("sft.jsonl") as sft, out.open("chosen_source.jsonl") as chosen, \
-            progress("select-sources", "prompt", split_sizes(run)) as bar:
+            progress("select-sources", "prompt", None if keep else split_sizes(run)) as bar:
         for split in SPLITS:
-            for _, p in iter_records(run, "prepare", f"{split}.jsonl", PromptRecord):
+            for _, p in iter_records(run, "prepare", f"{split}.jsonl", PromptRecord, keep):
                 prompts += 1
                 cands = [c for src in sources for c in src.take(p.prompt_id)]
                 choice = choose_one(p.prompt_id, cands, names, spec.selection, dropped)
@@ -333,36 +366,104 @@ def select_sources(ctx: StageContext) -> dict[str, Any]:
                     sft_examples += 1
     for src in sources:
         src.finish()
+    part = {"prompts": prompts, "sft_examples": sft_examples, "dropped": dict(dropped),
+            "counts": {split: dict(c) for split, c in counts.items()}}
+    return part if keep else _contributions(ctx.out, names, part)
+
+
+def _contributions(out: Any, names: list[str], part: dict[str, Any]) -> dict[str, Any]:
+    """Write contributions.json and .png from select-sources' counts (of one invocation or of all its
+    shards added up) and return the stage's summary."""
+    from wrpo.data.selection import contribution_counts, plot_contributions
+
+    counts = {split: Counter(part["counts"][split]) for split in SPLITS}
     report = {"sources": names, "all": contribution_counts(sum(counts.values(), Counter()), names)}
     for split in SPLITS:
         report[split] = contribution_counts(counts[split], names)
     out.put_text("contributions.json", json.dumps(report, indent=2) + "\n")
     out.put_bytes("contributions.png", plot_contributions(report["all"]))
-    return {"prompts": prompts, "chosen": report["all"]["total"], "sft_examples": sft_examples, **dict(dropped),
-            "shares": {k: round(v, 4) for k, v in report["all"]["shares"].items()}}
+    return {"prompts": part["prompts"], "chosen": report["all"]["total"], "sft_examples": part["sft_examples"],
+            **part["dropped"], "shares": {k: round(v, 4) for k, v in report["all"]["shares"].items()}}
+
+
+def merge_parts(sd: Any, parts: Sequence[dict[str, Any]], out: Any, name: str, splits: Sequence[str]) -> None:
+    """Write object `name` of a stage sharded by prompt from its parts' objects, in prompt order: prepare's
+    prompts of `splits` are walked, and each takes the next line of its shard's part when that line is
+    its record (docs/data.md, "Shards"). The result is byte for byte what one invocation writes; a
+    line left over in a part (out of order, or of another shard) is an error naming the part's object."""
+    k = len(parts)
+    streams = [InOrder(((n, text) for n, text in enumerate(split_lines(sd.iter_part(p, name)), start=1) if text),
+                       sd.uri(f"{p['prefix']}/{name}"), key=prompt_id_of) for p in parts]
+    prepared = prompt_ids(sd.run, splits)
+    with out.open(name) as f:
+        for pid in prepared:
+            text = streams[prompt_shard(pid, k)].take(pid)
+            if text is not None:
+                f.write_line(text + "\n")
+    for stream in streams:
+        stream.finish()
+
+
+def prompt_ids(run: RunDir, splits: Sequence[str]) -> Iterator[str]:
+    """The prepared prompts' ids of `splits` in order, read without parsing the prompts."""
+    prepare = run.stage("prepare")
+    for split in splits:
+        for line, text in enumerate(prepare.iter_lines(f"{split}.jsonl"), start=1):
+            if text.strip():
+                pid = prompt_id_of(text)
+                if pid is None:
+                    raise DataError(prepare.uri(f"{split}.jsonl"), "no prompt_id", line, "prompt_id")
+                yield pid
+
+
+def _added(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Numbers added up over the parts' summaries, recursively through dicts (counts per key)."""
+    out: dict[str, Any] = {}
+    for summary in summaries:
+        for key, value in summary.items():
+            if isinstance(value, dict):
+                out[key] = _added([out.get(key, {}), value])
+            else:
+                out[key] = out.get(key, 0) + value
+    return out
+
+
+def assemble_select_sources(spec: Any, sd: Any, parts: Sequence[dict[str, Any]], out: Any) -> dict[str, Any]:
+    """select-sources' objects from its K shards (the plan row's `assemble`): sft.jsonl and
+    chosen_source.jsonl merged back into prompt order, the contributions from the added-up counts."""
+    from wrpo.data.selection import source_names
+
+    merge_parts(sd, parts, out, "sft.jsonl", ("sft",))
+    merge_parts(sd, parts, out, "chosen_source.jsonl", SPLITS)
+    part = _added([p["summary"] for p in parts])
+    part.setdefault("dropped", {})
+    part["counts"] = {split: part.get("counts", {}).get(split, {}) for split in SPLITS}
+    return _contributions(out, source_names(spec.sources, spec.selection.source_groups), part)
 
 
 def build_pairs(ctx: StageContext) -> dict[str, Any]:
     """WRPO quadruples for the PO split (train.jsonl) and the eval holdout (eval.jsonl), plus stats.json.
 
     Streamed like select-sources: the prompts, the source choices and the target's samples and scores
-    side by side in prompt order, each quadruple written as it is made."""
+    side by side in prompt order, each quadruple written as it is made. A shard (`--shard i/K`) does the
+    prompts of its hash; `assemble_build_pairs` merges the parts and writes stats.json."""
     from wrpo.data.selection import PairStats, SourceChoice, pair_for
 
     spec, run, out = ctx.spec, ctx.run, ctx.out
+    keep = shard_keep(ctx)
     sd = run.stage("select-sources")
-    lines = enumerate(sd.iter_lines("chosen_source.jsonl"), start=1)
+    lines = enumerate(kept_lines(sd.iter_lines("chosen_source.jsonl"), keep), start=1)
     choices = InOrder(((n, SourceChoice.from_json(json.loads(line))) for n, line in lines if line),
                       sd.uri("chosen_source.jsonl"))
-    target = Scored(run, "sample-target", "score-target", "target.jsonl")
-    for _, p in iter_records(run, "prepare", "sft.jsonl", PromptRecord):  # chosen_source.jsonl starts with them
+    target = Scored(run, "sample-target", "score-target", "target.jsonl", keep)
+    for _, p in iter_records(run, "prepare", "sft.jsonl", PromptRecord, keep):  # chosen_source.jsonl starts with them
         choices.take(p.prompt_id)
     stats: dict[str, Any] = {}
-    with progress("build-pairs", "prompt", split_sizes(run, ("po", "eval"))) as bar:
+    with progress("build-pairs", "prompt", None if keep else split_sizes(run, ("po", "eval"))) as bar:
         for split, file in (("po", "train.jsonl"), ("eval", "eval.jsonl")):
             st = PairStats()
             with out.open(file) as f:
-                for _, p in iter_records(run, "prepare", f"{split}.jsonl", PromptRecord):
+                for _, p in iter_records(run, "prepare", f"{split}.jsonl", PromptRecord, keep):
                     rec = pair_for(p, choices.take(p.prompt_id), target.take(p.prompt_id),
                                    spec.selection.min_reward_gap, st)
                     bar.update()
@@ -371,8 +472,28 @@ def build_pairs(ctx: StageContext) -> dict[str, Any]:
             stats[file.removesuffix(".jsonl")] = st.to_json()
     choices.finish()
     target.finish()
+    return {"stats": stats} if keep else _pair_stats(out, stats)
+
+
+def _pair_stats(out: Any, stats: dict[str, Any]) -> dict[str, Any]:
+    """Write build-pairs' stats.json (refusing a run without training pairs) and return its summary."""
     if stats["train"]["pairs"] == 0:
         raise WrpoError(f"build-pairs: no training pairs survived ({json.dumps(stats['train']['dropped'])})")
     out.put_text("stats.json", json.dumps(stats, indent=2) + "\n")
     return {"train_pairs": stats["train"]["pairs"], "eval_pairs": stats["eval"]["pairs"],
             "dropped": stats["train"]["dropped_total"] + stats["eval"]["dropped_total"]}
+
+
+def assemble_build_pairs(spec: Any, sd: Any, parts: Sequence[dict[str, Any]], out: Any) -> dict[str, Any]:
+    """build-pairs' objects from its K shards (the plan row's `assemble`): train.jsonl and eval.jsonl
+    merged back into prompt order, stats.json from the added-up counts."""
+    from wrpo.data.selection import PairStats
+
+    merge_parts(sd, parts, out, "train.jsonl", ("po",))
+    merge_parts(sd, parts, out, "eval.jsonl", ("eval",))
+    stats = {}
+    for file in ("train", "eval"):
+        got = [p["summary"]["stats"][file] for p in parts]
+        stats[file] = PairStats(sum(g["prompts"] for g in got), sum(g["pairs"] for g in got),
+                                sum((Counter(g["dropped"]) for g in got), Counter())).to_json()
+    return _pair_stats(out, stats)

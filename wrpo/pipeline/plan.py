@@ -48,18 +48,28 @@ class Stage:
     outputs: tuple[str, ...]  # the main objects it writes, for humans and the summary table
     units: UnitKind = "stage"  # "sources": one unit per source, committed and hashed on its own
     shards: bool = False  # its work splits into shards that commit on their own (`--shard i/K`)
+    assemble: str | None = None  # "module:function" making a unit's objects from its K parts (default: the
+    # parts' JSONL objects concatenated in part order; a stage sharded by prompt hash merges them instead)
     publishes: str | None = None  # its folder that is the run's result (the operator's status.outputUri)
     summary: str | None = None  # the FusionRun status field its pod's summary fills (e.g. status.eval)
 
     def function(self) -> Callable[..., dict[str, Any]]:
         """The body, imported on first use (the operator never calls it, so never imports torch)."""
-        module, _, attr = self.body.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _imported(self.body)
+
+    def assembler(self) -> Callable[..., dict[str, Any]] | None:
+        """The function that assembles a sharded unit's parts (`assemble`), None for concatenation."""
+        return _imported(self.assemble) if self.assemble else None
 
     @property
     def distributed(self) -> bool:
         """Runs under torchrun (a PyTorchJob on the cluster); only global rank 0 commits."""
         return self.resource_class == "training"
+
+
+def _imported(path: str) -> Callable[..., Any]:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 _DATA, _ENGINE, _EVAL = "wrpo.data.stages", "wrpo.engine.stages", "wrpo.eval.stages"
@@ -71,7 +81,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("score-sources", ("sample-sources",), ("reward",), f"{_DATA}:score_sources", "scoring", "reward",
           ("<source>.jsonl",), units="sources", shards=True),
     Stage("select-sources", ("score-sources",), ("selection",), f"{_DATA}:select_sources", "small", "none",
-          ("sft.jsonl", "chosen_source.jsonl", "contributions.json")),
+          ("sft.jsonl", "chosen_source.jsonl", "contributions.json"), shards=True,
+          assemble=f"{_DATA}:assemble_select_sources"),
     Stage("sft", ("select-sources",), ("target", "sft", "training"), f"{_ENGINE}:sft", "training", "none",
           ("model/",)),
     Stage("sample-target", ("sft", "prepare"), ("sampling",), f"{_DATA}:sample_target", "sampling", "target",
@@ -79,7 +90,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("score-target", ("sample-target",), ("reward",), f"{_DATA}:score_target", "scoring", "reward",
           ("target.jsonl",), shards=True),
     Stage("build-pairs", ("select-sources", "score-target"), ("selection",), f"{_DATA}:build_pairs", "small",
-          "none", ("train.jsonl", "eval.jsonl", "stats.json")),
+          "none", ("train.jsonl", "eval.jsonl", "stats.json"), shards=True, assemble=f"{_DATA}:assemble_build_pairs"),
     Stage("ref-logps", ("build-pairs", "sft"), ("wrpo",), f"{_ENGINE}:ref_logps", "scoring", "none",
           ("train.ref_logps.jsonl", "eval.ref_logps.jsonl"), shards=True),
     Stage("wrpo", ("build-pairs", "ref-logps", "sft"), ("wrpo", "training"), f"{_ENGINE}:wrpo", "training",

@@ -25,8 +25,10 @@ pool of threads, and commits check their objects one by one instead of listing t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import platform
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -38,14 +40,15 @@ from typing import IO, Any, TypeVar
 
 from wrpo.errors import StageNotCommitted
 from wrpo.records import split_lines
-from wrpo.storage import ObjectNotFound, S3Options, StorageError, open_backend, sha256_bytes, sha256_file
+from wrpo.storage import LocalBackend, ObjectNotFound, S3Options, StorageError, open_backend, sha256_bytes, sha256_file
 
 MANIFEST = "_MANIFEST.json"
 SHARDS = "_shards"
 UNITS = "_units"
 PARTS = "_parts"
 _RESERVED = (SHARDS, UNITS, PARTS)
-POOL = 8  # parallel requests for markers and presence checks
+POOL = 8  # parallel requests for markers, presence checks and shard bodies
+PREFETCH_BYTES = 64 << 20  # at most this much of shard bodies read ahead (`StageDir.prefetched`)
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -214,6 +217,29 @@ class StageDir:
         """A committed shard in chunks, checked against its marker as it streams."""
         yield from checked_chunks(self.backend.iter_chunks(self.key(info.name)), info.size, info.sha256,
                                   f"{self.uri(info.name)}: shard content does not match its marker")
+
+    def prefetched(self, infos: Iterable[ShardInfo]) -> Iterator[bytes]:
+        """The bodies of the committed shards `infos`, in order, each whole and checked against its
+        marker, read ahead of the consumer by a bounded pool: up to POOL shards and PREFETCH_BYTES in
+        flight, so assembling an object from hundreds of shards waits for about one GET in POOL
+        instead of every GET in turn (docs/data.md, "Scale"). A local folder is read one shard at a time:
+        it has no latency to hide."""
+        infos = list(infos)
+        if not infos:
+            return
+        if isinstance(self.backend, LocalBackend):
+            yield from map(self.read_shard, infos)
+            return
+        depth = max(1, min(POOL, len(infos), PREFETCH_BYTES // max(1, max(i.size for i in infos))))
+        todo = iter(infos)
+        with ThreadPoolExecutor(depth) as pool:
+            ahead = deque(pool.submit(self.read_shard, info) for info in itertools.islice(todo, depth))
+            while ahead:
+                data = ahead.popleft().result()
+                following = next(todo, None)
+                if following is not None:
+                    ahead.append(pool.submit(self.read_shard, following))
+                yield data
 
     def present(self, names: Iterable[str], prefix: str = "") -> dict[str, int | None]:
         """name -> size of the objects `names` (under `prefix`), None when absent: one HEAD each by the

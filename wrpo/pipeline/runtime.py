@@ -19,7 +19,7 @@ from typing import Any
 
 from wrpo.errors import StageNotCommitted, WrpoError
 from wrpo.pipeline.context import StageContext, StageOptions, is_rank_zero
-from wrpo.pipeline.plan import Hashes, plan_hashes, stage, stage_hashes
+from wrpo.pipeline.plan import STAGES, Hashes, plan_hashes, stage, stage_hashes
 from wrpo.pipeline.rundir import RunDir
 from wrpo.pipeline.spec import FusionSpec
 from wrpo.pipeline.workdir import Workdir
@@ -106,7 +106,9 @@ def run_stage(spec: FusionSpec, run: RunDir, name: str, options: StageOptions | 
     if is_rank_zero() and (sd.is_committed() or options.force):
         # made from another spec (or forced): drop the manifest first, then what no longer belongs
         sd.reset(keep_units=None if options.force else units)
-    if row.units == "stage" and options.shard[1] == 1:
+    # a sharded stage of one unit whose unit its shards committed (the commit Job after an Indexed Job
+    # whose last pod died before the manifest) only commits: never the whole body again
+    if row.units == "stage" and options.shard[1] == 1 and not (row.shards and _valid_units(sd, units)):
         return _run_whole(spec, run, name, options, hashes, inputs, t0)
     return _run_units(spec, run, name, options, plan, units, inputs, t0)
 
@@ -122,8 +124,9 @@ def _check_invocation(name: str, shardable: bool, units: dict[str, str], options
         raise WrpoError(f"stage '{name}' has no unit {', '.join(unknown)}; units: {', '.join(units)}")
     i, k = options.shard
     if k > 1 and not shardable:
+        shardable = [s.name for s in STAGES if s.shards]
         raise WrpoError(f"stage '{name}' cannot be split into shards (--shard); shardable stages are "
-                        "score-sources, score-target and ref-logps")
+                        f"{', '.join(shardable)}")
     if not 0 <= i < k:
         raise WrpoError(f"--shard {i}/{k}: the index must be in 0..{k - 1}")
 
@@ -177,7 +180,7 @@ def _units_loop(base: StageContext, units: dict[str, str], committed: dict[str, 
         u0 = time.monotonic()
         if k > 1 and i in sd.committed_parts(unit, unit_hash, k):  # this pod's part is done: a retry
             if is_rank_zero():
-                assemble_unit(sd, unit, unit_hash, k)
+                assemble_unit(sd, unit, unit_hash, k, base.spec)
             continue
         out = sd.writer()
         ctx = replace(base, out=out.part(unit, unit_hash, i, k) if k > 1 else out, unit=unit,
@@ -186,7 +189,7 @@ def _units_loop(base: StageContext, units: dict[str, str], committed: dict[str, 
         if is_rank_zero():
             if k > 1:
                 ctx.out.commit_part(i, summary)
-                assemble_unit(sd, unit, unit_hash, k)
+                assemble_unit(sd, unit, unit_hash, k, base.spec)
             else:
                 ctx.out.commit_unit(unit, unit_hash, ctx.out.written, summary)
         states[unit] = "done"
@@ -198,14 +201,22 @@ def _valid_units(sd, units: dict[str, str]) -> dict[str, dict[str, Any]]:
     return {u: m for u, m in sd.committed_units().items() if units.get(u) == m["hash"]}
 
 
-def assemble_unit(sd, unit: str, unit_hash: str, count: int) -> bool:
+def assemble_unit(sd, unit: str, unit_hash: str, count: int, spec: FusionSpec) -> bool:
     """Once all `count` parts of a unit are committed, write the unit's objects from them and commit
-    the unit: JSONL objects are the parts' objects concatenated in part order; any other object must be
-    identical in every part. Numbers in the parts' summaries are added up. Returns whether it committed."""
+    the unit: by the plan row's `assemble` function (select-sources and build-pairs merge their parts
+    back into prompt order, docs/data.md "Shards"), else JSONL objects are the parts' objects
+    concatenated in part order, any other object must be identical in every part and numbers in the
+    parts' summaries are added up. Returns whether it committed."""
     parts = sd.committed_parts(unit, unit_hash, count)
     if len(parts) < count:
         return False
     ordered = [parts[i] for i in range(count)]
+    assembler = stage(sd.name).assembler()
+    if assembler is not None:
+        out = sd.writer()
+        summary = assembler(spec, sd, ordered, out)
+        out.commit_unit(unit, unit_hash, out.written, summary)
+        return True
     names = sorted(set().union(*(p["objects"] for p in ordered)))
     out = sd.writer()
     for obj in names:

@@ -464,8 +464,10 @@ class StageResources(_Model):
                        description="Nodes (PyTorchJob: Master + nodes-1 Workers; TrainJob: numNodes).")
     procs_per_node: int = Field(default=1, ge=1, description="torchrun --nproc-per-node.")
     parallelism: int = Field(default=1, ge=1, le=1024, description=(
-        "Scoring and reference log-probs: shards run as an Indexed Job of this many pods at once, each "
-        "shard committed on its own (capped by cluster.gpuBudget)."))
+        "Shardable stages: an Indexed Job of this many shard pods, each shard committed on its own. "
+        "cluster.scoring: scoring and reference log-probs (parts of the prompt order; capped by "
+        "cluster.gpuBudget); cluster.small: select-sources and build-pairs (prompts split by a hash of "
+        "their id, merged back into prompt order once all are committed; see docs/data.md)."))
 
 
 class TrainingResources(StageResources):
