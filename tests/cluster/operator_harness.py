@@ -29,6 +29,14 @@ HOLD = "wrpo.test/hold"  # kwok keeps such a pod Running until the annotation is
 def tiny_spec(**cluster) -> dict:
     spec = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())["spec"]
     spec["cluster"].update(cluster)
+    return pin_backend(spec)
+
+
+def pin_backend(spec: dict, backend: str = "pytorchjob") -> dict:
+    """`cluster.training.backend` set when the spec leaves it to `auto`: the session's apiserver serves TrainJob
+    too once a test has started the controllers (`k8s_controllers`), so `auto` would pick by test order. The
+    tests of `auto` itself use an apiserver of their own (test_operator_backend_auto.py)."""
+    spec["cluster"].setdefault("training", {}).setdefault("backend", backend)
     return spec
 
 
@@ -183,7 +191,21 @@ def children(apis, ns, name) -> dict[str, list[dict]]:
         "ConfigMap": core.list_namespaced_config_map(ns, label_selector=sel).to_dict()["items"],
         "PyTorchJob": custom.list_namespaced_custom_object("kubeflow.org", "v1", ns, "pytorchjobs",
                                                            label_selector=sel)["items"],
+        "TrainJob": _trainjobs(custom, ns, sel),
     }
+
+
+def _trainjobs(custom, ns: str, selector: str) -> list[dict]:
+    """The TrainJobs with `selector`; none where Trainer's CRD is not installed (no controllers started)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return custom.list_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", ns, "trainjobs",
+                                                    label_selector=selector)["items"]
+    except ApiException as e:
+        if e.status == 404:
+            return []
+        raise
 
 
 def events(core, ns, name) -> list[tuple[str, str, str]]:

@@ -1,7 +1,8 @@
 """A real Kueue decides between two FusionRuns (docs/operator.md, "Kueue"), on the harness: Kueue v0.17's
-controller manager (tests/cluster/build-controllers.sh) with its batch Job, pod/Deployment and PyTorchJob
-integrations, the ClusterQueue of 8 GPUs and a LocalQueue in a Kueue-managed namespace; the operator as the
-chart's ServiceAccount, kwok nodes with 8 GPUs each completing the pods.
+controller manager (tests/cluster/build-controllers.sh) with its batch Job, pod/Deployment, PyTorchJob and
+TrainJob integrations (one run trains through PyTorchJobs, the other through TrainJobs), the ClusterQueue of
+8 GPUs and a LocalQueue in a Kueue-managed namespace; the operator as the chart's ServiceAccount, kwok nodes
+with 8 GPUs each completing the pods.
 
 Each run's sources are served with 6 GPUs each (`tensorParallelSize: 6`), so each run alone needs 12 GPUs
 at once in sample-sources and any one server takes most of the quota. Each run's `gpuBudget` (12) allows
@@ -35,10 +36,15 @@ def run_namespace(kueue_namespace, apis):
     return kueue_namespace
 
 
-def spec() -> dict:
+#: each run trains through one backend: Kueue's PyTorchJob and TrainJob integrations both admit a run's stage
+BACKENDS = dict(zip(RUNS, ("pytorchjob", "trainjob"), strict=True))
+
+
+def spec(backend: str) -> dict:
     small = {"cpu": "100m", "memory": "128Mi"}
     out = tiny_spec(queueName=KUEUE_LOCAL_QUEUE, gpuBudget=BUDGET, vllm=small, small=small,
-                    scoring={"gpus": 0, **small}, training={"gpus": 1, "procsPerNode": 1, **small})
+                    scoring={"gpus": 0, **small},
+                    training={"gpus": 1, "procsPerNode": 1, "backend": backend, **small})
     for source in out["sources"]:
         source["tensorParallelSize"] = TP
     return out
@@ -101,7 +107,7 @@ def test_kueue_not_the_operator_decides_which_run_holds_the_gpus(operator, apis,
     custom = apis[0]
     ns = run_namespace
     for run in RUNS:
-        create_run(custom, ns, run, spec())
+        create_run(custom, ns, run, spec(BACKENDS[run]))
     sampler.start()
     for run in RUNS:
         status = wait_phase(custom, ns, run, ["Succeeded", "Failed"], 420, operator)
@@ -125,7 +131,7 @@ def test_kueue_not_the_operator_decides_which_run_holds_the_gpus(operator, apis,
                for stage, m in queued), seen
     print(f"QUEUED ({len(queued)} messages), e.g. {queued[0][0]}: {queued[0][1]}")
 
-    # every Job (units too) and PyTorchJob ran through Kueue: each has a Workload Kueue admitted
+    # every Job (units too), PyTorchJob and TrainJob ran through Kueue: each has a Workload Kueue admitted
     group, version = KUEUE_API
     workloads = custom.list_namespaced_custom_object(group, version, ns, "workloads")["items"]
     admitted = {o["uid"] for w in workloads for o in w["metadata"].get("ownerReferences") or []
@@ -133,9 +139,11 @@ def test_kueue_not_the_operator_decides_which_run_holds_the_gpus(operator, apis,
                        for c in (w.get("status") or {}).get("conditions") or [])}
     for run in RUNS:
         kids = children(apis, ns, run)
-        runners = [*kids["Job"], *kids["PyTorchJob"]]
+        training = kids["TrainJob" if BACKENDS[run] == "trainjob" else "PyTorchJob"]
+        runners = [*kids["Job"], *training]
         units = [j for j in kids["Job"] if j["metadata"]["labels"].get("fusion.wrpo.io/unit")]
-        assert len(units) == 2 and len(kids["PyTorchJob"]) == 2, run
+        assert len(units) == 2 and len(training) == 2, (run, BACKENDS[run])
+        assert get_run(custom, ns, run)["status"]["training"] == {"backend": BACKENDS[run]}
         uid = lambda o: o["metadata"]["uid"]  # noqa: E731 - Jobs (to_dict) and PyTorchJobs (plain) alike
         assert all(uid(r) in admitted for r in runners), (run, [r["metadata"]["name"] for r in runners
                                                                  if uid(r) not in admitted])

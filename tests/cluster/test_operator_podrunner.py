@@ -22,7 +22,7 @@ from pathlib import Path
 import binaries
 import pytest
 import yaml
-from operator_harness import CHART, RELEASE, Operator, create_run, get_run, wait, wait_phase
+from operator_harness import CHART, RELEASE, Operator, create_run, get_run, pin_backend, wait, wait_phase
 
 from wrpo.pipeline.plan import STAGE_NAMES
 
@@ -95,7 +95,7 @@ def tiny_spec(tiny_models: Path, server) -> dict:
     # the SFT process waits after saving checkpoint 1 until the test deletes its pod (wrpo.engine.trainer.FaultPoint)
     pods = spec["cluster"].setdefault("pods", {}).setdefault("training", {})
     pods.setdefault("env", []).append({"name": "WRPO_FAULT_AFTER_CHECKPOINT", "value": FAULT})
-    return spec
+    return pin_backend(spec)
 
 
 def pod_commands(vllm_python: str) -> dict:
