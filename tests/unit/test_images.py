@@ -301,14 +301,20 @@ def test_publish_version_is_the_sha_on_a_branch_and_the_app_version_on_its_tag(t
     assert other.returncode != 0 and "not the chart's appVersion" in other.stderr
 
 
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed (apt-get install skopeo)")
-def test_publish_promotes_all_staged_images_or_none_and_never_overwrites_a_release(tmp_path):
-    """images/publish.sh promote with skopeo on OCI layouts instead of registries (no network)."""
+def _k8s_node():
+    """tests/cluster/k8s_node.py (the real node's helpers: pause archives, archive digests)."""
     sys.path.insert(0, str(ROOT / "tests" / "cluster"))
     try:
         import k8s_node
     finally:
         sys.path.remove(str(ROOT / "tests" / "cluster"))
+    return k8s_node
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed (apt-get install skopeo)")
+def test_publish_promotes_all_staged_images_or_none_and_never_overwrites_a_release(tmp_path):
+    """images/publish.sh promote with skopeo on OCI layouts instead of registries (no network)."""
+    k8s_node = _k8s_node()
     binary = tmp_path / "pause"
     binary.write_bytes(b"an image")
     archive = k8s_node.pause_archive(binary, tmp_path / "image.tar")
@@ -343,11 +349,7 @@ def test_build_script_rejects_unknown_arguments():
 def test_an_archive_is_known_by_its_images_not_its_mtime(tmp_path):
     """The real node imports an archive again only when its images changed (k8s_node.archive_digest):
     the same images saved again (a new file, a new mtime) have the same digest; other images do not."""
-    sys.path.insert(0, str(ROOT / "tests" / "cluster"))
-    try:
-        import k8s_node
-    finally:
-        sys.path.remove(str(ROOT / "tests" / "cluster"))
+    k8s_node = _k8s_node()
     import os
 
     binary = tmp_path / "pause"

@@ -1298,9 +1298,11 @@ def test_a_vllm_server_the_startup_probe_restarts_is_not_ready_since_its_pod_con
     assert stall["reason"] == "ServerNotReady" and stall["message"].endswith("4 restarts")
 
 
-def test_a_stage_waiting_for_the_gpu_budget_past_the_stall_timeout_names_what_holds_it():
+def _scoring_behind_a_stuck_server(held: int, **cluster) -> FakeKube:
+    """The paper's run (gpuBudget 8) at score-sources (4 shards of 1 GPU) while a stray pod of sample-sources
+    still holds `held` GPUs; `cluster` adds the timeout under test."""
     spec = paper_spec(8)
-    spec["cluster"].update(scoring={"gpus": 1, "parallelism": 4}, stallTimeoutSeconds=600)
+    spec["cluster"].update(scoring={"gpus": 1, "parallelism": 4}, **cluster)
     kube = FakeKube()
     kube.add_run(spec)
     step(kube)
@@ -1308,7 +1310,12 @@ def test_a_stage_waiting_for_the_gpu_budget_past_the_stall_timeout_names_what_ho
     drive_units(kube, [])
     kube.finish("Job", "demo-sample-sources")
     pod = kube.add_pod("demo-sample-sources", "server-stuck", {"phase": "Running"})
-    pod["spec"] = {"containers": [{"name": "vllm", "resources": {"requests": {"nvidia.com/gpu": "6"}}}]}
+    pod["spec"] = {"containers": [{"name": "vllm", "resources": {"requests": {"nvidia.com/gpu": str(held)}}}]}
+    return kube
+
+
+def test_a_stage_waiting_for_the_gpu_budget_past_the_stall_timeout_names_what_holds_it():
+    kube = _scoring_behind_a_stuck_server(held=6, stallTimeoutSeconds=600)
     d = step(kube)
     assert status_of(kube, "score-sources")["state"] == "Waiting" and "stall" not in status_of(kube, "score-sources")
     assert 0 < d.requeue <= 600  # woken when the wait becomes a stall
@@ -1365,16 +1372,7 @@ def test_units_that_cannot_start_for_the_gpu_budget_past_the_stall_timeout_name_
 
 
 def test_the_deadline_bounds_the_wait_for_the_gpu_budget():
-    spec = paper_spec(8)
-    spec["cluster"].update(scoring={"gpus": 1, "parallelism": 4}, activeDeadlineSeconds=600)
-    kube = FakeKube()
-    kube.add_run(spec)
-    step(kube)
-    kube.finish("Job", "demo-prepare")
-    drive_units(kube, [])
-    kube.finish("Job", "demo-sample-sources")
-    pod = kube.add_pod("demo-sample-sources", "server-stuck", {"phase": "Running"})
-    pod["spec"] = {"containers": [{"name": "vllm", "resources": {"requests": {"nvidia.com/gpu": "8"}}}]}
+    kube = _scoring_behind_a_stuck_server(held=8, activeDeadlineSeconds=600)
     d = step(kube)
     assert status_of(kube, "score-sources")["state"] == "Waiting" and 0 < d.requeue <= 600
     step(kube, minutes=11)
