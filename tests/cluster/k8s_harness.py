@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from wrpo.data.serving import free_port  # one allocator for every listener (docs/cluster-harness.md, "Ports")
 
 HERE = Path(__file__).resolve().parent
 STAGES_FILE = HERE / "kwok" / "stages.yaml"
@@ -91,12 +92,6 @@ def find_binaries() -> Path:
             "build them with tests/cluster/build-binaries.sh and export WRPO_K8S_BIN=<dir>"
         )
     return bin_dir
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float, interval: float = 0.2,

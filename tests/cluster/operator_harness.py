@@ -8,7 +8,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from wrpo.data.serving import free_port
 from wrpo_operator import GROUP, LABEL_RUN, PLURAL, VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,12 +38,6 @@ def pin_backend(spec: dict, backend: str = "pytorchjob") -> dict:
     tests of `auto` itself use an apiserver of their own (test_operator_backend_auto.py)."""
     spec["cluster"].setdefault("training", {}).setdefault("backend", backend)
     return spec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Operator:

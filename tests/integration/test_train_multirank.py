@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from wrpo.data.serving import free_port
 
 # Timeouts are hang detectors (README.md, "Testing"): a run took 210 s on a loaded 2-core machine
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -45,12 +46,6 @@ SCHEDULE = ["--batch-size", "8", "--per-device-batch-size", "2", "--max-steps", 
 REL, REL32 = 1e-9, 3.8e-4  # float64 and float32 bounds (module docstring)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "GLOO_SOCKET_IFNAME": "lo", "TOKENIZERS_PARALLELISM": "false",
@@ -63,7 +58,7 @@ def _wrpo_cli(*args: str, nproc: int | None = None, timeout: int = 900) -> subpr
     launch = [sys.executable]
     if nproc:
         launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-                   "--master-port", str(_free_port())]
+                   "--master-port", str(free_port())]
     # a session of its own: a hang (collective mismatch) is ended rank by rank, not just the launcher
     proc = subprocess.Popen([*launch, "-m", "wrpo.cli", *args], env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -20,11 +20,13 @@ import contextlib
 import importlib.util
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -55,11 +57,53 @@ def vllm_python() -> str | None:
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+_HANDED_OUT: set[int] = set()
+_PORT_LOCK = threading.Lock()
+_PORT_DRAWS = random.SystemRandom()  # not the global generator: a seeded run must not draw its peers' ports
+
+
+def _listening_range() -> tuple[int, int] | None:
+    """Ports outside the kernel's ephemeral range, from which no outgoing connection takes its local port:
+    below the range when it starts above 11024 (Linux's default 32768-60999 leaves 10000-32767), else above
+    it; None when the range covers nearly everything (or cannot be read: then the kernel chooses)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    if low > 11024:
+        return 10000, low - 1
+    if high < 64511:
+        return high + 1, 65535
+    return None
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port on `host` for a server that binds it a moment later (docs/cluster-harness.md, "Ports").
+
+    Binding port 0 and closing leaves a race: the kernel hands the same ephemeral port to the next outgoing
+    connection (any client of this machine) or to the next caller, and the server then fails to bind, or a
+    health check reaches a stranger. So the port is drawn at random outside the ephemeral range, checked
+    free by binding it, and never handed out twice by this process."""
+    span = _listening_range()
+    with _PORT_LOCK:
+        for _ in range(256 if span else 0):
+            port = _PORT_DRAWS.randint(*span)
+            if port in _HANDED_OUT:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
+        while True:  # no usable range (or 256 busy draws): the kernel's choice, still never twice
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 def on_gpu() -> bool:

@@ -1,0 +1,56 @@
+"""`wrpo.data.serving.free_port`: the one allocator of listening ports for local servers and the test
+harnesses (docs/cluster-harness.md, "Ports")."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wrpo.data import serving
+from wrpo.data.serving import free_port
+
+RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral() -> tuple[int, int]:
+    if not RANGE.exists():
+        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range (not Linux)")
+    low, high = map(int, RANGE.read_text().split())
+    return low, high
+
+
+def test_ports_are_outside_the_ephemeral_range_so_no_outgoing_connection_takes_one():
+    low, high = _ephemeral()
+    if serving._listening_range() is None:
+        pytest.skip(f"the ephemeral range {low}-{high} leaves no room outside it")
+    ports = [free_port() for _ in range(200)]
+    inside = [p for p in ports if low <= p <= high]
+    assert not inside, f"{len(inside)} of 200 ports in the ephemeral range {low}-{high}: {inside[:5]}"
+
+
+def test_a_port_is_never_handed_out_twice_and_is_free_when_handed_out():
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    with socket.socket() as s:  # free: a server can bind it
+        s.bind(("127.0.0.1", ports[-1]))
+
+
+def test_a_port_in_use_is_not_handed_out(monkeypatch):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        monkeypatch.setattr(serving, "_listening_range", lambda: (port, port + 1))
+        assert all(free_port() != port for _ in range(3))
+
+
+def test_processes_seeded_alike_draw_different_ports():
+    """A run seeds Python's global generator; the draws must not follow it (two seeded pipelines side by side
+    would otherwise try the same ports in the same order)."""
+    code = "import random; random.seed(0); from wrpo.data.serving import free_port; print(free_port())"
+    draws = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+             for _ in range(4)}
+    assert len(draws) > 1
