@@ -328,9 +328,12 @@ def refused_status(run: Obj, message: str, spec_hash: str, now: Any) -> Obj:
 
     meta, old = run["metadata"], run.get("status") or {}
     gen = meta.get("generation", 1)
-    conditions = derive_conditions("Failed", message, gen, old.get("conditions") or [], now)
+    before = [c for c in old.get("conditions") or [] if c["type"] != "SpecInvalid"]
+    was = next((c for c in old.get("conditions") or [] if c["type"] == "SpecInvalid"), {})
+    since = was["lastTransitionTime"] if was.get("status") == "True" else timestamp(now)
+    conditions = derive_conditions("Failed", message, gen, before, now)
     conditions.append({"type": "SpecInvalid", "status": "True", "reason": "ChildRefused", "message": message,
-                       "lastTransitionTime": timestamp(now), "observedGeneration": gen})
+                       "lastTransitionTime": since, "observedGeneration": gen})
     return {"phase": "Failed", "message": message, "observedGeneration": gen, "refusedHash": spec_hash,
             "completionTime": timestamp(now), "conditions": conditions}
 

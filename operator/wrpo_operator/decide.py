@@ -638,7 +638,7 @@ def decide(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settin
         d.requeue = None  # nothing of a finished or suspended run is waited for (but its TTL)
     keep = ps.keep | _in_use(ps, d.status["phase"])
     d.delete = sorted(k for k, c in ps.kids.items() if (k not in keep or k in ps.drop) and not _deleting(c))
-    _ttl(spec, d, now)
+    apply_ttl(spec, d, now)
     return d
 
 
@@ -703,7 +703,7 @@ def _run_status(old: Obj, stages: list[Obj], current: Obj | None, spec: FusionSp
     }
 
 
-def _ttl(spec: FusionSpec, d: Decision, now: datetime) -> None:
+def apply_ttl(spec: FusionSpec, d: Decision, now: datetime) -> None:
     """`cluster.ttlSecondsAfterFinished`: delete the finished run (its children go by garbage collection)."""
     ttl = spec.cluster.ttl_seconds_after_finished
     if ttl is None or d.status["phase"] not in ("Succeeded", "Failed"):

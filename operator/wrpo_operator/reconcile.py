@@ -17,7 +17,7 @@ from wrpo.pipeline.spec import FusionSpec, cluster_problems, parse_spec, problem
 from wrpo_operator import LABEL_RUN, LABEL_RUN_UID
 from wrpo_operator.admission import admit, backend_refusal, refusal_message, refused_status, served_backends
 from wrpo_operator.builders import Obj, is_owned, owner_reference, spec_hash, with_owner
-from wrpo_operator.decide import Decision, Key, Observed, Settings, decide, training_backend
+from wrpo_operator.decide import Decision, Key, Observed, Settings, apply_ttl, decide, training_backend
 from wrpo_operator.kube import ApiError, Kube, retryable
 from wrpo_operator.runstate import RunState
 from wrpo_operator.status import SUMMARY_RETRY_S, read_summaries, timestamp, transitions
@@ -68,8 +68,12 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
     spec = parse_spec(run.get("spec"), f"FusionRun {ns}/{name}: spec")
     check_cluster_spec(spec, f"FusionRun {ns}/{name}: spec")
     admitted = spec_hash(spec)
-    if (run.get("status") or {}).get("refusedHash") == admitted:
-        return Decision(status=run["status"])  # refused before (admission.py): Failed until the spec changes
+    if (run.get("status") or {}).get("refusedHash") == admitted:  # refused before (admission.py): Failed
+        d = Decision(status=run["status"])  # until the spec changes, and deleted by its TTL as any finished run
+        apply_ttl(spec, d, now)
+        if d.delete_run:
+            kube.delete("FusionRun", ns, name)
+        return d
     served: list[set[str]] = []  # discovery, asked at most once, only when needed
 
     def ask() -> set[str]:

@@ -181,6 +181,13 @@ def derive_conditions(phase: Phase, message: str, generation: int, old: list[dic
             reason, text = stall["reason"], f"{stall['subject']}: {stall['message']}"
         out.append({"type": ctype, "status": status, "reason": reason, "message": text,
                     "lastTransitionTime": since, "observedGeneration": generation})
+    refused = before.get("SpecInvalid")
+    if refused is not None:  # the spec was refused once and fixed since: False, so `kubectl wait` can see it
+        fixed = refused.get("status") == "False"
+        out.append({"type": "SpecInvalid", "status": "False", "reason": "Admitted",
+                    "message": "the apiserver admitted every child of the current spec (dry run)",
+                    "lastTransitionTime": refused["lastTransitionTime"] if fixed else timestamp(now),
+                    "observedGeneration": generation})
     return out
 
 

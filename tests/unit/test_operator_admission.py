@@ -137,6 +137,27 @@ def test_a_refused_child_fails_the_run_before_anything_is_created():
     status = kube.run["status"]
     assert status["phase"] == "Running" and "refusedHash" not in status and status["admittedHash"]
     assert ("Job", f"{NAME}-prepare") in kube.created
+    # the condition stays, False: `kubectl wait --for=condition=SpecInvalid=false` sees the fix
+    invalid = [c for c in status["conditions"] if c["type"] == "SpecInvalid"]
+    assert [(c["status"], c["reason"], c["observedGeneration"]) for c in invalid] == [("False", "Admitted", 2)]
+    since = invalid[0]["lastTransitionTime"]
+    step(kube)
+    assert [c["lastTransitionTime"] for c in kube.run["status"]["conditions"] if c["type"] == "SpecInvalid"] == [since]
+
+
+def test_a_refused_run_is_deleted_by_its_ttl_as_any_finished_run():
+    spec = pods_spec()
+    spec["cluster"]["ttlSecondsAfterFinished"] = 600
+    kube = FakeKube()
+    kube.add_run(spec)
+    kube.refuse_dry[("Job", f"{NAME}-sft-master")] = refusal(
+        "Job", f"{NAME}-sft-master", "spec.template.spec.tolerations[1].key", "name part must consist of ...")
+    step(kube)
+    assert kube.run["status"]["phase"] == "Failed" and ("FusionRun", NAME) in kube.objects
+    d = step(kube, minutes=5)  # refused 5 minutes ago: still there, looked at again when the TTL ends
+    assert ("FusionRun", NAME) in kube.objects and d.requeue is not None and 290 <= d.requeue <= 300
+    step(kube, minutes=6)
+    assert ("FusionRun", NAME) not in kube.objects
 
 
 def test_admission_runs_once_per_spec_hash():
