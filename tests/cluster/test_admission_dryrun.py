@@ -118,3 +118,23 @@ def test_the_operator_refuses_the_validate_only_cases_too(operator, apis, run_na
         field = case.expect[0].split(": ")[1]
         assert field in status["message"], f"{case.name}: {status['message']}"
         assert not any(children(apis, run_namespace, name).values()), case.name
+
+
+def test_a_child_that_exists_is_checked_with_its_new_content(k8s_api_client, k8s_namespace):
+    """A spec change of a running run: the apiserver validates a dry-run create (schema, rules, admission
+    webhooks) before its storage answers 409 for a name that exists, so an existing child's new content is
+    refused at its spec field, and content it admits passes (409 is not a refusal)."""
+    kube = Kube(k8s_api_client)
+    spec = parse_spec(tiny_spec())
+    prepare = next(o for o in run_children("exists", k8s_namespace, spec, "0" * 8)
+                   if o["kind"] == "Job" and o["metadata"]["name"] == "exists-prepare")
+    prepare["metadata"].pop("ownerReferences", None)  # no such owner here; the Job itself must exist
+    assert kube.create(prepare) is not None
+    assert dry_run(kube, [prepare], spec) == []
+    bad = json.loads(json.dumps(prepare))
+    bad["spec"]["template"]["spec"]["affinity"] = BAD_AFFINITY
+    refusals = dry_run(kube, [bad], spec)
+    assert [(r.kind, r.name) for r in refusals] == [("Job", "exists-prepare")], refusals
+    assert refusals[0].field == "cluster.pods.small.affinity" and "Required value" in refusals[0].message
+    jobs = kube.request("list", "Job", "GET", kube._path("Job", k8s_namespace))["items"]
+    assert [j["metadata"]["name"] for j in jobs] == ["exists-prepare"]  # the dry runs stored nothing
