@@ -120,8 +120,7 @@ def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers:
     def one(pair: tuple[Obj, Obj]) -> Refusal | None:
         body, child = pair
         try:
-            if kube.create(body, dry_run=True) is None:  # it exists (a spec change of a running run): ask
-                kube.create(_unnamed(body), dry_run=True)  # its new content under a name of the server's
+            kube.create(body, dry_run=True)
         except ApiError as e:
             if any(s in e.message for s in NOT_THE_SPECS):
                 return None
@@ -137,13 +136,6 @@ def dry_run(kube: Any, objs: list[Obj], spec: FusionSpec | None = None, workers:
     for r in found:  # one per child: a PyTorchJob's own refusal before its template Job's
         first.setdefault((r.kind, r.name), r)
     return list(first.values())
-
-
-def _unnamed(obj: Obj) -> Obj:
-    """`obj` with `metadata.generateName` instead of its name: a dry run of it is checked in full, where the
-    same name answers 409 (AlreadyExists) before anything else is looked at."""
-    meta = {k: v for k, v in obj["metadata"].items() if k != "name"}
-    return {**obj, "metadata": {**meta, "generateName": f"{obj['metadata']['name']}-"}}
 
 
 def _causes(e: Any) -> list[str]:

@@ -232,36 +232,3 @@ def test_a_cluster_wide_mistake_is_told_in_a_few_lines():
     step(kube)
     lines = kube.run["status"]["message"].splitlines()
     assert len(lines) == 6 and lines[-1].startswith("... and ") and lines[-1].endswith(" more children refused")
-
-
-def test_a_child_that_exists_is_asked_again_with_its_new_content():
-    """A spec change of a running run: the apiserver answers 409 to a dry run of a child that exists, before it
-    validates anything, so its new content is asked under a generated name (the apiserver's own 409 is the
-    stand-in's None here, as `Kube.create` returns it)."""
-    kube = FakeKube()
-    kube.add_run(tiny_spec())
-    step(kube)
-    assert ("Job", f"{NAME}-prepare") in kube.objects
-    create, asked = kube.create, []
-
-    def apiserver(obj, dry_run=False):
-        meta = obj["metadata"]
-        if dry_run and "generateName" in meta:
-            asked.append((obj["kind"], meta["generateName"]))
-            if (obj["kind"], meta["generateName"]) == ("Job", f"{NAME}-prepare-"):
-                raise refusal("Job", f"{NAME}-prepare-x1y2z", "spec.template.metadata.annotations",
-                              "Too long: must have at most 262144 bytes")
-            return copy.deepcopy(obj)
-        if dry_run and (obj["kind"], meta["name"]) in kube.objects:
-            return None
-        return create(obj, dry_run)
-
-    kube.create = apiserver
-    changed = tiny_spec(cluster={"podAnnotations": {"note": "x" * 300}})
-    kube.objects[("FusionRun", NAME)]["spec"] = changed
-    kube.objects[("FusionRun", NAME)]["metadata"]["generation"] = 2
-    step(kube)
-    assert asked == [("Job", f"{NAME}-prepare-")]  # the one child that exists (the ConfigMap is named by hash)
-    status = kube.run["status"]
-    assert status["phase"] == "Failed" and "refusedHash" in status
-    assert "cluster.podAnnotations or cluster.pods.small.annotations" in status["message"]
