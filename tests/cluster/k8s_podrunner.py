@@ -12,7 +12,13 @@ and target port of a local pod the Service selects (or to the `host_map` entry g
 Service's URLs stay as they are: its name resolves, in the runner's Python processes, to the addresses of
 its Ready local pods, as cluster DNS answers it (the stand-in: podrunner_site/sitecustomize.py reads the
 table `<log_dir>/cluster-dns.json` the runner keeps current), so a client sees every replica behind it and a
-deleted one drops out. The runner writes pod status through the status subresource:
+deleted one drops out. A pod with `hostname` and `subdomain` under a headless Service of that name (JobSet's
+pods: `<jobset>-node-0-0.<jobset>`) has its own name, `<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]`,
+as in cluster DNS: in that table, and as a whole value (PET_MASTER_ADDR) rewritten to its address, since
+torchrun's rendezvous store resolves it in C++, which the stand-in does not reach; such a pod starts once the
+pod its PET_MASTER_ADDR names is known (`_awaits_master`). A MOCK of cluster DNS.
+
+The runner writes pod status through the status subresource:
 Running (Ready after the readiness probe passes), then Succeeded or Failed with the exit code in
 containerStatuses, and as message what the container wrote to its termination log (a file that
 `$WRPO_TERMINATION_LOG` names, as the kubelet's /dev/termination-log) or else the tail of its log.
@@ -152,6 +158,8 @@ class PodRunner:
         self._headless: set[str] = set()  # Services whose URLs stay: their names resolve (`dns_table`)
         self._dns: dict[str, list[str]] = {}
         self._addresses: dict[str, str] = {}  # pod name → <subnet>.N, from the first time it is listed
+        self._hostnames: dict[str, tuple[str, str]] = {}  # pod name → (spec.hostname, spec.subdomain)
+        self._pod_hosts: dict[str, str] = {}  # a pod's DNS names → its address (`_host_names`)
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     # -- public API ------------------------------------------------------------------------
@@ -203,6 +211,8 @@ class PodRunner:
         listed = self.core.list_namespaced_pod(self.namespace, label_selector=self.label_selector)
         self._labels = {p.metadata.name: p.metadata.labels or {} for p in listed.items}
         self._policies = {p.metadata.name: p.spec.restart_policy for p in listed.items}
+        self._hostnames = {p.metadata.name: (p.spec.hostname, p.spec.subdomain) for p in listed.items
+                           if p.spec.hostname and p.spec.subdomain}
         for pod in listed.items:  # before any launch: a Service resolves whatever order pods start in
             self._address(pod.metadata.name)
         seen = set()
@@ -233,7 +243,8 @@ class PodRunner:
         import json
 
         table: dict[str, list[str]] = {}
-        for svc in self.core.list_namespaced_service(self.namespace).items:
+        services = self.core.list_namespaced_service(self.namespace).items
+        for svc in services:
             if svc.spec.cluster_ip != "None" or not svc.spec.selector:
                 continue
             ready = [p.ip for p in self.pods.values() if p.ready and not p.finished
@@ -241,6 +252,12 @@ class PodRunner:
             base = f"{svc.metadata.name}.{svc.metadata.namespace}"
             for name in (svc.metadata.name, base, f"{base}.svc", f"{base}.svc.cluster.local"):
                 table[name] = sorted(ready)
+        # each running pod's own names (publishNotReadyAddresses, as JobSet's Service has, or once Ready)
+        published = {svc.metadata.name for svc in services if svc.spec.publish_not_ready_addresses}
+        running = [p for p in self.pods.values() if not p.finished
+                   and (p.ready or self._hostnames.get(p.name, ("", ""))[1] in published)]
+        for name, ip in self._host_names(services, [p.name for p in running]).items():
+            table[name] = [ip]
         if table != self._dns:
             tmp = self.dns_table.with_suffix(".tmp")
             tmp.write_text(json.dumps(table))
@@ -250,12 +267,20 @@ class PodRunner:
     def _awaits_master(self, pod) -> bool:
         """A PyTorchJob pod names its master's Service in MASTER_ADDR; the training-operator creates the
         Services just after the pods, so such a pod starts once that Service exists (in a cluster, DNS
-        would answer a moment later; here the name is resolved once, when the pod starts)."""
+        would answer a moment later; here the name is resolved once, when the pod starts). A JobSet pod
+        (Trainer v2) names its master pod, `<hostname>.<subdomain>` under its own subdomain, in
+        PET_MASTER_ADDR: it starts once that pod is listed and the headless Service exists (the Indexed
+        Job may create the worker first)."""
         job = (pod.metadata.labels or {}).get("training.kubeflow.org/job-name")
-        if not job:
+        if job:
+            names = {s.metadata.name for s in self.core.list_namespaced_service(self.namespace).items}
+            return f"{job}-master-0" not in names
+        master = next((e.value for e in pod.spec.containers[0].env or []
+                       if e.name == "PET_MASTER_ADDR" and e.value), None)
+        if not pod.spec.subdomain or not master or master.split(".")[1:2] != [pod.spec.subdomain]:
             return False
-        names = {s.metadata.name for s in self.core.list_namespaced_service(self.namespace).items}
-        return f"{job}-master-0" not in names
+        services = self.core.list_namespaced_service(self.namespace).items
+        return master not in self._host_names(services, self._unfinished())
 
     def _address(self, pod_name: str) -> str:
         """The pod's loopback address, handed out the first time the runner sees it."""
@@ -544,6 +569,8 @@ class PodRunner:
         """0.0.0.0 → the pod's loopback address; Service URLs and bare Service host names (a
         whole value) → local addresses."""
         value = value.replace("0.0.0.0", ip)
+        if value in self._pod_hosts:  # a pod's own name (PET_MASTER_ADDR=job-node-0-0.job): its address
+            return self._pod_hosts[value]
         for host, target in self._targets.items():
             svc, _, rest = host.partition(".")
             ns = rest or self.namespace
@@ -571,11 +598,10 @@ class PodRunner:
             services = self.core.list_namespaced_service(self.namespace).items
         except Exception:  # noqa: BLE001
             services = []
-        # every listed pod that has not finished here, started or not (a worker may start before its master)
-        pods = [name for name in self._labels if name in self._addresses
-                and not (name in self.pods and self.pods[name].finished)]
+        pods = self._unfinished()
         # a host_map entry still wins
         self._headless = {svc.metadata.name for svc in services if svc.spec.cluster_ip == "None"} - set(self.host_map)
+        self._pod_hosts = self._host_names(services, pods)
         for svc in services:
             selector = svc.spec.selector or {}
             if not selector or not svc.spec.ports:
@@ -587,6 +613,26 @@ class PodRunner:
                     break
         targets.update(self.host_map)
         return targets
+
+    def _unfinished(self) -> list[str]:
+        """Every listed pod that has not finished here, started or not (a worker may start before its master)."""
+        return [name for name in self._labels if name in self._addresses
+                and not (name in self.pods and self.pods[name].finished)]
+
+    def _host_names(self, services, pods: list[str]) -> dict[str, str]:
+        """The DNS names of `pods` that have a hostname and a subdomain naming a headless Service of the
+        namespace (`<hostname>.<subdomain>`, `.<ns>`, `.<ns>.svc`, `.<ns>.svc.cluster.local`, as cluster DNS
+        answers them) → their addresses. Without that Service the names do not resolve, as in a cluster."""
+        headless = {svc.metadata.name for svc in services if svc.spec.cluster_ip == "None"}
+        names: dict[str, str] = {}
+        for pod in pods:
+            hostname, subdomain = self._hostnames.get(pod, ("", ""))
+            if subdomain in headless and pod in self._addresses:
+                base = f"{hostname}.{subdomain}"
+                for name in (base, f"{base}.{self.namespace}", f"{base}.{self.namespace}.svc",
+                             f"{base}.{self.namespace}.svc.cluster.local"):
+                    names[name] = self._addresses[pod]
+        return names
 
     def _labels_match(self, pod_name: str, selector: dict[str, str]) -> bool:
         labels = self._labels.get(pod_name, {})

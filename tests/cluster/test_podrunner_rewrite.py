@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from k8s_podrunner import PodRunner
+from k8s_podrunner import LocalPod, PodRunner
 from kubernetes.client.rest import ApiException
 
 
@@ -271,3 +271,74 @@ def test_the_dns_stand_in_answers_headless_service_names(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "WRPO_TEST_CLUSTER_DNS": str(table)}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["['127.0.0.12', '127.0.0.13']", "{'127.0.0.1'}", "not known"]
+
+
+class FakeJobSet(FakeCore):
+    """The pods and headless Service of a 2-node Trainer v2 JobSet `job` (the runner lists them), no process."""
+
+    def __init__(self):
+        super().__init__()
+        self.pod_list, self.services = [], []
+
+    def list_namespaced_pod(self, namespace, label_selector=""):
+        from kubernetes import client
+
+        return client.V1PodList(items=list(self.pod_list))
+
+    def list_namespaced_service(self, namespace):
+        from kubernetes import client
+
+        return client.V1ServiceList(items=list(self.services))
+
+    def add_pod(self, index: int):
+        """The Indexed Job's pod `index`: name `job-node-0-<index>-<random>`, hostname without the random part,
+        the JobSet's subdomain, and PET_MASTER_ADDR as Trainer's torch plugin sets it. Not bound to a Node,
+        so the runner lists it and starts nothing."""
+        from kubernetes import client
+
+        env = [client.V1EnvVar(name="PET_MASTER_ADDR", value="job-node-0-0.job")]
+        pod = client.V1Pod(
+            metadata=client.V1ObjectMeta(name=f"job-node-0-{index}-x{index}", namespace="ns1", uid=f"u{index}"),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="node", image="i", env=env)],
+                                  hostname=f"job-node-0-{index}", subdomain="job", restart_policy="Never"),
+            status=client.V1PodStatus(phase="Pending"))
+        self.pod_list.append(pod)
+        return pod
+
+    def add_service(self):
+        from kubernetes import client
+
+        self.services.append(client.V1Service(
+            metadata=client.V1ObjectMeta(name="job", namespace="ns1"),
+            spec=client.V1ServiceSpec(cluster_ip="None", selector={}, publish_not_ready_addresses=True)))
+
+
+def test_a_jobset_pods_host_name_resolves_to_its_address_once_its_headless_service_exists(runner):
+    """Trainer v2 names the first pod in PET_MASTER_ADDR as `<hostname>.<subdomain>`. torchrun's rendezvous store
+    resolves it in C++, past the DNS stand-in, so the runner rewrites the whole value to the pod's address; a pod
+    waits until the pod it names is listed and the JobSet's headless Service exists, as cluster DNS answers it
+    only then; the DNS table (Python clients) has every form of the name."""
+    import json
+
+    runner.core = fake = FakeJobSet()
+    worker = fake.add_pod(1)  # the Job controller may create the worker first
+    runner._tick()
+    assert runner._awaits_master(worker)
+    master = fake.add_pod(0)
+    runner._tick()
+    assert runner._awaits_master(worker) and runner._awaits_master(master)  # no Service yet: no name
+    fake.add_service()
+    runner._tick()
+    assert not runner._awaits_master(worker) and not runner._awaits_master(master)
+    runner._service_targets()  # as each launch does
+    address = runner._addresses["job-node-0-0-x0"]
+    for name in ("job-node-0-0.job", "job-node-0-0.job.ns1.svc.cluster.local"):
+        assert runner._rewrite(name, "127.0.0.7") == address
+    assert runner._rewrite("job-node-0-0.job.other", "127.0.0.7") == "job-node-0-0.job.other"  # elsewhere
+    assert runner._rewrite("job-node-0-0", "127.0.0.7") == "job-node-0-0"  # a bare hostname does not resolve
+    runner.pods["job-node-0-0-x0"] = LocalPod("ns1", "job-node-0-0-x0", "u0", address, runner.log_dir / "l",
+                                              False, [], {}, runner.log_dir, None)  # launched, not Ready
+    runner._publish_dns()  # publishNotReadyAddresses: the names resolve before the pod is Ready
+    table = json.loads(runner.dns_table.read_text())
+    assert table["job-node-0-0.job"] == table["job-node-0-0.job.ns1.svc"] == [address]
+    assert "job-node-0-1.job" not in table  # not launched here
