@@ -72,7 +72,12 @@ def test_trainjob_runs_as_jobset_pods_with_torch_rendezvous_env(
     assert jobs[0].spec.completion_mode == "Indexed" and jobs[0].spec.completions == 2
     pods = core.list_namespaced_pod(ns, label_selector=f"jobset.sigs.k8s.io/jobset-name={name}").items
     assert sorted(p.status.phase for p in pods) == ["Succeeded", "Succeeded"]
-    # What each process got: torchrun's rendezvous variables, one node rank per pod.
+    # What each process got: torchrun's rendezvous variables, one node rank per pod. Trainer names the first pod
+    # by its host name under the JobSet's headless Service; the pod runner resolved that to the pod's address
+    # (docs/cluster-harness.md, "The pod runner").
+    first = next(p for p in pods if p.spec.hostname == f"{name}-node-0-0" and p.spec.subdomain == name)
+    sent = {e.name: e.value for e in first.spec.containers[0].env}
+    assert sent["PET_MASTER_ADDR"] == f"{name}-node-0-0.{name}"
     envs = sorted(
         (json.loads(runner.logs(p.metadata.name).strip().splitlines()[-1]) for p in pods),
         key=lambda env: env["PET_NODE_RANK"],
@@ -80,7 +85,7 @@ def test_trainjob_runs_as_jobset_pods_with_torch_rendezvous_env(
     assert envs == [
         {
             "JOB_COMPLETION_INDEX": str(rank),
-            "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+            "PET_MASTER_ADDR": runner.pods[first.metadata.name].ip,
             "PET_MASTER_PORT": "29500",
             "PET_NNODES": "2",
             "PET_NODE_RANK": str(rank),
