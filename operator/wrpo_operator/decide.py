@@ -44,6 +44,7 @@ from wrpo_operator.stalls import (
     pod_queued,
     pod_stalls,
     server_not_ready,
+    starved_jobs,
     termination_detail,
 )
 from wrpo_operator.status import (
@@ -97,13 +98,15 @@ class Settings:
 @dataclass
 class Observed:
     """What the watches saw of one run: its children (controlled by it, or labelled with its name and
-    controlled by nobody: adopted), the pods labelled with its UID, Warning Events on its children, and
-    Kueue's Workloads of its children and pods (queueing.py)."""
+    controlled by nobody: adopted), the pods labelled with its UID, Warning Events on its children, pods and
+    descendants, Kueue's Workloads of its children and pods (queueing.py), and its descendants: objects
+    labelled with its UID that its children's controllers made (the Jobs of a TrainJob's JobSet)."""
 
     children: list[Obj] = field(default_factory=list)
     pods: list[Obj] = field(default_factory=list)
     events: list[Obj] = field(default_factory=list)
     workloads: list[Obj] = field(default_factory=list)
+    descendants: list[Obj] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +175,7 @@ class _Pass:
     backend: str = "pytorchjob"  # how training stages run (`training_backend`)
     waiting_since: str | None = None  # since when the current stage waits for the GPU budget, if it did
     workloads: list[Obj] = field(default_factory=list)  # Kueue's, of the run's children and pods
+    descendants: list[Obj] = field(default_factory=list)  # JobSet's Jobs of the run's TrainJobs
 
     def __post_init__(self) -> None:
         self.run_uri = (self.spec.storage.run_uri or "").rstrip("/")
@@ -184,7 +188,7 @@ def _start(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settin
     retrying = old.get("observedGeneration") is not None and meta.get("generation", 1) > old["observedGeneration"]
     return _Pass(meta["name"], meta["namespace"], spec, now, settings, refused,
                  committed or (lambda stage: set()), {_key(c): c for c in observed.children}, observed.pods,
-                 observed.events, retrying, workloads=observed.workloads)
+                 observed.events, retrying, workloads=observed.workloads, descendants=observed.descendants)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -221,9 +225,12 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
         have = ps.kids.get(_key(runner))
         live = [p for p in job_pods(runner, pods)
                 if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
-        if have is not None and not live:  # no pod: was its creation refused?
-            uid = have["metadata"].get("uid")
-            found += event_stalls([e for e in ps.events if (e.get("involvedObject") or {}).get("uid") == uid])
+        uids = set()
+        if have is not None and not live:  # no pod: was its creation refused (a TrainJob's: its JobSet's)?
+            uids.add(have["metadata"].get("uid"))
+        if have is not None:  # a TrainJob's JobSet's Jobs short of pods: refused by the apiserver?
+            uids.update(j["metadata"].get("uid") for j in starved_jobs(have, ps.descendants, ps.pods))
+        found += event_stalls([e for e in ps.events if (e.get("involvedObject") or {}).get("uid") in uids - {None}])
     for key, message in ps.refused.items():
         if create_failure_reason(message) == "QuotaExceeded":
             found.append(Stall("QuotaExceeded", f"{key[0]} {key[1]}", message))
