@@ -104,6 +104,7 @@ class Cache:
         self._pods: dict[str, set[ObjKey]] = defaultdict(set)  # run UID label → pods
         self._descendants: dict[str, set[ObjKey]] = defaultdict(set)  # run UID label → JobSet's Jobs
         self._events: dict[str, set[ObjKey]] = defaultdict(set)  # involved object's UID → events
+        self._jobset_events: dict[tuple[str, str], set[ObjKey]] = defaultdict(set)  # (ns, JobSet) → its events
         self._workloads: dict[str, set[ObjKey]] = defaultdict(set)  # owner's UID → Kueue's Workloads
         self._child_by_uid: dict[str, ObjKey] = {}  # children and pods (the objects Events are about)
         self._gone: dict[ObjKey, str] = {}  # deleted by us: ignore older events of that UID until its DELETED
@@ -188,7 +189,10 @@ class Cache:
         if kind == "Pod":
             return "_pods", labels.get(LABEL_RUN_UID, "")
         if kind == "Event":
-            return "_events", obj["involvedObject"].get("uid") or ""
+            inv = obj["involvedObject"]
+            if inv.get("kind") == "JobSet":  # a TrainJob's, of its name: the JobSet is not watched, its UID unknown
+                return "_jobset_events", (ns, inv.get("name") or "")
+            return "_events", inv.get("uid") or ""
         if kind == "Workload":
             return "_workloads", workload_owner(obj)
         if (uid := _controller_uid(obj)) is not None:
@@ -225,6 +229,8 @@ class Cache:
         if kind in ("Event", "Workload"):
             about = obj["involvedObject"].get("uid") if kind == "Event" else workload_owner(obj)
             child_key = self._child_by_uid.get(about or "")
+            if kind == "Event" and obj["involvedObject"].get("kind") == "JobSet":
+                child_key = ("TrainJob", meta.get("namespace", ""), obj["involvedObject"].get("name") or "")
             return self._wakes(self._objects[child_key]) if child_key in self._objects else []
         uid = _controller_uid(obj)
         if uid is not None:  # a child's controlling run, else (a descendant) the run its label names
@@ -247,8 +253,17 @@ class Cache:
             uids = {_meta(c).get("uid") for c in [*children, *pods]}
             events = [self._objects[k] for u in uids | {_meta(d).get("uid") for d in descendants}
                       for k in sorted(self._events.get(u or "", ()))]
+            events += [e for c in children if c.get("kind") == "TrainJob"
+                       for e in self._jobset_events_of(ns, c)]
             workloads = [self._objects[k] for u in uids for k in sorted(self._workloads.get(u or "", ()))]
         return Observed(children, pods, events, workloads, descendants)
+
+    def _jobset_events_of(self, ns: str, trainjob: Obj) -> list[Obj]:
+        """Events on the JobSet of `trainjob` (Trainer names it after the TrainJob): those since the TrainJob's
+        creation (an earlier TrainJob of that name had a JobSet of that name too)."""
+        created = _meta(trainjob).get("creationTimestamp") or ""
+        return [e for k in sorted(self._jobset_events.get((ns, _meta(trainjob).get("name", "")), ()))
+                if ((e := self._objects[k]).get("firstTimestamp") or e.get("lastTimestamp") or "") >= created]
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

@@ -225,12 +225,15 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
         have = ps.kids.get(_key(runner))
         live = [p for p in job_pods(runner, pods)
                 if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
-        uids = set()
-        if have is not None and not live:  # no pod: was its creation refused (a TrainJob's: its JobSet's)?
+        if have is None:
+            continue
+        # the Jobs JobSet made for a TrainJob, short of pods: did the apiserver refuse one?
+        uids = {j["metadata"].get("uid") for j in starved_jobs(have, ps.descendants, ps.pods)}
+        jobset = None
+        if not live:  # no pod: was its creation refused (for a TrainJob: also its JobSet's Job, or its JobSet)?
             uids.add(have["metadata"].get("uid"))
-        if have is not None:  # a TrainJob's JobSet's Jobs short of pods: refused by the apiserver?
-            uids.update(j["metadata"].get("uid") for j in starved_jobs(have, ps.descendants, ps.pods))
-        found += event_stalls([e for e in ps.events if (e.get("involvedObject") or {}).get("uid") in uids - {None}])
+            jobset = have["metadata"]["name"] if have.get("kind") == "TrainJob" else None
+        found += event_stalls([e for e in ps.events if _refused_for(e, uids - {None}, jobset)])
     for key, message in ps.refused.items():
         if create_failure_reason(message) == "QuotaExceeded":
             found.append(Stall("QuotaExceeded", f"{key[0]} {key[1]}", message))
@@ -238,6 +241,13 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
     reported = [s for s in found if (s.reason, s.subject) == (ps.previous.get("reason"),
                                                                ps.previous.get("subject"))]
     return reported[0] if reported else first(found)  # the cause reported stays while it lasts
+
+
+def _refused_for(event: Obj, uids: set[str], jobset: str | None) -> bool:
+    """An Event about one of `uids`, or about the JobSet named `jobset` (Trainer names a TrainJob's JobSet
+    after it; the operator does not watch JobSets, so its Events are known by that name, cache.py)."""
+    inv = event.get("involvedObject") or {}
+    return inv.get("uid") in uids or (jobset is not None and (inv.get("kind"), inv.get("name")) == ("JobSet", jobset))
 
 
 def _startup_budget(spec: FusionSpec) -> int:

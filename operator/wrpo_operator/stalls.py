@@ -27,8 +27,10 @@ ORDER = ("QuotaExceeded", "FailedCreate", "Unschedulable", "ImagePullBackOff", "
          "CreateContainerError", "FailedMount", "ContainerCreating", "CrashLoopBackOff", "ServerNotReady",
          "ProgressDeadlineExceeded", "WaitingForGPUBudget")
 #: Warning Events that say a controller could not create a pod or a child: Job and ReplicaSet controllers, the
-#: training-operator for PyTorchJob pods, Kubeflow Trainer v2 for a TrainJob's JobSet.
-CREATE_FAILURES = ("FailedCreate", "FailedCreatePod", "TrainJobResourcesCreationFailed")
+#: training-operator for PyTorchJob pods, Kubeflow Trainer v2 for a TrainJob's JobSet, JobSet for its Jobs
+#: and the headless Service it makes before them.
+CREATE_FAILURES = ("FailedCreate", "FailedCreatePod", "TrainJobResourcesCreationFailed", "JobCreationFailed",
+                   "HeadlessServiceCreationFailed")
 #: JobSet's label naming the JobSet of a Job or pod (a TrainJob's JobSet has the TrainJob's name).
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 #: Warning Events on a pod whose volumes the kubelet cannot set up (a missing ConfigMap, Secret or PVC).

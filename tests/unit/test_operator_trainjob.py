@@ -367,16 +367,35 @@ def test_a_trainjob_stall_clears_once_every_node_of_its_jobsets_job_has_a_pod():
     assert ("Normal", "StallCleared") in [(t, r) for t, r, _ in kube.events]
 
 
-def test_a_jobset_trainer_cannot_create_is_a_stall_of_the_trainjob():
-    """Trainer v2 posts TrainJobResourcesCreationFailed on the TrainJob when the apiserver refuses its JobSet."""
+JOBSET = {"kind": "JobSet", "metadata": {"name": f"{NAME}-sft", "uid": "jobset-1"}}
+
+
+@pytest.mark.parametrize("on,reason,message,cause", [
+    # Trainer v2 when the apiserver refuses the JobSet
+    ("TrainJob", "TrainJobResourcesCreationFailed", 'TrainJob resources reconciliation failed: admission webhook '
+     '"vjobset.kb.io" denied the request: spec.replicatedJobs: Invalid value', "FailedCreate"),
+    # JobSet when the apiserver refuses its Job (not watched: known by its name, the TrainJob's)
+    ("JobSet", "JobCreationFailed", 'jobs.batch "demo-sft-node-0" is forbidden: exceeded quota: jobs, requested: '
+     "count/jobs.batch=1, used: count/jobs.batch=9, limited: count/jobs.batch=9", "QuotaExceeded"),
+])
+def test_a_jobset_or_job_the_apiserver_refuses_is_a_stall_of_the_trainjob(on, reason, message, cause):
     kube = training_kube("trainjob")
-    message = ('TrainJob resources reconciliation failed: admission webhook "vjobset.kb.io" denied the request: '
-               "spec.replicatedJobs: Invalid value")
-    _warning(kube, "refused.1", kube.objects[("TrainJob", f"{NAME}-sft")], "TrainJobResourcesCreationFailed",
-             message, "2025-01-01T00:00:00Z")
+    involved = kube.objects[("TrainJob", f"{NAME}-sft")] if on == "TrainJob" else JOBSET
+    _warning(kube, "refused.1", involved, reason, message, "2025-01-01T00:00:00Z")
     step(kube)
     stall = status_of(kube, "sft")["stall"]
-    assert (stall["reason"], stall["subject"], stall["message"]) == ("FailedCreate", "TrainJob demo-sft", message)
+    assert (stall["reason"], stall["subject"], stall["message"]) == (cause, f"{on} demo-sft", message)
+
+
+def test_an_earlier_jobsets_events_of_the_same_name_are_not_this_trainjobs():
+    kube = training_kube("trainjob")
+    kube.objects[("TrainJob", f"{NAME}-sft")]["metadata"]["creationTimestamp"] = "2025-01-01T00:10:00Z"
+    _warning(kube, "refused.1", JOBSET, "JobCreationFailed", "exceeded quota: jobs", "2025-01-01T00:09:59Z")
+    step(kube)
+    assert "stall" not in status_of(kube, "sft")
+    _warning(kube, "refused.2", JOBSET, "JobCreationFailed", "exceeded quota: jobs", "2025-01-01T00:10:00Z")
+    step(kube)
+    assert status_of(kube, "sft")["stall"]["subject"] == "JobSet demo-sft"
 
 
 def test_jobsets_jobs_are_the_runs_descendants_in_the_cache_not_its_children():
@@ -395,6 +414,11 @@ def test_jobsets_jobs_are_the_runs_descendants_in_the_cache_not_its_children():
     observed = cache.observed(kube.run)
     assert [d["metadata"]["name"] for d in observed.descendants] == ["demo-sft-node-0"]
     assert observed.children == [] and [e["reason"] for e in observed.events] == ["FailedCreate"]
+    # an Event on the JobSet (not watched) wakes the run of the TrainJob of its name
+    cache.put({**kube.objects[("TrainJob", f"{NAME}-sft")], "kind": "TrainJob"})
+    assert cache.put({**event, "metadata": {"name": "f", "namespace": NS, "uid": "f"}, "reason": "JobCreationFailed",
+                      "involvedObject": {"kind": "JobSet", "name": f"{NAME}-sft", "uid": "jobset-1"}}) == [(NS, NAME)]
+    assert [e["reason"] for e in cache.observed(kube.run).events] == ["FailedCreate", "JobCreationFailed"]
     other = copy.deepcopy(job)  # an earlier run's, with its own UID: not ours
     other["metadata"].update(name="x", uid="y", labels={**job["metadata"]["labels"], LABEL_RUN_UID: "old"})
     assert cache.put(other) == [] and len(cache.observed(kube.run).descendants) == 1
