@@ -189,17 +189,20 @@ def deployment_stalls(dep: Obj) -> list[Stall]:
 
 
 def starved_jobs(runner: Obj, jobs: list[Obj], pods: list[Obj]) -> list[Obj]:
-    """The Jobs JobSet made for a TrainJob `runner` (`jobs`: Jobs labelled with the run's UID whose controller is
-    not the run) that have fewer pods than their parallelism, not counting failed ones: a pod the apiserver
-    refused is missing there (the Job controller retries it, and says why only in a FailedCreate Event)."""
+    """The unfinished Jobs JobSet made for a TrainJob `runner` (`jobs`: Jobs labelled with the run's UID whose
+    controller is not the run) that have fewer pods than their parallelism, not counting failed ones: a pod the
+    apiserver refused is missing there (the Job controller retries it, and says why only in a FailedCreate
+    Event)."""
     if runner.get("kind") != "TrainJob":
         return []
     name = (runner.get("metadata") or {}).get("name")
     out = []
     for job in jobs:
         meta = job.get("metadata") or {}
-        if (meta.get("labels") or {}).get(JOBSET_NAME_LABEL) != name or meta.get("deletionTimestamp"):
-            continue
+        conds = _conditions(job)
+        if ((meta.get("labels") or {}).get(JOBSET_NAME_LABEL) != name or meta.get("deletionTimestamp")
+                or any((conds.get(t) or {}).get("status") == "True" for t in ("Complete", "Failed"))):
+            continue  # not this TrainJob's, or on its way out (JobSet makes a new one to restart)
         mine = [p for p in pods if (p.get("status") or {}).get("phase") != "Failed" and meta.get("name")
                 in (((p.get("metadata") or {}).get("labels") or {}).get(k) for k in BATCH_JOB_LABELS)]
         if len(mine) < ((job.get("spec") or {}).get("parallelism") or 1):

@@ -365,6 +365,12 @@ def test_a_trainjob_stall_clears_once_every_node_of_its_jobsets_job_has_a_pod():
     step(kube)
     assert "stall" not in status_of(kube, "sft") and status_of(kube, "sft")["state"] == "Running"
     assert ("Normal", "StallCleared") in [(t, r) for t, r, _ in kube.events]
+    # a node failed: the Job failed and its pods with it (JobSet restarts the group); its old Events say nothing
+    job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    for index in (0, 1):
+        kube.objects[("Pod", f"{NAME}-sft-node-0-{index}")]["status"] = {"phase": "Failed"}
+    step(kube)
+    assert "stall" not in status_of(kube, "sft")
 
 
 JOBSET = {"kind": "JobSet", "metadata": {"name": f"{NAME}-sft", "uid": "jobset-1"}}
