@@ -151,6 +151,8 @@ def with_owner(obj: Obj, run_name: str, uid: str) -> Obj:
     meta.setdefault("labels", {}).update({LABEL_RUN: run_name, LABEL_RUN_UID: uid})
     for template in pod_templates(obj):
         template.setdefault("metadata", {}).setdefault("labels", {})[LABEL_RUN_UID] = uid
+    for template in job_templates(obj):
+        template.setdefault("metadata", {}).setdefault("labels", {}).update({LABEL_RUN: run_name, LABEL_RUN_UID: uid})
     return obj
 
 
@@ -687,9 +689,12 @@ def build_training_runtime(run_name: str, namespace: str, spec: FusionSpec, stag
     job: Obj = {"completionMode": "Indexed", "backoffLimit": 0, "template": {"metadata": meta, "spec": pod}}
     if spec.cluster.active_deadline_seconds:
         job["activeDeadlineSeconds"] = spec.cluster.active_deadline_seconds
+    # the run's labels on JobSet's Job too: the operator's Job watch sees it, and with it the FailedCreate Events
+    # of a pod creation the apiserver refused (docs/operator.md, "Stalls"); with_owner adds the run's UID
+    job_labels = {TRAINER_ANCESTOR_LABEL: "trainer", LABEL_RUN: run_name, LABEL_STAGE: stage}
     jobset: Obj = {
         "replicatedJobs": [{"name": TRAINER_NODE, "replicas": 1,
-                            "template": {"metadata": {"labels": {TRAINER_ANCESTOR_LABEL: "trainer"}}, "spec": job}}],
+                            "template": {"metadata": {"labels": job_labels}, "spec": job}}],
         "failurePolicy": {"maxRestarts": spec.cluster.backoff_limit,
                           "rules": [{"name": "deadline", "action": "FailJobSet",
                                      "onJobFailureReasons": ["DeadlineExceeded"]}]},
@@ -838,10 +843,17 @@ def pod_templates(obj: Obj) -> list[Obj]:
     if obj.get("kind") == "PyTorchJob":
         return [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
     if obj.get("kind") == "TrainingRuntime":
-        return [r["template"]["spec"]["template"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
+        return [t["spec"]["template"] for t in job_templates(obj)]
     if obj.get("kind") == "TrainJob":
         return []
     return [obj["spec"]["template"]] if "template" in (obj.get("spec") or {}) else []
+
+
+def job_templates(obj: Obj) -> list[Obj]:
+    """The Job templates of a TrainingRuntime (its JobSet's replicatedJobs; none for any other kind)."""
+    if obj.get("kind") != "TrainingRuntime":
+        return []
+    return [r["template"] for r in obj["spec"]["template"]["spec"]["replicatedJobs"]]
 
 
 def configmaps_used(obj: Obj) -> set[str]:

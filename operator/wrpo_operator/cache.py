@@ -5,7 +5,10 @@ writes go in at once (a write's response is newer than any event about it still 
 
 Children are matched to their run by owner UID (a re-created run with the same name never sees the old
 run's children), pods by the run-UID label; orphans labelled with a run's name are offered for adoption.
-Events and Workloads go with the child or pod they are about (the involved object, the Workload's owner).
+Objects that carry the run's labels but are controlled by one of its children's controllers (the Jobs JobSet
+makes of a TrainJob's runtime) are the run's descendants, matched by the run-UID label like pods.
+Events and Workloads go with the child, descendant or pod they are about (the involved object, the
+Workload's owner).
 """
 
 from __future__ import annotations
@@ -99,7 +102,9 @@ class Cache:
         self._by_owner: dict[str, set[ObjKey]] = defaultdict(set)  # run UID → children it controls
         self._orphans: dict[RunKey, set[ObjKey]] = defaultdict(set)  # (ns, run label) → uncontrolled children
         self._pods: dict[str, set[ObjKey]] = defaultdict(set)  # run UID label → pods
+        self._descendants: dict[str, set[ObjKey]] = defaultdict(set)  # run UID label → JobSet's Jobs
         self._events: dict[str, set[ObjKey]] = defaultdict(set)  # involved object's UID → events
+        self._jobset_events: dict[tuple[str, str], set[ObjKey]] = defaultdict(set)  # (ns, JobSet) → its events
         self._workloads: dict[str, set[ObjKey]] = defaultdict(set)  # owner's UID → Kueue's Workloads
         self._child_by_uid: dict[str, ObjKey] = {}  # children and pods (the objects Events are about)
         self._gone: dict[ObjKey, str] = {}  # deleted by us: ignore older events of that UID until its DELETED
@@ -184,10 +189,15 @@ class Cache:
         if kind == "Pod":
             return "_pods", labels.get(LABEL_RUN_UID, "")
         if kind == "Event":
-            return "_events", obj["involvedObject"].get("uid") or ""
+            inv = obj["involvedObject"]
+            if inv.get("kind") == "JobSet":  # a TrainJob's, of its name: the JobSet is not watched, its UID unknown
+                return "_jobset_events", (ns, inv.get("name") or "")
+            return "_events", inv.get("uid") or ""
         if kind == "Workload":
             return "_workloads", workload_owner(obj)
         if (uid := _controller_uid(obj)) is not None:
+            if labels.get(LABEL_RUN_UID, uid) != uid:  # the run's labels, another controller: a child's made it
+                return "_descendants", labels[LABEL_RUN_UID]
             return "_by_owner", uid
         if LABEL_RUN in labels:
             return "_orphans", (ns, labels[LABEL_RUN])
@@ -219,27 +229,41 @@ class Cache:
         if kind in ("Event", "Workload"):
             about = obj["involvedObject"].get("uid") if kind == "Event" else workload_owner(obj)
             child_key = self._child_by_uid.get(about or "")
+            if kind == "Event" and obj["involvedObject"].get("kind") == "JobSet":
+                child_key = ("TrainJob", meta.get("namespace", ""), obj["involvedObject"].get("name") or "")
             return self._wakes(self._objects[child_key]) if child_key in self._objects else []
         uid = _controller_uid(obj)
-        if uid is not None:
-            key = self._run_by_uid.get(uid)
+        if uid is not None:  # a child's controlling run, else (a descendant) the run its label names
+            key = self._run_by_uid.get(uid) or self._run_by_uid.get((meta.get("labels") or {}).get(LABEL_RUN_UID, ""))
             return [key] if key else []
         label = (meta.get("labels") or {}).get(LABEL_RUN)
         return [(meta.get("namespace", ""), label)] if label else []
 
     def observed(self, run: Obj) -> Observed:
         """A run's children (controlled by it, or orphans labelled with its name), pods, create failures and
-        Kueue's Workloads of its children and pods."""
+        Kueue's Workloads of its children and pods, and its descendants (JobSet's Jobs) with their create
+        failures."""
         meta = _meta(run)
         uid, ns = meta.get("uid", ""), meta.get("namespace", "")
         with self._lock:
             children = [self._objects[k] for k in sorted(self._by_owner.get(uid, ()))]
             children += [self._objects[k] for k in sorted(self._orphans.get((ns, meta.get("name", "")), ()))]
             pods = [self._objects[k] for k in sorted(self._pods.get(uid, ()))]
+            descendants = [self._objects[k] for k in sorted(self._descendants.get(uid, ()))]
             uids = {_meta(c).get("uid") for c in [*children, *pods]}
-            events = [self._objects[k] for u in uids for k in sorted(self._events.get(u or "", ()))]
+            events = [self._objects[k] for u in uids | {_meta(d).get("uid") for d in descendants}
+                      for k in sorted(self._events.get(u or "", ()))]
+            events += [e for c in children if c.get("kind") == "TrainJob"
+                       for e in self._jobset_events_of(ns, c)]
             workloads = [self._objects[k] for u in uids for k in sorted(self._workloads.get(u or "", ()))]
-        return Observed(children, pods, events, workloads)
+        return Observed(children, pods, events, workloads, descendants)
+
+    def _jobset_events_of(self, ns: str, trainjob: Obj) -> list[Obj]:
+        """Events on the JobSet of `trainjob` (Trainer names it after the TrainJob): those since the TrainJob's
+        creation (an earlier TrainJob of that name had a JobSet of that name too)."""
+        created = _meta(trainjob).get("creationTimestamp") or ""
+        return [e for k in sorted(self._jobset_events.get((ns, _meta(trainjob).get("name", "")), ()))
+                if ((e := self._objects[k]).get("firstTimestamp") or e.get("lastTimestamp") or "") >= created]
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

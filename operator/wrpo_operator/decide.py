@@ -44,6 +44,7 @@ from wrpo_operator.stalls import (
     pod_queued,
     pod_stalls,
     server_not_ready,
+    starved_jobs,
     termination_detail,
 )
 from wrpo_operator.status import (
@@ -97,13 +98,15 @@ class Settings:
 @dataclass
 class Observed:
     """What the watches saw of one run: its children (controlled by it, or labelled with its name and
-    controlled by nobody: adopted), the pods labelled with its UID, Warning Events on its children, and
-    Kueue's Workloads of its children and pods (queueing.py)."""
+    controlled by nobody: adopted), the pods labelled with its UID, Warning Events on its children, pods and
+    descendants, Kueue's Workloads of its children and pods (queueing.py), and its descendants: objects
+    labelled with its UID that its children's controllers made (the Jobs of a TrainJob's JobSet)."""
 
     children: list[Obj] = field(default_factory=list)
     pods: list[Obj] = field(default_factory=list)
     events: list[Obj] = field(default_factory=list)
     workloads: list[Obj] = field(default_factory=list)
+    descendants: list[Obj] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +175,7 @@ class _Pass:
     backend: str = "pytorchjob"  # how training stages run (`training_backend`)
     waiting_since: str | None = None  # since when the current stage waits for the GPU budget, if it did
     workloads: list[Obj] = field(default_factory=list)  # Kueue's, of the run's children and pods
+    descendants: list[Obj] = field(default_factory=list)  # JobSet's Jobs of the run's TrainJobs
 
     def __post_init__(self) -> None:
         self.run_uri = (self.spec.storage.run_uri or "").rstrip("/")
@@ -184,7 +188,7 @@ def _start(run: Obj, spec: FusionSpec, observed: Observed, now: datetime, settin
     retrying = old.get("observedGeneration") is not None and meta.get("generation", 1) > old["observedGeneration"]
     return _Pass(meta["name"], meta["namespace"], spec, now, settings, refused,
                  committed or (lambda stage: set()), {_key(c): c for c in observed.children}, observed.pods,
-                 observed.events, retrying, workloads=observed.workloads)
+                 observed.events, retrying, workloads=observed.workloads, descendants=observed.descendants)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -221,9 +225,15 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
         have = ps.kids.get(_key(runner))
         live = [p for p in job_pods(runner, pods)
                 if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
-        if have is not None and not live:  # no pod: was its creation refused?
-            uid = have["metadata"].get("uid")
-            found += event_stalls([e for e in ps.events if (e.get("involvedObject") or {}).get("uid") == uid])
+        if have is None:
+            continue
+        # the Jobs JobSet made for a TrainJob, short of pods: did the apiserver refuse one?
+        uids = {j["metadata"].get("uid") for j in starved_jobs(have, ps.descendants, ps.pods)}
+        jobset = None
+        if not live:  # no pod: was its creation refused (for a TrainJob: also its JobSet's Job, or its JobSet)?
+            uids.add(have["metadata"].get("uid"))
+            jobset = have["metadata"]["name"] if have.get("kind") == "TrainJob" else None
+        found += event_stalls([e for e in ps.events if _refused_for(e, uids - {None}, jobset)])
     for key, message in ps.refused.items():
         if create_failure_reason(message) == "QuotaExceeded":
             found.append(Stall("QuotaExceeded", f"{key[0]} {key[1]}", message))
@@ -231,6 +241,13 @@ def _stall(ps: _Pass, stage: str, servers: list[Obj], runners: list[Obj], templa
     reported = [s for s in found if (s.reason, s.subject) == (ps.previous.get("reason"),
                                                                ps.previous.get("subject"))]
     return reported[0] if reported else first(found)  # the cause reported stays while it lasts
+
+
+def _refused_for(event: Obj, uids: set[str], jobset: str | None) -> bool:
+    """An Event about one of `uids`, or about the JobSet named `jobset` (Trainer names a TrainJob's JobSet
+    after it; the operator does not watch JobSets, so its Events are known by that name, cache.py)."""
+    inv = event.get("involvedObject") or {}
+    return inv.get("uid") in uids or (jobset is not None and (inv.get("kind"), inv.get("name")) == ("JobSet", jobset))
 
 
 def _startup_budget(spec: FusionSpec) -> int:

@@ -9,6 +9,7 @@ with an Event per transition.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,8 +97,7 @@ def reconcile(run: Obj, observed: Observed, kube: Kube, now: datetime | None = N
     refused = _create_absent(kube, d, observed, name, uid, written)
     if refused or written:
         have = {_key(c) for c in observed.children}
-        observed = Observed([*observed.children, *(w for w in written if _key(w) not in have)], observed.pods,
-                            observed.events, observed.workloads)
+        observed = replace(observed, children=[*observed.children, *(w for w in written if _key(w) not in have)])
         if refused:  # decide again: the stage fails (or stalls, for a quota) with the apiserver's message
             d = decide(run, spec, observed, now, settings, refused, committed, backend)
             d.status["admittedHash"] = admitted
@@ -132,7 +132,7 @@ def _adopt_orphans(kube: Kube, observed: Observed, name: str, uid: str, written:
             child = _adopt(kube, child, name, uid)
             written.append(child)
         children.append(child)
-    return Observed(children, observed.pods, observed.events, observed.workloads)
+    return replace(observed, children=children)
 
 
 def _create_absent(kube: Kube, d: Decision, observed: Observed, name: str, uid: str,

@@ -26,9 +26,13 @@ _WAITING = {
 ORDER = ("QuotaExceeded", "FailedCreate", "Unschedulable", "ImagePullBackOff", "CreateContainerConfigError",
          "CreateContainerError", "FailedMount", "ContainerCreating", "CrashLoopBackOff", "ServerNotReady",
          "ProgressDeadlineExceeded", "WaitingForGPUBudget")
-#: Warning Events that say a controller could not create a pod: Job and ReplicaSet controllers, and the
-#: training-operator for PyTorchJob pods.
-CREATE_FAILURES = ("FailedCreate", "FailedCreatePod")
+#: Warning Events that say a controller could not create a pod or a child: Job and ReplicaSet controllers, the
+#: training-operator for PyTorchJob pods, Kubeflow Trainer v2 for a TrainJob's JobSet, JobSet for its Jobs
+#: and the headless Service it makes before them.
+CREATE_FAILURES = ("FailedCreate", "FailedCreatePod", "TrainJobResourcesCreationFailed", "JobCreationFailed",
+                   "HeadlessServiceCreationFailed")
+#: JobSet's label naming the JobSet of a Job or pod (a TrainJob's JobSet has the TrainJob's name).
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 #: Warning Events on a pod whose volumes the kubelet cannot set up (a missing ConfigMap, Secret or PVC).
 MOUNT_FAILURES = ("FailedMount", "FailedAttachVolume")
 #: Seconds a cause must last before it counts, from when Kubernetes saw it first (`Stall.since`): a pod is
@@ -37,8 +41,9 @@ MOUNT_FAILURES = ("FailedMount", "FailedAttachVolume")
 GRACE = {"Unschedulable": 30, "FailedMount": 60, "CreateContainerConfigError": 60, "ContainerCreating": 300}
 #: Labels naming the runner on its pods, checked in order: JobSet's (a TrainJob's JobSet has the TrainJob's
 #: name; its pods carry their Job's name too), the training-operator's (PyTorchJob), the Job controller's.
-JOB_NAME_LABELS = ("jobset.sigs.k8s.io/jobset-name", "training.kubeflow.org/job-name",
-                   "batch.kubernetes.io/job-name", "job-name")
+JOB_NAME_LABELS = (JOBSET_NAME_LABEL, "training.kubeflow.org/job-name", "batch.kubernetes.io/job-name", "job-name")
+#: The Job controller's labels naming a pod's own Job.
+BATCH_JOB_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 
 
 @dataclass(frozen=True)
@@ -183,9 +188,31 @@ def deployment_stalls(dep: Obj) -> list[Stall]:
     return out
 
 
+def starved_jobs(runner: Obj, jobs: list[Obj], pods: list[Obj]) -> list[Obj]:
+    """The unfinished Jobs JobSet made for a TrainJob `runner` (`jobs`: Jobs labelled with the run's UID whose
+    controller is not the run) that have fewer pods than their parallelism, not counting failed ones: a pod the
+    apiserver refused is missing there (the Job controller retries it, and says why only in a FailedCreate
+    Event)."""
+    if runner.get("kind") != "TrainJob":
+        return []
+    name = (runner.get("metadata") or {}).get("name")
+    out = []
+    for job in jobs:
+        meta = job.get("metadata") or {}
+        conds = _conditions(job)
+        if ((meta.get("labels") or {}).get(JOBSET_NAME_LABEL) != name or meta.get("deletionTimestamp")
+                or any((conds.get(t) or {}).get("status") == "True" for t in ("Complete", "Failed"))):
+            continue  # not this TrainJob's, or on its way out (JobSet makes a new one to restart)
+        mine = [p for p in pods if (p.get("status") or {}).get("phase") != "Failed" and meta.get("name")
+                in (((p.get("metadata") or {}).get("labels") or {}).get(k) for k in BATCH_JOB_LABELS)]
+        if len(mine) < ((job.get("spec") or {}).get("parallelism") or 1):
+            out.append(job)
+    return out
+
+
 def event_stalls(events: list[Obj]) -> list[Stall]:
-    """Pod creation refused, from Warning Events on a Job or PyTorchJob (their only trace: the Job
-    controller sets no condition for it)."""
+    """Pod (or child) creation refused, from Warning Events on a Job, PyTorchJob, TrainJob or JobSet's Job
+    (their only trace: the Job controller sets no condition for it)."""
     out = []
     for e in sorted(events, key=lambda e: e.get("lastTimestamp") or ""):
         if e.get("reason") in CREATE_FAILURES:

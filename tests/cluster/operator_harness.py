@@ -176,10 +176,14 @@ def wait_phase(custom, ns, name, phases, timeout, operator, generation: int = 0)
 
 
 def children(apis, ns, name) -> dict[str, list[dict]]:
+    """The run's children by its label; without the Jobs JobSet makes for its TrainJobs, which carry the label
+    too (copied from the runtime) but are the JobSet's."""
     custom, batch, apps, core = apis
     sel = f"{LABEL_RUN}={name}"
+    jobs = batch.list_namespaced_job(ns, label_selector=sel).to_dict()["items"]
     return {
-        "Job": batch.list_namespaced_job(ns, label_selector=sel).to_dict()["items"],
+        "Job": [j for j in jobs if not any(r["controller"] and r["kind"] != "FusionRun"
+                                           for r in j["metadata"].get("owner_references") or [])],
         "Deployment": apps.list_namespaced_deployment(ns, label_selector=sel).to_dict()["items"],
         "Service": core.list_namespaced_service(ns, label_selector=sel).to_dict()["items"],
         "ConfigMap": core.list_namespaced_config_map(ns, label_selector=sel).to_dict()["items"],

@@ -9,9 +9,13 @@ tests/cluster/kwok/stages.yaml)."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from operator_harness import children, create_run, events, get_run, patch_run, tiny_spec, wait, wait_events, wait_phase
+
+from wrpo.pipeline.plan import STAGE_NAMES
+from wrpo_operator.status import parse_time
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 QUOTA_CLASS = "wrpo-test-quota"
@@ -124,3 +128,41 @@ def test_a_child_the_apiserver_refuses_fails_the_run_before_it_starts(operator, 
     wait(lambda: (get_run(custom, ns, "refused")["status"]["observedGeneration"] == generation
                   and get_run(custom, ns, "refused")["status"]["stages"][0]["state"] == "Succeeded"), 120,
          "prepare Succeeded once fixed", operator)
+
+
+def test_a_trainjob_whose_pods_exceed_a_quota_is_stalled_until_the_quota_is_lifted(k8s_controllers, operator, apis,
+                                                                                   run_namespace, quota):
+    """The TrainJob path of the "quota" case above, through the real Trainer v2 and JobSet controllers: the
+    apiserver refuses the pod that the Job controller makes for JobSet's Job (TrainJob → JobSet → Job → pod),
+    which says so only on that Job; the stage shows the same `Stalled` condition and Event as a PyTorchJob's,
+    and runs once the quota is gone (docs/operator.md, "Stalls")."""
+    custom, batch, _, core = apis
+    ns, name = run_namespace, "tjq"
+    training = {**tiny_spec()["cluster"]["training"], "backend": "trainjob"}
+    create_run(custom, ns, name, tiny_spec(stallTimeoutSeconds=600, training=training,
+                                           pods={"training": {"priorityClassName": QUOTA_CLASS}}))
+    cond = wait(lambda: stalled(custom, ns, name), 300, "Stalled", operator)
+    status = get_run(custom, ns, name)["status"]
+    assert status["phase"] == "Running" and status["stage"] == "sft", status
+    assert cond["reason"] == "QuotaExceeded", cond
+    assert re.match(rf"Job {name}-sft-node-0: Error creating: .*exceeded quota: no-pods", cond["message"]), cond
+    # JobSet copied the run's labels from the runtime to its Job (that is how the operator's watch sees it)
+    job = batch.read_namespaced_job(f"{name}-sft-node-0", ns)
+    assert job.metadata.labels["fusion.wrpo.io/run"] == name
+    assert [r.kind for r in job.metadata.owner_references] == ["JobSet"]
+    stalls = [m for _, r, m in wait_events(core, ns, name, {"StageStalled"}, 30, operator) if r == "StageStalled"]
+    assert len(stalls) == 1 and stalls[0].startswith(f"stage sft: Job {name}-sft-node-0: QuotaExceeded: "), stalls
+    created = custom.get_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", ns, "trainjobs",
+                                                  f"{name}-sft")["metadata"]["creationTimestamp"]
+    shown = parse_time(status["stages"][STAGE_NAMES.index("sft")]["stall"]["since"]) - parse_time(created)
+    # the quota is lifted: the Job controller's next try makes the pod, and the run goes on to the end
+    core.delete_namespaced_resource_quota("no-pods", ns)
+    lifted = time.monotonic()
+    wait(lambda: get_run(custom, ns, name)["status"]["stages"][STAGE_NAMES.index("sft")]["state"] == "Succeeded",
+         300, "sft Succeeded", operator)
+    print(f"\nTRAINJOB QUOTA: Stalled {shown.total_seconds():.0f}s after the TrainJob was created; sft Succeeded "
+          f"{time.monotonic() - lifted:.1f}s after the quota was deleted")
+    status = wait_phase(custom, ns, name, ["Succeeded", "Failed"], 300, operator)
+    assert status["phase"] == "Succeeded", status
+    reasons = [r for _, r, _ in wait_events(core, ns, name, {"StallCleared", "RunSucceeded"}, 30, operator)]
+    assert reasons.count("StageStalled") == 1

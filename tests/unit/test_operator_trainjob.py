@@ -5,17 +5,19 @@ the apiserver; tests/cluster/test_operator_trainjob_run.py runs the same against
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
-from test_operator_reconcile import NAME, FakeKube, status_of, step, tiny_spec
+from test_operator_reconcile import NAME, UID, FakeKube, _warning, status_of, step, tiny_spec
 
 from wrpo.errors import SpecError
 from wrpo.pipeline.plan import STAGE_NAMES
 from wrpo.pipeline.spec import parse_spec
-from wrpo_operator import LABEL_RUN_UID, QUEUE_LABEL
+from wrpo_operator import LABEL_RUN, LABEL_RUN_UID, LABEL_STAGE, QUEUE_LABEL
 from wrpo_operator import builders as b
 from wrpo_operator.admission import run_children, spec_field, template_jobs
+from wrpo_operator.cache import Cache
 from wrpo_operator.decide import training_backend
 from wrpo_operator.stalls import job_pods
 from wrpo_operator.status import job_state
@@ -56,7 +58,9 @@ def test_the_runtime_holds_the_pytorchjobs_pod_template_under_trainers_names():
     jobset = runtime["spec"]["template"]["spec"]
     (rjob,) = jobset["replicatedJobs"]
     assert rjob["name"] == "node" and rjob["replicas"] == 1
-    assert rjob["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    # Trainer's marker, and the run's labels, which JobSet copies to its Job: the operator's Job watch sees it
+    assert rjob["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer",
+                                                      LABEL_RUN: NAME, LABEL_STAGE: "sft"}
     assert rjob["template"]["spec"]["completionMode"] == "Indexed"  # PET_NODE_RANK is the completion index
     assert rjob["template"]["spec"]["activeDeadlineSeconds"] == 600
     assert jobset["failurePolicy"]["maxRestarts"] == spec.cluster.backoff_limit
@@ -102,6 +106,9 @@ def test_stage_children_make_the_runtime_with_the_trainjob_and_owner_labels_reac
     assert [o["kind"] for o in kids.runners] == ["TrainJob"]
     runtime = b.with_owner(kids.templates[0], NAME, "uid-1")
     assert node_template(runtime)["metadata"]["labels"][LABEL_RUN_UID] == "uid-1"
+    (job_template,) = b.job_templates(runtime)
+    assert job_template["metadata"]["labels"][LABEL_RUN_UID] == "uid-1"
+    assert b.job_templates(kids.runners[0]) == []
     assert b.pod_templates(kids.runners[0]) == []
     assert b.configmaps_used(runtime) == {b.spec_configmap_name(NAME, spec_with())}
     assert [o["kind"] for o in b.stage_children(NAME, NS, spec_with(), "sft", URI, "h").all()] == \
@@ -232,18 +239,24 @@ def finish_trainjob(kube, name):
     kube._stamp(obj)
 
 
-def test_a_run_walks_its_training_stages_through_trainjobs():
-    kube = FakeKube()
-    kube.serves = {"PyTorchJob", "TrainJob"}
-    kube.add_run(tiny_spec())
+def walk(kube, until: str | None = None) -> None:
+    """Step the run through its stages, finishing each one's Jobs and TrainJobs, up to the creation of the
+    TrainJob of training stage `until` (to the end without it)."""
     for stage in STAGE_NAMES:
         step(kube)
         if stage in ("sft", "wrpo"):
+            if ("PyTorchJob", f"{NAME}-{stage}") in kube.objects:  # the other backend: made at once
+                if stage == until:
+                    return
+                kube.finish("PyTorchJob", f"{NAME}-{stage}")
+                continue
             # the runtime first; the TrainJob once the watch shows it (Trainer's webhook refuses it before)
             assert ("TrainingRuntime", f"{NAME}-{stage}") in kube.objects
             assert ("TrainJob", f"{NAME}-{stage}") not in kube.objects
             assert "TrainingRuntime" in status_of(kube, stage)["message"]
             step(kube)
+            if stage == until:
+                return
             finish_trainjob(kube, f"{NAME}-{stage}")
             continue
         runner = ("Job", f"{NAME}-{stage}")
@@ -254,6 +267,13 @@ def test_a_run_walks_its_training_stages_through_trainjobs():
             if runner in kube.objects and job_state(kube.objects[runner])[0] == "Succeeded":
                 break
             step(kube)
+
+
+def test_a_run_walks_its_training_stages_through_trainjobs():
+    kube = FakeKube()
+    kube.serves = {"PyTorchJob", "TrainJob"}
+    kube.add_run(tiny_spec())
+    walk(kube)
     step(kube)
     status = kube.run["status"]
     assert status["phase"] == "Succeeded", status["message"]
@@ -262,3 +282,152 @@ def test_a_run_walks_its_training_stages_through_trainjobs():
     # the finished TrainJobs keep the runtimes they name
     assert kube.kinds("TrainingRuntime") == ["demo-sft", "demo-wrpo"]
     assert set(kube.created.values()) == {1}
+
+
+# -- stalls of a TrainJob: its JobSet's Jobs (docs/operator.md, "Stalls") --------------------------------
+
+QUOTA = 'Error creating: pods "demo-sft-node-0-0-x" is forbidden: exceeded quota: no-pods, requested: pods=1'
+
+
+def training_kube(backend: str) -> FakeKube:
+    """A run with `backend` walked to its sft stage, whose runner (PyTorchJob or TrainJob) was just created."""
+    kube = FakeKube()
+    kube.serves = {"PyTorchJob", "TrainJob"}
+    kube.add_run(tiny_spec(cluster={"training": {"gpus": 1, "backend": backend}, "stallTimeoutSeconds": 600}))
+    walk(kube, until="sft")
+    assert status_of(kube, "sft")["state"] == "Running"
+    return kube
+
+
+def jobset_job(kube, parallelism: int = 1) -> dict:
+    """The Job JobSet makes of the sft TrainJob's runtime: its replicatedJob template's labels (the run's, from
+    the operator), JobSet's, controlled by the JobSet (not by the run)."""
+    (template,) = kube.objects[("TrainingRuntime", f"{NAME}-sft")]["spec"]["template"]["spec"]["replicatedJobs"]
+    job = {"kind": "Job", "apiVersion": "batch/v1",
+           "metadata": {"name": f"{NAME}-sft-node-0", "namespace": NS, "uid": "jobset-job-1",
+                        "labels": {**template["template"]["metadata"]["labels"],
+                                   "jobset.sigs.k8s.io/jobset-name": f"{NAME}-sft"},
+                        "ownerReferences": [{"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+                                             "name": f"{NAME}-sft", "uid": "jobset-1", "controller": True}]},
+           "spec": {"parallelism": parallelism, "completions": parallelism}}
+    kube._stamp(job)
+    kube.objects[("Job", job["metadata"]["name"])] = job
+    return job
+
+
+def jobset_pod(kube, index: int) -> dict:
+    """A running pod of that Job (the runtime's pod template, JobSet's and the Job controller's labels)."""
+    template = node_template(kube.objects[("TrainingRuntime", f"{NAME}-sft")])
+    name = f"{NAME}-sft-node-0-{index}"
+    pod = {"kind": "Pod", "metadata": {"name": name, "namespace": NS, "uid": f"pod-{name}", "labels": {
+        **template["metadata"]["labels"], "jobset.sigs.k8s.io/jobset-name": f"{NAME}-sft",
+        "batch.kubernetes.io/job-name": f"{NAME}-sft-node-0"}},
+        "spec": {}, "status": {"phase": "Running"}}
+    kube._stamp(pod)
+    kube.objects[("Pod", name)] = pod
+    return pod
+
+
+@pytest.mark.parametrize("backend,subject", [("pytorchjob", "PyTorchJob demo-sft"),
+                                             ("trainjob", "Job demo-sft-node-0")])
+def test_a_refused_training_pod_stalls_the_stage_alike_on_both_backends(backend, subject):
+    """The training-operator reports a refused pod on the PyTorchJob; for a TrainJob it is the Job controller,
+    on the Job JobSet made: the same condition, Event and deadline either way."""
+    kube = training_kube(backend)
+    refused_on = kube.objects[("PyTorchJob", f"{NAME}-sft")] if backend == "pytorchjob" else jobset_job(kube)
+    _warning(kube, "refused.1", refused_on, "FailedCreate", QUOTA, "2025-01-01T00:00:00Z")
+    step(kube)
+    stall = status_of(kube, "sft")["stall"]
+    assert (stall["reason"], stall["subject"]) == ("QuotaExceeded", subject), stall
+    cond = {c["type"]: c for c in kube.run["status"]["conditions"]}["Stalled"]
+    assert (cond["status"], cond["reason"], cond["message"]) == ("True", "QuotaExceeded", f"{subject}: {QUOTA}")
+    step(kube)
+    assert [m for _, r, m in kube.events if r == "StageStalled"] == [f"stage sft: {subject}: QuotaExceeded: {QUOTA}"]
+    step(kube, minutes=10)
+    status = kube.run["status"]
+    assert status["phase"] == "Failed"
+    assert status["message"] == f"stage sft failed: Stalled for more than 600s: {subject}: QuotaExceeded: {QUOTA}"
+    runner = "PyTorchJob" if backend == "pytorchjob" else "TrainJob"
+    assert (runner, f"{NAME}-sft") not in kube.objects  # nothing of the stalled stage is kept
+    assert ("Job", f"{NAME}-sft-node-0") in kube.objects or backend == "pytorchjob"  # JobSet's: not ours to delete
+
+
+def test_a_trainjob_stall_clears_once_every_node_of_its_jobsets_job_has_a_pod():
+    """Two nodes, one pod created and one refused: the group cannot start (torchrun waits for every node),
+    so the Job short of a pod is stalled although a pod of the TrainJob runs."""
+    kube = training_kube("trainjob")
+    job = jobset_job(kube, parallelism=2)
+    _warning(kube, "refused.1", job, "FailedCreate", QUOTA, "2025-01-01T00:00:00Z")
+    jobset_pod(kube, 0)
+    step(kube)
+    assert status_of(kube, "sft")["stall"]["reason"] == "QuotaExceeded"
+    jobset_pod(kube, 1)  # the quota was raised: the Job controller's retry made the second pod
+    step(kube)
+    assert "stall" not in status_of(kube, "sft") and status_of(kube, "sft")["state"] == "Running"
+    assert ("Normal", "StallCleared") in [(t, r) for t, r, _ in kube.events]
+    # a node failed: the Job failed and its pods with it (JobSet restarts the group); its old Events say nothing
+    job["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    for index in (0, 1):
+        kube.objects[("Pod", f"{NAME}-sft-node-0-{index}")]["status"] = {"phase": "Failed"}
+    step(kube)
+    assert "stall" not in status_of(kube, "sft")
+
+
+JOBSET = {"kind": "JobSet", "metadata": {"name": f"{NAME}-sft", "uid": "jobset-1"}}
+
+
+@pytest.mark.parametrize("on,reason,message,cause", [
+    # Trainer v2 when the apiserver refuses the JobSet
+    ("TrainJob", "TrainJobResourcesCreationFailed", 'TrainJob resources reconciliation failed: admission webhook '
+     '"vjobset.kb.io" denied the request: spec.replicatedJobs: Invalid value', "FailedCreate"),
+    # JobSet when the apiserver refuses its Job (not watched: known by its name, the TrainJob's)
+    ("JobSet", "JobCreationFailed", 'jobs.batch "demo-sft-node-0" is forbidden: exceeded quota: jobs, requested: '
+     "count/jobs.batch=1, used: count/jobs.batch=9, limited: count/jobs.batch=9", "QuotaExceeded"),
+])
+def test_a_jobset_or_job_the_apiserver_refuses_is_a_stall_of_the_trainjob(on, reason, message, cause):
+    kube = training_kube("trainjob")
+    involved = kube.objects[("TrainJob", f"{NAME}-sft")] if on == "TrainJob" else JOBSET
+    _warning(kube, "refused.1", involved, reason, message, "2025-01-01T00:00:00Z")
+    step(kube)
+    stall = status_of(kube, "sft")["stall"]
+    assert (stall["reason"], stall["subject"], stall["message"]) == (cause, f"{on} demo-sft", message)
+
+
+def test_an_earlier_jobsets_events_of_the_same_name_are_not_this_trainjobs():
+    kube = training_kube("trainjob")
+    kube.objects[("TrainJob", f"{NAME}-sft")]["metadata"]["creationTimestamp"] = "2025-01-01T00:10:00Z"
+    _warning(kube, "refused.1", JOBSET, "JobCreationFailed", "exceeded quota: jobs", "2025-01-01T00:09:59Z")
+    step(kube)
+    assert "stall" not in status_of(kube, "sft")
+    _warning(kube, "refused.2", JOBSET, "JobCreationFailed", "exceeded quota: jobs", "2025-01-01T00:10:00Z")
+    step(kube)
+    assert status_of(kube, "sft")["stall"]["subject"] == "JobSet demo-sft"
+
+
+def test_jobsets_jobs_are_the_runs_descendants_in_the_cache_not_its_children():
+    """Found by the run-UID label JobSet copied from the runtime, their Events wake the run; never adopted,
+    deleted or counted as a runner."""
+    kube = training_kube("trainjob")
+    job = jobset_job(kube)
+    assert job["metadata"]["labels"][LABEL_RUN_UID] == UID
+    cache = Cache()
+    cache.put_run(kube.run)
+    assert cache.put(job) == [(NS, NAME)]
+    event = {"kind": "Event", "metadata": {"name": "e", "namespace": NS, "uid": "e"}, "reason": "FailedCreate",
+             "involvedObject": {"kind": "Job", "name": job["metadata"]["name"], "uid": "jobset-job-1"},
+             "message": QUOTA}
+    assert cache.put(event) == [(NS, NAME)]
+    observed = cache.observed(kube.run)
+    assert [d["metadata"]["name"] for d in observed.descendants] == ["demo-sft-node-0"]
+    assert observed.children == [] and [e["reason"] for e in observed.events] == ["FailedCreate"]
+    # an Event on the JobSet (not watched) wakes the run of the TrainJob of its name
+    cache.put({**kube.objects[("TrainJob", f"{NAME}-sft")], "kind": "TrainJob"})
+    assert cache.put({**event, "metadata": {"name": "f", "namespace": NS, "uid": "f"}, "reason": "JobCreationFailed",
+                      "involvedObject": {"kind": "JobSet", "name": f"{NAME}-sft", "uid": "jobset-1"}}) == [(NS, NAME)]
+    assert [e["reason"] for e in cache.observed(kube.run).events] == ["FailedCreate", "JobCreationFailed"]
+    other = copy.deepcopy(job)  # an earlier run's, with its own UID: not ours
+    other["metadata"].update(name="x", uid="y", labels={**job["metadata"]["labels"], LABEL_RUN_UID: "old"})
+    assert cache.put(other) == [] and len(cache.observed(kube.run).descendants) == 1
+    patches = kube.calls[("patch", "Job")]
+    step(kube)
+    assert kube.calls[("patch", "Job")] == patches and kube.calls[("delete", "Job")] == 0  # not adopted, kept

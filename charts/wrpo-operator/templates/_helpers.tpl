@@ -64,7 +64,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: [get, list, watch, create, patch, delete]
 {{- end }}
 {{- if has "trainjob" .Values.rbac.trainingBackends }}
-# Trainer v2: a TrainingRuntime per training stage and the TrainJob naming it (their JobSets are Trainer's).
+# Trainer v2: a TrainingRuntime per training stage and the TrainJob naming it (their JobSets are Trainer's;
+# the Jobs JobSet makes carry the run's label and are read through the jobs rule above: stalls).
 - apiGroups: [trainer.kubeflow.org]
   resources: [trainjobs, trainingruntimes]
   verbs: [get, list, watch, create, patch, delete]
@@ -73,7 +74,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
   verbs: [get, list, watch]
-# Events: posted on FusionRuns; Warning Events on its Jobs are read (refused pod creations).
+# Events: posted on FusionRuns; Warning Events on its Jobs, TrainJobs and JobSet's Jobs are read (refused
+# pod creations).
 - apiGroups: [""]
   resources: [events]
   verbs: [get, list, watch, create, patch]
