@@ -3,14 +3,16 @@
 # (docs/images.md "Cost"): build the images with images/build.sh (each one smoke-tested inside
 # itself), then run tests/cluster/test_node_e2e.py: a real node (kubelet, containerd, runc, kube-proxy,
 # CoreDNS on a test-owned bridge) beside the harness's control plane, and the tiny FusionRun with every
-# stage pod running there inside the built images. Needs root; installs the Debian packages it needs
-# when they are missing. Extra arguments go to pytest.
+# stage pod running there inside the built images, once training through PyTorchJob (training-operator
+# v1) and once through TrainJob (Kubeflow Trainer v2 and JobSet, tests/cluster/build-controllers.sh).
+# Needs root; installs the Debian packages it needs when they are missing. Extra arguments go to pytest.
 #
 #   WRPO_PYTHON   a Python that already has the `all` extra's dependencies (e.g. a shared CI venv):
 #                 used as it is, with this checkout first on PYTHONPATH, instead of scripts/install.sh's
 #                 venv (which installs this checkout into it)
 #   WRPO_K8S_BIN  the binaries of tests/cluster/build-binaries.sh, node binaries included, when they
 #                 are already built elsewhere (default: build them, or reuse its cache)
+#   WRPO_CONTROLLERS_BIN  the same for tests/cluster/build-controllers.sh (Trainer v2, JobSet, Kueue)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -38,13 +40,18 @@ if [[ -z "${WRPO_K8S_BIN:-}" ]]; then
     k8s_line="$(bash tests/cluster/build-binaries.sh | tail -n1)"
     export WRPO_K8S_BIN="${k8s_line#WRPO_K8S_BIN=}"
 fi
+if [[ -z "${WRPO_CONTROLLERS_BIN:-}" ]]; then
+    controllers_line="$(bash tests/cluster/build-controllers.sh | tail -n1)"
+    export WRPO_CONTROLLERS_BIN="${controllers_line#WRPO_CONTROLLERS_BIN=}"
+fi
 echo "test-images.sh: environment and Kubernetes binaries ready ($((SECONDS - t0)) s)"
 
 archive_line="$(bash images/build.sh | tail -n1)"
 export WRPO_IMAGE_ARCHIVE="${archive_line#WRPO_IMAGE_ARCHIVE=}"
 echo "test-images.sh: images built and smoke-tested: $WRPO_IMAGE_ARCHIVE ($((SECONDS - t0)) s)"
 
-export WRPO_NODE_E2E=1 WRPO_REQUIRE_NODE=1 WRPO_REQUIRE_CLUSTER=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export WRPO_NODE_E2E=1 WRPO_REQUIRE_NODE=1 WRPO_REQUIRE_CLUSTER=1 WRPO_REQUIRE_CONTROLLERS=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PATH="$(dirname "$py"):$PATH"
 set +e
 "$py" -m pytest tests/cluster/test_node_e2e.py -s "$@"

