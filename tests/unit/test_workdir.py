@@ -64,6 +64,22 @@ def test_scratch_survives_a_restart_of_the_same_stage_and_goes_after_commit(tmp_
     assert not other.exists()
 
 
+def test_only_the_committing_rank_removes_the_scratch_another_node_shares(tmp_path, monkeypatch):
+    """Two training nodes mount one checkpoint PVC as the scratch folder: the second node's first process
+    (RANK 1, LOCAL_RANK 0) ends while rank 0 still uploads the model from there, and must leave it."""
+    work = Workdir("s3://bucket/runs/x", tmp_path / "work")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    scratch = work.scratch("sft", "a" * 64)
+    (scratch / "metrics.jsonl").write_text("{}\n")
+    monkeypatch.setenv("RANK", "1")  # the other node's first process
+    work.finish("sft")
+    assert (scratch / "metrics.jsonl").exists()
+    monkeypatch.setenv("RANK", "0")  # rank 0, after its commit
+    work.finish("sft")
+    assert not (tmp_path / "work" / "scratch" / "sft").exists()
+
+
 def test_the_default_root_is_keyed_by_the_run_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("WRPO_WORKDIR", str(tmp_path))
     a, b = Workdir("s3://bucket/runs/a"), Workdir("s3://bucket/runs/b/")

@@ -8,7 +8,7 @@ Everything a stage keeps on local disk lives under `<root>/<run key>/`, where ro
 - `models/<hash of uri>/`: s3:// models named in the spec, fetched once.
 - `scratch/<stage>/<hash>/`: a running stage's own files (training checkpoints): the same stage re-run
   for the same spec finds them (a killed training resumes); other hashes are removed; the folder is
-  removed once the stage commits.
+  removed once the stage commits, by the process that committed it (global rank 0).
 
 Under torchrun the first process of each node downloads; the others wait for its marker.
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wrpo.errors import WrpoError
-from wrpo.pipeline.context import is_local_rank_zero
+from wrpo.pipeline.context import is_local_rank_zero, is_rank_zero
 from wrpo.storage import S3Options, download_uri_tree
 
 DOWNLOAD_TIMEOUT_S = 3600
@@ -62,8 +62,13 @@ class Workdir:
         return self._keyed("scratch", stage, stage_hash)
 
     def finish(self, stage: str) -> None:
-        """The stage committed: its scratch is no longer needed."""
-        if is_local_rank_zero():
+        """The stage committed: its scratch is no longer needed. Removed by global rank 0, the process that
+        committed, only: on a cluster with several training nodes the scratch folder is the run's one
+        checkpoint PVC that every node mounts (docs/operator.md, "Volumes and the workdir"), and another
+        node's first process, done before rank 0 has uploaded the model and metrics.jsonl from there, would
+        remove them under it (docs/images.md, "End-to-end tests with the images"). A node-local scratch of
+        another node goes with its pod's volume."""
+        if is_rank_zero():
             shutil.rmtree(self.base / "scratch" / stage, ignore_errors=True)
 
     def fetch(self, run, stage: str, names: list[str] | None = None, tree: str | None = None) -> Path:
