@@ -405,8 +405,8 @@ def test_tiny_fusion_on_the_real_node_through_trainjob(node_runs, tmp_path):
         assert conditions.get("Complete") == "True", trainjob["status"]
         jobset = f"tiny-tj-{stage}"
         stage_pods = [p for p in pods if (p.metadata.labels or {}).get("jobset.sigs.k8s.io/jobset-name") == jobset]
-        done = sorted((p for p in stage_pods if p.status.phase == "Succeeded"), key=lambda p: p.spec.hostname)
-        assert [p.spec.hostname for p in done] == [f"{jobset}-node-0-{i}" for i in range(TRAINJOB_NODES)], \
+        done = [p for p in stage_pods if p.status.phase == "Succeeded"]
+        assert {p.spec.hostname for p in done} == {f"{jobset}-node-0-{i}" for i in range(TRAINJOB_NODES)}, \
             [(p.metadata.name, p.status.phase) for p in stage_pods]
         for pod in done:
             assert pod.spec.subdomain == jobset and pod.spec.node_name == env.node.name
