@@ -1,12 +1,16 @@
-"""The tiny FusionRun on a real node: every stage pod (Jobs, PyTorchJob pods, vLLM Deployments) is
-scheduled by Kubernetes onto the real kubelet (k8s_node.py) and run by containerd + runc inside the
+"""The tiny FusionRun on a real node: every stage pod (Jobs, PyTorchJob or TrainJob pods, vLLM Deployments)
+is scheduled by Kubernetes onto the real kubelet (k8s_node.py) and run by containerd + runc inside the
 images of images/build.sh, against SeaweedFS, until the FusionRun Succeeds and the fused model is in
 the bucket. The operator runs as a local process under the chart's ServiceAccount, as in
-test_operator_run.py, and is driven only through the FusionRun.
+test_operator_run.py, and is driven only through the FusionRun. It runs twice, once per training
+backend: through the training-operator's PyTorchJob, then through Kubeflow Trainer v2's TrainJob (the
+real Trainer and JobSet controllers, `k8s_controllers`) on the same run directory, from `sft` on
+(docs/images.md, "End-to-end tests with the images").
 
 Runs with WRPO_NODE_E2E=1 (scripts/test-images.sh builds the images first); needs root, containerd,
-runc, the CNI plugins and the node binaries of tests/cluster/build-binaries.sh. Reports the stage
-times and every pod's start latency (created → scheduled → container started) as one JSON line.
+runc, the CNI plugins, the node binaries of tests/cluster/build-binaries.sh and the controllers of
+tests/cluster/build-controllers.sh. Reports each run's stage times and every pod's start latency
+(created → scheduled → container started) as one JSON line.
 """
 
 from __future__ import annotations
