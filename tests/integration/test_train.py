@@ -57,6 +57,23 @@ def test_ref_logps_are_stored_beside_the_data(prepared):
     assert meta["max_length"] == 160
 
 
+
+def test_an_empty_split_gets_an_empty_reference_file_with_the_same_settings(prepared, tmp_path):
+    """No held-out prompts (`dataset.evalSize: 0`, the default) leaves build-pairs' eval.jsonl empty: the
+    ref-logps stage writes an empty eval file with its meta instead of failing the run ("no records")."""
+    from wrpo.engine.ref_logps import compute_reference_logps
+
+    empty = tmp_path / "eval.jsonl"
+    empty.write_text("\n")
+    ref = compute_reference_logps(prepared["model"], empty, **LIMITS, batch_size=8)
+    assert ref.read_text() == ""
+    meta = json.loads(ref.with_name("eval.ref_logps.meta.json").read_text())
+    full = json.loads(prepared["ref"].with_name("train.ref_logps.meta.json").read_text())
+    assert meta["records"] == 0 and full["records"] == 8
+    assert {k: v for k, v in meta.items() if k != "records"} == {k: v for k, v in full.items() if k != "records"}
+    with pytest.raises(DataError, match="file not found"):  # a missing file is still an error
+        compute_reference_logps(prepared["model"], tmp_path / "missing.jsonl", **LIMITS)
+
 def test_train_writes_model_metrics_and_resumes_with_alpha(prepared, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

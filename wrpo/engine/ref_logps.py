@@ -51,6 +51,10 @@ def compute_reference_logps(model_dir: Path, data_path: Path, out_path: Path | N
 
     out_path = Path(out_path) if out_path else default_ref_path(Path(data_path))
     tok, limits = load_tokenizer(Path(model_dir)), Limits(max_length, max_prompt_length)
+    if _blank(Path(data_path)):  # an empty split (no held-out prompts: `dataset.evalSize: 0`, the default, or
+        # a shard with no share of it): an empty file with its meta, which the trainer reads as "no eval data"
+        write_ref_logps(out_path, [], {**ref_meta(tok, limits), "reference_model": str(model_dir), "records": 0})
+        return out_path
     records = load_preferences(Path(data_path), ())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype(precision),
@@ -66,3 +70,11 @@ def compute_reference_logps(model_dir: Path, data_path: Path, out_path: Path | N
     write_ref_logps(out_path, [{"prompt_id": pid, **v} for pid, v in rows.items()],
                     {**ref_meta(tok, limits), "reference_model": str(model_dir), "records": len(records)})
     return out_path
+
+
+def _blank(path: Path) -> bool:
+    """The file exists and has no record (only blank lines); a missing file is load_preferences' error."""
+    if not path.is_file():
+        return False
+    with path.open(encoding="utf-8") as fh:
+        return not any(line.strip() for line in fh)
