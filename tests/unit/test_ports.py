@@ -54,3 +54,24 @@ def test_processes_seeded_alike_draw_different_ports():
     draws = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
              for _ in range(4)}
     assert len(draws) > 1
+
+
+def test_a_configured_range_is_where_every_port_comes_from(monkeypatch):
+    """$WRPO_PORT_RANGE: two processes side by side (scripts/test.sh's two test tiers) draw disjoint ports;
+    a range too small for the draws is used up port by port and then named in the error."""
+    with socket.socket() as held:  # a port in use inside the range is skipped
+        busy = free_port()  # outside the ephemeral range: its neighbours are not some connection's
+        held.bind(("127.0.0.1", busy))
+        monkeypatch.setenv("WRPO_PORT_RANGE", f"{busy - 2}-{busy + 2}")
+        monkeypatch.setattr(serving, "_HANDED_OUT", set())
+        ports = [free_port() for _ in range(4)]
+        assert sorted(ports) == [busy - 2, busy - 1, busy + 1, busy + 2]
+        with pytest.raises(serving.WrpoError, match=f"WRPO_PORT_RANGE={busy - 2}-{busy + 2}: no free port"):
+            free_port()
+
+
+@pytest.mark.parametrize("text", ["20000", "20000-", "a-b", "30000-20000", "80-90", "60000-70000"])
+def test_a_malformed_range_names_the_variable(monkeypatch, text):
+    monkeypatch.setenv("WRPO_PORT_RANGE", text)
+    with pytest.raises(serving.WrpoError, match=r"WRPO_PORT_RANGE=.*expected LOW-HIGH"):
+        free_port()

@@ -62,10 +62,33 @@ _PORT_LOCK = threading.Lock()
 _PORT_DRAWS = random.SystemRandom()  # not the global generator: a seeded run must not draw its peers' ports
 
 
+PORT_RANGE_ENV = "WRPO_PORT_RANGE"
+
+
+def _configured_range() -> tuple[int, int] | None:
+    """$WRPO_PORT_RANGE (`LOW-HIGH`): the ports this process and its children draw from, so that processes
+    started side by side (scripts/test.sh runs two test tiers at once) take disjoint ports."""
+    text = os.environ.get(PORT_RANGE_ENV, "").strip()
+    if not text:
+        return None
+    low, sep, high = text.partition("-")
+    try:
+        span = int(low), int(high)
+    except ValueError:
+        span = None
+    if not sep or span is None or not 1024 <= span[0] <= span[1] <= 65535:
+        raise WrpoError(f"{PORT_RANGE_ENV}={text!r}: expected LOW-HIGH with 1024 <= LOW <= HIGH <= 65535")
+    return span
+
+
 def _listening_range() -> tuple[int, int] | None:
-    """Ports outside the kernel's ephemeral range, from which no outgoing connection takes its local port:
-    below the range when it starts above 11024 (Linux's default 32768-60999 leaves 10000-32767), else above
-    it; None when the range covers nearly everything (or cannot be read: then the kernel chooses)."""
+    """$WRPO_PORT_RANGE when set; else ports outside the kernel's ephemeral range, from which no outgoing
+    connection takes its local port: below the range when it starts above 11024 (Linux's default 32768-60999
+    leaves 10000-32767), else above it; None when the range covers nearly everything (or cannot be read: then
+    the kernel chooses)."""
+    configured = _configured_range()
+    if configured:
+        return configured
     try:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
@@ -85,17 +108,27 @@ def free_port(host: str = HOST) -> int:
     health check reaches a stranger. So the port is drawn at random outside the ephemeral range, checked
     free by binding it, and never handed out twice by this process."""
     span = _listening_range()
+
+    def take(port: int) -> bool:
+        if port in _HANDED_OUT:
+            return False
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+        _HANDED_OUT.add(port)
+        return True
+
     with _PORT_LOCK:
         for _ in range(256 if span else 0):
             port = _PORT_DRAWS.randint(*span)
-            if port in _HANDED_OUT:
-                continue
-            with socket.socket() as s:
-                try:
-                    s.bind((host, port))
-                except OSError:
-                    continue
-            _HANDED_OUT.add(port)
+            if take(port):
+                return port
+        if _configured_range():  # a small configured range: every port of it, then a clear error
+            port = next((p for p in range(span[0], span[1] + 1) if take(p)), None)
+            if port is None:
+                raise WrpoError(f"{PORT_RANGE_ENV}={span[0]}-{span[1]}: no free port left in that range")
             return port
         while True:  # no usable range (or 256 busy draws): the kernel's choice, still never twice
             with socket.socket() as s:
