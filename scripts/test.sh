@@ -5,9 +5,10 @@
 #
 # The Kubernetes binaries (tests/cluster/build-binaries.sh, the longest step when its cache is cold) build
 # in the background while the environments are made and the tests not marked `cluster` run; the tests
-# marked `cluster` (the control plane, kubectl, helm) follow the build. With extra arguments, one pytest
-# run over `tests` follows the build. At the end (also after a failure) it prints each step's wall time,
-# and the Go build's, with whether the build was cached.
+# marked `cluster` (the control plane, kubectl, helm) start when the build is done, as three runs side by
+# side, beside the first tier if it still runs (each run's lines carry its name). With extra arguments,
+# one pytest run over `tests` follows the build. At the end (also after a failure) it prints each step's
+# wall time, and the Go build's, with whether the build was cached.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -41,10 +42,15 @@ setsid bash -c 'set -e; WRPO_NODE_BINARIES=0 bash tests/cluster/build-binaries.s
     >"$k8s_log" 2>&1 &
 k8s_pid=$!
 build_running=1
+tier_pids=()
 on_exit() {
     if [[ $build_running == 1 ]]; then
         kill -- -"$k8s_pid" 2>/dev/null || true
     fi
+    local pid
+    for pid in "${tier_pids[@]}"; do  # a test tier still running (test.sh stopped early): pytest tears down
+        pkill -TERM -P "$pid" 2>/dev/null || true
+    done
     if [[ ${#timings[@]} -gt 0 ]]; then
         echo "test.sh: timing summary (wall; total $((SECONDS - t0)) s):"
         printf '  %s\n' "${timings[@]}"
@@ -112,10 +118,47 @@ pytest_tier() {  # ARGS...: one pytest run; exit 5 (nothing collected) is a fail
     timed "pytest $* (exit $r)"
 }
 if [[ $# -eq 0 ]]; then
-    pytest_tier tests -m "not cluster"
-    echo "test.sh: the tests without the Kubernetes binaries done ($((SECONDS - t0)) s)"
+    # The tiers run side by side (README.md, "Testing"): the first from the start, the cluster tests as soon
+    # as the Go build is done (at once when it is cached, else after it), as three pytest runs with a control
+    # plane each: the ones that run real training or vLLM processes (marker `heavy`, CPU-bound) and the others
+    # split by file in two shards (WRPO_TEST_SHARD, tests/conftest.py), which mostly wait on controllers and
+    # pods. Each run draws its listening ports from its own quarter of the range outside the ephemeral ports
+    # (WRPO_PORT_RANGE, docs/cluster-harness.md "Ports") and prefixes its output lines with its name.
+    tiers="$(mktemp -d "${TMPDIR:-/tmp}/wrpo-tiers.XXXXXX")"
+    read -r plow phigh < <("$py" -c 'from wrpo.data import serving; print(*(serving._listening_range() or (0, 0)))')
+    pspan=$(((phigh - plow + 1) / 4))
+    ntier=0
+    run_tier() {  # NAME SHARD ARGS...: one prefixed pytest run in the background; its exit and wall time in $tiers
+        local name=$1 shard=$2 ports=""
+        shift 2
+        [[ $plow -gt 0 ]] && ports="$((plow + ntier * pspan))-$((plow + (ntier + 1) * pspan - 1))"
+        ntier=$((ntier + 1))
+        (
+            set +e -o pipefail
+            start=$SECONDS
+            WRPO_PORT_RANGE=$ports WRPO_TEST_SHARD=$shard PYTHONUNBUFFERED=1 "$py" -m pytest "$@" 2>&1 |
+                sed -u "s/^/[$name] /"
+            r=$?
+            [[ $r -eq 5 ]] && { echo "[$name] test.sh: pytest collected no tests - a failure for this project"; r=1; }
+            echo "$r $((SECONDS - start)) pytest $* ${shard:+(shard $shard)}" > "$tiers/$name"
+        ) &
+        tier_pids+=("$!")
+    }
+    tiers_t=$SECONDS
+    run_tier first "" tests -m "not cluster"
     wait_binaries
-    pytest_tier tests -m cluster
+    run_tier cluster-heavy "" tests -m "cluster and heavy"
+    run_tier cluster-1 0/2 tests -m "cluster and not heavy"
+    run_tier cluster-2 1/2 tests -m "cluster and not heavy"
+    wait "${tier_pids[@]}" || true
+    tier_pids=()
+    for tier in first cluster-heavy cluster-1 cluster-2; do
+        read -r r secs label < "$tiers/$tier" || { r=1; secs=0; label="$tier (no result)"; }
+        [[ $r -eq 0 ]] || rc=$r
+        timings+=("$(printf '%-58s %6d s' "[$tier] $label (exit $r; own wall)" "$secs")")
+    done
+    timings+=("$(printf '%-58s %6d s' "all tiers, side by side (wall)" $((SECONDS - tiers_t)))")
+    rm -rf "$tiers"
 else
     wait_binaries
     pytest_tier tests "$@"

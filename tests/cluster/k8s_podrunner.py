@@ -57,6 +57,8 @@ from pathlib import Path
 
 from k8s_harness import stop_process, tail
 
+_DRAWS = random.SystemRandom()
+
 #: imported first by the runner's Python processes: the cluster-DNS stand-in (its sitecustomize.py)
 SITE_DIR = Path(__file__).resolve().parent / "podrunner_site"
 
@@ -141,7 +143,8 @@ class PodRunner:
     #: apiserver as the kwok Nodes' kubelet log endpoint by k8s_logserver.py, so `kubectl logs` reads it).
     log_links: Path | None = None
     #: the first three octets of the pods' addresses (see the module docstring)
-    subnet: str = field(default_factory=lambda: f"127.{random.randint(1, 254)}.{random.randint(0, 255)}")
+    # drawn from the OS, not the global generator, which a test may have seeded as another session's did
+    subnet: str = field(default_factory=lambda: f"127.{_DRAWS.randint(1, 254)}.{_DRAWS.randint(0, 255)}")
 
     def __post_init__(self):
         from kubernetes import client

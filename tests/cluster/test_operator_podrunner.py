@@ -26,7 +26,7 @@ from operator_harness import CHART, RELEASE, Operator, create_run, get_run, pin_
 
 from wrpo.pipeline.plan import STAGE_NAMES
 
-pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.heavy, pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -17,7 +17,7 @@ import test_operator_podrunner as real
 from operator_harness import create_run, wait, wait_phase
 from test_operator_podrunner import start_real_run, tiny_spec
 
-pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.heavy, pytest.mark.integration, pytest.mark.slow]
 weed, vllm_python = real.weed, real.vllm_python  # the fixtures of the PyTorchJob run: SeaweedFS, the vLLM venv
 FAULT_LINE = "WRPO_FAULT_AFTER_CHECKPOINT: sft saved checkpoint 1"
 
@@ -35,6 +35,10 @@ def test_tiny_fusion_through_trainjobs_resumes_sft_from_its_checkpoint(
                                       tmp_path)
     spec = tiny_spec(tiny_models, weed[0])
     spec["cluster"]["training"]["backend"] = "trainjob"
+    # What this run adds to the PyTorchJob one is the training stages: one source server instead of two, and no
+    # held-out prompts, so the eval stage starts no servers (the PyTorchJob run covers both in full)
+    spec["sources"] = spec["sources"][:1]
+    spec["dataset"]["evalSize"] = 0
     try:
         create_run(custom, ns, "tiny", spec)
 

@@ -34,7 +34,7 @@ import pytest
 from k8s_harness import wait_for
 from k8s_podrunner import DEFAULT_COMMAND_MAP
 
-pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.heavy, pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "tiny"
 REL32 = 100 * (4e3) ** 0.5 * 2**-24  # ≈ 3.8e-4: float32 against the exact float64 result (test_train_multirank)
