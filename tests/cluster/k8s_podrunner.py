@@ -16,7 +16,7 @@ deleted one drops out. A pod with `hostname` and `subdomain` under a headless Se
 pods: `<jobset>-node-0-0.<jobset>`) has its own name, `<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]`,
 as in cluster DNS: in that table, and as a whole value (PET_MASTER_ADDR) rewritten to its address, since
 torchrun's rendezvous store resolves it in C++, which the stand-in does not reach; such a pod starts once the
-pod its PET_MASTER_ADDR names is known (`_awaits_master`). A MOCK of cluster DNS.
+pod its PET_MASTER_ADDR names is known (`_awaits_master`; a finished master counts). A MOCK of cluster DNS.
 
 The runner writes pod status through the status subresource:
 Running (Ready after the readiness probe passes), then Succeeded or Failed with the exit code in
@@ -283,7 +283,7 @@ class PodRunner:
         if not pod.spec.subdomain or not master or master.split(".")[1:2] != [pod.spec.subdomain]:
             return False
         services = self.core.list_namespaced_service(self.namespace).items
-        return master not in self._host_names(services, self._unfinished())
+        return master not in self._known_hosts(services)
 
     def _address(self, pod_name: str) -> str:
         """The pod's loopback address, handed out the first time the runner sees it."""
@@ -604,7 +604,7 @@ class PodRunner:
         pods = self._unfinished()
         # a host_map entry still wins
         self._headless = {svc.metadata.name for svc in services if svc.spec.cluster_ip == "None"} - set(self.host_map)
-        self._pod_hosts = self._host_names(services, pods)
+        self._pod_hosts = self._known_hosts(services)
         for svc in services:
             selector = svc.spec.selector or {}
             if not selector or not svc.spec.ports:
@@ -621,6 +621,16 @@ class PodRunner:
         """Every listed pod that has not finished here, started or not (a worker may start before its master)."""
         return [name for name in self._labels if name in self._addresses
                 and not (name in self.pods and self.pods[name].finished)]
+
+    def _known_hosts(self, services) -> dict[str, str]:
+        """The host names of every listed pod the runner addressed (`_host_names`), a pod still to finish winning
+        over a finished one of the same name (a JobSet restart makes a new pod with the old hostname). A
+        finished pod's name still counts: the Indexed Job may create a worker only after its master has
+        finished (a pod with nothing to rendezvous, such as an echo), and a kubelet would start that worker
+        all the same; waiting for a master that is gone would hang it."""
+        unfinished = self._unfinished()
+        finished = [name for name in self._labels if name in self._addresses and name not in unfinished]
+        return {**self._host_names(services, finished), **self._host_names(services, unfinished)}
 
     def _host_names(self, services, pods: list[str]) -> dict[str, str]:
         """The DNS names of `pods` that have a hostname and a subdomain naming a headless Service of the

@@ -342,3 +342,29 @@ def test_a_jobset_pods_host_name_resolves_to_its_address_once_its_headless_servi
     table = json.loads(runner.dns_table.read_text())
     assert table["job-node-0-0.job"] == table["job-node-0-0.job.ns1.svc"] == [address]
     assert "job-node-0-1.job" not in table  # not launched here
+
+
+def test_a_worker_listed_after_its_master_finished_starts_and_gets_its_address(runner):
+    """An Indexed Job may create the worker only after the master has run and finished (a pod with nothing to
+    rendezvous: the echo TrainJob of test_harness_controllers.py, on a loaded machine); a kubelet would start
+    the worker all the same, so the runner must not wait for a master that is gone. A new pod with the
+    master's hostname (a JobSet restart) wins over the finished one."""
+    runner.core = fake = FakeJobSet()
+    fake.add_service()
+    fake.add_pod(0)
+    runner._tick()
+    first = runner._addresses["job-node-0-0-x0"]
+    runner.pods["job-node-0-0-x0"] = LocalPod("ns1", "job-node-0-0-x0", "u0", first, runner.log_dir / "l0", False,
+                                              [], {}, runner.log_dir, None, finished=True)  # ran and exited
+    worker = fake.add_pod(1)
+    runner._tick()
+    assert not runner._awaits_master(worker)
+    runner._service_targets()
+    assert runner._rewrite("job-node-0-0.job", "127.0.0.7") == first
+    # the restarted group: the old master is gone from the listing, a new one with its hostname is not finished
+    fake.pod_list[:] = [p for p in fake.pod_list if p.metadata.name != "job-node-0-0-x0"]
+    again = fake.add_pod(0)
+    again.metadata.name, again.metadata.uid = "job-node-0-0-y0", "v0"
+    runner._tick()
+    runner._service_targets()
+    assert runner._rewrite("job-node-0-0.job", "127.0.0.7") == runner._addresses["job-node-0-0-y0"] != first
