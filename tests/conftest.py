@@ -35,13 +35,12 @@ def pytest_configure(config):
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
     # The runs' local work folders (wrpo.pipeline.workdir): this session's own, never the user's
-    # ~/.cache/wrpo/work, which is keyed by run URI alone, so two sessions side by side (scripts/test.sh's two
-    # tiers) running a run of the same URI against their own S3 servers would share one folder.
+    # ~/.cache/wrpo/work, which is keyed by run URI alone, so two sessions side by side (the runs scripts/test.sh
+    # starts) running a run of the same URI against their own S3 servers would share one folder.
     if not os.environ.get("WRPO_WORKDIR"):
         work = tempfile.mkdtemp(prefix="wrpo-test-work-")
         os.environ["WRPO_WORKDIR"] = work
         config.add_cleanup(lambda: shutil.rmtree(work, ignore_errors=True))
-
 
 
 SHARD_ENV = "WRPO_TEST_SHARD"
@@ -64,6 +63,7 @@ def pytest_collection_modifyitems(config, items):
     kept = [item for item in items if item.path in mine]
     config.hook.pytest_deselected(items=[item for item in items if item.path not in mine])
     items[:] = kept
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory):
