@@ -283,7 +283,7 @@ class PodRunner:
         if not pod.spec.subdomain or not master or master.split(".")[1:2] != [pod.spec.subdomain]:
             return False
         services = self.core.list_namespaced_service(self.namespace).items
-        return master not in self._known_hosts(services)
+        return master not in self._known_hosts(services, self._unfinished())
 
     def _address(self, pod_name: str) -> str:
         """The pod's loopback address, handed out the first time the runner sees it."""
@@ -604,7 +604,7 @@ class PodRunner:
         pods = self._unfinished()
         # a host_map entry still wins
         self._headless = {svc.metadata.name for svc in services if svc.spec.cluster_ip == "None"} - set(self.host_map)
-        self._pod_hosts = self._known_hosts(services)
+        self._pod_hosts = self._known_hosts(services, pods)
         for svc in services:
             selector = svc.spec.selector or {}
             if not selector or not svc.spec.ports:
@@ -622,13 +622,13 @@ class PodRunner:
         return [name for name in self._labels if name in self._addresses
                 and not (name in self.pods and self.pods[name].finished)]
 
-    def _known_hosts(self, services) -> dict[str, str]:
-        """The host names of every listed pod the runner addressed (`_host_names`), a pod still to finish winning
-        over a finished one of the same name (a JobSet restart makes a new pod with the old hostname). A
+    def _known_hosts(self, services, unfinished: list[str]) -> dict[str, str]:
+        """The host names of every listed pod the runner addressed (`_host_names`), a pod still to finish
+        (`unfinished`, from `_unfinished`) winning over a finished one of the same name (a JobSet restart
+        makes a new pod with the old hostname). A
         finished pod's name still counts: the Indexed Job may create a worker only after its master has
         finished (a pod with nothing to rendezvous, such as an echo), and a kubelet would start that worker
         all the same; waiting for a master that is gone would hang it."""
-        unfinished = self._unfinished()
         finished = [name for name in self._labels if name in self._addresses and name not in unfinished]
         return {**self._host_names(services, finished), **self._host_names(services, unfinished)}
 

@@ -67,7 +67,7 @@ PORT_RANGE_ENV = "WRPO_PORT_RANGE"
 
 def _configured_range() -> tuple[int, int] | None:
     """$WRPO_PORT_RANGE (`LOW-HIGH`): the ports this process and its children draw from, so that processes
-    started side by side (scripts/test.sh runs two test tiers at once) take disjoint ports."""
+    started side by side (scripts/test.sh's four pytest runs) take disjoint ports."""
     text = os.environ.get(PORT_RANGE_ENV, "").strip()
     if not text:
         return None
@@ -82,13 +82,9 @@ def _configured_range() -> tuple[int, int] | None:
 
 
 def _listening_range() -> tuple[int, int] | None:
-    """$WRPO_PORT_RANGE when set; else ports outside the kernel's ephemeral range, from which no outgoing
-    connection takes its local port: below the range when it starts above 11024 (Linux's default 32768-60999
-    leaves 10000-32767), else above it; None when the range covers nearly everything (or cannot be read: then
-    the kernel chooses)."""
-    configured = _configured_range()
-    if configured:
-        return configured
+    """Ports outside the kernel's ephemeral range, from which no outgoing connection takes its local port:
+    below the range when it starts above 11024 (Linux's default 32768-60999 leaves 10000-32767), else above
+    it; None when the range covers nearly everything (or cannot be read: then the kernel chooses)."""
     try:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
@@ -105,9 +101,10 @@ def free_port(host: str = HOST) -> int:
 
     Binding port 0 and closing leaves a race: the kernel hands the same ephemeral port to the next outgoing
     connection (any client of this machine) or to the next caller, and the server then fails to bind, or a
-    health check reaches a stranger. So the port is drawn at random outside the ephemeral range, checked
-    free by binding it, and never handed out twice by this process."""
-    span = _listening_range()
+    health check reaches a stranger. So the port is drawn at random outside the ephemeral range (or from
+    $WRPO_PORT_RANGE when set), checked free by binding it, and never handed out twice by this process."""
+    configured = _configured_range()
+    span = configured or _listening_range()
 
     def take(port: int) -> bool:
         if port in _HANDED_OUT:
@@ -125,7 +122,7 @@ def free_port(host: str = HOST) -> int:
             port = _PORT_DRAWS.randint(*span)
             if take(port):
                 return port
-        if _configured_range():  # a small configured range: every port of it, then a clear error
+        if configured:  # a small configured range: every port of it, then a clear error
             port = next((p for p in range(span[0], span[1] + 1) if take(p)), None)
             if port is None:
                 raise WrpoError(f"{PORT_RANGE_ENV}={span[0]}-{span[1]}: no free port left in that range")
