@@ -166,11 +166,17 @@ def test_pytorchjob_gets_pods_and_services_and_succeeds(k8s_api_client, k8s_name
                                            _pytorchjob("train", workers=1))
     wait_for("PyTorchJob Succeeded",
              lambda: "Succeeded" in _job_condition(custom, k8s_namespace, "train"), 90)
-    pods = core.list_namespaced_pod(k8s_namespace,
-                                    label_selector="training.kubeflow.org/job-name=train").items
+
+    def pods_when_all_succeeded():
+        # The training operator calls the job Succeeded once the master has; the worker, run by kwok on its
+        # own clock, may finish a moment later (a loaded machine showed it still Running).
+        pods = core.list_namespaced_pod(k8s_namespace,
+                                        label_selector="training.kubeflow.org/job-name=train").items
+        return pods if {p.status.phase for p in pods} == {"Succeeded"} else None
+
+    pods = wait_for("both PyTorchJob pods Succeeded", pods_when_all_succeeded, 60)
     replica_types = sorted(p.metadata.labels["training.kubeflow.org/replica-type"] for p in pods)
     assert replica_types == ["master", "worker"]
-    assert {p.status.phase for p in pods} == {"Succeeded"}
     master = next(p for p in pods if p.metadata.labels["training.kubeflow.org/replica-type"] == "master")
     env = {e.name: e.value for e in master.spec.containers[0].env}
     assert env["RANK"] == "0" and "WORLD_SIZE" in env and "MASTER_PORT" in env  # the operator's
