@@ -30,7 +30,9 @@ become folders of the pod's work folder: an emptyDir is an empty one (shared by 
 containers) and so is a generic ephemeral volume, a PersistentVolumeClaim is one folder per claim
 (kept across pods), a ConfigMap or Secret is materialised into one (all keys, or its `items`); their
 mountPaths in a container's command, args and env values are rewritten to those folders, and a mount
-inside another one is a symbolic link in the outer folder.
+inside another one is a symbolic link in the outer folder. Each pod gets a temporary folder of its own, as
+a container has its own /tmp (`TMPDIR`, and vLLM's socket folder: `wrpo.data.serving.private_temp_environment`;
+a pod's own env wins), removed when the pod ends, so what its processes leave there goes with it.
 
 Keep kwok off these pods: put them in a namespace named "local-*" or label them
 wrpo.test/local=true (see kwok/stages.yaml).
@@ -48,6 +50,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -56,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k8s_harness import stop_process, tail
+
+from wrpo.data.serving import private_temp_environment
 
 _DRAWS = random.SystemRandom()
 
@@ -114,6 +119,12 @@ class LocalPod:
     ready: bool = False
     finished: bool = False
     started_at: str = ""
+    tmp: Path | None = None  # the pod's own temporary folder (short: vLLM binds Unix sockets in it)
+
+    def remove_tmp(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
     @property
     def termination_log(self) -> Path:
@@ -179,6 +190,7 @@ class PodRunner:
         for pod in self.pods.values():
             if pod.process:
                 stop_process(pod.process, self.grace_seconds)
+            pod.remove_tmp()
 
     def __enter__(self) -> PodRunner:
         return self.start()
@@ -306,14 +318,15 @@ class PodRunner:
             log=self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}.log",
             restart_always=pod.spec.restart_policy == "Always", argv=[], env={}, workdir=workdir,
             readiness=None, image=container.image, container=container.name,
+            tmp=Path(tempfile.mkdtemp(prefix="wrpo-pod-")),
         )
         self.pods[local.name] = local
         self._link_log(local)
         try:
             self._targets = self._service_targets()
             volumes = self._volumes(pod, workdir)
-            local.init = [self._step(pod, c, ip, volumes) for c in pod.spec.init_containers or []]
-            local.main = self._step(pod, container, ip, volumes)
+            local.init = [self._step(pod, c, ip, volumes, local.tmp) for c in pod.spec.init_containers or []]
+            local.main = self._step(pod, container, ip, volumes, local.tmp)
         except Exception as e:  # noqa: BLE001 - a pod we cannot start fails, like a bad image
             self._set_terminated(local, 128, "CreateContainerConfigError", str(e), container.image)
             return
@@ -332,9 +345,9 @@ class PodRunner:
         """The pod's own folder (per UID: a re-created pod of the same name starts empty)."""
         return self.log_dir / f"{pod.metadata.namespace}_{pod.metadata.name}_{pod.metadata.uid[:8]}.work"
 
-    def _step(self, pod, container, ip: str, volumes: dict[str, Path]) -> Step:
+    def _step(self, pod, container, ip: str, volumes: dict[str, Path], tmp: Path | None = None) -> Step:
         mounts = self._mounts(container, volumes)
-        env = self._environment(pod, container, ip, mounts)
+        env = self._environment(pod, container, ip, mounts, tmp)
         log_file = self._workdir(pod) / "termination-log"  # = LocalPod.termination_log, read when it exits
         log_file.parent.mkdir(parents=True, exist_ok=True)
         log_file.touch()  # the kubelet's /dev/termination-log: an empty file the container may write
@@ -410,6 +423,7 @@ class PodRunner:
         if local.process:
             stop_process(local.process, self.grace_seconds)
         local.finished = True
+        local.remove_tmp()
 
     def _force_delete(self, pod) -> None:
         from kubernetes.client.rest import ApiException
@@ -420,8 +434,9 @@ class PodRunner:
 
     # -- pod spec → process ----------------------------------------------------------------
 
-    def _environment(self, pod, container, ip: str, mounts: dict[str, Path] | None = None) -> dict[str, str]:
-        base = dict(os.environ)
+    def _environment(self, pod, container, ip: str, mounts: dict[str, Path] | None = None,
+                     tmp: Path | None = None) -> dict[str, str]:
+        base = {**os.environ, **(private_temp_environment(tmp) if tmp else {})}
         base["PATH"] = os.pathsep.join([*self.extra_path, base.get("PATH", "")])
         base["HOSTNAME"] = pod.metadata.name
         env: dict[str, str] = {}
@@ -696,6 +711,7 @@ class PodRunner:
     def _set_terminated(self, local: LocalPod, code: int, reason: str, message: str, image: str) -> None:
         now = _now()
         local.finished = True
+        local.remove_tmp()
         body = {"status": {
             "phase": "Succeeded" if code == 0 else "Failed",
             "podIP": self._fake_pod_ip(local), "hostIP": "10.240.0.1",

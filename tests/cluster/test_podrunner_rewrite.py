@@ -233,6 +233,23 @@ def test_init_containers_run_in_order_before_the_main_container(runner, fake):
     assert local.container == "main"
 
 
+def test_each_pod_has_its_own_temporary_folder_removed_when_it_ends(runner, fake):
+    """As a container has its own /tmp: what a pod's processes leave in $TMPDIR (vLLM's sockets) goes with it."""
+    from kubernetes import client
+
+    def pod(name, script):
+        p = make_pod([client.V1Container(name="c", image="i", command=["sh", "-c", script])])
+        p.metadata.name, p.metadata.uid = name, f"uid-{name}"
+        return p
+
+    script = 'echo "$TMPDIR $VLLM_RPC_BASE_PATH"; touch "$TMPDIR/left-behind"; test -f "$TMPDIR/left-behind"'
+    one, two = _run_pod(runner, pod("one", script)), _run_pod(runner, pod("two", script))
+    assert [s["phase"] for s in fake.statuses] == ["Running", "Succeeded"] * 2, runner.logs("one")
+    folders = [runner.logs(name).splitlines()[-1].split() for name in ("one", "two")]
+    assert folders[0][0] != folders[1][0] and all(tmp == rpc for tmp, rpc in folders)
+    assert not any(Path(tmp).exists() for tmp, _ in folders) and one.tmp is None and two.tmp is None
+
+
 def test_a_command_map_entry_may_rewrite_the_whole_command(runner, fake):
     from kubernetes import client
 

@@ -6,13 +6,16 @@ refused at validation (tests/corpus/specs/*credentials*)."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import logging
 import os
 import stat
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +129,37 @@ def test_a_local_vllm_process_gets_no_unrelated_secrets(tmp_path, monkeypatch):
     assert seen["EXTRA_NEEDED"] == "yes" and seen["PATH"] == os.environ["PATH"]
     assert seen["HF_HUB_OFFLINE"] == "1" and seen["VLLM_HOST_IP"] == "127.0.0.1"  # what VLLMServer adds
     assert server_environment({"AWS_REGION": "x", "LC_ALL": "C"}) == {"LC_ALL": "C"}
+
+
+def test_a_local_vllm_process_keeps_its_runtime_files_in_a_folder_removed_when_it_stops(tmp_path, monkeypatch):
+    """vLLM binds ZMQ sockets under VLLM_RPC_BASE_PATH and file stores under TMPDIR and leaves some behind; the
+    stand-in 'python' leaves one in each, as a killed server does."""
+    fake = tmp_path / "python"
+    dump = tmp_path / "env.json"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, pathlib\n"
+                    f"json.dump(dict(os.environ), open({str(dump)!r}, 'w'))\n"
+                    "pathlib.Path(os.environ['VLLM_RPC_BASE_PATH'], 'left-socket').touch()\n"
+                    "pathlib.Path(os.environ['TMPDIR'], 'vllm_dist_x').touch()\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    server = VLLMServer("/models/x", "x", python=str(fake), log_path=tmp_path / "vllm.log")
+    server.launch()
+    assert server.proc is not None and server.proc.wait(30) == 0
+    seen = json.loads(dump.read_text())
+    private = Path(seen["TMPDIR"])
+    assert seen["VLLM_RPC_BASE_PATH"] == str(private) and private.parent == Path(tempfile.gettempdir())
+    assert (private / "left-socket").exists() and (private / "vllm_dist_x").exists()
+    # the compile cache stays where torch would have put it without the private TMPDIR (warm across servers)
+    assert seen["TORCHINDUCTOR_CACHE_DIR"] == str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
+    server.stop()
+    assert not private.exists() and server.runtime_dir is None
+
+    # a base path the user chose is theirs: kept, and not removed
+    own = tmp_path / "rpc"
+    own.mkdir()
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(own))
+    server.launch()
+    assert server.proc.wait(30) == 0
+    server.stop()
+    assert json.loads(dump.read_text())["VLLM_RPC_BASE_PATH"] == str(own) and (own / "left-socket").exists()

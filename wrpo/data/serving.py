@@ -7,7 +7,10 @@ server on a free port, waits for `/health`, and stops it by PID (TERM, then KILL
 The server gets an explicit environment (`server_environment`): what Python, the accelerators, vLLM and
 the Hugging Face libraries read, and nothing else, so API keys of external sources and S3 credentials
 in our environment never reach it (docs/spec.md, "Secrets"). `WRPO_VLLM_ENV_PASS` names extra variables
-to pass (comma-separated).
+to pass (comma-separated). Each server also gets a private temporary folder (`TMPDIR`, `VLLM_RPC_BASE_PATH`)
+that is removed when it stops: vLLM binds its ZMQ sockets and torch.distributed file stores there and does
+not always remove them, and they used to pile up in /tmp. The compile cache stays where it was
+(`TORCHINDUCTOR_CACHE_DIR`), so a second server does not compile again.
 
 `serve(ctx, server)` is how a stage gets the servers of its plan row (`wrpo.pipeline.plan.servers`): the URL
 of a running one given to it (the operator's Services), else local replicas started here. The command line
@@ -17,10 +20,12 @@ comes from `wrpo.pipeline.servers.vllm_options`, the same function the operator'
 from __future__ import annotations
 
 import contextlib
+import getpass
 import importlib.util
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -162,6 +167,20 @@ def server_environment(env: dict[str, str] | os._Environ[str]) -> dict[str, str]
     return {k: v for k, v in env.items() if k in PASSED_NAMES or k in extra or k.startswith(PASSED_PREFIXES)}
 
 
+def private_temp_environment(folder: str | Path) -> dict[str, str]:
+    """The variables that make a vLLM process keep its runtime files in `folder`: `TMPDIR` (torch.distributed's
+    file store) and `VLLM_RPC_BASE_PATH` (its ZMQ sockets), unless the caller set the latter. Torch's compile
+    cache would follow `TMPDIR`; it is pinned to where it would have been, so it stays warm across servers."""
+    env = {"TMPDIR": str(folder), "VLLM_RPC_BASE_PATH": str(folder)}
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        with contextlib.suppress(Exception):  # no user name (an arbitrary container UID): torch decides
+            user = "".join(c if c.isalnum() or c in "-_." else "_" for c in getpass.getuser())
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"torchinductor_{user}")
+    if "VLLM_RPC_BASE_PATH" in os.environ:
+        del env["VLLM_RPC_BASE_PATH"]
+    return env
+
+
 class VLLMServer:
     """`with VLLMServer(model, name) as srv:` -> an OpenAI-compatible server at `srv.base_url` (…/v1).
 
@@ -186,6 +205,7 @@ class VLLMServer:
         self.log_path = Path(log_path)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.runtime_dir: Path | None = None  # private TMPDIR of the running process (private_temp_environment)
 
     @classmethod
     def of(cls, server: Server, model_path: str, extra_env: dict[str, str] | None = None,
@@ -220,6 +240,8 @@ class VLLMServer:
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
+        if self.runtime_dir is not None:
+            env.update(private_temp_environment(self.runtime_dir))
         env.update(self.extra_env)
         return env
 
@@ -233,10 +255,17 @@ class VLLMServer:
         """Start the process without waiting (to start several servers side by side)."""
         self.port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_runtime_dir()  # a server launched again starts with an empty one
+        # short, under the system's temporary folder: a Unix socket path has at most 107 bytes
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="wrpo-vllm-run-"))
         log.info("starting vLLM for %s on port %d (log %s)", self.served_name, self.port, self.log_path)
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                                         env=self.environment(), start_new_session=True)
+        try:
+            with open(self.log_path, "ab") as logf:
+                self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
+                                             env=self.environment(), start_new_session=True)
+        except BaseException:
+            self._remove_runtime_dir()
+            raise
         return self
 
     def wait_healthy(self) -> None:
@@ -263,17 +292,27 @@ class VLLMServer:
             return "(no log)"
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """TERM the server's process group (it spawns engine workers), then KILL if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(wait)
+        """TERM the server's process group (it spawns engine workers), then KILL if it lingers; then remove
+        its private temporary folder."""
+        try:
+            if self.proc is None or self.proc.poll() is not None:
                 return
-            except subprocess.TimeoutExpired:
-                continue
+            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, sig)
+                try:
+                    self.proc.wait(wait)
+                    return
+                except subprocess.TimeoutExpired:
+                    continue
+        finally:
+            if self.proc is None or self.proc.poll() is not None:
+                self._remove_runtime_dir()
+
+    def _remove_runtime_dir(self) -> None:
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.runtime_dir = None
 
     def __enter__(self) -> VLLMServer:
         return self.start()
