@@ -55,10 +55,18 @@ class SeaweedFS:
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
                 f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}", f"-s3.port={p['s3']}",
                 f"-s3.port.grpc={p['s3_grpc']}", f"-admin.port={p['admin']}",
-                f"-admin.port.grpc={p['admin_grpc']}"]
+                f"-admin.port.grpc={p['admin_grpc']}",
+                # its Unix sockets in its own folder, not /tmp/seaweedfs-*-<port>.sock left behind for good
+                f"-s3.localSocket={self.data_dir / 's3.sock'}", f"-filer.localSocket={self.data_dir / 'filer.sock'}"]
+
+    @property
+    def temp_dir(self) -> Path:
+        """Its TMPDIR, where it writes its log files (glog's default place), not the machine's /tmp."""
+        return self.data_dir.parent / f"{self.data_dir.name}-tmp"
 
     def start(self, timeout_s: float = 300.0) -> None:  # a hang detector: seconds when idle, more when loaded
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, TMPDIR=str(self.temp_dir))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -99,6 +107,11 @@ class SeaweedFS:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+        # weed puts its gRPC servers' Unix sockets at this fixed place (no flag moves them) and leaves some
+        for name in ("master", "volume", "filer", "s3", "admin"):
+            sock = Path(f"/tmp/seaweedfs-{name}-grpc-{self.ports[name + '_grpc']}.sock")
+            if sock.is_socket():
+                sock.unlink(missing_ok=True)
 
 
 def weed_ports() -> dict[str, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,17 @@ def test_a_read_broken_off_by_a_restart_resumes_where_it_stopped(seaweedfs_runni
     got += list(chunks)
     data = b"".join(got)
     assert len(data) == 64 * 1024 * 1024 and data == line * (64 * 1024)
+
+
+def test_a_stopped_server_leaves_nothing_in_the_machines_tmp(seaweedfs, tmp_path):
+    """The harness's SeaweedFS keeps its logs and sockets in its own folders and removes the gRPC sockets
+    weed puts in /tmp, so runs of the suite do not pile files up there."""
+    from conftest import SeaweedFS, weed_ports
+
+    server = SeaweedFS(seaweedfs.binary, tmp_path / "data", tmp_path / "weed.log", weed_ports())
+    server.start()
+    pid = server.proc.pid
+    server.stop()
+    ours = [p for p in Path("/tmp").iterdir()
+            if p.name.endswith(f".{pid}") or any(f"-{port}.sock" in p.name for port in server.ports.values())]
+    assert ours == [] and any(server.temp_dir.glob(f"weed.*.{pid}"))  # its log files went to its own TMPDIR

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,18 +57,20 @@ def _env() -> dict[str, str]:
 def _wrpo_cli(*args: str, nproc: int | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """`python -m wrpo.cli ARGS`, under torchrun with `nproc` ranks when given."""
     launch = [sys.executable]
-    if nproc:
-        launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-                   "--master-port", str(free_port())]
-    # a session of its own: a hang (collective mismatch) is ended rank by rank, not just the launcher
-    proc = subprocess.Popen([*launch, "-m", "wrpo.cli", *args], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s (a collective mismatch hangs):\n{out[-2000:]}\n{err[-4000:]}")
+    # torchrun's own folder (it makes /tmp/torchelastic_* otherwise and leaves it), removed afterwards
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as logs:
+        if nproc:
+            launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+                       "--master-port", str(free_port()), "--log-dir", logs]
+        # a session of its own: a hang (collective mismatch) is ended rank by rank, not just the launcher
+        proc = subprocess.Popen([*launch, "-m", "wrpo.cli", *args], env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"timed out after {timeout}s (a collective mismatch hangs):\n{out[-2000:]}\n{err[-4000:]}")
     proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return proc

@@ -123,6 +123,7 @@ def test_a_local_vllm_process_gets_no_unrelated_secrets(tmp_path, monkeypatch):
     server = VLLMServer("/models/x", "x", python=str(fake), log_path=tmp_path / "vllm.log")
     server.launch()
     assert server.proc is not None and server.proc.wait(30) == 0
+    server.stop()
     seen = json.loads(dump.read_text())
     assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "OPENAI_API_KEY", "MY_PROVIDER_TOKEN"} & seen.keys()
     assert seen["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and seen["HF_HOME"] == str(tmp_path)

@@ -200,9 +200,8 @@ class VLLMServer:
                                "or install vllm in this environment")
         self.startup_timeout_s = startup_timeout_s
         self.extra_env = dict(extra_env or {})  # e.g. CUDA_VISIBLE_DEVICES of one replica
-        if log_path is None:
-            log_path = Path(tempfile.mkdtemp(prefix="wrpo-vllm-")) / "vllm.log"
-        self.log_path = Path(log_path)
+        # without one, a fresh folder is made at launch (a server built and never started leaves nothing)
+        self.log_path: Path | None = Path(log_path) if log_path is not None else None
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.runtime_dir: Path | None = None  # private TMPDIR of the running process (private_temp_environment)
@@ -254,6 +253,8 @@ class VLLMServer:
     def launch(self) -> VLLMServer:
         """Start the process without waiting (to start several servers side by side)."""
         self.port = free_port()
+        if self.log_path is None:
+            self.log_path = Path(tempfile.mkdtemp(prefix="wrpo-vllm-")) / "vllm.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._remove_runtime_dir()  # a server launched again starts with an empty one
         # short, under the system's temporary folder: a Unix socket path has at most 107 bytes
@@ -286,6 +287,8 @@ class VLLMServer:
                            f"{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None:
+            return "(no log)"
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
