@@ -43,6 +43,7 @@ setsid bash -c 'set -e; WRPO_NODE_BINARIES=0 bash tests/cluster/build-binaries.s
 k8s_pid=$!
 build_running=1
 tier_pids=()
+keep_k8s_log=0
 on_exit() {
     if [[ $build_running == 1 ]]; then
         kill -- -"$k8s_pid" 2>/dev/null || true
@@ -55,6 +56,9 @@ on_exit() {
         echo "test.sh: timing summary (wall; total $((SECONDS - t0)) s):"
         printf '  %s\n' "${timings[@]}"
     fi
+    # the build's log stays only when a failure named it
+    [[ $keep_k8s_log == 1 ]] || rm -f "$k8s_log"
+    [[ -z ${tiers:-} ]] || rm -rf "$tiers"
 }
 trap on_exit EXIT
 wait_binaries() {
@@ -65,6 +69,7 @@ wait_binaries() {
     build_summary
     if [[ $rc -ne 0 ]]; then
         tail -n 40 "$k8s_log" >&2
+        keep_k8s_log=1
         echo "test.sh: tests/cluster/build-binaries.sh or build-controllers.sh failed ($rc), log $k8s_log" >&2
         exit 1
     fi
