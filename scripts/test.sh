@@ -166,7 +166,7 @@ if [[ $# -eq 0 ]]; then
     rm -rf "$tiers"
 else
     wait_binaries
-    pytest_tier tests "$@"
+    pytest_tier "$@"  # paths in ARGS, else pyproject's testpaths (all of tests/)
 fi
 echo "test.sh: done in $((SECONDS - t0)) s (pytest exit $rc)"
 exit $rc

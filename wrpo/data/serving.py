@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -170,14 +171,18 @@ def server_environment(env: dict[str, str] | os._Environ[str]) -> dict[str, str]
 def private_temp_environment(folder: str | Path) -> dict[str, str]:
     """The variables that make a vLLM process keep its runtime files in `folder`: `TMPDIR` (torch.distributed's
     file store) and `VLLM_RPC_BASE_PATH` (its ZMQ sockets), unless the caller set the latter. Torch's compile
-    cache would follow `TMPDIR`; it is pinned to where it would have been, so it stays warm across servers."""
-    env = {"TMPDIR": str(folder), "VLLM_RPC_BASE_PATH": str(folder)}
+    cache would follow `TMPDIR`; it is pinned to where torch would have put it (its own naming), so it stays
+    warm across servers."""
+    env = {"TMPDIR": str(folder)}
+    if "VLLM_RPC_BASE_PATH" not in os.environ:
+        env["VLLM_RPC_BASE_PATH"] = str(folder)
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        with contextlib.suppress(Exception):  # no user name (an arbitrary container UID): torch decides
-            user = "".join(c if c.isalnum() or c in "-_." else "_" for c in getpass.getuser())
-            env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"torchinductor_{user}")
-    if "VLLM_RPC_BASE_PATH" in os.environ:
-        del env["VLLM_RPC_BASE_PATH"]
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # an arbitrary container UID without a passwd entry: torch's fallback
+            user = f"uid_{os.getuid()}"
+        user = re.sub(r'[\\/:*?"<>|]', "_", user)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"torchinductor_{user}")
     return env
 
 
@@ -296,21 +301,18 @@ class VLLMServer:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """TERM the server's process group (it spawns engine workers), then KILL if it lingers; then remove
-        its private temporary folder."""
-        try:
-            if self.proc is None or self.proc.poll() is not None:
-                return
+        its private temporary folder (kept only while a process outlives the KILL)."""
+        if self.proc is not None and self.proc.poll() is None:
             for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, sig)
                 try:
                     self.proc.wait(wait)
-                    return
+                    break
                 except subprocess.TimeoutExpired:
                     continue
-        finally:
-            if self.proc is None or self.proc.poll() is not None:
-                self._remove_runtime_dir()
+        if self.proc is None or self.proc.poll() is not None:
+            self._remove_runtime_dir()
 
     def _remove_runtime_dir(self) -> None:
         if self.runtime_dir is not None:
