@@ -640,10 +640,10 @@ class PodRunner:
     def _known_hosts(self, services, unfinished: list[str]) -> dict[str, str]:
         """The host names of every listed pod the runner addressed (`_host_names`), a pod still to finish
         (`unfinished`, from `_unfinished`) winning over a finished one of the same name (a JobSet restart
-        makes a new pod with the old hostname). A
-        finished pod's name still counts: the Indexed Job may create a worker only after its master has
-        finished (a pod with nothing to rendezvous, such as an echo), and a kubelet would start that worker
-        all the same; waiting for a master that is gone would hang it."""
+        makes a new pod with the old hostname). A finished pod's name still counts: the Indexed Job may
+        create a worker only after its master has finished (a pod with nothing to rendezvous, such as an
+        echo), and a kubelet would start that worker all the same; waiting for a master that is gone would
+        hang it."""
         finished = [name for name in self._labels if name in self._addresses and name not in unfinished]
         return {**self._host_names(services, finished), **self._host_names(services, unfinished)}
 
